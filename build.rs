@@ -1,0 +1,13 @@
+//! Compiles `proto/*.proto` with a vendored `protoc`, so a build never depends on whichever
+//! protoc (if any) happens to be installed on the machine.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    std::env::set_var("PROTOC", protoc);
+    let protos = ["proto/tessera.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    tonic_prost_build::configure().compile_protos(&protos, &["proto"])?;
+    Ok(())
+}

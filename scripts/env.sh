@@ -1,0 +1,31 @@
+# Sourced by the other scripts: installs what a fresh Debian machine lacks and points cargo at
+# a target directory outside the checkout, so repeated runs reuse the RocksDB build.
+
+set -euo pipefail
+
+need_pkgs=()
+# librocksdb-sys runs bindgen (needs libclang) and compiles RocksDB's C++ sources.
+[ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need_pkgs+=(libclang-dev)
+command -v clang >/dev/null 2>&1 || need_pkgs+=(clang)
+command -v g++ >/dev/null 2>&1 || need_pkgs+=(g++)
+command -v make >/dev/null 2>&1 || need_pkgs+=(make)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "installing system packages: ${need_pkgs[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "error: cargo not found; install a Rust toolchain (https://rustup.rs) first" >&2
+  exit 1
+fi
+
+if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  if mkdir -p /var/cache/tessera-target 2>/dev/null && [ -w /var/cache/tessera-target ]; then
+    export CARGO_TARGET_DIR=/var/cache/tessera-target
+  else
+    export CARGO_TARGET_DIR="$PWD/target"
+  fi
+fi

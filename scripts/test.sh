@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every check and test of tessera. This is exactly what CI (.ci/run) runs.
+#   ./scripts/test.sh
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+start=$(date +%s)
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy --all-targets"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "== cargo build (tests and the tessera binary)"
+cargo build --all-targets --quiet
+echo "== cargo test"
+cargo test --all-targets --no-fail-fast
+echo "== all tests passed in $(( $(date +%s) - start ))s"

@@ -1,0 +1,531 @@
+//! Node configuration: a serde-typed TOML file with defaults for every field.
+//!
+//! The documented default lives in `config/default.toml` and is embedded in the binary, so
+//! `tessera server` runs with no file at all. [`Config::validate`] checks everything that can
+//! be checked before start-up (addresses, ids, the data directory) and reports the first
+//! problem as one [`ConfigError`] naming the field.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ClusterId, NodeId};
+
+/// The embedded default configuration (`config/default.toml`).
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("config {source_name}: {reason}")]
+    Parse { source_name: String, reason: String },
+    #[error("config field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub cluster: ClusterConfig,
+    pub raft: RaftConfig,
+    pub storage: StorageConfig,
+    pub server: ServerConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// This node's id; must appear in `cluster.initial_cluster` when bootstrapping.
+    pub id: u64,
+    /// Holds the node's one RocksDB instance. Created if missing.
+    pub data_dir: PathBuf,
+    /// Where the gRPC server (client KV API and peer transport) listens.
+    pub listen_addr: String,
+    /// Where other nodes and clients reach this node; defaults to `listen_addr`.
+    pub advertise_addr: String,
+    /// Prometheus endpoint (`/metrics`); empty disables it.
+    pub metrics_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Every node and store carries it; traffic and data of another cluster are refused.
+    pub cluster_id: u64,
+    /// The founding members, `"id@host:port"`, like etcd's `--initial-cluster`.
+    pub initial_cluster: Vec<String>,
+    /// How many regions the keyspace starts with, split evenly over the first key byte.
+    /// Ignored when `split_keys` is set.
+    pub initial_regions: u32,
+    /// Explicit initial split keys (UTF-8), strictly increasing.
+    pub split_keys: Vec<String>,
+    /// Replicas per region (all nodes when the cluster is smaller).
+    pub replicas: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Raft worker threads; each region is owned by exactly one.
+    pub workers: usize,
+    /// One raft tick.
+    pub tick_interval_ms: u64,
+    /// Election timeout, in ticks (randomised up to twice this).
+    pub election_ticks: usize,
+    /// Leader heartbeat interval, in ticks.
+    pub heartbeat_ticks: usize,
+    /// Most in-flight append messages per follower.
+    pub max_inflight_msgs: usize,
+    /// Largest append message, in bytes.
+    pub max_size_per_msg: u64,
+    /// Compact a region's log once it holds more applied entries than this.
+    pub log_gc_threshold: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// fsync every round's write batch. Turning it off loses acknowledged writes on a crash.
+    pub sync_writes: bool,
+    pub block_cache_mb: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Largest accepted key, in bytes.
+    pub max_key_size: usize,
+    /// Largest accepted value, in bytes.
+    pub max_value_size: usize,
+    /// Most keys one scan returns.
+    pub max_scan_limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter, e.g. `info` or `tessera=debug,raft=info`.
+    pub level: String,
+    /// Log file; empty logs to standard error.
+    pub file: PathBuf,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: 1,
+            data_dir: PathBuf::from("tessera-data/node1"),
+            listen_addr: "127.0.0.1:20160".into(),
+            advertise_addr: String::new(),
+            metrics_addr: String::new(),
+        }
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            cluster_id: 1,
+            initial_cluster: vec!["1@127.0.0.1:20160".into()],
+            initial_regions: 8,
+            split_keys: Vec::new(),
+            replicas: 3,
+        }
+    }
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            tick_interval_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            max_inflight_msgs: 256,
+            max_size_per_msg: 1 << 20,
+            log_gc_threshold: 1024,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            sync_writes: true,
+            block_cache_mb: 64,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_key_size: 4 << 10,
+            max_value_size: 1 << 20,
+            max_scan_limit: 10_000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            file: PathBuf::new(),
+        }
+    }
+}
+
+/// One founding member from `cluster.initial_cluster`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: NodeId,
+    pub addr: SocketAddr,
+}
+
+impl Config {
+    pub fn from_toml_str(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            source_name: source_name.to_string(),
+            reason: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Self {
+        Self::from_toml_str(DEFAULT_CONFIG_TOML, "embedded default")
+            .expect("invariant: config/default.toml parses (tested)")
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        NodeId(self.node.id)
+    }
+
+    pub fn cluster_id(&self) -> ClusterId {
+        ClusterId(self.cluster.cluster_id)
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        parse_addr("node.listen_addr", &self.node.listen_addr)
+    }
+
+    /// The address others use to reach this node.
+    pub fn advertise_addr(&self) -> Result<SocketAddr, ConfigError> {
+        if self.node.advertise_addr.is_empty() {
+            self.listen_addr()
+        } else {
+            parse_addr("node.advertise_addr", &self.node.advertise_addr)
+        }
+    }
+
+    pub fn members(&self) -> Result<Vec<Member>, ConfigError> {
+        let mut out = Vec::with_capacity(self.cluster.initial_cluster.len());
+        for entry in &self.cluster.initial_cluster {
+            let (id, addr) = entry.split_once('@').ok_or_else(|| {
+                invalid(
+                    "cluster.initial_cluster",
+                    format!("{entry:?} is not of the form \"id@host:port\""),
+                )
+            })?;
+            let id: u64 = id.trim().parse().map_err(|_| {
+                invalid(
+                    "cluster.initial_cluster",
+                    format!("{entry:?}: node id {id:?} is not a positive integer"),
+                )
+            })?;
+            if id == 0 {
+                return Err(invalid(
+                    "cluster.initial_cluster",
+                    format!("{entry:?}: node id 0 is reserved"),
+                ));
+            }
+            let addr = parse_addr("cluster.initial_cluster", addr.trim())?;
+            out.push(Member {
+                id: NodeId(id),
+                addr,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Initial split keys: explicit ones, or `initial_regions - 1` keys spread evenly over
+    /// the first byte of the keyspace.
+    pub fn initial_split_keys(&self) -> Vec<Vec<u8>> {
+        if !self.cluster.split_keys.is_empty() {
+            return self
+                .cluster
+                .split_keys
+                .iter()
+                .map(|k| k.as_bytes().to_vec())
+                .collect();
+        }
+        let n = u64::from(self.cluster.initial_regions.max(1));
+        (1..n)
+            .map(|i| {
+                // 2-byte prefixes so that up to 65536 initial regions stay distinct.
+                let v = (i * 65536 / n) as u16;
+                v.to_be_bytes().to_vec()
+            })
+            .collect()
+    }
+
+    /// Checks everything checkable before start-up. Creates the data directory if it is
+    /// missing, and proves it is writable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.id == 0 {
+            return Err(invalid("node.id", "must be a positive integer"));
+        }
+        if self.cluster.cluster_id == 0 {
+            return Err(invalid("cluster.cluster_id", "must be a positive integer"));
+        }
+        let advertise = self.advertise_addr()?;
+        self.listen_addr()?;
+        if !self.node.metrics_addr.is_empty() {
+            parse_addr("node.metrics_addr", &self.node.metrics_addr)?;
+        }
+
+        let members = self.members()?;
+        if members.is_empty() {
+            return Err(invalid("cluster.initial_cluster", "names no members"));
+        }
+        let mut ids = HashSet::new();
+        let mut addrs = HashSet::new();
+        for m in &members {
+            if !ids.insert(m.id) {
+                return Err(invalid(
+                    "cluster.initial_cluster",
+                    format!("node id {} appears twice", m.id.0),
+                ));
+            }
+            if !addrs.insert(m.addr) {
+                return Err(invalid(
+                    "cluster.initial_cluster",
+                    format!("address {} appears twice", m.addr),
+                ));
+            }
+        }
+        match members.iter().find(|m| m.id == self.node_id()) {
+            None => {
+                return Err(invalid(
+                    "node.id",
+                    format!("node {} is not in cluster.initial_cluster", self.node.id),
+                ))
+            }
+            Some(m) if m.addr != advertise => {
+                return Err(invalid(
+                    "node.advertise_addr",
+                    format!(
+                        "this node is {advertise} but cluster.initial_cluster says node {} is {}",
+                        self.node.id, m.addr
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+
+        if self.cluster.initial_regions == 0 || self.cluster.initial_regions > 65536 {
+            return Err(invalid("cluster.initial_regions", "must be 1..=65536"));
+        }
+        if self.cluster.replicas == 0 {
+            return Err(invalid("cluster.replicas", "must be at least 1"));
+        }
+        let keys = &self.cluster.split_keys;
+        if keys.iter().any(|k| k.is_empty()) {
+            return Err(invalid("cluster.split_keys", "contains an empty key"));
+        }
+        if keys.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(invalid("cluster.split_keys", "must be strictly increasing"));
+        }
+
+        let r = &self.raft;
+        if r.workers == 0 || r.workers > 64 {
+            return Err(invalid("raft.workers", "must be 1..=64"));
+        }
+        if r.tick_interval_ms == 0 {
+            return Err(invalid("raft.tick_interval_ms", "must be positive"));
+        }
+        if r.heartbeat_ticks == 0 {
+            return Err(invalid("raft.heartbeat_ticks", "must be positive"));
+        }
+        if r.election_ticks <= r.heartbeat_ticks {
+            return Err(invalid(
+                "raft.election_ticks",
+                "must be greater than raft.heartbeat_ticks",
+            ));
+        }
+        if r.max_inflight_msgs == 0 {
+            return Err(invalid("raft.max_inflight_msgs", "must be positive"));
+        }
+        if r.log_gc_threshold == 0 {
+            return Err(invalid("raft.log_gc_threshold", "must be positive"));
+        }
+        if self.server.max_key_size == 0 {
+            return Err(invalid("server.max_key_size", "must be positive"));
+        }
+        if self.server.max_value_size == 0 || self.server.max_value_size > 64 << 20 {
+            return Err(invalid("server.max_value_size", "must be 1..=64 MiB"));
+        }
+        if self.server.max_scan_limit == 0 {
+            return Err(invalid("server.max_scan_limit", "must be positive"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid("log.level", e.to_string()));
+        }
+        check_data_dir(&self.node.data_dir)
+    }
+}
+
+fn parse_addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| invalid(field, format!("{s:?} is not a socket address (ip:port)")))
+}
+
+fn check_data_dir(dir: &Path) -> Result<(), ConfigError> {
+    if dir.as_os_str().is_empty() {
+        return Err(invalid("node.data_dir", "is empty"));
+    }
+    if dir.exists() && !dir.is_dir() {
+        return Err(invalid(
+            "node.data_dir",
+            format!("{} exists and is not a directory", dir.display()),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        invalid(
+            "node.data_dir",
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })?;
+    let probe = dir.join(".tessera-write-probe");
+    std::fs::write(&probe, b"probe").map_err(|e| {
+        invalid(
+            "node.data_dir",
+            format!("{} is not writable: {e}", dir.display()),
+        )
+    })?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_dir(mut c: Config, dir: &Path) -> Config {
+        c.node.data_dir = dir.to_path_buf();
+        c
+    }
+
+    #[test]
+    fn embedded_default_matches_code_defaults() {
+        assert_eq!(Config::embedded_default(), Config::default());
+    }
+
+    #[test]
+    fn example_cluster_configs_validate() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 1..=3 {
+            let path = format!(
+                "{}/config/cluster-3/node{i}.toml",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let c = Config::from_file(Path::new(&path)).unwrap();
+            let c = with_dir(c, &tmp.path().join(format!("n{i}")));
+            c.validate().unwrap();
+            assert_eq!(c.members().unwrap().len(), 3);
+        }
+    }
+
+    fn err_field(c: &Config) -> &'static str {
+        match c.validate() {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_configs_name_their_field() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = with_dir(Config::default(), tmp.path());
+        base.validate().unwrap();
+
+        let mut c = base.clone();
+        c.node.listen_addr = "localhost-ish".into();
+        assert_eq!(err_field(&c), "node.listen_addr");
+
+        let mut c = base.clone();
+        c.cluster.initial_cluster = vec!["1@127.0.0.1:20160".into(), "1@127.0.0.1:20161".into()];
+        assert_eq!(err_field(&c), "cluster.initial_cluster");
+
+        let mut c = base.clone();
+        c.cluster.initial_cluster = vec!["2@127.0.0.1:20160".into()];
+        assert_eq!(err_field(&c), "node.id");
+
+        let mut c = base.clone();
+        c.cluster.initial_cluster = vec!["1@127.0.0.1:9".into()];
+        assert_eq!(err_field(&c), "node.advertise_addr");
+
+        let mut c = base.clone();
+        c.cluster.initial_cluster = vec!["x@127.0.0.1:20160".into()];
+        assert_eq!(err_field(&c), "cluster.initial_cluster");
+
+        let mut c = base.clone();
+        c.raft.election_ticks = 2;
+        assert_eq!(err_field(&c), "raft.election_ticks");
+
+        let mut c = base.clone();
+        c.cluster.split_keys = vec!["b".into(), "a".into()];
+        assert_eq!(err_field(&c), "cluster.split_keys");
+
+        let mut c = base.clone();
+        c.node.data_dir = PathBuf::new();
+        assert_eq!(err_field(&c), "node.data_dir");
+
+        let file = tmp.path().join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        let c = with_dir(base.clone(), &file);
+        assert_eq!(err_field(&c), "node.data_dir");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_types_are_parse_errors() {
+        let e = Config::from_toml_str("[node]\nidd = 3\n", "t").unwrap_err();
+        assert!(e.to_string().contains("idd"), "{e}");
+        let e = Config::from_toml_str("[raft]\nworkers = \"two\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("workers"), "{e}");
+        let e = Config::from_toml_str("\u{0}garbage[[[", "t").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }));
+    }
+
+    #[test]
+    fn even_split_keys_are_increasing() {
+        let mut c = Config::default();
+        for n in [1u32, 2, 3, 64, 1000, 65536] {
+            c.cluster.initial_regions = n;
+            let keys = c.initial_split_keys();
+            assert_eq!(keys.len() as u32, n - 1);
+            assert!(keys.windows(2).all(|w| w[0] < w[1]));
+            assert!(keys.iter().all(|k| !k.is_empty()));
+        }
+    }
+}

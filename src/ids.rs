@@ -1,0 +1,54 @@
+//! Identifier newtypes.
+//!
+//! Region, peer and node ids are all `u64` on the wire; keeping them as distinct types in
+//! signatures stops a peer id from being passed where a region id is meant. Ids are never 0:
+//! raft-rs reserves 0 for "none" (no leader, no vote).
+
+use std::fmt;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(pub u64);
+
+        impl $name {
+            pub const fn get(self) -> u64 {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!($prefix, "{}"), self.0)
+            }
+        }
+
+        impl From<u64> for $name {
+            fn from(v: u64) -> Self {
+                $name(v)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// One Raft group replicating one key range.
+    RegionId,
+    "r"
+);
+id_type!(
+    /// One replica of a region; unique across the cluster (it is the raft-rs node id).
+    PeerId,
+    "p"
+);
+id_type!(
+    /// One `tessera server` process with its own data directory.
+    NodeId,
+    "n"
+);
+id_type!(
+    /// The cluster a node belongs to; a node refuses traffic and data of another cluster.
+    ClusterId,
+    "c"
+);

@@ -1,0 +1,272 @@
+//! The node's one RocksDB instance.
+//!
+//! Two column families share one WAL, so a write batch that spans both is still atomic:
+//! - `raft`: every local key (`0x01…`: raft logs, raft/apply/region state, node identity).
+//!   Logs are written once, read rarely and deleted in ranges; keeping them apart lets the data
+//!   family's iterators skip the log churn and its tombstones.
+//! - `default`: user data (`'z'…`).
+//!
+//! Everything a raft worker writes in one round goes into one [`WriteBatch`] and one synced
+//! [`Engine::write`] — the group commit of DESIGN.md decision 2.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, Options, ReadOptions, WriteOptions, DB};
+
+use super::Error;
+
+/// Which column family a key lives in. [`super::keys`] decides the key; this decides the CF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cf {
+    Raft,
+    Data,
+}
+
+impl Cf {
+    fn name(self) -> &'static str {
+        match self {
+            Cf::Raft => "raft",
+            Cf::Data => rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Shared LRU block cache for both families.
+    pub block_cache_bytes: usize,
+    /// Background compaction and flush threads.
+    pub background_jobs: i32,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            block_cache_bytes: 64 << 20,
+            background_jobs: 2,
+        }
+    }
+}
+
+/// A cheap, cloneable handle to the node's RocksDB instance.
+#[derive(Clone)]
+pub struct Engine {
+    db: Arc<DB>,
+    path: PathBuf,
+}
+
+impl Engine {
+    pub fn open(path: &Path, opts: &EngineOptions) -> Result<Self, Error> {
+        let cache = rocksdb::Cache::new_lru_cache(opts.block_cache_bytes);
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_bloom_filter(10.0, false);
+
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(opts.background_jobs);
+        db_opts.set_block_based_table_factory(&table);
+
+        let mut data_opts = Options::default();
+        data_opts.set_block_based_table_factory(&table);
+        data_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let mut raft_opts = Options::default();
+        raft_opts.set_block_based_table_factory(&table);
+        // Raft log entries are mostly read back from the memtable right after being written
+        // (or not at all); a bigger memtable keeps them there.
+        raft_opts.set_write_buffer_size(64 << 20);
+
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(Cf::Data.name(), data_opts),
+            ColumnFamilyDescriptor::new(Cf::Raft.name(), raft_opts),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
+        Ok(Self {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(cf.name())
+            .expect("invariant: both column families are created at open")
+    }
+
+    pub fn batch(&self) -> WriteBatch<'_> {
+        WriteBatch {
+            engine: self,
+            inner: rocksdb::WriteBatch::default(),
+        }
+    }
+
+    /// Writes the batch atomically; with `sync` it is on disk (fsync'd WAL) when this returns.
+    pub fn write(&self, batch: WriteBatch<'_>, sync: bool) -> Result<(), Error> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(batch.inner, &wo)?;
+        Ok(())
+    }
+
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.db.get_cf(self.cf(cf), key)?)
+    }
+
+    /// Reads and decodes a stored protobuf record.
+    pub fn get_msg<M: prost::Message + Default>(
+        &self,
+        cf: Cf,
+        key: &[u8],
+    ) -> Result<Option<M>, Error> {
+        match self.db.get_pinned_cf(self.cf(cf), key)? {
+            None => Ok(None),
+            Some(v) => M::decode(v.as_ref())
+                .map(Some)
+                .map_err(|e| Error::corrupt(key, e)),
+        }
+    }
+
+    /// Calls `f` for each key in `[start, end)` in order until it returns `Ok(false)`.
+    pub fn scan(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> Result<bool, Error>,
+    ) -> Result<(), Error> {
+        scan_with(&self.db, None, self.cf(cf), start, end, f)
+    }
+
+    /// Runs `f` over a consistent point-in-time view of the whole instance.
+    pub fn with_snapshot<T>(&self, f: impl FnOnce(&EngineSnapshot<'_>) -> T) -> T {
+        let snap = self.db.snapshot();
+        f(&EngineSnapshot { engine: self, snap })
+    }
+
+    /// Flushes memtables and syncs the WAL; used at shutdown so the next start replays less.
+    pub fn flush(&self) -> Result<(), Error> {
+        self.db.flush_wal(true)?;
+        for cf in [Cf::Raft, Cf::Data] {
+            self.db.flush_cf(self.cf(cf))?;
+        }
+        Ok(())
+    }
+}
+
+fn scan_with(
+    db: &DB,
+    snap: Option<&rocksdb::Snapshot<'_>>,
+    cf: &rocksdb::ColumnFamily,
+    start: &[u8],
+    end: &[u8],
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, Error>,
+) -> Result<(), Error> {
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_lower_bound(start);
+    ro.set_iterate_upper_bound(end);
+    if let Some(s) = snap {
+        ro.set_snapshot(s);
+    }
+    let mut it = db.raw_iterator_cf_opt(cf, ro);
+    it.seek(start);
+    while it.valid() {
+        let (Some(k), Some(v)) = (it.key(), it.value()) else {
+            break;
+        };
+        if !f(k, v)? {
+            return Ok(());
+        }
+        it.next();
+    }
+    it.status()?;
+    Ok(())
+}
+
+/// A point-in-time view; reads through it never see later writes.
+pub struct EngineSnapshot<'a> {
+    engine: &'a Engine,
+    snap: rocksdb::Snapshot<'a>,
+}
+
+impl EngineSnapshot<'_> {
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.snap.get_cf(self.engine.cf(cf), key)?)
+    }
+
+    pub fn get_msg<M: prost::Message + Default>(
+        &self,
+        cf: Cf,
+        key: &[u8],
+    ) -> Result<Option<M>, Error> {
+        match self.get(cf, key)? {
+            None => Ok(None),
+            Some(v) => M::decode(v.as_slice())
+                .map(Some)
+                .map_err(|e| Error::corrupt(key, e)),
+        }
+    }
+
+    pub fn scan(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> Result<bool, Error>,
+    ) -> Result<(), Error> {
+        scan_with(
+            &self.engine.db,
+            Some(&self.snap),
+            self.engine.cf(cf),
+            start,
+            end,
+            f,
+        )
+    }
+}
+
+/// Writes collected for one atomic [`Engine::write`].
+pub struct WriteBatch<'a> {
+    engine: &'a Engine,
+    inner: rocksdb::WriteBatch,
+}
+
+impl WriteBatch<'_> {
+    pub fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) {
+        self.inner.put_cf(self.engine.cf(cf), key, value);
+    }
+
+    pub fn put_msg<M: prost::Message>(&mut self, cf: Cf, key: &[u8], msg: &M) {
+        self.put(cf, key, &msg.encode_to_vec());
+    }
+
+    pub fn delete(&mut self, cf: Cf, key: &[u8]) {
+        self.inner.delete_cf(self.engine.cf(cf), key);
+    }
+
+    /// Deletes every key in `[start, end)` with one range tombstone.
+    pub fn delete_range(&mut self, cf: Cf, start: &[u8], end: &[u8]) {
+        if start < end {
+            self.inner.delete_range_cf(self.engine.cf(cf), start, end);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+
+    /// Number of operations in the batch.
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Encoded size in bytes.
+    pub fn size_in_bytes(&self) -> usize {
+        self.inner.size_in_bytes()
+    }
+}

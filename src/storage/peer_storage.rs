@@ -1,0 +1,582 @@
+//! `raft::Storage` for one region over the node's shared RocksDB.
+//!
+//! A `PeerStorage` caches the region's three small state records in memory (raft state, apply
+//! state, region state) and reads log entries from the engine on demand. Writes never go to
+//! the engine directly: each mutating method puts its changes into the caller's
+//! [`WriteBatch`] and updates the cache, so a raft worker can persist every region of a round
+//! with one synced write.
+//!
+//! Invariants:
+//! - `truncated_index <= applied_index <= commit <= last_index` once initialized;
+//! - the log holds exactly the entries `truncated_index + 1 ..= last_index`;
+//! - the term of `truncated_index` is kept (`truncated_term`) so raft can match against it;
+//! - no method panics on an index raft may ask for: out-of-range requests are
+//!   `Compacted` / `Unavailable` errors.
+//!
+//! The cache runs ahead of the disk between a method call and the batch's write. That is safe
+//! because raft reads only entries it has been told are persisted, and a failed write stops
+//! the node.
+
+use std::cell::RefCell;
+use std::sync::mpsc;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+
+use super::keys;
+use super::{Cf, Engine, EngineSnapshot, Error, WriteBatch};
+use crate::ids::RegionId;
+use crate::proto::{
+    ConfStateRecord, PeerRole, PeerState, RaftApplyState, RaftLocalState, Region, RegionLocalState,
+    RegionSnapshotData, SnapshotKv,
+};
+
+/// A freshly bootstrapped region's log starts here rather than at 0, so that a peer created
+/// empty (index 0) by a message can always be told apart from one that has the initial state
+/// and must be caught up by snapshot.
+pub const RAFT_INIT_LOG_INDEX: u64 = 5;
+pub const RAFT_INIT_LOG_TERM: u64 = 5;
+
+/// Off-thread snapshot generation, polled by [`raft::Storage::snapshot`].
+enum SnapGen {
+    Idle,
+    Generating(mpsc::Receiver<Result<Snapshot, Error>>),
+}
+
+pub struct PeerStorage {
+    engine: Engine,
+    region_id: RegionId,
+    raft_state: RaftLocalState,
+    apply_state: RaftApplyState,
+    region_state: RegionLocalState,
+    /// Term of the entry at `raft_state.last_index`.
+    last_term: u64,
+    snap_gen: RefCell<SnapGen>,
+}
+
+impl PeerStorage {
+    /// Writes the initial state of a region created at cluster bootstrap (or by a split): a log
+    /// truncated at [`RAFT_INIT_LOG_INDEX`] and the region's membership as its conf state.
+    pub fn write_initial_state(batch: &mut WriteBatch<'_>, region: &Region) {
+        let id = RegionId(region.id);
+        let raft_state = RaftLocalState {
+            term: RAFT_INIT_LOG_TERM,
+            vote: 0,
+            commit: RAFT_INIT_LOG_INDEX,
+            last_index: RAFT_INIT_LOG_INDEX,
+        };
+        let apply_state = RaftApplyState {
+            applied_index: RAFT_INIT_LOG_INDEX,
+            truncated_index: RAFT_INIT_LOG_INDEX,
+            truncated_term: RAFT_INIT_LOG_TERM,
+        };
+        let region_state = RegionLocalState {
+            state: PeerState::Normal as i32,
+            region: Some(region.clone()),
+            conf_state: Some(conf_state_of_region(region)),
+        };
+        batch.put_msg(Cf::Raft, &keys::raft_state_key(id), &raft_state);
+        batch.put_msg(Cf::Raft, &keys::apply_state_key(id), &apply_state);
+        batch.put_msg(Cf::Raft, &keys::region_state_key(id), &region_state);
+    }
+
+    /// Loads a region's state. `RegionNotFound` if the region has never been written.
+    pub fn open(engine: Engine, region_id: RegionId) -> Result<Self, Error> {
+        let region_state: RegionLocalState = engine
+            .get_msg(Cf::Raft, &keys::region_state_key(region_id))?
+            .ok_or(Error::RegionNotFound(region_id))?;
+        let raft_state: RaftLocalState = engine
+            .get_msg(Cf::Raft, &keys::raft_state_key(region_id))?
+            .unwrap_or_default();
+        let apply_state: RaftApplyState = engine
+            .get_msg(Cf::Raft, &keys::apply_state_key(region_id))?
+            .unwrap_or_default();
+        if raft_state.last_index < apply_state.truncated_index
+            || apply_state.applied_index < apply_state.truncated_index
+        {
+            return Err(Error::corrupt(
+                &keys::raft_state_key(region_id),
+                format!(
+                    "inconsistent states: last index {}, applied {}, truncated {}",
+                    raft_state.last_index, apply_state.applied_index, apply_state.truncated_index
+                ),
+            ));
+        }
+        let mut s = Self {
+            engine,
+            region_id,
+            raft_state,
+            apply_state,
+            region_state,
+            last_term: 0,
+            snap_gen: RefCell::new(SnapGen::Idle),
+        };
+        s.last_term = if s.raft_state.last_index == s.apply_state.truncated_index {
+            s.apply_state.truncated_term
+        } else {
+            s.read_entry(s.raft_state.last_index)?.term
+        };
+        Ok(s)
+    }
+
+    pub fn region_id(&self) -> RegionId {
+        self.region_id
+    }
+
+    pub fn region(&self) -> &Region {
+        self.region_state
+            .region
+            .as_ref()
+            .expect("invariant: region state always carries its region")
+    }
+
+    pub fn peer_state(&self) -> PeerState {
+        PeerState::try_from(self.region_state.state).unwrap_or(PeerState::Normal)
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn raft_state(&self) -> &RaftLocalState {
+        &self.raft_state
+    }
+
+    pub fn apply_state(&self) -> &RaftApplyState {
+        &self.apply_state
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.apply_state.applied_index
+    }
+
+    pub fn truncated_index(&self) -> u64 {
+        self.apply_state.truncated_index
+    }
+
+    fn read_entry(&self, index: u64) -> Result<Entry, Error> {
+        let key = keys::raft_log_key(self.region_id, index);
+        let bytes = self
+            .engine
+            .get(Cf::Raft, &key)?
+            .ok_or_else(|| Error::corrupt(&key, "log entry missing inside the live log"))?;
+        decode_entry(&key, &bytes)
+    }
+
+    /// Puts `entries` into the batch, replacing any conflicting suffix of the log.
+    /// The entries must be contiguous and start no later than `last_index + 1`.
+    pub fn append(&mut self, entries: &[Entry], batch: &mut WriteBatch<'_>) -> Result<(), Error> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(());
+        };
+        if first.index <= self.apply_state.truncated_index {
+            return Err(self.invalid(format!(
+                "append at {} would overwrite compacted log (truncated at {})",
+                first.index, self.apply_state.truncated_index
+            )));
+        }
+        if first.index > self.raft_state.last_index + 1 {
+            return Err(self.invalid(format!(
+                "append at {} leaves a gap after last index {}",
+                first.index, self.raft_state.last_index
+            )));
+        }
+        for (i, e) in entries.iter().enumerate() {
+            if e.index != first.index + i as u64 {
+                return Err(self.invalid("appended entries are not contiguous".into()));
+            }
+            let bytes = e
+                .write_to_bytes()
+                .map_err(|err| self.invalid(format!("encode entry {}: {err}", e.index)))?;
+            batch.put(
+                Cf::Raft,
+                &keys::raft_log_key(self.region_id, e.index),
+                &bytes,
+            );
+        }
+        // Entries past the new last index belong to a conflicting suffix: drop them.
+        if last.index < self.raft_state.last_index {
+            batch.delete_range(
+                Cf::Raft,
+                &keys::raft_log_key(self.region_id, last.index + 1),
+                &keys::raft_log_key(self.region_id, self.raft_state.last_index + 1),
+            );
+        }
+        self.raft_state.last_index = last.index;
+        self.last_term = last.term;
+        self.put_raft_state(batch);
+        Ok(())
+    }
+
+    pub fn set_hard_state(&mut self, hs: &HardState, batch: &mut WriteBatch<'_>) {
+        self.raft_state.term = hs.term;
+        self.raft_state.vote = hs.vote;
+        self.raft_state.commit = hs.commit;
+        self.put_raft_state(batch);
+    }
+
+    /// Only the commit index changed (raft-rs's light ready).
+    pub fn set_commit(&mut self, commit: u64, batch: &mut WriteBatch<'_>) {
+        if commit > self.raft_state.commit {
+            self.raft_state.commit = commit;
+            self.put_raft_state(batch);
+        }
+    }
+
+    pub fn set_conf_state(&mut self, cs: &ConfState, batch: &mut WriteBatch<'_>) {
+        self.region_state.conf_state = Some(conf_state_record(cs));
+        self.put_region_state(batch);
+    }
+
+    /// Replaces the region descriptor (membership or range changed), written at apply time.
+    pub fn set_region(&mut self, region: Region, batch: &mut WriteBatch<'_>) {
+        self.region_state.region = Some(region);
+        self.put_region_state(batch);
+    }
+
+    /// Marks `index` applied. Must go into the same batch as the data the entry wrote.
+    pub fn set_applied_index(&mut self, index: u64, batch: &mut WriteBatch<'_>) {
+        self.apply_state.applied_index = index;
+        batch.put_msg(
+            Cf::Raft,
+            &keys::apply_state_key(self.region_id),
+            &self.apply_state,
+        );
+    }
+
+    /// Removes every log entry up to and including `index`. `index` must be applied: an
+    /// unapplied entry is still needed by this replica.
+    pub fn compact_to(&mut self, index: u64, batch: &mut WriteBatch<'_>) -> Result<(), Error> {
+        if index <= self.apply_state.truncated_index {
+            return Ok(());
+        }
+        if index > self.apply_state.applied_index {
+            return Err(self.invalid(format!(
+                "compact to {index} past applied index {}",
+                self.apply_state.applied_index
+            )));
+        }
+        let term = raft::Storage::term(self, index).map_err(|e| self.invalid(e.to_string()))?;
+        batch.delete_range(
+            Cf::Raft,
+            &keys::raft_log_key(self.region_id, self.apply_state.truncated_index + 1),
+            &keys::raft_log_key(self.region_id, index + 1),
+        );
+        self.apply_state.truncated_index = index;
+        self.apply_state.truncated_term = term;
+        batch.put_msg(
+            Cf::Raft,
+            &keys::apply_state_key(self.region_id),
+            &self.apply_state,
+        );
+        Ok(())
+    }
+
+    /// Replaces the region's data range, log and states with a received snapshot, atomically
+    /// within `batch`.
+    pub fn apply_snapshot(
+        &mut self,
+        snap: &Snapshot,
+        batch: &mut WriteBatch<'_>,
+    ) -> Result<(), Error> {
+        let meta = snap.get_metadata();
+        if meta.index <= self.apply_state.applied_index {
+            return Err(self.invalid(format!(
+                "snapshot at {} is out of date (applied {})",
+                meta.index, self.apply_state.applied_index
+            )));
+        }
+        let data = <RegionSnapshotData as prost::Message>::decode(snap.get_data())
+            .map_err(|e| self.invalid(format!("snapshot data does not decode: {e}")))?;
+        let region = data
+            .region
+            .ok_or_else(|| self.invalid("snapshot carries no region".into()))?;
+        if region.id != self.region_id.0 {
+            return Err(self.invalid(format!("snapshot is of region {}", region.id)));
+        }
+        // Validate everything before touching the batch: a refused snapshot leaves it as it was.
+        if data
+            .kvs
+            .iter()
+            .any(|kv| !keys::in_range(&kv.key, &region.start_key, &region.end_key))
+        {
+            return Err(self.invalid("snapshot holds a key outside its region".into()));
+        }
+        let start = keys::data_key(&region.start_key);
+        let end = keys::data_end_key(&region.end_key);
+        batch.delete_range(Cf::Data, &start, &end);
+        for kv in &data.kvs {
+            batch.put(Cf::Data, &keys::data_key(&kv.key), &kv.value);
+        }
+        let (log_start, log_end) = keys::raft_log_range(self.region_id);
+        batch.delete_range(Cf::Raft, &log_start, &log_end);
+
+        self.raft_state.last_index = meta.index;
+        self.raft_state.commit = self.raft_state.commit.max(meta.index);
+        self.raft_state.term = self.raft_state.term.max(meta.term);
+        self.last_term = meta.term;
+        self.apply_state = RaftApplyState {
+            applied_index: meta.index,
+            truncated_index: meta.index,
+            truncated_term: meta.term,
+        };
+        self.region_state = RegionLocalState {
+            state: PeerState::Normal as i32,
+            region: Some(region),
+            conf_state: Some(conf_state_record(meta.get_conf_state())),
+        };
+        self.put_raft_state(batch);
+        batch.put_msg(
+            Cf::Raft,
+            &keys::apply_state_key(self.region_id),
+            &self.apply_state,
+        );
+        self.put_region_state(batch);
+        Ok(())
+    }
+
+    fn put_raft_state(&self, batch: &mut WriteBatch<'_>) {
+        batch.put_msg(
+            Cf::Raft,
+            &keys::raft_state_key(self.region_id),
+            &self.raft_state,
+        );
+    }
+
+    fn put_region_state(&self, batch: &mut WriteBatch<'_>) {
+        batch.put_msg(
+            Cf::Raft,
+            &keys::region_state_key(self.region_id),
+            &self.region_state,
+        );
+    }
+
+    fn invalid(&self, reason: String) -> Error {
+        Error::Invalid {
+            region: self.region_id,
+            reason,
+        }
+    }
+}
+
+/// Builds a snapshot of `region_id` from one consistent view of the engine: data range,
+/// descriptor, membership and apply state all as of the same applied index.
+pub fn generate_snapshot(engine: &Engine, region_id: RegionId) -> Result<Snapshot, Error> {
+    engine.with_snapshot(|view| generate_snapshot_from(view, region_id))
+}
+
+fn generate_snapshot_from(
+    view: &EngineSnapshot<'_>,
+    region_id: RegionId,
+) -> Result<Snapshot, Error> {
+    let state: RegionLocalState = view
+        .get_msg(Cf::Raft, &keys::region_state_key(region_id))?
+        .ok_or(Error::RegionNotFound(region_id))?;
+    let apply: RaftApplyState = view
+        .get_msg(Cf::Raft, &keys::apply_state_key(region_id))?
+        .ok_or(Error::RegionNotFound(region_id))?;
+    let region = state.region.unwrap_or_default();
+    let index = apply.applied_index;
+    let term = if index == apply.truncated_index {
+        apply.truncated_term
+    } else {
+        let key = keys::raft_log_key(region_id, index);
+        let bytes = view
+            .get(Cf::Raft, &key)?
+            .ok_or_else(|| Error::corrupt(&key, "applied entry missing from the log"))?;
+        decode_entry(&key, &bytes)?.term
+    };
+    let mut kvs = Vec::new();
+    view.scan(
+        Cf::Data,
+        &keys::data_key(&region.start_key),
+        &keys::data_end_key(&region.end_key),
+        |k, v| {
+            kvs.push(SnapshotKv {
+                key: keys::origin_key(k)?.to_vec(),
+                value: v.to_vec(),
+            });
+            Ok(true)
+        },
+    )?;
+    let data = RegionSnapshotData {
+        region: Some(region),
+        kvs,
+    };
+    let mut snap = Snapshot::default();
+    snap.set_data(prost::Message::encode_to_vec(&data).into());
+    let meta = snap.mut_metadata();
+    meta.index = index;
+    meta.term = term;
+    meta.set_conf_state(conf_state_from_record(
+        &state.conf_state.unwrap_or_default(),
+    ));
+    Ok(snap)
+}
+
+fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<Entry, Error> {
+    Entry::parse_from_bytes(bytes).map_err(|e| Error::corrupt(key, e))
+}
+
+pub fn conf_state_of_region(region: &Region) -> ConfStateRecord {
+    let mut cs = ConfStateRecord::default();
+    for p in &region.peers {
+        if p.role == PeerRole::Learner as i32 {
+            cs.learners.push(p.id);
+        } else {
+            cs.voters.push(p.id);
+        }
+    }
+    cs
+}
+
+pub fn conf_state_record(cs: &ConfState) -> ConfStateRecord {
+    ConfStateRecord {
+        voters: cs.voters.clone(),
+        learners: cs.learners.clone(),
+        voters_outgoing: cs.voters_outgoing.clone(),
+        learners_next: cs.learners_next.clone(),
+        auto_leave: cs.auto_leave,
+    }
+}
+
+pub fn conf_state_from_record(r: &ConfStateRecord) -> ConfState {
+    ConfState {
+        voters: r.voters.clone(),
+        learners: r.learners.clone(),
+        voters_outgoing: r.voters_outgoing.clone(),
+        learners_next: r.learners_next.clone(),
+        auto_leave: r.auto_leave,
+        ..Default::default()
+    }
+}
+
+fn store_err(e: StorageError) -> raft::Error {
+    raft::Error::Store(e)
+}
+
+impl raft::Storage for PeerStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let hs = HardState {
+            term: self.raft_state.term,
+            vote: self.raft_state.vote,
+            commit: self.raft_state.commit,
+            ..Default::default()
+        };
+        let cs = conf_state_from_record(&self.region_state.conf_state.clone().unwrap_or_default());
+        Ok(RaftState::new(hs, cs))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.apply_state.truncated_index {
+            return Err(store_err(StorageError::Compacted));
+        }
+        if high > self.raft_state.last_index + 1 {
+            return Err(store_err(StorageError::Unavailable));
+        }
+        if low >= high {
+            return Ok(Vec::new());
+        }
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        let mut out = Vec::with_capacity((high - low).min(1024) as usize);
+        let mut size = 0u64;
+        let mut expect = low;
+        self.engine.scan(
+            Cf::Raft,
+            &keys::raft_log_key(self.region_id, low),
+            &keys::raft_log_key(self.region_id, high),
+            |k, v| {
+                let e = decode_entry(k, v)?;
+                if e.index != expect {
+                    return Err(Error::corrupt(k, format!("expected entry {expect}")));
+                }
+                size += u64::from(e.compute_size());
+                // Always return at least one entry, as raft-rs requires.
+                if !out.is_empty() && size > max_size {
+                    return Ok(false);
+                }
+                out.push(e);
+                expect += 1;
+                Ok(true)
+            },
+        )?;
+        if out.is_empty() {
+            // A hole inside the live log: the disk does not hold what the states promise.
+            return Err(Error::corrupt(
+                &keys::raft_log_key(self.region_id, low),
+                "log entry missing inside the live log",
+            )
+            .into());
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.apply_state.truncated_index {
+            return Ok(self.apply_state.truncated_term);
+        }
+        if idx < self.apply_state.truncated_index {
+            return Err(store_err(StorageError::Compacted));
+        }
+        if idx > self.raft_state.last_index {
+            return Err(store_err(StorageError::Unavailable));
+        }
+        if idx == self.raft_state.last_index {
+            return Ok(self.last_term);
+        }
+        Ok(self.read_entry(idx)?.term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.apply_state.truncated_index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.raft_state.last_index)
+    }
+
+    /// Snapshots are built off the raft thread: the first call starts a generator and answers
+    /// `SnapshotTemporarilyUnavailable`; raft asks again later and gets the finished one.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let mut gen = self.snap_gen.borrow_mut();
+        if let SnapGen::Generating(rx) = &*gen {
+            match rx.try_recv() {
+                Ok(Ok(snap)) if snap.get_metadata().index >= request_index => {
+                    *gen = SnapGen::Idle;
+                    return Ok(snap);
+                }
+                Ok(Ok(_stale)) => *gen = SnapGen::Idle,
+                Ok(Err(e)) => {
+                    *gen = SnapGen::Idle;
+                    tracing::warn!(region = %self.region_id, error = %e, "snapshot generation failed");
+                }
+                Err(mpsc::TryRecvError::Empty) => {
+                    return Err(store_err(StorageError::SnapshotTemporarilyUnavailable))
+                }
+                Err(mpsc::TryRecvError::Disconnected) => *gen = SnapGen::Idle,
+            }
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        let engine = self.engine.clone();
+        let region_id = self.region_id;
+        let spawned = std::thread::Builder::new()
+            .name(format!("snap-gen-{region_id}"))
+            .spawn(move || {
+                let _ = tx.send(generate_snapshot(&engine, region_id));
+            });
+        match spawned {
+            Ok(_) => *gen = SnapGen::Generating(rx),
+            Err(e) => {
+                tracing::warn!(region = %region_id, error = %e, "cannot spawn snapshot generator")
+            }
+        }
+        Err(store_err(StorageError::SnapshotTemporarilyUnavailable))
+    }
+}

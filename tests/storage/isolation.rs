@@ -1,0 +1,130 @@
+//! Many regions share one RocksDB: what one region's storage does never touches another's
+//! keys, and everything survives closing and reopening the instance.
+
+use raft::{GetEntriesContext, Storage};
+use tessera::ids::RegionId;
+use tessera::storage::peer_storage::generate_snapshot;
+use tessera::storage::{keys, Cf, Engine, EngineOptions, PeerStorage};
+
+use super::{entry, open_engine, region, storage_with};
+
+/// Every raft-CF key and value belonging to `region`.
+fn raft_keys_of(engine: &Engine, region: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let id = RegionId(region);
+    let mut out = Vec::new();
+    let (s, e) = keys::region_raft_range(id);
+    engine
+        .scan(Cf::Raft, &s, &e, |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            Ok(true)
+        })
+        .unwrap();
+    out.push((
+        keys::region_state_key(id).to_vec(),
+        engine
+            .get(Cf::Raft, &keys::region_state_key(id))
+            .unwrap()
+            .unwrap_or_default(),
+    ));
+    out
+}
+
+#[test]
+fn compaction_and_snapshots_stay_inside_their_region() {
+    let (_d, engine) = open_engine();
+    // Regions 1..=16 with adjacent ids and adjacent key ranges, 20 entries each.
+    let mut stores: Vec<PeerStorage> = (1..=16u64)
+        .map(|r| {
+            let start = [r as u8 * 10];
+            let end = [r as u8 * 10 + 10];
+            let ents: Vec<_> = (4..24).map(|i| entry(i, 4)).collect();
+            storage_with(&engine, &region(r, &start, &end), 3, &ents)
+        })
+        .collect();
+    let before: Vec<_> = (1..=16).map(|r| raft_keys_of(&engine, r)).collect();
+
+    // Compact region 8 entirely, and replace region 9 with a snapshot from elsewhere.
+    let mut b = engine.batch();
+    stores[7].compact_to(23, &mut b).unwrap();
+    engine.write(b, true).unwrap();
+
+    let (_d2, other) = open_engine();
+    let ents: Vec<_> = (4..40).map(|i| entry(i, 6)).collect();
+    storage_with(&other, &region(9, &[90], &[100]), 3, &ents);
+    let snap = generate_snapshot(&other, RegionId(9)).unwrap();
+    let mut b = engine.batch();
+    stores[8].apply_snapshot(&snap, &mut b).unwrap();
+    engine.write(b, true).unwrap();
+
+    for r in 1..=16u64 {
+        if r == 8 || r == 9 {
+            continue;
+        }
+        assert_eq!(
+            raft_keys_of(&engine, r),
+            before[r as usize - 1],
+            "region {r} was touched"
+        );
+    }
+    assert_eq!(stores[7].first_index(), Ok(24));
+    assert_eq!(stores[8].first_index(), Ok(40));
+    // The neighbours of regions 8 and 9 (7 and 10) still read their full logs.
+    for r in [6usize, 9] {
+        let got = stores[r]
+            .entries(4, 24, u64::MAX, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(got.len(), 20);
+    }
+}
+
+#[test]
+fn reopen_returns_exactly_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot_of = |engine: &Engine| -> Vec<_> {
+        (1..=4u64)
+            .map(|r| {
+                let ps = PeerStorage::open(engine.clone(), RegionId(r)).unwrap();
+                let st = ps.initial_state().unwrap();
+                let first = ps.first_index().unwrap();
+                let last = ps.last_index().unwrap();
+                let ents = ps
+                    .entries(first, last + 1, u64::MAX, GetEntriesContext::empty(false))
+                    .unwrap();
+                (
+                    st.hard_state,
+                    st.conf_state,
+                    first,
+                    last,
+                    ps.term(first - 1).unwrap(),
+                    ps.applied_index(),
+                    ps.region().clone(),
+                    ents,
+                )
+            })
+            .collect()
+    };
+    let before = {
+        let engine = Engine::open(dir.path(), &EngineOptions::default()).unwrap();
+        for r in 1..=4u64 {
+            let ents: Vec<_> = (4..(4 + r * 5)).map(|i| entry(i, 4 + i % 3)).collect();
+            let mut ps = storage_with(&engine, &region(r, &[r as u8], &[r as u8 + 1]), 3, &ents);
+            let mut b = engine.batch();
+            let hs = raft::eraftpb::HardState {
+                term: 9,
+                vote: r * 10 + 2,
+                commit: 3 + r * 5,
+                ..Default::default()
+            };
+            ps.set_hard_state(&hs, &mut b);
+            ps.compact_to(3 + r, &mut b).unwrap();
+            engine.write(b, true).unwrap();
+        }
+        snapshot_of(&engine)
+    };
+    let engine = Engine::open(dir.path(), &EngineOptions::default()).unwrap();
+    assert_eq!(snapshot_of(&engine), before);
+    assert!(matches!(
+        PeerStorage::open(engine.clone(), RegionId(99)),
+        Err(tessera::storage::Error::RegionNotFound(_))
+    ));
+}
