@@ -1,0 +1,121 @@
+//! The client's region cache: regions by start key, each with the leader last seen.
+
+use std::collections::BTreeMap;
+
+use crate::proto::{Peer, Region};
+use crate::storage::keys::in_range;
+
+#[derive(Clone, Debug)]
+pub struct CachedRegion {
+    pub region: Region,
+    pub leader: Option<Peer>,
+}
+
+#[derive(Default, Debug)]
+pub struct RegionCache {
+    by_start: BTreeMap<Vec<u8>, CachedRegion>,
+}
+
+fn version(r: &Region) -> (u64, u64) {
+    r.epoch.map_or((0, 0), |e| (e.version, e.conf_ver))
+}
+
+fn overlaps(a: &Region, b: &Region) -> bool {
+    let a_before_b_ends = b.end_key.is_empty() || a.start_key < b.end_key;
+    let b_before_a_ends = a.end_key.is_empty() || b.start_key < a.end_key;
+    a_before_b_ends && b_before_a_ends
+}
+
+impl RegionCache {
+    pub fn locate(&self, key: &[u8]) -> Option<&CachedRegion> {
+        let (_, c) = self.by_start.range(..=key.to_vec()).next_back()?;
+        in_range(key, &c.region.start_key, &c.region.end_key).then_some(c)
+    }
+
+    /// Inserts a region, evicting every cached region it overlaps — unless one of them is
+    /// newer, in which case the stale report is ignored.
+    pub fn insert(&mut self, region: Region, leader: Option<Peer>) {
+        let overlapping: Vec<Vec<u8>> = self
+            .by_start
+            .values()
+            .filter(|c| overlaps(&c.region, &region))
+            .map(|c| c.region.start_key.clone())
+            .collect();
+        if overlapping.iter().any(|k| {
+            let c = &self.by_start[k];
+            c.region.id == region.id && version(&c.region) > version(&region)
+        }) {
+            return;
+        }
+        for k in overlapping {
+            self.by_start.remove(&k);
+        }
+        self.by_start
+            .insert(region.start_key.clone(), CachedRegion { region, leader });
+    }
+
+    pub fn set_leader(&mut self, region_id: u64, leader: Option<Peer>) {
+        if let Some(c) = self
+            .by_start
+            .values_mut()
+            .find(|c| c.region.id == region_id)
+        {
+            c.leader = leader;
+        }
+    }
+
+    pub fn invalidate(&mut self, region_id: u64) {
+        self.by_start.retain(|_, c| c.region.id != region_id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_start.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_start.is_empty()
+    }
+
+    pub fn regions(&self) -> Vec<CachedRegion> {
+        self.by_start.values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::RegionEpoch;
+
+    fn r(id: u64, s: &[u8], e: &[u8], v: u64) -> Region {
+        Region {
+            id,
+            start_key: s.to_vec(),
+            end_key: e.to_vec(),
+            epoch: Some(RegionEpoch {
+                conf_ver: 1,
+                version: v,
+            }),
+            peers: vec![],
+        }
+    }
+
+    #[test]
+    fn locate_and_replace() {
+        let mut c = RegionCache::default();
+        c.insert(r(1, b"", b"m", 1), None);
+        c.insert(r(2, b"m", b"", 1), None);
+        assert_eq!(c.locate(b"a").unwrap().region.id, 1);
+        assert_eq!(c.locate(b"m").unwrap().region.id, 2);
+        assert_eq!(c.locate(b"zzz").unwrap().region.id, 2);
+        // A split of region 1 replaces it.
+        c.insert(r(1, b"", b"f", 2), None);
+        c.insert(r(3, b"f", b"m", 2), None);
+        assert_eq!(c.locate(b"g").unwrap().region.id, 3);
+        assert_eq!(c.len(), 3);
+        // A stale report of region 1 does not undo the split.
+        c.insert(r(1, b"", b"m", 1), None);
+        assert_eq!(c.locate(b"g").unwrap().region.id, 3);
+        c.invalidate(3);
+        assert!(c.locate(b"g").is_none());
+    }
+}

@@ -1,0 +1,600 @@
+//! The Rust client: routes every key to its region and leader, and hides region changes.
+//!
+//! The client keeps a [region cache](cache::RegionCache) by start key. Each request goes to
+//! the cached leader of the key's region with the region's id and epoch. On a structured
+//! region error it fixes the cache — from the error's payload where there is one (the new
+//! leader, the current regions) — and retries with bounded, jittered backoff until an overall
+//! deadline. Callers see data or a typed [`Error`], never a routing error.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tessera::client::Error> {
+//! use tessera::client::{Client, ClientOptions};
+//!
+//! let client = Client::connect(&["127.0.0.1:20161".to_string()], ClientOptions::default()).await?;
+//! client.put(b"/nodes/n1", b"10.0.0.1:9092").await?;
+//! let kv = client.get(b"/nodes/n1").await?.expect("just written");
+//! assert_eq!(kv.value, b"10.0.0.1:9092");
+//! // Create-if-absent: only one of several racing callers wins.
+//! let won = client.create(b"/leader", b"me").await?;
+//! for kv in client.scan(b"/nodes/", b"/nodes0", 100).await? {
+//!     println!("{:?}", kv.key);
+//! }
+//! # let _ = won; Ok(()) }
+//! ```
+//!
+//! Retries: reads, puts and deletes are retried after an ambiguous failure (connection lost
+//! mid-request, timeout) since repeating them leaves the same state; a compare-and-swap is
+//! not, and reports [`Error::Unknown`] instead.
+
+pub mod cache;
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use rand::Rng;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::proto::kv_client::KvClient;
+use crate::proto::node_client::NodeClient;
+use crate::proto::{self, region_error, KeyValue, ReadConsistency, RegionsRequest, RequestHeader};
+use cache::{CachedRegion, RegionCache};
+
+pub use crate::raftstore::cmd::{CasAction, Compare};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no node reachable: {0}")]
+    Unavailable(String),
+    #[error("gave up after {attempts} attempts in {elapsed:?}: {last}")]
+    Deadline {
+        attempts: u32,
+        elapsed: Duration,
+        last: String,
+    },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A write whose outcome cannot be known (the connection broke after sending it).
+    #[error("result unknown: {0}")]
+    Unknown(String),
+    #[error("server error: {0}")]
+    Server(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Overall time a call may take, retries included.
+    pub deadline: Duration,
+    /// Time for one RPC attempt.
+    pub rpc_timeout: Duration,
+    /// Consistency of `get` and `scan`.
+    pub consistency: ReadConsistency,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(30),
+            rpc_timeout: Duration::from_secs(12),
+            consistency: ReadConsistency::Linearizable,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteResult {
+    pub prev: Option<KeyValue>,
+    pub revision: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CasResult {
+    pub succeeded: bool,
+    pub prev: Option<KeyValue>,
+    pub revision: u64,
+}
+
+/// Counters of what the client had to do behind the caller's back.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub retries: std::sync::atomic::AtomicU64,
+    pub region_errors: std::sync::atomic::AtomicU64,
+    pub rpc_errors: std::sync::atomic::AtomicU64,
+    pub cache_refreshes: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoints: Vec<String>,
+    opts: ClientOptions,
+    channels: DashMap<String, Channel>,
+    nodes: DashMap<u64, String>,
+    cache: RwLock<RegionCache>,
+    stats: ClientStats,
+}
+
+/// Whether an RPC failure may have happened after the server applied the request.
+fn ambiguous(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    ) && !s.message().contains("tcp connect error")
+        && !s.message().contains("Connection refused")
+}
+
+enum Attempt<T> {
+    Done(T),
+    Retry(String),
+}
+
+impl Client {
+    /// Connects to any of `endpoints` (`host:port`) and loads the region map.
+    pub async fn connect(endpoints: &[String], opts: ClientOptions) -> Result<Client> {
+        if endpoints.is_empty() {
+            return Err(Error::InvalidArgument("no endpoints given".into()));
+        }
+        let c = Client {
+            inner: Arc::new(Inner {
+                endpoints: endpoints.to_vec(),
+                opts,
+                channels: DashMap::new(),
+                nodes: DashMap::new(),
+                cache: RwLock::new(RegionCache::default()),
+                stats: ClientStats::default(),
+            }),
+        };
+        c.refresh().await?;
+        Ok(c)
+    }
+
+    pub fn stats(&self) -> &ClientStats {
+        &self.inner.stats
+    }
+
+    async fn channel(&self, addr: &str) -> std::result::Result<Channel, String> {
+        if let Some(c) = self.inner.channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .timeout(self.inner.opts.rpc_timeout)
+            .connect()
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        self.inner.channels.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    fn forget_channel(&self, addr: &str) {
+        self.inner.channels.remove(addr);
+    }
+
+    /// Reloads the region map from every reachable node.
+    pub async fn refresh(&self) -> Result<()> {
+        self.inner
+            .stats
+            .cache_refreshes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut addrs: Vec<String> = self.inner.endpoints.clone();
+        for e in self.inner.nodes.iter() {
+            if !addrs.contains(e.value()) {
+                addrs.push(e.value().clone());
+            }
+        }
+        let mut last_err = String::from("no endpoint answered");
+        let mut any = false;
+        let mut infos = Vec::new();
+        for addr in addrs {
+            let ch = match self.channel(&addr).await {
+                Ok(ch) => ch,
+                Err(e) => {
+                    last_err = e;
+                    continue;
+                }
+            };
+            match NodeClient::new(ch).regions(RegionsRequest {}).await {
+                Ok(resp) => {
+                    any = true;
+                    let resp = resp.into_inner();
+                    for n in resp.nodes {
+                        self.inner.nodes.insert(n.node_id, n.addr);
+                    }
+                    infos.extend(resp.regions);
+                }
+                Err(s) => {
+                    self.forget_channel(&addr);
+                    last_err = format!("{addr}: {}", s.message());
+                }
+            }
+        }
+        if !any {
+            return Err(Error::Unavailable(last_err));
+        }
+        // Older epochs first, so newer reports win; known leaders after unknown ones.
+        infos.sort_by_key(|i| {
+            let e = i.region.as_ref().and_then(|r| r.epoch).unwrap_or_default();
+            (e.version, e.conf_ver, i.leader.is_some())
+        });
+        let mut cache = self
+            .inner
+            .cache
+            .write()
+            .expect("region cache lock poisoned");
+        for i in infos {
+            if let Some(r) = i.region {
+                let leader = i
+                    .leader
+                    .or_else(|| cache.locate(&r.start_key).and_then(|c| c.leader));
+                cache.insert(r, leader);
+            }
+        }
+        Ok(())
+    }
+
+    /// The cached regions (after a refresh if the cache is empty).
+    pub async fn regions(&self) -> Result<Vec<CachedRegion>> {
+        self.refresh().await?;
+        Ok(self
+            .inner
+            .cache
+            .read()
+            .expect("region cache lock poisoned")
+            .regions())
+    }
+
+    async fn locate(&self, key: &[u8]) -> Result<CachedRegion> {
+        if let Some(c) = self
+            .inner
+            .cache
+            .read()
+            .expect("region cache lock poisoned")
+            .locate(key)
+        {
+            return Ok(c.clone());
+        }
+        self.refresh().await?;
+        self.inner
+            .cache
+            .read()
+            .expect("region cache lock poisoned")
+            .locate(key)
+            .cloned()
+            .ok_or_else(|| Error::Unavailable(format!("no region holds key {key:02x?}")))
+    }
+
+    fn header(&self, r: &CachedRegion) -> RequestHeader {
+        RequestHeader {
+            region_id: r.region.id,
+            region_epoch: r.region.epoch,
+            consistency: self.inner.opts.consistency as i32,
+        }
+    }
+
+    /// Applies a region error to the cache; returns a description for the retry log.
+    async fn on_region_error(&self, r: &CachedRegion, e: proto::RegionError) -> String {
+        self.inner
+            .stats
+            .region_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut refresh = false;
+        {
+            let mut cache = self
+                .inner
+                .cache
+                .write()
+                .expect("region cache lock poisoned");
+            match e.error {
+                Some(region_error::Error::NotLeader(nl)) => {
+                    if let Some(l) = nl.leader.as_ref() {
+                        if !nl.leader_addr.is_empty() {
+                            self.inner.nodes.insert(l.node_id, nl.leader_addr.clone());
+                        }
+                    }
+                    cache.set_leader(r.region.id, nl.leader);
+                }
+                Some(region_error::Error::EpochNotMatch(en)) => {
+                    for cur in en.current_regions {
+                        cache.insert(cur, None);
+                    }
+                }
+                Some(region_error::Error::ServerBusy(_)) => {}
+                _ => {
+                    cache.invalidate(r.region.id);
+                    refresh = true;
+                }
+            }
+        }
+        if refresh {
+            let _ = self.refresh().await;
+        }
+        e.message
+    }
+
+    /// The node to try for region `r` on attempt `n`: its leader if known, else its peers in
+    /// turn.
+    fn target(&self, r: &CachedRegion, n: u32) -> Option<(u64, String)> {
+        let node = match &r.leader {
+            Some(l) => l.node_id,
+            None if r.region.peers.is_empty() => return None,
+            None => r.region.peers[n as usize % r.region.peers.len()].node_id,
+        };
+        self.inner.nodes.get(&node).map(|a| (node, a.clone()))
+    }
+
+    /// Runs `op` against the region holding `key`, fixing the route and retrying until it
+    /// answers or the deadline passes.
+    async fn execute<T, F, Fut>(&self, key: &[u8], retry_ambiguous: bool, op: F) -> Result<T>
+    where
+        F: Fn(KvClient<Channel>, RequestHeader) -> Fut,
+        Fut: std::future::Future<
+            Output = std::result::Result<(Option<proto::RegionError>, T), Status>,
+        >,
+    {
+        let start = Instant::now();
+        let mut attempts = 0u32;
+        let mut last = String::new();
+        loop {
+            if attempts > 0 {
+                if start.elapsed() >= self.inner.opts.deadline {
+                    return Err(Error::Deadline {
+                        attempts,
+                        elapsed: start.elapsed(),
+                        last,
+                    });
+                }
+                self.inner
+                    .stats
+                    .retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let base = 10u64 << attempts.min(6);
+                let jitter = rand::rng().random_range(0..=base / 2);
+                tokio::time::sleep(Duration::from_millis((base + jitter).min(700))).await;
+            }
+            attempts += 1;
+            let region = match self.locate(key).await {
+                Ok(r) => r,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            match self
+                .attempt(&region, attempts, retry_ambiguous, &op)
+                .await?
+            {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::Retry(why) => last = why,
+            }
+        }
+    }
+
+    async fn attempt<T, F, Fut>(
+        &self,
+        region: &CachedRegion,
+        n: u32,
+        retry_ambiguous: bool,
+        op: &F,
+    ) -> Result<Attempt<T>>
+    where
+        F: Fn(KvClient<Channel>, RequestHeader) -> Fut,
+        Fut: std::future::Future<
+            Output = std::result::Result<(Option<proto::RegionError>, T), Status>,
+        >,
+    {
+        let Some((node, addr)) = self.target(region, n) else {
+            let _ = self.refresh().await;
+            return Ok(Attempt::Retry(format!(
+                "no address for region {}",
+                region.region.id
+            )));
+        };
+        let ch = match self.channel(&addr).await {
+            Ok(ch) => ch,
+            Err(e) => {
+                self.rpc_failed(region, node);
+                return Ok(Attempt::Retry(e));
+            }
+        };
+        let kv =
+            KvClient::new(ch).max_decoding_message_size(crate::transport::MAX_GRPC_MESSAGE_BYTES);
+        match op(kv, self.header(region)).await {
+            Ok((None, v)) => Ok(Attempt::Done(v)),
+            Ok((Some(e), _)) => Ok(Attempt::Retry(self.on_region_error(region, e).await)),
+            Err(s) if s.code() == Code::InvalidArgument => {
+                Err(Error::InvalidArgument(s.message().into()))
+            }
+            Err(s) if s.code() == Code::ResourceExhausted || s.code() == Code::OutOfRange => {
+                Err(Error::InvalidArgument(s.message().into()))
+            }
+            Err(s) if ambiguous(&s) && !retry_ambiguous => {
+                self.forget_channel(&addr);
+                Err(Error::Unknown(s.message().into()))
+            }
+            Err(s) => {
+                self.forget_channel(&addr);
+                self.rpc_failed(region, node);
+                Ok(Attempt::Retry(format!("{addr}: {}", s.message())))
+            }
+        }
+    }
+
+    /// The node did not answer: forget it as leader so the next attempt tries another peer.
+    fn rpc_failed(&self, region: &CachedRegion, node: u64) {
+        self.inner
+            .stats
+            .rpc_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut cache = self
+            .inner
+            .cache
+            .write()
+            .expect("region cache lock poisoned");
+        if region.leader.as_ref().is_some_and(|l| l.node_id == node) {
+            cache.set_leader(region.region.id, None);
+        }
+    }
+
+    pub async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>> {
+        self.execute(key, true, |mut kv, header| async move {
+            let r = kv
+                .get(proto::GetRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                })
+                .await?
+                .into_inner();
+            Ok((r.region_error, r.kv))
+        })
+        .await
+    }
+
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<WriteResult> {
+        self.execute(key, true, |mut kv, header| async move {
+            let r = kv
+                .put(proto::PutRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                })
+                .await?
+                .into_inner();
+            Ok((
+                r.region_error,
+                WriteResult {
+                    prev: r.prev_kv,
+                    revision: r.revision,
+                },
+            ))
+        })
+        .await
+    }
+
+    pub async fn delete(&self, key: &[u8]) -> Result<WriteResult> {
+        self.execute(key, true, |mut kv, header| async move {
+            let r = kv
+                .delete(proto::DeleteRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                })
+                .await?
+                .into_inner();
+            Ok((
+                r.region_error,
+                WriteResult {
+                    prev: r.prev_kv,
+                    revision: r.revision,
+                },
+            ))
+        })
+        .await
+    }
+
+    pub async fn cas(&self, key: &[u8], compare: Compare, action: CasAction) -> Result<CasResult> {
+        let compare = compare.to_proto();
+        let action = match action {
+            CasAction::Put(v) => proto::cas_request::Action::Put(v),
+            CasAction::Delete => proto::cas_request::Action::Delete(true),
+        };
+        self.execute(key, false, |mut kv, header| {
+            let compare = compare.clone();
+            let action = action.clone();
+            async move {
+                let r = kv
+                    .compare_and_swap(proto::CasRequest {
+                        header: Some(header),
+                        key: key.to_vec(),
+                        compare: Some(compare),
+                        action: Some(action),
+                    })
+                    .await?
+                    .into_inner();
+                Ok((
+                    r.region_error,
+                    CasResult {
+                        succeeded: r.succeeded,
+                        prev: r.prev_kv,
+                        revision: r.revision,
+                    },
+                ))
+            }
+        })
+        .await
+    }
+
+    /// Creates `key` only if it does not exist; returns whether this call created it.
+    pub async fn create(&self, key: &[u8], value: &[u8]) -> Result<bool> {
+        Ok(self
+            .cas(key, Compare::Absent, CasAction::Put(value.to_vec()))
+            .await?
+            .succeeded)
+    }
+
+    /// Keys in `[start, end)` in order across regions (empty `end` = to the end of the
+    /// keyspace), at most `limit` of them (0 = no limit).
+    pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>> {
+        let mut out: Vec<KeyValue> = Vec::new();
+        let mut cursor = start.to_vec();
+        loop {
+            let want = if limit == 0 { 0 } else { limit - out.len() };
+            let (kvs, more, region_end) = self.scan_region(&cursor, end, want).await?;
+            let last = kvs.last().map(|kv| kv.key.clone());
+            out.extend(kvs);
+            if limit != 0 && out.len() >= limit {
+                out.truncate(limit);
+                return Ok(out);
+            }
+            if more {
+                // The region has more: continue right after the last key returned.
+                let mut next = last.expect("a scan that has more returned keys");
+                next.push(0);
+                cursor = next;
+                continue;
+            }
+            if region_end.is_empty() || (!end.is_empty() && region_end.as_slice() >= end) {
+                return Ok(out);
+            }
+            cursor = region_end;
+        }
+    }
+
+    async fn scan_region(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<KeyValue>, bool, Vec<u8>)> {
+        self.execute(start, true, |mut kv, header| {
+            let region_end = self
+                .inner
+                .cache
+                .read()
+                .expect("region cache lock poisoned")
+                .locate(start)
+                .map(|c| c.region.end_key.clone())
+                .unwrap_or_default();
+            async move {
+                let r = kv
+                    .scan(proto::ScanRequest {
+                        header: Some(header),
+                        start_key: start.to_vec(),
+                        end_key: end.to_vec(),
+                        limit: limit.min(u32::MAX as usize) as u32,
+                        keys_only: false,
+                    })
+                    .await?
+                    .into_inner();
+                Ok((r.region_error, (r.kvs, r.more, region_end)))
+            }
+        })
+        .await
+    }
+}

@@ -1,0 +1,75 @@
+//! Logging: `tracing` everywhere, with raft-rs's `slog` output bridged into it.
+//!
+//! raft-rs logs through `slog`; [`raft_logger`] gives it a root logger whose drain re-emits
+//! every record as a `tracing` event under the `raft` target, so one filter
+//! (`log.level`, e.g. `info,raft=warn`) and one output cover both.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use slog::{Drain, OwnedKVList, Record, KV};
+
+struct TracingDrain;
+
+struct KvText(String);
+
+impl slog::Serializer for KvText {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments<'_>) -> slog::Result {
+        let _ = write!(self.0, " {key}={val}");
+        Ok(())
+    }
+}
+
+impl Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, record: &Record<'_>, values: &OwnedKVList) -> Result<(), slog::Never> {
+        let mut kv = KvText(String::new());
+        let _ = record.kv().serialize(record, &mut kv);
+        let _ = values.serialize(record, &mut kv);
+        let msg = record.msg();
+        match record.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{msg}{}", kv.0)
+            }
+            slog::Level::Warning => tracing::warn!(target: "raft", "{msg}{}", kv.0),
+            slog::Level::Info => tracing::info!(target: "raft", "{msg}{}", kv.0),
+            slog::Level::Debug => tracing::debug!(target: "raft", "{msg}{}", kv.0),
+            slog::Level::Trace => tracing::trace!(target: "raft", "{msg}{}", kv.0),
+        }
+        Ok(())
+    }
+}
+
+/// The root logger handed to raft-rs; peers derive per-region children from it.
+pub fn raft_logger() -> slog::Logger {
+    slog::Logger::root(TracingDrain.fuse(), slog::o!())
+}
+
+/// Installs the global `tracing` subscriber: `filter` as in `log.level`, to `file` or stderr.
+/// Returns an error message if the file cannot be opened or the filter does not parse.
+pub fn init(filter: &str, file: &Path) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| format!("log.level {filter:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let result = if file.as_os_str().is_empty() {
+        builder.with_writer(std::io::stderr).try_init()
+    } else {
+        if let Some(parent) = file.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+            .map_err(|e| format!("log.file {}: {e}", file.display()))?;
+        builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(f))
+            .try_init()
+    };
+    // A second init (tests starting several nodes in one process) keeps the first subscriber.
+    let _ = result;
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! First start and restart of a node's store.
+//!
+//! On the first start with an empty data directory every founding member computes the same
+//! initial regions from the same config — same ranges, same region and peer ids — with no
+//! coordination, writes the ones it hosts and its identity in one synced batch, and never
+//! bootstraps again. Later starts load regions from disk and ignore the initial-cluster
+//! settings. A data directory of another cluster or node is refused.
+
+use crate::config::Member;
+use crate::ids::{ClusterId, NodeId, RegionId};
+use crate::proto::{Peer, PeerRole, PeerState, Region, RegionEpoch, RegionLocalState, StoreIdent};
+use crate::storage::{keys, Cf, Engine, PeerStorage};
+
+/// The initial regions of a cluster: `split_keys.len() + 1` ranges covering the keyspace,
+/// each on `replicas` members (all when fewer), spread round-robin. Region ids are
+/// `1..=n`; peer ids follow, in region order.
+pub fn initial_regions(members: &[Member], split_keys: &[Vec<u8>], replicas: u32) -> Vec<Region> {
+    let mut nodes: Vec<NodeId> = members.iter().map(|m| m.id).collect();
+    nodes.sort();
+    let n = split_keys.len() as u64 + 1;
+    let r = (replicas as usize).min(nodes.len()).max(1);
+    let mut next_peer = n + 1;
+    let mut bounds = Vec::with_capacity(split_keys.len() + 2);
+    bounds.push(Vec::new());
+    bounds.extend(split_keys.iter().cloned());
+    bounds.push(Vec::new());
+    (0..n as usize)
+        .map(|i| {
+            let peers = (0..r)
+                .map(|j| {
+                    let p = Peer {
+                        id: next_peer,
+                        node_id: nodes[(i + j) % nodes.len()].0,
+                        role: PeerRole::Voter as i32,
+                    };
+                    next_peer += 1;
+                    p
+                })
+                .collect();
+            Region {
+                id: i as u64 + 1,
+                start_key: bounds[i].clone(),
+                end_key: bounds[i + 1].clone(),
+                epoch: Some(RegionEpoch {
+                    conf_ver: 1,
+                    version: 1,
+                }),
+                peers,
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::Error),
+    #[error(
+        "data directory belongs to cluster {found_cluster} node {found_node}, \
+         but this node is configured as cluster {cluster} node {node}"
+    )]
+    WrongIdentity {
+        found_cluster: u64,
+        found_node: u64,
+        cluster: u64,
+        node: u64,
+    },
+    #[error("data directory holds regions but no node identity: refusing to guess")]
+    NoIdentity,
+}
+
+/// Bootstraps an empty store or checks an existing one; returns the regions to host.
+pub fn prepare_store(
+    engine: &Engine,
+    cluster: ClusterId,
+    node: NodeId,
+    members: &[Member],
+    split_keys: &[Vec<u8>],
+    replicas: u32,
+) -> Result<Vec<RegionId>, BootstrapError> {
+    match engine.get_msg::<StoreIdent>(Cf::Raft, &keys::NODE_IDENT_KEY)? {
+        Some(ident) if ident.cluster_id == cluster.0 && ident.node_id == node.0 => {}
+        Some(ident) => {
+            return Err(BootstrapError::WrongIdentity {
+                found_cluster: ident.cluster_id,
+                found_node: ident.node_id,
+                cluster: cluster.0,
+                node: node.0,
+            })
+        }
+        None => {
+            if !load_region_ids(engine)?.is_empty() {
+                return Err(BootstrapError::NoIdentity);
+            }
+            let mut wb = engine.batch();
+            let regions = initial_regions(members, split_keys, replicas);
+            let mut hosted = 0;
+            for r in regions
+                .iter()
+                .filter(|r| r.peers.iter().any(|p| p.node_id == node.0))
+            {
+                PeerStorage::write_initial_state(&mut wb, r);
+                hosted += 1;
+            }
+            // The identity goes in the same batch: a crash leaves either nothing or all.
+            wb.put_msg(
+                Cf::Raft,
+                &keys::NODE_IDENT_KEY,
+                &StoreIdent {
+                    cluster_id: cluster.0,
+                    node_id: node.0,
+                },
+            );
+            engine.write(wb, true)?;
+            tracing::info!(%cluster, %node, regions = hosted, "bootstrapped new store");
+        }
+    }
+    Ok(load_region_ids(engine)?)
+}
+
+/// Every region with live (not tombstoned) state in this store.
+pub fn load_region_ids(engine: &Engine) -> Result<Vec<RegionId>, crate::storage::Error> {
+    let (start, end) = keys::region_meta_range();
+    let mut out = Vec::new();
+    engine.scan(Cf::Raft, &start, &end, |k, v| {
+        let id = keys::decode_region_state_key(k)?;
+        let st = <RegionLocalState as prost::Message>::decode(v)
+            .map_err(|e| crate::storage::Error::corrupt(k, e))?;
+        if st.state != PeerState::Tombstone as i32 {
+            out.push(id);
+        }
+        Ok(true)
+    })?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(n: u64) -> Vec<Member> {
+        (1..=n)
+            .map(|i| Member {
+                id: NodeId(i),
+                addr: format!("127.0.0.1:{}", 20000 + i).parse().unwrap(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn initial_regions_are_deterministic_and_cover_the_keyspace() {
+        let splits: Vec<Vec<u8>> = vec![b"b".to_vec(), b"m".to_vec(), b"t".to_vec()];
+        let a = initial_regions(&members(3), &splits, 3);
+        let mut shuffled = members(3);
+        shuffled.reverse();
+        assert_eq!(a, initial_regions(&shuffled, &splits, 3));
+        assert_eq!(a.len(), 4);
+        assert!(a[0].start_key.is_empty() && a[3].end_key.is_empty());
+        for w in a.windows(2) {
+            assert_eq!(w[0].end_key, w[1].start_key);
+        }
+        let mut peer_ids: Vec<u64> = a
+            .iter()
+            .flat_map(|r| r.peers.iter().map(|p| p.id))
+            .collect();
+        peer_ids.sort();
+        peer_ids.dedup();
+        assert_eq!(peer_ids.len(), 12, "peer ids are unique");
+        assert!(
+            peer_ids.iter().all(|p| *p > 4),
+            "peer ids never clash with region ids"
+        );
+        for r in &a {
+            let mut nodes: Vec<u64> = r.peers.iter().map(|p| p.node_id).collect();
+            nodes.sort();
+            assert_eq!(nodes, vec![1, 2, 3]);
+        }
+    }
+
+    #[test]
+    fn fewer_replicas_spread_round_robin() {
+        let a = initial_regions(&members(5), &[b"a".to_vec(), b"b".to_vec()], 3);
+        let nodes: Vec<Vec<u64>> = a
+            .iter()
+            .map(|r| r.peers.iter().map(|p| p.node_id).collect())
+            .collect();
+        assert_eq!(nodes, vec![vec![1, 2, 3], vec![2, 3, 4], vec![3, 4, 5]]);
+        let single = initial_regions(&members(1), &[], 3);
+        assert_eq!(single[0].peers.len(), 1);
+    }
+
+    #[test]
+    fn store_identity_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), &Default::default()).unwrap();
+        let m = members(3);
+        let ids = prepare_store(&engine, ClusterId(1), NodeId(2), &m, &[b"k".to_vec()], 3).unwrap();
+        assert_eq!(ids, vec![RegionId(1), RegionId(2)]);
+        // Restart: same regions, no second bootstrap even if the config changed.
+        let again = prepare_store(&engine, ClusterId(1), NodeId(2), &m, &[], 3).unwrap();
+        assert_eq!(again, ids);
+        let e = prepare_store(&engine, ClusterId(9), NodeId(2), &m, &[], 3).unwrap_err();
+        assert!(matches!(e, BootstrapError::WrongIdentity { .. }), "{e}");
+        let e = prepare_store(&engine, ClusterId(1), NodeId(3), &m, &[], 3).unwrap_err();
+        assert!(e.to_string().contains("node 2"), "{e}");
+    }
+}

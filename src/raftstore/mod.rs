@@ -1,0 +1,25 @@
+//! The multi-Raft store: many regions per node, each owned by one raft worker thread.
+//!
+//! Data flow (DESIGN.md):
+//! ```text
+//! gRPC service ─▶ Router (region → worker inbox) ─▶ Worker round ─▶ Peer (RawNode)
+//!                                                     │ one WriteBatch, one fsync per round
+//!                                                     │ Transport (one stream per node)
+//!                                                     └ replies through oneshot channels
+//! ```
+//!
+//! - [`router`]: region id → worker mailbox;
+//! - [`worker`]: the thread loop and the group-commit round;
+//! - [`peer`]: one replica: proposals, reads, the two halves of Ready handling;
+//! - [`apply`]: the KV state machine;
+//! - [`cmd`]: commands in the raft log and their results;
+//! - [`msg`]: what reaches a worker and the errors that go back;
+//! - [`bootstrap`]: first start and restart of a store.
+
+pub mod apply;
+pub mod bootstrap;
+pub mod cmd;
+pub mod msg;
+pub mod peer;
+pub mod router;
+pub mod worker;

@@ -1,0 +1,169 @@
+//! Messages that reach a raft worker, and the answers that go back.
+//!
+//! Everything a worker does arrives in its inbox as a [`WorkerMsg`]; async code (gRPC services,
+//! the transport) never touches a peer directly. Answers cross back through
+//! `tokio::sync::oneshot`.
+
+use tokio::sync::oneshot;
+
+use super::cmd::{ApplyResult, Command};
+use crate::ids::{PeerId, RegionId};
+use crate::proto;
+
+/// A routing problem the client fixes by refreshing its region cache and retrying
+/// (DESIGN.md decision 8). Converted to `proto::RegionError` at the service edge.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RegionError {
+    /// This peer is not the leader; `leader` is the one it knows of, if any.
+    NotLeader {
+        region: RegionId,
+        leader: Option<proto::Peer>,
+    },
+    /// The request's epoch is stale; these regions now cover its range.
+    EpochNotMatch {
+        current: Vec<proto::Region>,
+    },
+    KeyNotInRegion {
+        key: Vec<u8>,
+        region: RegionId,
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
+    RegionNotFound(RegionId),
+    ServerBusy {
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for RegionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegionError::NotLeader { region, leader } => match leader {
+                Some(l) => write!(
+                    f,
+                    "not leader of {region}; leader is peer {} on node {}",
+                    l.id, l.node_id
+                ),
+                None => write!(f, "not leader of {region}; leader unknown"),
+            },
+            RegionError::EpochNotMatch { current } => {
+                write!(f, "stale region epoch; {} current region(s)", current.len())
+            }
+            RegionError::KeyNotInRegion { key, region, .. } => {
+                write!(f, "key {key:02x?} is not in {region}")
+            }
+            RegionError::RegionNotFound(r) => write!(f, "{r} is not on this node"),
+            RegionError::ServerBusy { reason } => write!(f, "server busy: {reason}"),
+        }
+    }
+}
+
+impl RegionError {
+    pub fn to_proto(&self, leader_addr: impl Fn(u64) -> String) -> proto::RegionError {
+        use proto::region_error::Error as E;
+        let error = match self {
+            RegionError::NotLeader { region, leader } => E::NotLeader(proto::NotLeader {
+                region_id: region.0,
+                leader: *leader,
+                leader_addr: leader
+                    .as_ref()
+                    .map(|l| leader_addr(l.node_id))
+                    .unwrap_or_default(),
+            }),
+            RegionError::EpochNotMatch { current } => E::EpochNotMatch(proto::EpochNotMatch {
+                current_regions: current.clone(),
+            }),
+            RegionError::KeyNotInRegion {
+                key,
+                region,
+                start,
+                end,
+            } => E::KeyNotInRegion(proto::KeyNotInRegion {
+                key: key.clone(),
+                region_id: region.0,
+                start_key: start.clone(),
+                end_key: end.clone(),
+            }),
+            RegionError::RegionNotFound(r) => {
+                E::RegionNotFound(proto::RegionNotFound { region_id: r.0 })
+            }
+            RegionError::ServerBusy { reason } => E::ServerBusy(proto::ServerBusy {
+                reason: reason.clone(),
+                backoff_ms: 50,
+            }),
+        };
+        proto::RegionError {
+            message: self.to_string(),
+            error: Some(error),
+        }
+    }
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, RegionError>>;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ReadRequest {
+    Get {
+        key: Vec<u8>,
+    },
+    /// `[start, end)` clipped to the region; empty `end` = to the region's end.
+    Scan {
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+        keys_only: bool,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ReadResult {
+    Get(Option<proto::KeyValue>),
+    Scan {
+        kvs: Vec<proto::KeyValue>,
+        more: bool,
+    },
+}
+
+/// Work for one peer.
+pub enum PeerMsg {
+    /// A raft message from another node, already checked to be addressed to this region.
+    Raft(Box<raft::eraftpb::Message>),
+    /// A client write. The epoch is the one the client routed with.
+    Propose {
+        cmd: Command,
+        epoch: proto::RegionEpoch,
+        reply: Reply<ApplyResult>,
+    },
+    /// A client read.
+    Read {
+        req: ReadRequest,
+        epoch: proto::RegionEpoch,
+        linearizable: bool,
+        reply: Reply<ReadResult>,
+    },
+    /// The transport could not deliver to this peer.
+    Unreachable(PeerId),
+    /// A snapshot to this peer was delivered (`true`) or failed.
+    SnapshotStatus { to: PeerId, delivered: bool },
+    /// Answer with the region's descriptor and leader (for routing information).
+    Describe(oneshot::Sender<RegionInfo>),
+}
+
+/// What a peer knows of its region, for routing RPCs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RegionInfo {
+    pub region: proto::Region,
+    pub leader: Option<proto::Peer>,
+    pub applied_index: u64,
+}
+
+pub enum WorkerMsg {
+    Peer {
+        region: RegionId,
+        msg: PeerMsg,
+    },
+    /// Take ownership of a peer (at start-up, or when a region is created here).
+    AddPeer(Box<super::peer::Peer>),
+    /// Finish the round, then stop.
+    Shutdown,
+}

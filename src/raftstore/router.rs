@@ -1,0 +1,102 @@
+//! Region id → the mailbox of the worker that owns the region.
+//!
+//! A lock-free `DashMap` lookup and a channel send: the router never blocks and never touches
+//! a peer. A message for a region this node does not host is handed back to the caller, which
+//! takes the node's control path (today: count and drop, or answer `RegionNotFound`).
+
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use dashmap::DashMap;
+
+use super::msg::{PeerMsg, WorkerMsg};
+use crate::ids::RegionId;
+
+/// Above this many queued messages a worker is "busy" and new client work is refused with
+/// `ServerBusy` instead of queueing without bound. Raft traffic is never refused here.
+pub const BUSY_QUEUE_LEN: usize = 50_000;
+
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    regions: DashMap<RegionId, usize>,
+    workers: Vec<Sender<WorkerMsg>>,
+}
+
+/// Why a message could not be routed. It is handed back so the caller can answer it.
+pub enum RouteError {
+    RegionNotFound(PeerMsg),
+    /// The worker is gone (the node is shutting down).
+    Closed(PeerMsg),
+    Busy(PeerMsg),
+}
+
+impl Router {
+    pub fn new(workers: Vec<Sender<WorkerMsg>>) -> Self {
+        assert!(!workers.is_empty(), "invariant: at least one raft worker");
+        Self {
+            inner: Arc::new(Inner {
+                regions: DashMap::new(),
+                workers,
+            }),
+        }
+    }
+
+    /// The worker a new region goes to: spread by id.
+    pub fn worker_for(&self, region: RegionId) -> usize {
+        (region.0 % self.inner.workers.len() as u64) as usize
+    }
+
+    pub fn register(&self, region: RegionId, worker: usize) {
+        self.inner.regions.insert(region, worker);
+    }
+
+    pub fn unregister(&self, region: RegionId) {
+        self.inner.regions.remove(&region);
+    }
+
+    pub fn contains(&self, region: RegionId) -> bool {
+        self.inner.regions.contains_key(&region)
+    }
+
+    pub fn region_ids(&self) -> Vec<RegionId> {
+        self.inner.regions.iter().map(|e| *e.key()).collect()
+    }
+
+    pub fn region_count(&self) -> usize {
+        self.inner.regions.len()
+    }
+
+    pub fn send(&self, region: RegionId, msg: PeerMsg) -> Result<(), RouteError> {
+        let Some(worker) = self.inner.regions.get(&region).map(|w| *w) else {
+            return Err(RouteError::RegionNotFound(msg));
+        };
+        self.inner.workers[worker]
+            .send(WorkerMsg::Peer { region, msg })
+            .map_err(|e| match e.into_inner() {
+                WorkerMsg::Peer { msg, .. } => RouteError::Closed(msg),
+                _ => unreachable!("we sent a Peer message"),
+            })
+    }
+
+    /// Like [`Router::send`], but refuses client work when the owning worker is overloaded.
+    pub fn send_client(&self, region: RegionId, msg: PeerMsg) -> Result<(), RouteError> {
+        if let Some(worker) = self.inner.regions.get(&region).map(|w| *w) {
+            if self.inner.workers[worker].len() > BUSY_QUEUE_LEN {
+                return Err(RouteError::Busy(msg));
+            }
+        }
+        self.send(region, msg)
+    }
+
+    pub fn send_worker(&self, worker: usize, msg: WorkerMsg) -> bool {
+        self.inner.workers[worker].send(msg).is_ok()
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.inner.workers.len()
+    }
+}

@@ -1,0 +1,303 @@
+//! The client KV API (`proto::Kv`).
+//!
+//! Each request names the region (and epoch) it was routed to. The service validates sizes,
+//! hands the request to the region's worker through the router, and waits for the answer.
+//! Routing problems come back as a structured `RegionError` inside a successful response, so
+//! the client can fix its cache; only malformed requests (`InvalidArgument`) and unknown
+//! outcomes (`Unavailable`, `DeadlineExceeded`) are gRPC errors.
+
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+use crate::config::ServerConfig;
+use crate::ids::{NodeId, RegionId};
+use crate::proto::kv_server::Kv;
+use crate::proto::{self, ReadConsistency, RequestHeader};
+use crate::raftstore::cmd::{ApplyResult, CasAction, Command, Compare};
+use crate::raftstore::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, Reply};
+use crate::raftstore::router::{RouteError, Router};
+use crate::transport::Transport;
+
+pub struct KvService {
+    router: Router,
+    transport: Transport,
+    limits: ServerConfig,
+    timeout: Duration,
+}
+
+/// The answer of a region: a value, or a routing error for the client.
+type Routed<T> = Result<T, proto::RegionError>;
+
+impl KvService {
+    pub fn new(
+        router: Router,
+        transport: Transport,
+        limits: ServerConfig,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            router,
+            transport,
+            limits,
+            timeout,
+        }
+    }
+
+    fn region_error(&self, e: &RegionError) -> proto::RegionError {
+        e.to_proto(|node| self.transport.address(NodeId(node)).unwrap_or_default())
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), Status> {
+        if key.is_empty() {
+            return Err(Status::invalid_argument("key must not be empty"));
+        }
+        if key.len() > self.limits.max_key_size {
+            return Err(Status::invalid_argument(format!(
+                "key of {} bytes exceeds the limit of {} bytes",
+                key.len(),
+                self.limits.max_key_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<(), Status> {
+        if value.len() > self.limits.max_value_size {
+            return Err(Status::invalid_argument(format!(
+                "value of {} bytes exceeds the limit of {} bytes",
+                value.len(),
+                self.limits.max_value_size
+            )));
+        }
+        Ok(())
+    }
+
+    async fn call<T>(
+        &self,
+        header: Option<RequestHeader>,
+        make: impl FnOnce(proto::RegionEpoch, bool, Reply<T>) -> PeerMsg,
+    ) -> Result<Routed<T>, Status> {
+        let header = header.ok_or_else(|| Status::invalid_argument("request has no header"))?;
+        let region = RegionId(header.region_id);
+        let epoch = header.region_epoch.unwrap_or_default();
+        let linearizable = header.consistency != ReadConsistency::Serializable as i32;
+        let (tx, rx) = oneshot::channel();
+        let msg = make(epoch, linearizable, tx);
+        match self.router.send_client(region, msg) {
+            Ok(()) => {}
+            Err(RouteError::RegionNotFound(_)) => {
+                return Ok(Err(self.region_error(&RegionError::RegionNotFound(region))))
+            }
+            Err(RouteError::Busy(_)) => {
+                return Ok(Err(self.region_error(&RegionError::ServerBusy {
+                    reason: "raft worker queue full".into(),
+                })))
+            }
+            Err(RouteError::Closed(_)) => return Err(Status::unavailable("node is shutting down")),
+        }
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(Ok(v))) => Ok(Ok(v)),
+            Ok(Ok(Err(e))) => Ok(Err(self.region_error(&e))),
+            Ok(Err(_)) => Err(Status::unavailable(
+                "result unknown: the request was dropped (node stopping or region changed)",
+            )),
+            Err(_) => Err(Status::deadline_exceeded(
+                "result unknown: no answer within the request timeout",
+            )),
+        }
+    }
+
+    async fn propose(
+        &self,
+        header: Option<RequestHeader>,
+        cmd: Command,
+    ) -> Result<Routed<ApplyResult>, Status> {
+        self.call(header, |epoch, _, reply| PeerMsg::Propose {
+            cmd,
+            epoch,
+            reply,
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        header: Option<RequestHeader>,
+        req: ReadRequest,
+    ) -> Result<Routed<ReadResult>, Status> {
+        self.call(header, |epoch, linearizable, reply| PeerMsg::Read {
+            req,
+            epoch,
+            linearizable,
+            reply,
+        })
+        .await
+    }
+}
+
+fn unexpected<T>(what: &str) -> Result<T, Status> {
+    Err(Status::internal(format!("unexpected {what} result")))
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn get(
+        &self,
+        request: Request<proto::GetRequest>,
+    ) -> Result<Response<proto::GetResponse>, Status> {
+        let r = request.into_inner();
+        self.check_key(&r.key)?;
+        let resp = match self.read(r.header, ReadRequest::Get { key: r.key }).await? {
+            Ok(ReadResult::Get(kv)) => proto::GetResponse {
+                region_error: None,
+                kv,
+            },
+            Ok(_) => return unexpected("get"),
+            Err(e) => proto::GetResponse {
+                region_error: Some(e),
+                kv: None,
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn put(
+        &self,
+        request: Request<proto::PutRequest>,
+    ) -> Result<Response<proto::PutResponse>, Status> {
+        let r = request.into_inner();
+        self.check_key(&r.key)?;
+        self.check_value(&r.value)?;
+        let cmd = Command::Put {
+            key: r.key,
+            value: r.value,
+        };
+        let resp = match self.propose(r.header, cmd).await? {
+            Ok(ApplyResult::Put { prev, revision }) => proto::PutResponse {
+                region_error: None,
+                prev_kv: prev,
+                revision,
+            },
+            Ok(_) => return unexpected("put"),
+            Err(e) => proto::PutResponse {
+                region_error: Some(e),
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<proto::DeleteRequest>,
+    ) -> Result<Response<proto::DeleteResponse>, Status> {
+        let r = request.into_inner();
+        self.check_key(&r.key)?;
+        let resp = match self
+            .propose(r.header, Command::Delete { key: r.key })
+            .await?
+        {
+            Ok(ApplyResult::Delete { prev, revision }) => proto::DeleteResponse {
+                region_error: None,
+                prev_kv: prev,
+                revision,
+            },
+            Ok(_) => return unexpected("delete"),
+            Err(e) => proto::DeleteResponse {
+                region_error: Some(e),
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn scan(
+        &self,
+        request: Request<proto::ScanRequest>,
+    ) -> Result<Response<proto::ScanResponse>, Status> {
+        let r = request.into_inner();
+        if r.start_key.len() > self.limits.max_key_size
+            || r.end_key.len() > self.limits.max_key_size
+        {
+            return Err(Status::invalid_argument(
+                "scan bound exceeds the key size limit",
+            ));
+        }
+        if !r.end_key.is_empty() && r.end_key <= r.start_key {
+            return Err(Status::invalid_argument(
+                "scan end_key must be after start_key",
+            ));
+        }
+        let max = self.limits.max_scan_limit as usize;
+        let limit = if r.limit == 0 {
+            max
+        } else {
+            (r.limit as usize).min(max)
+        };
+        let req = ReadRequest::Scan {
+            start: r.start_key,
+            end: r.end_key,
+            limit,
+            keys_only: r.keys_only,
+        };
+        let resp = match self.read(r.header, req).await? {
+            Ok(ReadResult::Scan { kvs, more }) => proto::ScanResponse {
+                region_error: None,
+                kvs,
+                more,
+            },
+            Ok(_) => return unexpected("scan"),
+            Err(e) => proto::ScanResponse {
+                region_error: Some(e),
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn compare_and_swap(
+        &self,
+        request: Request<proto::CasRequest>,
+    ) -> Result<Response<proto::CasResponse>, Status> {
+        let r = request.into_inner();
+        self.check_key(&r.key)?;
+        let compare = Compare::from_proto(r.compare.as_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Compare::Value(v) = &compare {
+            self.check_value(v)?;
+        }
+        let action = match r.action {
+            Some(proto::cas_request::Action::Put(v)) => {
+                self.check_value(&v)?;
+                CasAction::Put(v)
+            }
+            Some(proto::cas_request::Action::Delete(_)) => CasAction::Delete,
+            None => return Err(Status::invalid_argument("compare-and-swap has no action")),
+        };
+        let cmd = Command::CompareAndSwap {
+            key: r.key,
+            compare,
+            action,
+        };
+        let resp = match self.propose(r.header, cmd).await? {
+            Ok(ApplyResult::Cas {
+                succeeded,
+                prev,
+                revision,
+            }) => proto::CasResponse {
+                region_error: None,
+                succeeded,
+                prev_kv: prev,
+                revision,
+            },
+            Ok(_) => return unexpected("compare-and-swap"),
+            Err(e) => proto::CasResponse {
+                region_error: Some(e),
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(resp))
+    }
+}

@@ -1,0 +1,354 @@
+//! Raft messages between nodes: one long-lived gRPC stream per remote node, shared by every
+//! region (DESIGN.md decision 6).
+//!
+//! - Workers call [`Transport::send`] from their threads; it never blocks. Each remote node
+//!   has a bounded queue drained by one tokio task that coalesces whatever is queued into one
+//!   `RaftMessageBatch` per stream write.
+//! - A full queue (slow or dead node) drops the message and reports the peer unreachable:
+//!   raft retransmits, and other nodes' queues are unaffected.
+//! - A broken stream reports the peers of its last batch unreachable and reconnects with
+//!   exponential backoff.
+//! - Snapshots go over their own streaming RPC in chunks, on the same HTTP/2 connection.
+//! - The receiving side ([`service`]) validates every batch and drops, with a counted reason,
+//!   anything that does not decode or is not for this cluster, node or a known region.
+
+pub mod service;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use protobuf::Message as _;
+use raft::eraftpb::{self, MessageType};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::ids::{ClusterId, NodeId, PeerId, RegionId};
+use crate::proto::raft_transport_client::RaftTransportClient;
+use crate::proto::{self, RaftMessage, RaftMessageBatch, SnapshotChunk};
+use crate::raftstore::msg::PeerMsg;
+use crate::raftstore::router::Router;
+
+/// Messages queued for one node before new ones are dropped.
+const NODE_QUEUE_LEN: usize = 16_384;
+/// Upper bounds of one coalesced batch.
+const MAX_BATCH_MSGS: usize = 4096;
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Snapshot data per chunk.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Largest gRPC message either side accepts.
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
+/// A stream that cannot take a batch for this long is treated as broken.
+const STREAM_SEND_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cluster_id: ClusterId,
+    node_id: NodeId,
+    addrs: DashMap<NodeId, String>,
+    queues: DashMap<NodeId, mpsc::Sender<RaftMessage>>,
+    channels: DashMap<NodeId, Channel>,
+    router: Router,
+    rt: tokio::runtime::Handle,
+}
+
+fn dropped(reason: &'static str) {
+    metrics::counter!("tessera_raft_messages_dropped_total", "reason" => reason).increment(1);
+}
+
+impl Transport {
+    pub fn new(
+        cluster_id: ClusterId,
+        node_id: NodeId,
+        router: Router,
+        rt: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cluster_id,
+                node_id,
+                addrs: DashMap::new(),
+                queues: DashMap::new(),
+                channels: DashMap::new(),
+                router,
+                rt,
+            }),
+        }
+    }
+
+    pub fn set_address(&self, node: NodeId, addr: String) {
+        self.inner.addrs.insert(node, addr);
+        // A new address needs a new connection.
+        self.inner.channels.remove(&node);
+    }
+
+    pub fn address(&self, node: NodeId) -> Option<String> {
+        self.inner.addrs.get(&node).map(|a| a.clone())
+    }
+
+    pub fn addresses(&self) -> Vec<(NodeId, String)> {
+        self.inner
+            .addrs
+            .iter()
+            .map(|e| (*e.key(), e.value().clone()))
+            .collect()
+    }
+
+    /// Queues one raft message of `region` from peer `from`. Never blocks.
+    pub fn send(&self, region: &proto::Region, from: PeerId, m: eraftpb::Message) {
+        let Some(to) = region.peers.iter().find(|p| p.id == m.to).cloned() else {
+            return dropped("unknown_peer");
+        };
+        let from_peer = region.peers.iter().find(|p| p.id == from.0).cloned();
+        let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
+        let bytes = match m.write_to_bytes() {
+            Ok(b) => b,
+            Err(_) => return dropped("encode"),
+        };
+        let rm = RaftMessage {
+            region_id: region.id,
+            from_peer,
+            to_peer: Some(to),
+            region_epoch: region.epoch,
+            message: bytes,
+        };
+        if is_snapshot {
+            self.send_snapshot(rm);
+            return;
+        }
+        let node = NodeId(to.node_id);
+        let queue = self.queue(node);
+        match queue.try_send(rm) {
+            Ok(()) => metrics::counter!("tessera_raft_messages_sent_total").increment(1),
+            Err(mpsc::error::TrySendError::Full(rm)) => {
+                dropped("queue_full");
+                self.report_unreachable(&[rm]);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => dropped("closed"),
+        }
+    }
+
+    fn queue(&self, node: NodeId) -> mpsc::Sender<RaftMessage> {
+        if let Some(q) = self.inner.queues.get(&node) {
+            return q.clone();
+        }
+        self.inner
+            .queues
+            .entry(node)
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(NODE_QUEUE_LEN);
+                let t = self.clone();
+                self.inner
+                    .rt
+                    .spawn(async move { t.run_node_stream(node, rx).await });
+                tx
+            })
+            .clone()
+    }
+
+    fn report_unreachable(&self, msgs: &[RaftMessage]) {
+        let mut seen = HashSet::new();
+        for m in msgs {
+            let to = m.to_peer.as_ref().map_or(0, |p| p.id);
+            if seen.insert((m.region_id, to)) {
+                let _ = self
+                    .inner
+                    .router
+                    .send(RegionId(m.region_id), PeerMsg::Unreachable(PeerId(to)));
+            }
+        }
+    }
+
+    async fn channel(&self, node: NodeId) -> Result<Channel, String> {
+        if let Some(c) = self.inner.channels.get(&node) {
+            return Ok(c.clone());
+        }
+        let addr = self
+            .address(node)
+            .ok_or_else(|| format!("no address for node {node}"))?;
+        let ch = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        self.inner.channels.insert(node, ch.clone());
+        Ok(ch)
+    }
+
+    fn client(ch: Channel) -> RaftTransportClient<Channel> {
+        RaftTransportClient::new(ch)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+    }
+
+    /// Drains one node's queue into a single long-lived stream, reconnecting on failure.
+    async fn run_node_stream(self, node: NodeId, mut rx: mpsc::Receiver<RaftMessage>) {
+        let mut backoff = Duration::from_millis(50);
+        let mut pending: Option<RaftMessage> = None;
+        loop {
+            let first = match pending.take() {
+                Some(m) => m,
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            let ch = match self.channel(node).await {
+                Ok(ch) => ch,
+                Err(e) => {
+                    tracing::debug!(%node, error = %e, "cannot connect");
+                    let mut lost = vec![first];
+                    while let Ok(m) = rx.try_recv() {
+                        lost.push(m);
+                    }
+                    metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "unreachable")
+                        .increment(lost.len() as u64);
+                    self.report_unreachable(&lost);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            let (tx, srx) = mpsc::channel::<RaftMessageBatch>(4);
+            let mut client = Self::client(ch);
+            let mut call = tokio::spawn(async move {
+                client
+                    .raft(tokio_stream::wrappers::ReceiverStream::new(srx))
+                    .await
+            });
+            let mut next = Some(first);
+            loop {
+                let first = match next.take() {
+                    Some(m) => m,
+                    None => tokio::select! {
+                        m = rx.recv() => match m {
+                            Some(m) => m,
+                            None => {
+                                call.abort();
+                                return;
+                            }
+                        },
+                        res = &mut call => {
+                            tracing::debug!(%node, ?res, "raft stream ended while idle");
+                            break;
+                        }
+                    },
+                };
+                let mut size = first.message.len();
+                let mut msgs = vec![first];
+                while msgs.len() < MAX_BATCH_MSGS && size < MAX_BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(m) => {
+                            size += m.message.len();
+                            msgs.push(m);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let n = msgs.len();
+                let batch = RaftMessageBatch {
+                    cluster_id: self.inner.cluster_id.0,
+                    from_node: self.inner.node_id.0,
+                    to_node: node.0,
+                    messages: msgs,
+                };
+                // A stream that neither takes the batch nor fails within the timeout is dead
+                // (peer paused or gone without closing the connection).
+                let sent = tokio::select! {
+                    r = tokio::time::timeout(STREAM_SEND_TIMEOUT, tx.send(batch)) => match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(mpsc::error::SendError(b))) => Err(b.messages),
+                        Err(_) => Err(Vec::new()),
+                    },
+                    res = &mut call => {
+                        tracing::debug!(%node, ?res, "raft stream ended while sending");
+                        Err(Vec::new())
+                    }
+                };
+                if let Err(lost) = sent {
+                    metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "stream_broken")
+                        .increment(n as u64);
+                    self.report_unreachable(&lost);
+                    break;
+                }
+                backoff = Duration::from_millis(50);
+                metrics::histogram!("tessera_transport_batch_messages").record(n as f64);
+            }
+            call.abort();
+            self.inner.channels.remove(&node);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn send_snapshot(&self, mut rm: RaftMessage) {
+        let Some(to) = rm.to_peer else {
+            return dropped("unknown_peer");
+        };
+        let t = self.clone();
+        self.inner.rt.spawn(async move {
+            let region = RegionId(rm.region_id);
+            let node = NodeId(to.node_id);
+            // Split the snapshot's data off the raft message: the envelope carries the
+            // message without it, the chunks carry the bytes.
+            let (envelope_msg, data) = match eraftpb::Message::parse_from_bytes(&rm.message) {
+                Ok(mut m) => {
+                    let data = m.get_snapshot().get_data().to_vec();
+                    m.mut_snapshot().set_data(Vec::new().into());
+                    match m.write_to_bytes() {
+                        Ok(b) => (b, data),
+                        Err(_) => return dropped("encode"),
+                    }
+                }
+                Err(_) => return dropped("encode"),
+            };
+            rm.message = envelope_msg;
+            let bytes = data.len();
+            let mut chunks = Vec::with_capacity(bytes / SNAPSHOT_CHUNK_BYTES + 1);
+            chunks.push(SnapshotChunk {
+                envelope: Some(RaftMessageBatch {
+                    cluster_id: t.inner.cluster_id.0,
+                    from_node: t.inner.node_id.0,
+                    to_node: node.0,
+                    messages: vec![rm],
+                }),
+                data: Vec::new(),
+            });
+            for c in data.chunks(SNAPSHOT_CHUNK_BYTES) {
+                chunks.push(SnapshotChunk {
+                    envelope: None,
+                    data: c.to_vec(),
+                });
+            }
+            let delivered = match t.channel(node).await {
+                Ok(ch) => Self::client(ch)
+                    .snapshot(futures::stream::iter(chunks))
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+            if delivered {
+                metrics::counter!("tessera_snapshots_sent_total").increment(1);
+                metrics::counter!("tessera_snapshot_bytes_sent_total").increment(bytes as u64);
+            } else {
+                metrics::counter!("tessera_snapshots_failed_total").increment(1);
+            }
+            let _ = t.inner.router.send(
+                region,
+                PeerMsg::SnapshotStatus {
+                    to: PeerId(to.id),
+                    delivered,
+                },
+            );
+        });
+    }
+}

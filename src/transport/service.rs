@@ -1,0 +1,178 @@
+//! The receiving side of the transport: the `RaftTransport` gRPC service.
+//!
+//! Nothing from the network is trusted. A batch for another cluster or node, a message that
+//! does not decode, a message whose peers do not match its envelope, or one for a region this
+//! node does not host is dropped and counted under
+//! `tessera_raft_messages_dropped_total{reason}`; the stream and the node carry on.
+
+use protobuf::Message as _;
+use raft::eraftpb;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::ids::{ClusterId, NodeId, RegionId};
+use crate::proto::raft_transport_server::RaftTransport;
+use crate::proto::{Done, RaftMessage, RaftMessageBatch, SnapshotChunk};
+use crate::raftstore::msg::PeerMsg;
+use crate::raftstore::router::{RouteError, Router};
+
+/// Largest snapshot accepted; a stream that sends more is refused, not buffered.
+pub const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
+
+pub struct RaftService {
+    cluster_id: ClusterId,
+    node_id: NodeId,
+    router: Router,
+    /// Flips to true when the node stops: open streams end, so peers reconnect to whatever
+    /// serves this address next instead of talking into a stopped node.
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+fn dropped(reason: &'static str, n: u64) {
+    metrics::counter!("tessera_raft_messages_dropped_total", "reason" => reason).increment(n);
+}
+
+impl RaftService {
+    pub fn new(
+        cluster_id: ClusterId,
+        node_id: NodeId,
+        router: Router,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            cluster_id,
+            node_id,
+            router,
+            stopping,
+        }
+    }
+
+    fn check_envelope(&self, b: &RaftMessageBatch) -> bool {
+        if b.cluster_id != self.cluster_id.0 {
+            dropped("cluster_mismatch", b.messages.len() as u64);
+            return false;
+        }
+        if b.to_node != self.node_id.0 {
+            dropped("wrong_node", b.messages.len() as u64);
+            return false;
+        }
+        true
+    }
+
+    fn decode(&self, m: &RaftMessage) -> Option<eraftpb::Message> {
+        let Some(to) = m.to_peer.as_ref() else {
+            dropped("malformed", 1);
+            return None;
+        };
+        if to.node_id != self.node_id.0 || m.region_id == 0 {
+            dropped("malformed", 1);
+            return None;
+        }
+        let msg = match eraftpb::Message::parse_from_bytes(&m.message) {
+            Ok(msg) => msg,
+            Err(_) => {
+                dropped("decode", 1);
+                return None;
+            }
+        };
+        if msg.to != to.id || m.from_peer.as_ref().is_none_or(|f| f.id != msg.from) {
+            dropped("malformed", 1);
+            return None;
+        }
+        Some(msg)
+    }
+
+    fn route(&self, region: u64, msg: eraftpb::Message) {
+        match self
+            .router
+            .send(RegionId(region), PeerMsg::Raft(Box::new(msg)))
+        {
+            Ok(()) => metrics::counter!("tessera_raft_messages_received_total").increment(1),
+            // The control path: a peer that would prove it belongs here (added by a
+            // membership change, created by a split) is created by the region lifecycle code.
+            Err(RouteError::RegionNotFound(_)) => dropped("region_not_found", 1),
+            Err(RouteError::Closed(_)) | Err(RouteError::Busy(_)) => dropped("closed", 1),
+        }
+    }
+
+    pub fn handle_batch(&self, b: RaftMessageBatch) {
+        if !self.check_envelope(&b) {
+            return;
+        }
+        for m in &b.messages {
+            if let Some(msg) = self.decode(m) {
+                self.route(m.region_id, msg);
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn raft(
+        &self,
+        request: Request<Streaming<RaftMessageBatch>>,
+    ) -> Result<Response<Done>, Status> {
+        let mut stream = request.into_inner();
+        let mut stopping = self.stopping.clone();
+        loop {
+            let next = tokio::select! {
+                m = stream.message() => m,
+                _ = stopping.wait_for(|s| *s) => {
+                    return Err(Status::unavailable("node is stopping"));
+                }
+            };
+            match next {
+                Ok(Some(batch)) => self.handle_batch(batch),
+                Ok(None) => return Ok(Response::new(Done {})),
+                Err(status) => {
+                    dropped("stream_error", 1);
+                    return Err(status);
+                }
+            }
+        }
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<Done>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let envelope = first
+            .envelope
+            .ok_or_else(|| Status::invalid_argument("first snapshot chunk has no envelope"))?;
+        if !self.check_envelope(&envelope) {
+            return Err(Status::invalid_argument(
+                "snapshot for another cluster or node",
+            ));
+        }
+        let [m] = envelope.messages.as_slice() else {
+            dropped("malformed", 1);
+            return Err(Status::invalid_argument(
+                "snapshot envelope must hold one message",
+            ));
+        };
+        let Some(mut msg) = self.decode(m) else {
+            return Err(Status::invalid_argument("snapshot message does not decode"));
+        };
+        if msg.get_msg_type() != eraftpb::MessageType::MsgSnapshot {
+            dropped("malformed", 1);
+            return Err(Status::invalid_argument("not a snapshot message"));
+        }
+        let mut data = first.data;
+        while let Some(chunk) = stream.message().await? {
+            if data.len() + chunk.data.len() > MAX_SNAPSHOT_BYTES {
+                dropped("snapshot_too_large", 1);
+                return Err(Status::resource_exhausted("snapshot too large"));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        metrics::counter!("tessera_snapshots_received_total").increment(1);
+        msg.mut_snapshot().set_data(data.into());
+        self.route(m.region_id, msg);
+        Ok(Response::new(Done {}))
+    }
+}

@@ -1,0 +1,257 @@
+//! Structured region errors, request limits, and garbage from the network.
+
+use std::time::Duration;
+
+use protobuf::Message as _;
+use tessera::proto::kv_client::KvClient;
+use tessera::proto::raft_transport_client::RaftTransportClient;
+use tessera::proto::{
+    self, region_error::Error as RE, GetRequest, PutRequest, RaftMessage, RaftMessageBatch,
+    RegionEpoch, RequestHeader, SnapshotChunk,
+};
+use tokio::io::AsyncWriteExt;
+
+use super::common::{key_in_region, node_regions, wait_for_leaders, TestCluster};
+
+fn header(r: &proto::Region) -> Option<RequestHeader> {
+    Some(RequestHeader {
+        region_id: r.id,
+        region_epoch: r.epoch,
+        consistency: 0,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_errors_are_structured() {
+    let cluster = TestCluster::start(3, 4, |_| {}).await;
+    let leaders = wait_for_leaders(&cluster.endpoints(), 4, Duration::from_secs(60)).await;
+    let (region_id, leader_node) = leaders[1];
+    let infos = node_regions(&cluster.endpoints()[0]).await.unwrap();
+    let region = infos
+        .iter()
+        .map(|i| i.region.clone().unwrap())
+        .find(|r| r.id == region_id)
+        .unwrap();
+    let leader_addr = cluster.endpoints()[leader_node as usize - 1].clone();
+    let follower_addr = cluster.endpoints()[leader_node as usize % 3].clone();
+    let mut leader = KvClient::connect(format!("http://{leader_addr}"))
+        .await
+        .unwrap();
+    let mut follower = KvClient::connect(format!("http://{follower_addr}"))
+        .await
+        .unwrap();
+    let key = key_in_region(1, 4, "/e");
+
+    let put = |h: Option<RequestHeader>, key: Vec<u8>, value: Vec<u8>| PutRequest {
+        header: h,
+        key,
+        value,
+    };
+
+    // Not leader: the follower names the leader and its address.
+    let r = follower
+        .put(put(header(&region), key.clone(), b"v".to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    match r.region_error.and_then(|e| e.error) {
+        Some(RE::NotLeader(nl)) => {
+            assert_eq!(nl.leader.unwrap().node_id, leader_node);
+            assert_eq!(nl.leader_addr, leader_addr);
+        }
+        other => panic!("expected NotLeader, got {other:?}"),
+    }
+    // Stale epoch: the current region comes back.
+    let mut stale = region.clone();
+    stale.epoch = Some(RegionEpoch {
+        conf_ver: 1,
+        version: 0,
+    });
+    let r = leader
+        .put(put(header(&stale), key.clone(), b"v".to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    match r.region_error.and_then(|e| e.error) {
+        Some(RE::EpochNotMatch(en)) => assert_eq!(en.current_regions, vec![region.clone()]),
+        other => panic!("expected EpochNotMatch, got {other:?}"),
+    }
+    // Key outside the region: its range comes back.
+    let outside = key_in_region(3, 4, "/e");
+    let r = leader
+        .put(put(header(&region), outside.clone(), b"v".to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    match r.region_error.and_then(|e| e.error) {
+        Some(RE::KeyNotInRegion(k)) => {
+            assert_eq!(k.key, outside);
+            assert_eq!(
+                (k.start_key, k.end_key),
+                (region.start_key.clone(), region.end_key.clone())
+            );
+        }
+        other => panic!("expected KeyNotInRegion, got {other:?}"),
+    }
+    // Unknown region.
+    let mut unknown = region.clone();
+    unknown.id = 999_999;
+    let r = leader
+        .get(GetRequest {
+            header: header(&unknown),
+            key: key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        r.region_error.and_then(|e| e.error),
+        Some(RE::RegionNotFound(_))
+    ));
+
+    // Bad requests are InvalidArgument, never a crash.
+    let big = vec![7u8; 1_048_577];
+    let s = leader
+        .put(put(header(&region), key.clone(), big))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s}");
+    let s = leader
+        .put(put(header(&region), vec![], b"v".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    let s = leader
+        .put(put(None, key.clone(), b"v".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    let s = leader
+        .put(put(header(&region), vec![1u8; 5000], b"v".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    let s = leader
+        .compare_and_swap(proto::CasRequest {
+            header: header(&region),
+            key: key.clone(),
+            compare: None,
+            action: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+
+    // And the right request works.
+    let r = leader
+        .put(put(header(&region), key.clone(), b"ok".to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.region_error.is_none());
+    assert!(r.revision > 0);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_the_network_is_dropped_and_the_node_keeps_serving() {
+    let cluster = TestCluster::start(3, 4, |_| {}).await;
+    wait_for_leaders(&cluster.endpoints(), 4, Duration::from_secs(60)).await;
+    let client = cluster.client().await;
+    let key = key_in_region(2, 4, "/g");
+    client.put(&key, b"kept").await.unwrap();
+    let target = cluster.endpoints()[0].clone();
+
+    // Raw bytes that are not HTTP/2 at all.
+    for garbage in [
+        &b"\x00\x01\x02garbage\xff\xff"[..],
+        &[0xffu8; 4096][..],
+        b"GET / HTTP/1.1\r\n\r\n",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(&target).await.unwrap();
+        let _ = s.write_all(garbage).await;
+        let _ = s.shutdown().await;
+    }
+
+    // Well-formed gRPC carrying bad batches.
+    let mut raft = RaftTransportClient::connect(format!("http://{target}"))
+        .await
+        .unwrap();
+    let mut valid = raft::eraftpb::Message::default();
+    valid.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+    valid.to = 1;
+    valid.from = 2;
+    valid.term = 1_000_000;
+    let valid = valid.write_to_bytes().unwrap();
+    let peer = |id, node| {
+        Some(proto::Peer {
+            id,
+            node_id: node,
+            role: 0,
+        })
+    };
+    let msg = |region: u64, to, bytes: Vec<u8>| RaftMessage {
+        region_id: region,
+        from_peer: peer(2, 2),
+        to_peer: to,
+        region_epoch: None,
+        message: bytes,
+    };
+    let batches = vec![
+        // Another cluster.
+        RaftMessageBatch {
+            cluster_id: 42,
+            from_node: 2,
+            to_node: 1,
+            messages: vec![msg(1, peer(1, 1), valid.clone())],
+        },
+        // Another node.
+        RaftMessageBatch {
+            cluster_id: 1,
+            from_node: 2,
+            to_node: 9,
+            messages: vec![msg(1, peer(1, 9), valid.clone())],
+        },
+        // Bytes that are not a raft message; no target peer; unknown region; peer mismatch.
+        RaftMessageBatch {
+            cluster_id: 1,
+            from_node: 2,
+            to_node: 1,
+            messages: vec![
+                msg(1, peer(1, 1), vec![0xff; 64]),
+                msg(1, None, valid.clone()),
+                msg(424242, peer(1, 1), valid.clone()),
+                msg(1, peer(77, 1), valid.clone()),
+            ],
+        },
+    ];
+    let _ = raft.raft(futures::stream::iter(batches)).await;
+    // A snapshot stream without an envelope, and one with garbage.
+    let s = raft
+        .snapshot(futures::stream::iter(vec![SnapshotChunk {
+            envelope: None,
+            data: vec![1, 2, 3],
+        }]))
+        .await;
+    assert!(s.is_err());
+    let s = raft
+        .snapshot(futures::stream::iter(vec![SnapshotChunk {
+            envelope: Some(RaftMessageBatch {
+                cluster_id: 1,
+                from_node: 2,
+                to_node: 1,
+                messages: vec![msg(1, peer(1, 1), vec![9; 10])],
+            }),
+            data: vec![0xee; 100],
+        }]))
+        .await;
+    assert!(s.is_err());
+
+    // The node still serves, and nothing stored was lost.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.get(&key).await.unwrap().unwrap().value, b"kept");
+    client.put(&key, b"after").await.unwrap();
+    assert_eq!(client.get(&key).await.unwrap().unwrap().value, b"after");
+    assert!(super::common::node_regions(&target).await.is_some());
+    cluster.shutdown().await;
+}

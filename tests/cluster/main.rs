@@ -1,0 +1,9 @@
+//! In-process cluster tests: three nodes on `127.0.0.1:0` in one process, real gRPC between
+//! them, each with its own RocksDB.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod errors;
+mod kv;
+mod snapshot;

@@ -1,0 +1,274 @@
+//! Shared helpers for cluster tests: in-process clusters on `127.0.0.1:0` and real
+//! `tessera server` processes.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tessera::client::{Client, ClientOptions};
+use tessera::config::Config;
+use tessera::proto::node_client::NodeClient;
+use tessera::proto::{RegionInfo, RegionsRequest};
+use tessera::server::Node;
+
+/// Config for node `id` of a loopback cluster whose members are `addrs` (index = id - 1).
+pub fn node_config(dir: &Path, id: u64, addrs: &[SocketAddr], regions: u32) -> Config {
+    let mut c = Config::default();
+    c.node.id = id;
+    c.node.data_dir = dir.join(format!("node{id}"));
+    c.node.listen_addr = addrs[id as usize - 1].to_string();
+    c.cluster.initial_cluster = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}@{a}", i + 1))
+        .collect();
+    c.cluster.initial_regions = regions;
+    c.raft.tick_interval_ms = 50;
+    c.raft.election_ticks = 10;
+    c.raft.heartbeat_ticks = 2;
+    c.log.level = "warn".into();
+    c
+}
+
+pub struct TestCluster {
+    pub dir: TempDir,
+    pub addrs: Vec<SocketAddr>,
+    pub configs: Vec<Config>,
+    pub nodes: Vec<Option<Node>>,
+}
+
+impl TestCluster {
+    pub async fn start(n: usize, regions: u32, tweak: impl Fn(&mut Config)) -> TestCluster {
+        // TESSERA_TEST_LOG=debug (a tracing filter) shows the nodes' logs when debugging.
+        if let Ok(filter) = std::env::var("TESSERA_TEST_LOG") {
+            let _ = tessera::logging::init(&filter, Path::new(""));
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut listeners = Vec::new();
+        for _ in 0..n {
+            listeners.push(
+                tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind loopback"),
+            );
+        }
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let mut configs = Vec::new();
+        let mut nodes = Vec::new();
+        for (i, l) in listeners.into_iter().enumerate() {
+            let mut cfg = node_config(dir.path(), i as u64 + 1, &addrs, regions);
+            tweak(&mut cfg);
+            cfg.validate().expect("valid config");
+            nodes.push(Some(
+                Node::start(cfg.clone(), Some(l))
+                    .await
+                    .expect("node starts"),
+            ));
+            configs.push(cfg);
+        }
+        TestCluster {
+            dir,
+            addrs,
+            configs,
+            nodes,
+        }
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.addrs.iter().map(|a| a.to_string()).collect()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.endpoints(), ClientOptions::default())
+            .await
+            .expect("client connects")
+    }
+
+    pub async fn stop(&mut self, i: usize) {
+        if let Some(n) = self.nodes[i].take() {
+            n.shutdown().await;
+        }
+    }
+
+    pub async fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node {i} is running");
+        let listener = bind_retry(self.addrs[i]).await;
+        let node = Node::start(self.configs[i].clone(), Some(listener))
+            .await
+            .expect("node restarts");
+        self.nodes[i] = Some(node);
+    }
+
+    pub async fn shutdown(mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop(i).await;
+        }
+    }
+}
+
+async fn bind_retry(addr: SocketAddr) -> tokio::net::TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot rebind {addr}: {e}"),
+        }
+    }
+}
+
+/// The regions one node hosts, as it sees them.
+pub async fn node_regions(addr: &str) -> Option<Vec<RegionInfo>> {
+    let mut c = NodeClient::connect(format!("http://{addr}")).await.ok()?;
+    Some(
+        c.regions(RegionsRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .regions,
+    )
+}
+
+/// Waits until every region of the running nodes has a leader known to all of them.
+/// Returns the leader node per region.
+pub async fn wait_for_leaders(
+    addrs: &[String],
+    regions: usize,
+    timeout: Duration,
+) -> Vec<(u64, u64)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut ok = true;
+        let mut leaders = std::collections::BTreeMap::new();
+        for a in addrs {
+            match node_regions(a).await {
+                Some(rs) => {
+                    if rs.len() < regions {
+                        ok = false;
+                    }
+                    for r in rs {
+                        let id = r.region.as_ref().map_or(0, |r| r.id);
+                        match r.leader {
+                            Some(l) => {
+                                if let Some(prev) = leaders.insert(id, l.node_id) {
+                                    if prev != l.node_id {
+                                        ok = false;
+                                    }
+                                }
+                            }
+                            None => ok = false,
+                        }
+                    }
+                }
+                None => ok = false,
+            }
+        }
+        if ok && leaders.len() >= regions {
+            return leaders.into_iter().collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "regions without an agreed leader after {timeout:?}: {} of {regions} have one",
+            leaders.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A key that falls in the `i`-th of `n` evenly split initial regions.
+pub fn key_in_region(i: u32, n: u32, suffix: &str) -> Vec<u8> {
+    let v = ((u64::from(i) * 65536).div_ceil(u64::from(n))) as u16;
+    let mut k = v.to_be_bytes().to_vec();
+    k.extend_from_slice(suffix.as_bytes());
+    k
+}
+
+/// A `tessera server` process.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub config_path: PathBuf,
+    pub addr: String,
+}
+
+impl Proc {
+    pub fn start(config_path: &Path, addr: &str, log: &Path) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open log");
+        let child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .arg("server")
+            .arg("--config")
+            .arg(config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn tessera server");
+        Proc {
+            child: Some(child),
+            config_path: config_path.to_path_buf(),
+            addr: addr.to_string(),
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs, like a power cut for the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self, log: &Path) {
+        self.kill9();
+        *self = Proc::start(&self.config_path.clone(), &self.addr.clone(), log);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Free loopback ports for process tests (bound then released).
+pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
+    let ls: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    ls.iter().map(|l| l.local_addr().expect("addr")).collect()
+}
+
+/// Writes configs for a process cluster and starts it.
+pub fn start_process_cluster(
+    dir: &Path,
+    n: usize,
+    regions: u32,
+    tweak: impl Fn(&mut Config),
+) -> Vec<Proc> {
+    let addrs = free_addrs(n);
+    (1..=n as u64)
+        .map(|id| {
+            let mut cfg = node_config(dir, id, &addrs, regions);
+            cfg.log.level = "info".into();
+            tweak(&mut cfg);
+            let path = dir.join(format!("node{id}.toml"));
+            std::fs::write(&path, toml::to_string(&cfg).expect("serialize config"))
+                .expect("write config");
+            Proc::start(
+                &path,
+                &addrs[id as usize - 1].to_string(),
+                &dir.join(format!("node{id}.log")),
+            )
+        })
+        .collect()
+}
