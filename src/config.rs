@@ -149,7 +149,7 @@ impl Default for ClusterConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         Self {
-            workers: 2,
+            workers: 1,
             tick_interval_ms: 100,
             election_ticks: 10,
             heartbeat_ticks: 2,

@@ -9,8 +9,10 @@
 //! - [`transport`]: raft messages between nodes, one multiplexed stream per node;
 //! - [`server`]: a running node — start-up, gRPC services, shutdown;
 //! - [`client`]: the Rust client with its region cache;
+//! - [`bench`]: the load generator behind `tessera bench`;
 //! - [`logging`]: `tracing` setup and the raft-rs log bridge.
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod ids;

@@ -32,6 +32,8 @@ enum Command {
         #[command(subcommand)]
         op: KvOp,
     },
+    /// Load-test a cluster.
+    Bench(tessera::bench::BenchArgs),
     /// List the regions, their ranges, peers and leaders.
     Regions {
         #[command(flatten)]
@@ -364,6 +366,18 @@ async fn run_regions(conn: ConnArgs) -> Result<(), String> {
     Ok(())
 }
 
+async fn run_bench(args: tessera::bench::BenchArgs) -> Result<(), String> {
+    let name = format!("{:?}", args.workload).to_lowercase();
+    let json = args.json.clone();
+    let report = tessera::bench::run(args).await?;
+    println!("{}", report.text(&name));
+    if let Some(path) = json {
+        std::fs::write(&path, report.json(&name) + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -385,6 +399,7 @@ fn main() -> ExitCode {
             }
             Command::Kv { conn, op } => run_kv(conn, op).await,
             Command::Regions { conn } => run_regions(conn).await,
+            Command::Bench(args) => run_bench(args).await,
         }
     });
     match result {

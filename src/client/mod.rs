@@ -72,6 +72,10 @@ pub struct ClientOptions {
     pub rpc_timeout: Duration,
     /// Consistency of `get` and `scan`.
     pub consistency: ReadConsistency,
+    /// Retry a put or delete whose first attempt may have been applied (connection lost,
+    /// timeout). The final state is the same, but the write may apply twice; turn it off to
+    /// get [`Error::Unknown`] instead, as compare-and-swap always does.
+    pub retry_ambiguous_writes: bool,
 }
 
 impl Default for ClientOptions {
@@ -80,6 +84,7 @@ impl Default for ClientOptions {
             deadline: Duration::from_secs(30),
             rpc_timeout: Duration::from_secs(12),
             consistency: ReadConsistency::Linearizable,
+            retry_ambiguous_writes: true,
         }
     }
 }
@@ -458,43 +463,51 @@ impl Client {
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<WriteResult> {
-        self.execute(key, true, |mut kv, header| async move {
-            let r = kv
-                .put(proto::PutRequest {
-                    header: Some(header),
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                })
-                .await?
-                .into_inner();
-            Ok((
-                r.region_error,
-                WriteResult {
-                    prev: r.prev_kv,
-                    revision: r.revision,
-                },
-            ))
-        })
+        self.execute(
+            key,
+            self.inner.opts.retry_ambiguous_writes,
+            |mut kv, header| async move {
+                let r = kv
+                    .put(proto::PutRequest {
+                        header: Some(header),
+                        key: key.to_vec(),
+                        value: value.to_vec(),
+                    })
+                    .await?
+                    .into_inner();
+                Ok((
+                    r.region_error,
+                    WriteResult {
+                        prev: r.prev_kv,
+                        revision: r.revision,
+                    },
+                ))
+            },
+        )
         .await
     }
 
     pub async fn delete(&self, key: &[u8]) -> Result<WriteResult> {
-        self.execute(key, true, |mut kv, header| async move {
-            let r = kv
-                .delete(proto::DeleteRequest {
-                    header: Some(header),
-                    key: key.to_vec(),
-                })
-                .await?
-                .into_inner();
-            Ok((
-                r.region_error,
-                WriteResult {
-                    prev: r.prev_kv,
-                    revision: r.revision,
-                },
-            ))
-        })
+        self.execute(
+            key,
+            self.inner.opts.retry_ambiguous_writes,
+            |mut kv, header| async move {
+                let r = kv
+                    .delete(proto::DeleteRequest {
+                        header: Some(header),
+                        key: key.to_vec(),
+                    })
+                    .await?
+                    .into_inner();
+                Ok((
+                    r.region_error,
+                    WriteResult {
+                        prev: r.prev_kv,
+                        revision: r.revision,
+                    },
+                ))
+            },
+        )
         .await
     }
 

@@ -173,7 +173,17 @@ impl Node {
             transport.clone(),
         ));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // The builder's tcp_nodelay only covers listeners it binds itself; without it small
+        // responses wait for delayed ACKs (~40 ms).
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |conn| {
+                if let Ok(c) = &conn {
+                    let _ = c.set_nodelay(true);
+                }
+                conn
+            },
+        );
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Load figures for a 3-node tessera cluster on loopback: starts the cluster (64 regions by
+# default), runs `tessera bench`, and reads fsync and entry counters from every node's
+# Prometheus endpoint to report entries per fsync. Cleans up everything it started.
+#
+#   benches/cluster-load.sh [REGIONS] [CONCURRENCY] [SECONDS] [WORKLOAD]
+# Environment: WORKERS (raft workers per node, default 1), PROFILE (debug|release),
+# EXTRA_BENCH_ARGS (more `tessera bench` flags).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+REGIONS=${1:-64}
+CONC=${2:-64}
+SECS=${3:-20}
+WORKLOAD=${4:-put}
+PROFILE=${PROFILE:-debug}
+
+# --all-targets: the same feature set as the test build, so RocksDB is not compiled again.
+if [ "$PROFILE" = release ]; then cargo build --release --bin tessera -q; else cargo build --all-targets -q; fi
+BIN="$CARGO_TARGET_DIR/$PROFILE/tessera"
+DIR=$(mktemp -d /tmp/tessera-load.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+base=$(( 21000 + RANDOM % 2000 ))
+cluster=""
+for i in 1 2 3; do cluster+="\"$i@127.0.0.1:$((base + i))\","; done
+cluster="[${cluster%,}]"
+for i in 1 2 3; do
+  cat > "$DIR/node$i.toml" <<TOML
+[node]
+id = $i
+data_dir = "$DIR/node$i"
+listen_addr = "127.0.0.1:$((base + i))"
+metrics_addr = "127.0.0.1:$((base + 100 + i))"
+[cluster]
+initial_cluster = $cluster
+initial_regions = $REGIONS
+[raft]
+workers = ${WORKERS:-1}
+[log]
+level = "warn"
+file = "$DIR/node$i.log"
+TOML
+  "$BIN" server --config "$DIR/node$i.toml" &
+  PIDS+=($!)
+done
+EP="127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2)),127.0.0.1:$((base + 3))"
+
+for _ in $(seq 1 120); do
+  leaders=$("$BIN" regions --endpoints "$EP" --json 2>/dev/null | grep -o '"leader_node":[0-9]' | wc -l || true)
+  [ "$leaders" -ge "$REGIONS" ] && break
+  sleep 0.5
+done
+echo "cluster up: $REGIONS regions with leaders"
+
+metric_sum() { # name → sum over nodes of the metric's value(s)
+  local total=0
+  for i in 1 2 3; do
+    v=$(curl -s "http://127.0.0.1:$((base + 100 + i))/metrics" | awk -v n="$1" '$1 ~ "^"n"({|$)" {s += $2} END {printf "%d", s}')
+    total=$((total + ${v:-0}))
+  done
+  echo "$total"
+}
+f0=$(metric_sum tessera_fsyncs_total); e0=$(metric_sum tessera_raft_entries_persisted_total)
+"$BIN" bench "$WORKLOAD" --endpoints "$EP" --concurrency "$CONC" --duration "$SECS" --warmup 2 \
+  --value-size 256 --keys 100000 ${EXTRA_BENCH_ARGS:-}
+f1=$(metric_sum tessera_fsyncs_total); e1=$(metric_sum tessera_raft_entries_persisted_total)
+fs=$((f1 - f0)); es=$((e1 - e0))
+echo "fsyncs (3 nodes): $fs  raft entries persisted: $es  entries per fsync: $(awk -v e=$es -v f=$fs 'BEGIN {if (f > 0) printf "%.1f", e / f; else print "n/a"}')"
