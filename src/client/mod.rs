@@ -566,8 +566,13 @@ impl Client {
                 return Ok(out);
             }
             if more {
-                // The region has more: continue right after the last key returned.
-                let mut next = last.expect("a scan that has more returned keys");
+                // The region has more: continue right after the last key returned. A server
+                // answer that would not move the cursor forward is refused, not looped on.
+                let Some(mut next) = last.filter(|k| k.as_slice() >= cursor.as_slice()) else {
+                    return Err(Error::Server(
+                        "scan answer says more keys follow but does not advance".into(),
+                    ));
+                };
                 next.push(0);
                 cursor = next;
                 continue;

@@ -247,3 +247,41 @@ async fn kill9_of_every_node_mid_load_loses_no_acknowledged_write() {
     }
     eprintln!("{total} acknowledged writes, all present after kill -9 of every node");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_gracefully_and_data_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = start_process_cluster(dir.path(), 1, 4, |_| {});
+    let addrs = endpoints(&procs);
+    wait_serving(&addrs).await;
+    wait_for_leaders(&addrs, 4, Duration::from_secs(60)).await;
+    let client = Client::connect(&addrs, ClientOptions::default())
+        .await
+        .unwrap();
+    for i in 0..4 {
+        client
+            .put(&key_in_region(i, 4, "/t"), b"kept")
+            .await
+            .unwrap();
+    }
+    let t = Instant::now();
+    let status = procs[0]
+        .terminate(Duration::from_secs(15))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    eprintln!("graceful shutdown took {:?}", t.elapsed());
+    procs[0].restart(&dir.path().join("node1.log"));
+    wait_serving(&addrs).await;
+    wait_for_leaders(&addrs, 4, Duration::from_secs(60)).await;
+    let client = Client::connect(&addrs, ClientOptions::default())
+        .await
+        .unwrap();
+    for i in 0..4 {
+        let kv = client
+            .get(&key_in_region(i, 4, "/t"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(kv.value, b"kept");
+    }
+}
