@@ -176,3 +176,65 @@ impl RaftTransport for RaftService {
         Ok(Response::new(Done {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Whatever arrives on the raft stream — arbitrary bytes or well-formed batches full of
+    //! nonsense — is dropped or routed, never a panic.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn service() -> (
+        RaftService,
+        crossbeam_channel::Receiver<crate::raftstore::msg::WorkerMsg>,
+    ) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let router = Router::new(vec![tx]);
+        router.register(RegionId(1), 0);
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        (
+            RaftService::new(ClusterId(1), NodeId(1), router, stopping),
+            rx,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let (svc, _rx) = service();
+            if let Ok(batch) = <RaftMessageBatch as prost::Message>::decode(bytes.as_slice()) {
+                svc.handle_batch(batch);
+            }
+        }
+
+        #[test]
+        fn nonsense_batches_are_dropped_or_routed(
+            cluster in 0u64..3, to_node in 0u64..3, region in 0u64..3,
+            to_peer in proptest::option::of((0u64..3, 0u64..3)),
+            from_peer in proptest::option::of(0u64..3),
+            message in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let (svc, rx) = service();
+            let batch = RaftMessageBatch {
+                cluster_id: cluster,
+                from_node: 2,
+                to_node,
+                messages: vec![RaftMessage {
+                    region_id: region,
+                    from_peer: from_peer.map(|id| crate::proto::Peer { id, node_id: 2, role: 0 }),
+                    to_peer: to_peer.map(|(id, node_id)| crate::proto::Peer { id, node_id, role: 0 }),
+                    region_epoch: None,
+                    message,
+                }],
+            };
+            svc.handle_batch(batch);
+            // Anything routed was addressed to this cluster, node and a hosted region.
+            if rx.try_recv().is_ok() {
+                prop_assert!(cluster == 1 && to_node == 1 && region == 1);
+            }
+        }
+    }
+}

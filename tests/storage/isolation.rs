@@ -128,3 +128,50 @@ fn reopen_returns_exactly_the_same_state() {
         Err(tessera::storage::Error::RegionNotFound(_))
     ));
 }
+
+/// Corrupt state records on disk give a typed error when the region is opened, never a panic.
+#[test]
+fn corrupt_state_records_are_errors_not_panics() {
+    use proptest::prelude::*;
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases: 64,
+        ..Default::default()
+    });
+    let (_d, engine) = open_engine();
+    let reg = region(1, b"a", b"b");
+    storage_with(&engine, &reg, 3, &[entry(4, 4), entry(5, 5)]);
+    runner
+        .run(
+            &(0usize..4, proptest::collection::vec(any::<u8>(), 0..64)),
+            |(which, garbage)| {
+                let id = RegionId(1);
+                let key = match which {
+                    0 => keys::raft_state_key(id).to_vec(),
+                    1 => keys::apply_state_key(id).to_vec(),
+                    2 => keys::region_state_key(id).to_vec(),
+                    _ => keys::raft_log_key(id, 5).to_vec(),
+                };
+                let old = engine.get(Cf::Raft, &key).unwrap();
+                let mut b = engine.batch();
+                b.put(Cf::Raft, &key, &garbage);
+                engine.write(b, false).unwrap();
+                match PeerStorage::open(engine.clone(), id) {
+                    Ok(ps) => {
+                        // Whatever decoded, reads answer with entries or an error.
+                        let _ = ps.entries(4, 6, u64::MAX, GetEntriesContext::empty(false));
+                        let _ = ps.term(5);
+                    }
+                    Err(tessera::storage::Error::Corrupt { key: k, .. }) => {
+                        // The error names a key of this region's state.
+                        prop_assert!(k.starts_with(&[0x01]), "corrupt key {k:02x?}");
+                    }
+                    Err(e) => prop_assert!(false, "unexpected error kind: {e}"),
+                }
+                let mut b = engine.batch();
+                b.put(Cf::Raft, &key, &old.unwrap_or_default());
+                engine.write(b, false).unwrap();
+                Ok(())
+            },
+        )
+        .unwrap();
+}
