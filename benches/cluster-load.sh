@@ -18,7 +18,7 @@ PROFILE=${PROFILE:-debug}
 
 # --all-targets: the same feature set as the test build, so RocksDB is not compiled again.
 if [ "$PROFILE" = release ]; then cargo build --release --bin tessera -q; else cargo build --all-targets -q; fi
-BIN="$CARGO_TARGET_DIR/$PROFILE/tessera"
+BIN="$CARGO_TARGET_DIR/$CARGO_BUILD_TARGET/$PROFILE/tessera"
 DIR=$(mktemp -d /tmp/tessera-load.XXXXXX)
 PIDS=()
 cleanup() {

@@ -29,3 +29,16 @@ if [ -z "${CARGO_TARGET_DIR:-}" ]; then
     export CARGO_TARGET_DIR="$PWD/target"
   fi
 fi
+
+# Build for an explicit target triple. Without one, cargo shares build-dependency units (the
+# bindgen and cc that RocksDB's build script uses) with normal dependencies in `build` mode but
+# not in `check` mode, and dev-dependencies change their features: clippy, `cargo build --bin`
+# and the test build would each compile RocksDB's C++ again. With --target the host units are
+# separate and identical in every mode, so one RocksDB build serves all of them.
+if [ -z "${CARGO_BUILD_TARGET:-}" ]; then
+  CARGO_BUILD_TARGET="$(rustc -vV | sed -n 's/^host: //p')"
+  export CARGO_BUILD_TARGET
+fi
+# Where the binaries land.
+export TESSERA_BIN_DIR="$CARGO_TARGET_DIR/$CARGO_BUILD_TARGET/debug"
+

@@ -6,7 +6,7 @@
 #   ./scripts/local-cluster.sh stop     stop it (SIGTERM, graceful)
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-BIN="$CARGO_TARGET_DIR/debug/tessera"
+BIN="$TESSERA_BIN_DIR/tessera"
 RUN=tessera-data/cluster-3
 EP=127.0.0.1:20161,127.0.0.1:20162,127.0.0.1:20163
 

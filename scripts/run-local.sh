@@ -5,7 +5,5 @@
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
-# --all-targets builds with the same dependency features as the tests, so one RocksDB build
-# serves both (a plain `cargo build` resolves features differently and compiles it again).
 cargo build --all-targets -q
-exec "$CARGO_TARGET_DIR/debug/tessera" server "$@"
+exec "$TESSERA_BIN_DIR/tessera" server "$@"
