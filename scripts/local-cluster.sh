@@ -45,12 +45,14 @@ set -x
 "$BIN" kv --endpoints "$EP" get /controller
 { set +x; } 2>/dev/null
 "$BIN" regions --endpoints "$EP" | tail -3
+"$BIN" nodes --endpoints "$EP"
 
 cat <<MSG
 
 tessera is running: 3 nodes, 64 regions.
   talk to it:   $BIN kv --endpoints $EP get|put|delete|scan|cas ...
                 $BIN regions --endpoints $EP
+                $BIN nodes --endpoints $EP
   metrics:      curl http://127.0.0.1:20181/metrics
   logs:         $RUN/node{1,2,3}.log
   stop it:      ./scripts/local-cluster.sh stop

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ClusterId, NodeId};
+use crate::storage::keys::{is_system_key, SYSTEM_KEY_PREFIX};
 
 /// The embedded default configuration (`config/default.toml`).
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/default.toml");
@@ -41,7 +42,26 @@ pub struct Config {
     pub raft: RaftConfig,
     pub storage: StorageConfig,
     pub server: ServerConfig,
+    pub placement: PlacementConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    /// How often a node writes its heartbeat into the placement registry.
+    pub heartbeat_interval_ms: u64,
+    /// A node whose last heartbeat is older than this is shown down.
+    pub node_down_after_ms: u64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 1000,
+            node_down_after_ms: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -268,8 +288,9 @@ impl Config {
         Ok(out)
     }
 
-    /// Initial split keys: explicit ones, or `initial_regions - 1` keys spread evenly over
-    /// the first byte of the keyspace.
+    /// Initial split keys of the user keyspace: explicit ones, or `initial_regions - 1` keys
+    /// spread evenly over its first two bytes. The placement region's boundary (0xFF) is
+    /// added by bootstrap.
     pub fn initial_split_keys(&self) -> Vec<Vec<u8>> {
         if !self.cluster.split_keys.is_empty() {
             return self
@@ -280,10 +301,12 @@ impl Config {
                 .collect();
         }
         let n = u64::from(self.cluster.initial_regions.max(1));
+        // The user keyspace ends at 0xFF00 (the system keyspace starts at 0xFF).
+        let span = u64::from(SYSTEM_KEY_PREFIX) << 8;
         (1..n)
             .map(|i| {
-                // 2-byte prefixes so that up to 65536 initial regions stay distinct.
-                let v = (i * 65536 / n) as u16;
+                // 2-byte prefixes so that many initial regions stay distinct.
+                let v = (i * span / n) as u16;
                 v.to_be_bytes().to_vec()
             })
             .collect()
@@ -343,8 +366,8 @@ impl Config {
             Some(_) => {}
         }
 
-        if self.cluster.initial_regions == 0 || self.cluster.initial_regions > 65536 {
-            return Err(invalid("cluster.initial_regions", "must be 1..=65536"));
+        if self.cluster.initial_regions == 0 || self.cluster.initial_regions > 65280 {
+            return Err(invalid("cluster.initial_regions", "must be 1..=65280"));
         }
         if self.cluster.replicas == 0 {
             return Err(invalid("cluster.replicas", "must be at least 1"));
@@ -352,6 +375,12 @@ impl Config {
         let keys = &self.cluster.split_keys;
         if keys.iter().any(|k| k.is_empty()) {
             return Err(invalid("cluster.split_keys", "contains an empty key"));
+        }
+        if keys.iter().any(|k| is_system_key(k.as_bytes())) {
+            return Err(invalid(
+                "cluster.split_keys",
+                "keys starting with byte 0xFF are reserved",
+            ));
         }
         if keys.windows(2).any(|w| w[0] >= w[1]) {
             return Err(invalid("cluster.split_keys", "must be strictly increasing"));
@@ -387,6 +416,18 @@ impl Config {
         }
         if self.server.max_scan_limit == 0 {
             return Err(invalid("server.max_scan_limit", "must be positive"));
+        }
+        if self.placement.heartbeat_interval_ms == 0 {
+            return Err(invalid(
+                "placement.heartbeat_interval_ms",
+                "must be positive",
+            ));
+        }
+        if self.placement.node_down_after_ms <= self.placement.heartbeat_interval_ms {
+            return Err(invalid(
+                "placement.node_down_after_ms",
+                "must be longer than placement.heartbeat_interval_ms",
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", e.to_string()));
@@ -520,12 +561,12 @@ mod tests {
     #[test]
     fn even_split_keys_are_increasing() {
         let mut c = Config::default();
-        for n in [1u32, 2, 3, 64, 1000, 65536] {
+        for n in [1u32, 2, 3, 64, 1000, 65280] {
             c.cluster.initial_regions = n;
             let keys = c.initial_split_keys();
             assert_eq!(keys.len() as u32, n - 1);
             assert!(keys.windows(2).all(|w| w[0] < w[1]));
-            assert!(keys.iter().all(|k| !k.is_empty()));
+            assert!(keys.iter().all(|k| !k.is_empty() && !is_system_key(k)));
         }
     }
 }

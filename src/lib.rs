@@ -7,6 +7,7 @@
 //! - [`raftstore`]: raft workers with group commit, the router, peers and the KV state
 //!   machine;
 //! - [`transport`]: raft messages between nodes, one multiplexed stream per node;
+//! - [`placement`]: the cluster's metadata (node registry, id counter) in its own region;
 //! - [`server`]: a running node — start-up, gRPC services, shutdown;
 //! - [`client`]: the Rust client with its region cache;
 //! - [`bench`]: the load generator behind `tessera bench`;
@@ -17,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod ids;
 pub mod logging;
+pub mod placement;
 pub mod raftstore;
 pub mod server;
 pub mod storage;

@@ -32,6 +32,11 @@ enum Command {
         #[command(subcommand)]
         op: KvOp,
     },
+    /// List the nodes in the placement registry with their state.
+    Nodes {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Load-test a cluster.
     Bench(tessera::bench::BenchArgs),
     /// List the regions, their ranges, peers and leaders.
@@ -366,6 +371,76 @@ async fn run_regions(conn: ConnArgs) -> Result<(), String> {
     Ok(())
 }
 
+async fn run_nodes(conn: ConnArgs) -> Result<(), String> {
+    use tessera::proto::node_client::NodeClient;
+    use tessera::proto::{ListNodesRequest, NodeState};
+    let mut last = String::from("no endpoint given");
+    for ep in conn
+        .endpoints
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let mut c = match NodeClient::connect(format!("http://{ep}")).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("{ep}: {e}");
+                continue;
+            }
+        };
+        let nodes = match c.list_nodes(ListNodesRequest {}).await {
+            Ok(r) => r.into_inner().nodes,
+            Err(s) => {
+                last = format!("{ep}: {}", s.message());
+                continue;
+            }
+        };
+        let state = |s: i32| match NodeState::try_from(s) {
+            Ok(NodeState::Up) => "up",
+            Ok(NodeState::Down) => "down",
+            Ok(NodeState::Removed) => "removed",
+            Err(_) => "unknown",
+        };
+        if conn.json {
+            let items: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    let r = n.record.clone().unwrap_or_default();
+                    format!(
+                        "{{\"id\":{},\"addr\":{},\"state\":\"{}\",\"regions\":{},\"leaders\":{},\"heartbeat_age_ms\":{}}}",
+                        r.node_id,
+                        json_str(&r.addr),
+                        state(n.state),
+                        r.regions,
+                        r.leaders,
+                        n.heartbeat_age_ms
+                    )
+                })
+                .collect();
+            println!("[{}]", items.join(","));
+        } else {
+            println!(
+                "{:>4}  {:<22}  {:<7}  {:>7}  {:>7}  LAST HEARTBEAT",
+                "ID", "ADDRESS", "STATE", "REGIONS", "LEADERS"
+            );
+            for n in &nodes {
+                let r = n.record.clone().unwrap_or_default();
+                println!(
+                    "{:>4}  {:<22}  {:<7}  {:>7}  {:>7}  {:.1}s ago",
+                    r.node_id,
+                    r.addr,
+                    state(n.state),
+                    r.regions,
+                    r.leaders,
+                    n.heartbeat_age_ms as f64 / 1000.0
+                );
+            }
+        }
+        return Ok(());
+    }
+    Err(format!("no node answered: {last}"))
+}
+
 async fn run_bench(args: tessera::bench::BenchArgs) -> Result<(), String> {
     let name = format!("{:?}", args.workload).to_lowercase();
     let json = args.json.clone();
@@ -400,6 +475,7 @@ fn main() -> ExitCode {
             Command::Kv { conn, op } => run_kv(conn, op).await,
             Command::Regions { conn } => run_regions(conn).await,
             Command::Bench(args) => run_bench(args).await,
+            Command::Nodes { conn } => run_nodes(conn).await,
         }
     });
     match result {

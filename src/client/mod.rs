@@ -76,6 +76,9 @@ pub struct ClientOptions {
     /// timeout). The final state is the same, but the write may apply twice; turn it off to
     /// get [`Error::Unknown`] instead, as compare-and-swap always does.
     pub retry_ambiguous_writes: bool,
+    /// Access to the system keyspace (keys starting with 0xFF: placement data). For
+    /// tessera's own placement code; user clients leave it off.
+    pub system: bool,
 }
 
 impl Default for ClientOptions {
@@ -85,6 +88,7 @@ impl Default for ClientOptions {
             rpc_timeout: Duration::from_secs(12),
             consistency: ReadConsistency::Linearizable,
             retry_ambiguous_writes: true,
+            system: false,
         }
     }
 }
@@ -281,6 +285,7 @@ impl Client {
             region_id: r.region.id,
             region_epoch: r.region.epoch,
             consistency: self.inner.opts.consistency as i32,
+            system: self.inner.opts.system,
         }
     }
 
@@ -554,6 +559,13 @@ impl Client {
     /// Keys in `[start, end)` in order across regions (empty `end` = to the end of the
     /// keyspace), at most `limit` of them (0 = no limit).
     pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>> {
+        // The user keyspace ends where the system keyspace begins.
+        let user_end = [crate::storage::keys::SYSTEM_KEY_PREFIX];
+        let end = if end.is_empty() && !self.inner.opts.system {
+            &user_end[..]
+        } else {
+            end
+        };
         let mut out: Vec<KeyValue> = Vec::new();
         let mut cursor = start.to_vec();
         loop {

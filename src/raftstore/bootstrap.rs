@@ -1,5 +1,9 @@
 //! First start and restart of a node's store.
 //!
+//! The initial regions are the user keyspace split as configured, plus the placement region
+//! `[0xFF, +inf)` (see [`crate::placement`]), whose id counter is seeded here so that ids
+//! handed out later never collide with the bootstrap ids.
+//!
 //! On the first start with an empty data directory every founding member computes the same
 //! initial regions from the same config — same ranges, same region and peer ids — with no
 //! coordination, writes the ones it hosts and its identity in one synced batch, and never
@@ -17,6 +21,12 @@ use crate::storage::{keys, Cf, Engine, PeerStorage};
 pub fn initial_regions(members: &[Member], split_keys: &[Vec<u8>], replicas: u32) -> Vec<Region> {
     let mut nodes: Vec<NodeId> = members.iter().map(|m| m.id).collect();
     nodes.sort();
+    let mut split_keys: Vec<Vec<u8>> = split_keys
+        .iter()
+        .filter(|k| !keys::is_system_key(k))
+        .cloned()
+        .collect();
+    split_keys.push(vec![keys::SYSTEM_KEY_PREFIX]);
     let n = split_keys.len() as u64 + 1;
     let r = (replicas as usize).min(nodes.len()).max(1);
     let mut next_peer = n + 1;
@@ -95,11 +105,20 @@ pub fn prepare_store(
             let mut wb = engine.batch();
             let regions = initial_regions(members, split_keys, replicas);
             let mut hosted = 0;
+            let max_id = regions
+                .iter()
+                .flat_map(|r| r.peers.iter().map(|p| p.id))
+                .max()
+                .unwrap_or(0);
             for r in regions
                 .iter()
                 .filter(|r| r.peers.iter().any(|p| p.node_id == node.0))
             {
                 PeerStorage::write_initial_state(&mut wb, r);
+                if r.start_key == [keys::SYSTEM_KEY_PREFIX] {
+                    // Every replica of the placement region starts with the same counter.
+                    crate::placement::seed_id_counter(&mut wb, max_id);
+                }
                 hosted += 1;
             }
             // The identity goes in the same batch: a crash leaves either nothing or all.
@@ -154,8 +173,9 @@ mod tests {
         let mut shuffled = members(3);
         shuffled.reverse();
         assert_eq!(a, initial_regions(&shuffled, &splits, 3));
-        assert_eq!(a.len(), 4);
-        assert!(a[0].start_key.is_empty() && a[3].end_key.is_empty());
+        assert_eq!(a.len(), 5, "4 user regions and the placement region");
+        assert_eq!(a[4].start_key, vec![0xFF]);
+        assert!(a[0].start_key.is_empty() && a[4].end_key.is_empty());
         for w in a.windows(2) {
             assert_eq!(w[0].end_key, w[1].start_key);
         }
@@ -165,7 +185,7 @@ mod tests {
             .collect();
         peer_ids.sort();
         peer_ids.dedup();
-        assert_eq!(peer_ids.len(), 12, "peer ids are unique");
+        assert_eq!(peer_ids.len(), 15, "peer ids are unique");
         assert!(
             peer_ids.iter().all(|p| *p > 4),
             "peer ids never clash with region ids"
@@ -184,8 +204,12 @@ mod tests {
             .iter()
             .map(|r| r.peers.iter().map(|p| p.node_id).collect())
             .collect();
-        assert_eq!(nodes, vec![vec![1, 2, 3], vec![2, 3, 4], vec![3, 4, 5]]);
+        assert_eq!(
+            nodes,
+            vec![vec![1, 2, 3], vec![2, 3, 4], vec![3, 4, 5], vec![4, 5, 1]]
+        );
         let single = initial_regions(&members(1), &[], 3);
+        assert_eq!(single.len(), 2, "one user region and the placement region");
         assert_eq!(single[0].peers.len(), 1);
     }
 
@@ -195,7 +219,7 @@ mod tests {
         let engine = Engine::open(dir.path(), &Default::default()).unwrap();
         let m = members(3);
         let ids = prepare_store(&engine, ClusterId(1), NodeId(2), &m, &[b"k".to_vec()], 3).unwrap();
-        assert_eq!(ids, vec![RegionId(1), RegionId(2)]);
+        assert_eq!(ids, vec![RegionId(1), RegionId(2), RegionId(3)]);
         // Restart: same regions, no second bootstrap even if the config changed.
         let again = prepare_store(&engine, ClusterId(1), NodeId(2), &m, &[], 3).unwrap();
         assert_eq!(again, ids);

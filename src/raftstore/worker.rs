@@ -39,6 +39,8 @@ pub struct Worker {
     tick_interval: Duration,
     sync_writes: bool,
     ticks: u64,
+    /// Regions this worker leads, read by the node's heartbeat.
+    leaders: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Worker {
@@ -49,6 +51,7 @@ impl Worker {
         transport: Transport,
         tick_interval: Duration,
         sync_writes: bool,
+        leaders: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     ) -> Self {
         Self {
             index,
@@ -59,6 +62,7 @@ impl Worker {
             tick_interval,
             sync_writes,
             ticks: 0,
+            leaders,
         }
     }
 
@@ -204,6 +208,8 @@ impl Worker {
         *touched = still;
         let leaders = self.peers.values().filter(|p| p.is_leader()).count();
         metrics::gauge!("tessera_leaders", "worker" => self.index.to_string()).set(leaders as f64);
+        self.leaders
+            .store(leaders, std::sync::atomic::Ordering::Relaxed);
         more_work
     }
 }

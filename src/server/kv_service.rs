@@ -18,6 +18,7 @@ use crate::proto::{self, ReadConsistency, RequestHeader};
 use crate::raftstore::cmd::{ApplyResult, CasAction, Command, Compare};
 use crate::raftstore::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, Reply};
 use crate::raftstore::router::{RouteError, Router};
+use crate::storage::keys::is_system_key;
 use crate::transport::Transport;
 
 pub struct KvService {
@@ -49,9 +50,14 @@ impl KvService {
         e.to_proto(|node| self.transport.address(NodeId(node)).unwrap_or_default())
     }
 
-    fn check_key(&self, key: &[u8]) -> Result<(), Status> {
+    fn check_key(&self, key: &[u8], header: Option<&RequestHeader>) -> Result<(), Status> {
         if key.is_empty() {
             return Err(Status::invalid_argument("key must not be empty"));
+        }
+        if is_system_key(key) && !header.is_some_and(|h| h.system) {
+            return Err(Status::invalid_argument(
+                "keys starting with byte 0xFF are reserved for placement data",
+            ));
         }
         if key.len() > self.limits.max_key_size {
             return Err(Status::invalid_argument(format!(
@@ -148,7 +154,7 @@ impl Kv for KvService {
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::GetResponse>, Status> {
         let r = request.into_inner();
-        self.check_key(&r.key)?;
+        self.check_key(&r.key, r.header.as_ref())?;
         let resp = match self.read(r.header, ReadRequest::Get { key: r.key }).await? {
             Ok(ReadResult::Get(kv)) => proto::GetResponse {
                 region_error: None,
@@ -168,7 +174,7 @@ impl Kv for KvService {
         request: Request<proto::PutRequest>,
     ) -> Result<Response<proto::PutResponse>, Status> {
         let r = request.into_inner();
-        self.check_key(&r.key)?;
+        self.check_key(&r.key, r.header.as_ref())?;
         self.check_value(&r.value)?;
         let cmd = Command::Put {
             key: r.key,
@@ -194,7 +200,7 @@ impl Kv for KvService {
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
         let r = request.into_inner();
-        self.check_key(&r.key)?;
+        self.check_key(&r.key, r.header.as_ref())?;
         let resp = match self
             .propose(r.header, Command::Delete { key: r.key })
             .await?
@@ -262,7 +268,7 @@ impl Kv for KvService {
         request: Request<proto::CasRequest>,
     ) -> Result<Response<proto::CasResponse>, Status> {
         let r = request.into_inner();
-        self.check_key(&r.key)?;
+        self.check_key(&r.key, r.header.as_ref())?;
         let compare = Compare::from_proto(r.compare.as_ref())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Compare::Value(v) = &compare {

@@ -9,6 +9,8 @@ pub mod kv_service;
 pub mod node_service;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::config::Config;
 use crate::ids::RegionId;
+use crate::proto::NodeRecord;
 use crate::proto::{
     kv_server::KvServer, node_server::NodeServer, raft_transport_server::RaftTransportServer,
 };
@@ -58,6 +61,7 @@ pub struct Node {
     workers: Vec<JoinHandle<()>>,
     stop_server: Option<oneshot::Sender<()>>,
     stopping: tokio::sync::watch::Sender<bool>,
+    heartbeat: tokio::task::JoinHandle<()>,
     server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
@@ -123,6 +127,8 @@ impl Node {
             router.send_worker(w, WorkerMsg::AddPeer(Box::new(peer)));
         }
         let mut workers = Vec::new();
+        let leaders: Vec<Arc<AtomicUsize>> =
+            (0..cfg.raft.workers).map(|_| Arc::default()).collect();
         for (i, inbox) in inboxes.into_iter().enumerate() {
             let w = Worker::new(
                 i,
@@ -131,6 +137,7 @@ impl Node {
                 transport.clone(),
                 Duration::from_millis(cfg.raft.tick_interval_ms),
                 cfg.storage.sync_writes,
+                leaders[i].clone(),
             );
             workers.push(w.spawn().map_err(StartError::Thread)?);
         }
@@ -166,11 +173,14 @@ impl Node {
         ))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+        let placement = node_service::SystemClient::new(transport.clone());
         let node_svc = NodeServer::new(node_service::NodeService::new(
             cfg.cluster_id(),
             cfg.node_id(),
             router.clone(),
             transport.clone(),
+            placement.clone(),
+            Duration::from_millis(cfg.placement.node_down_after_ms),
         ));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         // The builder's tcp_nodelay only covers listeners it binds itself; without it small
@@ -194,6 +204,17 @@ impl Node {
                     let _ = stop_rx.await;
                 }),
         );
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            placement,
+            router.clone(),
+            leaders,
+            NodeRecord {
+                node_id: cfg.node.id,
+                addr: cfg.advertise_addr()?.to_string(),
+                ..Default::default()
+            },
+            Duration::from_millis(cfg.placement.heartbeat_interval_ms),
+        ));
         tracing::info!(node = %cfg.node_id(), %addr, regions = region_ids.len(), "node started");
         Ok(Node {
             addr,
@@ -203,6 +224,7 @@ impl Node {
             workers,
             stop_server: Some(stop_tx),
             stopping,
+            heartbeat,
             server: Some(server),
         })
     }
@@ -225,6 +247,7 @@ impl Node {
 
     /// Stops accepting requests, lets every worker finish its round, then flushes the store.
     pub async fn shutdown(mut self) {
+        self.heartbeat.abort();
         let _ = self.stopping.send(true);
         if let Some(tx) = self.stop_server.take() {
             let _ = tx.send(());
@@ -255,5 +278,38 @@ impl Node {
             tracing::warn!(error = %e, "flush at shutdown failed");
         }
         tracing::info!(addr = %self.addr, "node stopped");
+    }
+}
+
+/// Writes this node's registry record into the placement region every `interval`, with its
+/// region and leader counts. Failures (placement region without a leader yet, a partition)
+/// are logged and retried on the next beat.
+async fn heartbeat_loop(
+    placement: node_service::SystemClient,
+    router: Router,
+    leaders: Vec<Arc<AtomicUsize>>,
+    mut record: NodeRecord,
+    interval: Duration,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let client = match placement.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "placement not reachable yet");
+                continue;
+            }
+        };
+        record.last_heartbeat_ms = crate::placement::now_ms();
+        record.regions = router.region_count() as u64;
+        record.leaders = leaders
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed) as u64)
+            .sum();
+        if let Err(e) = crate::placement::heartbeat(&client, &record).await {
+            tracing::debug!(error = %e, "heartbeat not written");
+        }
     }
 }

@@ -1,12 +1,18 @@
 //! `proto::Node`: what this node knows locally — its regions, their leaders, and the
 //! addresses of the other nodes. Clients use it to fill their region cache.
 
-use tokio::sync::oneshot;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, OnceCell};
 use tonic::{Request, Response, Status};
 
+use crate::client::{Client, ClientOptions};
 use crate::ids::{ClusterId, NodeId};
 use crate::proto::node_server;
-use crate::proto::{NodeAddress, RegionInfo, RegionsRequest, RegionsResponse};
+use crate::proto::{
+    ListNodesRequest, ListNodesResponse, NodeAddress, RegionInfo, RegionsRequest, RegionsResponse,
+};
 use crate::raftstore::msg::PeerMsg;
 use crate::raftstore::router::Router;
 use crate::transport::Transport;
@@ -16,6 +22,8 @@ pub struct NodeService {
     node_id: NodeId,
     router: Router,
     transport: Transport,
+    placement: SystemClient,
+    down_after: Duration,
 }
 
 impl NodeService {
@@ -24,13 +32,54 @@ impl NodeService {
         node_id: NodeId,
         router: Router,
         transport: Transport,
+        placement: SystemClient,
+        down_after: Duration,
     ) -> Self {
         Self {
             cluster_id,
             node_id,
             router,
             transport,
+            placement,
+            down_after,
         }
+    }
+}
+
+/// A client with system-keyspace access, connected on first use to the nodes this node
+/// knows (it needs the gRPC server running, so it cannot be built during start-up).
+#[derive(Clone)]
+pub struct SystemClient {
+    transport: Transport,
+    cell: Arc<OnceCell<Client>>,
+}
+
+impl SystemClient {
+    pub fn new(transport: Transport) -> Self {
+        Self {
+            transport,
+            cell: Arc::new(OnceCell::new()),
+        }
+    }
+
+    pub async fn get(&self) -> Result<Client, crate::client::Error> {
+        self.cell
+            .get_or_try_init(|| async {
+                let endpoints: Vec<String> = self
+                    .transport
+                    .addresses()
+                    .into_iter()
+                    .map(|(_, a)| a)
+                    .collect();
+                let opts = ClientOptions {
+                    system: true,
+                    deadline: Duration::from_secs(5),
+                    ..Default::default()
+                };
+                Client::connect(&endpoints, opts).await
+            })
+            .await
+            .cloned()
     }
 }
 
@@ -85,5 +134,20 @@ impl node_server::Node for NodeService {
             regions,
             nodes,
         }))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let client = self
+            .placement
+            .get()
+            .await
+            .map_err(|e| Status::unavailable(format!("placement not reachable: {e}")))?;
+        let nodes = crate::placement::list_nodes(&client, self.down_after)
+            .await
+            .map_err(|e| Status::unavailable(format!("placement read failed: {e}")))?;
+        Ok(Response::new(ListNodesResponse { nodes }))
     }
 }

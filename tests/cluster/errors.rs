@@ -18,6 +18,7 @@ fn header(r: &proto::Region) -> Option<RequestHeader> {
         region_id: r.id,
         region_epoch: r.epoch,
         consistency: 0,
+        system: false,
     })
 }
 

@@ -14,11 +14,15 @@ async fn every_region_elects_and_serves() {
     let cluster = TestCluster::start(3, REGIONS, |_| {}).await;
     let leaders = wait_for_leaders(
         &cluster.endpoints(),
-        REGIONS as usize,
+        REGIONS as usize + 1,
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(leaders.len(), REGIONS as usize);
+    assert_eq!(
+        leaders.len(),
+        REGIONS as usize + 1,
+        "user regions and the placement region"
+    );
     let client = cluster.client().await;
 
     for i in 0..REGIONS {
@@ -173,7 +177,11 @@ async fn restart_recovers_regions_and_data_without_rebootstrap() {
             .unwrap();
         assert_eq!(kv.value, b"before");
     }
-    assert_eq!(client.regions().await.unwrap().len(), 8);
+    assert_eq!(
+        client.regions().await.unwrap().len(),
+        9,
+        "8 user regions + placement"
+    );
 
     // A data dir of another cluster is refused with a clear error.
     cluster.stop(0).await;

@@ -6,4 +6,5 @@ mod common;
 
 mod errors;
 mod kv;
+mod placement;
 mod snapshot;

@@ -43,6 +43,7 @@ async fn local_read(addr: &str, key: &[u8]) -> Option<Vec<u8>> {
                 region_id: region.id,
                 region_epoch: region.epoch,
                 consistency: ReadConsistency::Serializable as i32,
+                system: false,
             }),
             key: key.to_vec(),
         })
