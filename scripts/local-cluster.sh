@@ -49,7 +49,7 @@ set -x
 
 cat <<MSG
 
-tessera is running: 3 nodes, 64 regions.
+tessera is running: 3 nodes, 64 user regions + the placement region.
   talk to it:   $BIN kv --endpoints $EP get|put|delete|scan|cas ...
                 $BIN regions --endpoints $EP
                 $BIN nodes --endpoints $EP

@@ -14,6 +14,19 @@ use rand::Rng;
 
 use crate::client::{Client, ClientOptions};
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bench_keys_avoid_the_system_keyspace() {
+        for i in 0..200_000u64 {
+            assert!(
+                !crate::storage::keys::is_system_key(&super::key(i)),
+                "key {i}"
+            );
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Workload {
     /// Writes of random keys.
@@ -118,10 +131,12 @@ impl Report {
     }
 }
 
-fn key(i: u64) -> Vec<u8> {
-    // Spread over the whole keyspace so every initial region gets traffic: the first two
-    // bytes are a hash-like spread of the index.
-    let spread = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as u16;
+pub fn key(i: u64) -> Vec<u8> {
+    // Spread over the whole user keyspace [0x0000, 0xFF00) so every initial region gets
+    // traffic (keys starting with 0xFF are reserved for placement): the first two bytes are a
+    // hash-like spread of the index.
+    let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48;
+    let spread = ((h * 0xFF00) >> 16) as u16;
     let mut k = spread.to_be_bytes().to_vec();
     k.extend_from_slice(format!("/bench/{i:012}").as_bytes());
     k
