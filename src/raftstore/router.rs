@@ -71,25 +71,34 @@ impl Router {
     }
 
     pub fn send(&self, region: RegionId, msg: PeerMsg) -> Result<(), RouteError> {
+        self.route(region, msg, false)
+    }
+
+    /// Like [`Router::send`], but refuses client work when the owning worker is overloaded.
+    pub fn send_client(&self, region: RegionId, msg: PeerMsg) -> Result<(), RouteError> {
+        self.route(region, msg, true)
+    }
+
+    /// One map lookup per message: the hot path of every request and raft message.
+    fn route(
+        &self,
+        region: RegionId,
+        msg: PeerMsg,
+        refuse_when_busy: bool,
+    ) -> Result<(), RouteError> {
         let Some(worker) = self.inner.regions.get(&region).map(|w| *w) else {
             return Err(RouteError::RegionNotFound(msg));
         };
-        self.inner.workers[worker]
+        let inbox = &self.inner.workers[worker];
+        if refuse_when_busy && inbox.len() > BUSY_QUEUE_LEN {
+            return Err(RouteError::Busy(msg));
+        }
+        inbox
             .send(WorkerMsg::Peer { region, msg })
             .map_err(|e| match e.into_inner() {
                 WorkerMsg::Peer { msg, .. } => RouteError::Closed(msg),
                 _ => unreachable!("we sent a Peer message"),
             })
-    }
-
-    /// Like [`Router::send`], but refuses client work when the owning worker is overloaded.
-    pub fn send_client(&self, region: RegionId, msg: PeerMsg) -> Result<(), RouteError> {
-        if let Some(worker) = self.inner.regions.get(&region).map(|w| *w) {
-            if self.inner.workers[worker].len() > BUSY_QUEUE_LEN {
-                return Err(RouteError::Busy(msg));
-            }
-        }
-        self.send(region, msg)
     }
 
     pub fn send_worker(&self, worker: usize, msg: WorkerMsg) -> bool {
