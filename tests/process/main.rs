@@ -286,3 +286,85 @@ async fn sigterm_stops_gracefully_and_data_survives() {
         assert_eq!(kv.value, b"kept");
     }
 }
+
+/// Runs the CLI; returns (exit code, stdout, stderr).
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .output()
+        .expect("run tessera");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_end_to_end_including_error_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let procs = start_process_cluster(dir.path(), 3, 4, |c| {
+        c.placement.heartbeat_interval_ms = 200;
+        c.placement.node_down_after_ms = 2000;
+    });
+    let addrs = endpoints(&procs);
+    wait_serving(&addrs).await;
+    wait_for_leaders(&addrs, 5, Duration::from_secs(60)).await;
+    let ep = addrs.join(",");
+    let ep = ep.as_str();
+
+    let (code, out, _) = cli(&["kv", "-e", ep, "put", "/topics/a", "one"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("OK (revision "), "{out}");
+    cli(&["kv", "-e", ep, "put", "/topics/b", "two"]);
+    let (code, out, _) = cli(&["kv", "-e", ep, "get", "/topics/a"]);
+    assert_eq!((code, out.as_str()), (0, "one\n"));
+    let (code, out, _) = cli(&["kv", "-e", ep, "scan", "/topics/", "/topics0"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "/topics/a\tone\n/topics/b\ttwo\n")
+    );
+    let (code, out, _) = cli(&["kv", "-e", ep, "--json", "get", "/topics/b"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("\"value\":\"two\"") && out.contains("\"version\":1"),
+        "{out}"
+    );
+    let (code, _, _) = cli(&["kv", "-e", ep, "cas", "/leader", "me", "--absent"]);
+    assert_eq!(code, 0);
+    let (code, out, _) = cli(&["kv", "-e", ep, "delete", "/topics/a"]);
+    assert_eq!((code, out.as_str()), (0, "deleted\n"));
+
+    // Failures: non-zero exit and one line on stderr.
+    for (args, want) in [
+        (vec!["kv", "-e", ep, "get", "/topics/a"], "not found"),
+        (
+            vec!["kv", "-e", ep, "cas", "/leader", "you", "--absent"],
+            "compare failed",
+        ),
+        (
+            vec!["kv", "-e", "127.0.0.1:1", "get", "x"],
+            "no node reachable",
+        ),
+        (vec!["kv", "-e", ep, "put", "", "v"], "invalid argument"),
+    ] {
+        let (code, _, err) = cli(&args);
+        assert_eq!(code, 2, "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+
+    let (code, out, _) = cli(&["regions", "-e", ep]);
+    assert_eq!(code, 0);
+    assert!(out.contains("5 regions"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, _) = cli(&["nodes", "-e", ep, "--json"]);
+        if code == 0 && out.matches("\"state\":\"up\"").count() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nodes never all up: {out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(procs);
+}
