@@ -105,14 +105,25 @@ impl Worker {
                 next_tick = Instant::now() + self.tick_interval;
             }
             more_work = self.round(&mut touched, tick_due && self.ticks % LOG_GC_TICKS == 0);
+            if tick_due {
+                self.publish_leader_count();
+            }
             metrics::histogram!("tessera_worker_round_seconds")
                 .record(round_start.elapsed().as_secs_f64());
         }
-        // Pending work gets a definite answer rather than a hang.
-        for (_, p) in self.peers.drain() {
-            drop(p);
-        }
+        // Dropping the peers drops their pending replies: waiting clients get "result
+        // unknown" at once rather than a timeout.
+        self.peers.clear();
         tracing::info!(worker = self.index, "raft worker stopped");
+    }
+
+    /// Counts led regions once per tick (not per round: it walks every peer) for the
+    /// `tessera_leaders` gauge and the node's placement heartbeat.
+    fn publish_leader_count(&self) {
+        let leaders = self.peers.values().filter(|p| p.is_leader()).count();
+        metrics::gauge!("tessera_leaders", "worker" => self.index.to_string()).set(leaders as f64);
+        self.leaders
+            .store(leaders, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Returns true on shutdown.
@@ -206,10 +217,6 @@ impl Worker {
             }
         }
         *touched = still;
-        let leaders = self.peers.values().filter(|p| p.is_leader()).count();
-        metrics::gauge!("tessera_leaders", "worker" => self.index.to_string()).set(leaders as f64);
-        self.leaders
-            .store(leaders, std::sync::atomic::Ordering::Relaxed);
         more_work
     }
 }
