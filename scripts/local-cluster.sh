@@ -32,7 +32,15 @@ done
 printf "waiting for every region to elect a leader"
 for _ in $(seq 1 120); do
   n=$("$BIN" regions --endpoints "$EP" --json 2>/dev/null | grep -o '"leader_node":[0-9]' | wc -l || true)
-  [ "${n:-0}" -ge 64 ] && break
+  [ "${n:-0}" -ge 65 ] && break
+  printf "."; sleep 0.5
+done
+echo
+
+printf "waiting for every node to report in"
+for _ in $(seq 1 60); do
+  n=$("$BIN" nodes --endpoints "$EP" --json 2>/dev/null | grep -o '"state":"up"' | wc -l || true)
+  [ "${n:-0}" -ge 3 ] && break
   printf "."; sleep 0.5
 done
 echo
@@ -40,12 +48,14 @@ echo
 set -x
 "$BIN" kv --endpoints "$EP" put /nodes/broker-1 '{"addr":"10.0.0.1:9092"}'
 "$BIN" kv --endpoints "$EP" put /nodes/broker-2 '{"addr":"10.0.0.2:9092"}'
-"$BIN" kv --endpoints "$EP" cas /controller broker-1 --absent
+"$BIN" kv --endpoints "$EP" cas /controller broker-1 --absent ||
+  echo "(a controller was elected on an earlier run of this cluster)"
 "$BIN" kv --endpoints "$EP" scan /nodes/ /nodes0
 "$BIN" kv --endpoints "$EP" get /controller
 { set +x; } 2>/dev/null
 "$BIN" regions --endpoints "$EP" | tail -3
 "$BIN" nodes --endpoints "$EP"
+"$BIN" status --endpoints "$EP"
 
 cat <<MSG
 
@@ -53,6 +63,7 @@ tessera is running: 3 nodes, 64 user regions + the placement region.
   talk to it:   $BIN kv --endpoints $EP get|put|delete|scan|cas ...
                 $BIN regions --endpoints $EP
                 $BIN nodes --endpoints $EP
+                $BIN status --endpoints $EP
   metrics:      curl http://127.0.0.1:20181/metrics
   logs:         $RUN/node{1,2,3}.log
   stop it:      ./scripts/local-cluster.sh stop

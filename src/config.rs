@@ -53,6 +53,9 @@ pub struct PlacementConfig {
     pub heartbeat_interval_ms: u64,
     /// A node whose last heartbeat is older than this is shown down.
     pub node_down_after_ms: u64,
+    /// Region leaders re-report regions whose load changed this often (leadership and
+    /// descriptor changes are reported at once).
+    pub region_report_interval_ms: u64,
 }
 
 impl Default for PlacementConfig {
@@ -60,6 +63,7 @@ impl Default for PlacementConfig {
         Self {
             heartbeat_interval_ms: 1000,
             node_down_after_ms: 10_000,
+            region_report_interval_ms: 10_000,
         }
     }
 }
@@ -93,6 +97,10 @@ pub struct ClusterConfig {
     pub split_keys: Vec<String>,
     /// Replicas per region (all nodes when the cluster is smaller).
     pub replicas: u32,
+    /// Addresses of running nodes to join through (`host:port`). When set, an empty data
+    /// directory registers with that cluster and gets its node id from it (`node.id` must be
+    /// 0); `initial_cluster` is not used.
+    pub join: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,6 +170,7 @@ impl Default for ClusterConfig {
             initial_regions: 8,
             split_keys: Vec::new(),
             replicas: 3,
+            join: Vec::new(),
         }
     }
 }
@@ -314,8 +323,23 @@ impl Config {
 
     /// Checks everything checkable before start-up. Creates the data directory if it is
     /// missing, and proves it is writable.
+    /// Whether this node joins a running cluster instead of founding one.
+    pub fn joining(&self) -> bool {
+        !self.cluster.join.is_empty()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.node.id == 0 {
+        if self.joining() {
+            if self.node.id != 0 {
+                return Err(invalid(
+                    "node.id",
+                    "must be 0 when cluster.join is set (the cluster assigns the id)",
+                ));
+            }
+            for a in &self.cluster.join {
+                parse_addr("cluster.join", a)?;
+            }
+        } else if self.node.id == 0 {
             return Err(invalid("node.id", "must be a positive integer"));
         }
         if self.cluster.cluster_id == 0 {
@@ -348,6 +372,13 @@ impl Config {
             }
         }
         match members.iter().find(|m| m.id == self.node_id()) {
+            None if self.joining() => {}
+            Some(m) if self.joining() => {
+                return Err(invalid(
+                    "cluster.join",
+                    format!("a joining node cannot be founding member {}", m.id.0),
+                ))
+            }
             None => {
                 return Err(invalid(
                     "node.id",
@@ -427,6 +458,12 @@ impl Config {
             return Err(invalid(
                 "placement.node_down_after_ms",
                 "must be longer than placement.heartbeat_interval_ms",
+            ));
+        }
+        if self.placement.region_report_interval_ms == 0 {
+            return Err(invalid(
+                "placement.region_report_interval_ms",
+                "must be positive",
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {

@@ -32,18 +32,40 @@ enum Command {
         #[command(subcommand)]
         op: KvOp,
     },
-    /// List the nodes in the placement registry with their state.
+    /// List the nodes in the placement registry with their state, or remove one.
     Nodes {
         #[command(flatten)]
         conn: ConnArgs,
+        #[command(subcommand)]
+        op: Option<NodesOp>,
     },
     /// Load-test a cluster.
     Bench(tessera::bench::BenchArgs),
-    /// List the regions, their ranges, peers and leaders.
+    /// List the regions (range, epoch, peers, leader, load), or move a region's leader.
     Regions {
         #[command(flatten)]
         conn: ConnArgs,
+        #[command(subcommand)]
+        op: Option<RegionsOp>,
     },
+    /// The cluster at a glance: nodes up/down, regions, leaderless regions, data size.
+    Status {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesOp {
+    /// Mark a node removed: it stops serving and may never come back with its data. Its
+    /// region replicas are not moved elsewhere by this command.
+    Remove { node_id: u64 },
+}
+
+#[derive(Subcommand)]
+enum RegionsOp {
+    /// Hand the leadership of REGION to its replica on NODE, and wait until it has moved.
+    TransferLeader { region_id: u64, node_id: u64 },
 }
 
 #[derive(clap::Args)]
@@ -54,6 +76,13 @@ struct ServerArgs {
     /// Overrides node.data_dir.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Overrides node.listen_addr (and advertise_addr).
+    #[arg(long)]
+    listen_addr: Option<String>,
+    /// Join the running cluster that ADDRESS (host:port, comma-separated for several)
+    /// belongs to instead of founding one; the cluster assigns the node id.
+    #[arg(long, value_name = "ADDRESS")]
+    join: Option<String>,
     /// Validate the config and open the store, then exit.
     #[arg(long)]
     check: bool,
@@ -112,6 +141,18 @@ fn load_config(args: &ServerArgs) -> Result<Config, String> {
     };
     if let Some(dir) = &args.data_dir {
         cfg.node.data_dir = dir.clone();
+    }
+    if let Some(addr) = &args.listen_addr {
+        cfg.node.listen_addr = addr.clone();
+        cfg.node.advertise_addr = String::new();
+    }
+    if let Some(join) = &args.join {
+        cfg.cluster.join = join
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        cfg.node.id = 0;
     }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
@@ -176,9 +217,19 @@ async fn run_server(args: ServerArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     eprintln!("tessera: node serving on {}", node.local_addr());
-    wait_for_signal().await;
+    let removed = tokio::select! {
+        _ = wait_for_signal() => false,
+        _ = node.wait_removed() => true,
+    };
     eprintln!("tessera: shutting down");
     node.shutdown().await;
+    if removed {
+        return Err(
+            "this node was removed from the cluster; its data directory cannot serve again \
+             (wipe it and join anew)"
+                .into(),
+        );
+    }
     Ok(())
 }
 
@@ -312,28 +363,127 @@ async fn run_kv(conn: ConnArgs, op: KvOp) -> Result<(), String> {
     Ok(())
 }
 
-async fn run_regions(conn: ConnArgs) -> Result<(), String> {
+fn hex(k: &[u8]) -> String {
+    if k.is_empty() {
+        "-".to_string()
+    } else {
+        k.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+async fn run_regions(conn: ConnArgs, op: Option<RegionsOp>) -> Result<(), String> {
     let client = connect(&conn, false).await?;
-    let regions = client.regions().await.map_err(|e| e.to_string())?;
+    if let Some(RegionsOp::TransferLeader { region_id, node_id }) = op {
+        client
+            .transfer_leader(region_id, node_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        if conn.json {
+            println!("{{\"region\":{region_id},\"leader_node\":{node_id}}}");
+        } else {
+            println!("region {region_id} is now led from node {node_id}");
+        }
+        return Ok(());
+    }
+    let routes = client.routes().await.map_err(|e| e.to_string())?;
     if conn.json {
-        let items: Vec<String> = regions
+        let items: Vec<String> = routes
             .iter()
-            .map(|c| {
-                let r = &c.region;
+            .filter_map(|route| {
+                let r = route.region.as_ref()?;
+                let load = route.load.unwrap_or_default();
                 let peers: Vec<String> = r
                     .peers
                     .iter()
                     .map(|p| format!("{{\"id\":{},\"node\":{}}}", p.id, p.node_id))
                     .collect();
-                format!(
-                    "{{\"id\":{},\"start\":{},\"end\":{},\"version\":{},\"conf_ver\":{},\"leader_node\":{},\"peers\":[{}]}}",
+                Some(format!(
+                    "{{\"id\":{},\"start\":{},\"end\":{},\"version\":{},\"conf_ver\":{},\"leader_node\":{},\"peers\":[{}],\"keys\":{},\"bytes\":{},\"writes_per_sec\":{:.1}}}",
                     r.id,
-                    json_str(&format!("{:02x?}", r.start_key)),
-                    json_str(&format!("{:02x?}", r.end_key)),
+                    json_str(&hex(&r.start_key)),
+                    json_str(&hex(&r.end_key)),
                     r.epoch.unwrap_or_default().version,
                     r.epoch.unwrap_or_default().conf_ver,
-                    c.leader.as_ref().map_or("null".to_string(), |l| l.node_id.to_string()),
-                    peers.join(",")
+                    route.leader.as_ref().map_or("null".to_string(), |l| l.node_id.to_string()),
+                    peers.join(","),
+                    load.keys,
+                    load.bytes,
+                    load.writes_per_sec
+                ))
+            })
+            .collect();
+        println!("[{}]", items.join(","));
+        return Ok(());
+    }
+    println!(
+        "{:>8}  {:<12}  {:<12}  {:>7}  {:>6}  {:>8}  {:>10}  {:>8}  NODES",
+        "REGION", "START", "END", "EPOCH", "LEADER", "KEYS", "BYTES", "WRITES/S"
+    );
+    for route in &routes {
+        let Some(r) = route.region.as_ref() else {
+            continue;
+        };
+        let e = r.epoch.unwrap_or_default();
+        let load = route.load.unwrap_or_default();
+        let nodes: Vec<String> = r.peers.iter().map(|p| p.node_id.to_string()).collect();
+        println!(
+            "{:>8}  {:<12}  {:<12}  {:>7}  {:>6}  {:>8}  {:>10}  {:>8.1}  {}",
+            r.id,
+            hex(&r.start_key),
+            hex(&r.end_key),
+            format!("{}/{}", e.conf_ver, e.version),
+            route
+                .leader
+                .as_ref()
+                .map_or("?".into(), |l| l.node_id.to_string()),
+            load.keys,
+            load.bytes,
+            load.writes_per_sec,
+            nodes.join(",")
+        );
+    }
+    println!("{} regions", routes.len());
+    Ok(())
+}
+
+fn state_name(s: i32) -> &'static str {
+    use tessera::proto::NodeState;
+    match NodeState::try_from(s) {
+        Ok(NodeState::Up) => "up",
+        Ok(NodeState::Down) => "down",
+        Ok(NodeState::Removed) => "removed",
+        Err(_) => "unknown",
+    }
+}
+
+async fn run_nodes(conn: ConnArgs, op: Option<NodesOp>) -> Result<(), String> {
+    let client = connect(&conn, false).await?;
+    if let Some(NodesOp::Remove { node_id }) = op {
+        client
+            .remove_node(node_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        if conn.json {
+            println!("{{\"removed\":{node_id}}}");
+        } else {
+            println!("node {node_id} marked removed");
+        }
+        return Ok(());
+    }
+    let nodes = client.nodes().await.map_err(|e| e.to_string())?;
+    if conn.json {
+        let items: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                let r = n.record.clone().unwrap_or_default();
+                format!(
+                    "{{\"id\":{},\"addr\":{},\"state\":\"{}\",\"regions\":{},\"leaders\":{},\"heartbeat_age_ms\":{}}}",
+                    r.node_id,
+                    json_str(&r.addr),
+                    state_name(n.state),
+                    r.regions,
+                    r.leaders,
+                    n.heartbeat_age_ms
                 )
             })
             .collect();
@@ -341,104 +491,71 @@ async fn run_regions(conn: ConnArgs) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:>8}  {:<20}  {:<20}  {:>7}  {:>6}  NODES",
-        "REGION", "START", "END", "EPOCH", "LEADER"
+        "{:>4}  {:<22}  {:<7}  {:>7}  {:>7}  LAST HEARTBEAT",
+        "ID", "ADDRESS", "STATE", "REGIONS", "LEADERS"
     );
-    let hex = |k: &[u8]| {
-        if k.is_empty() {
-            "-".to_string()
+    for n in &nodes {
+        let r = n.record.clone().unwrap_or_default();
+        let age = if r.last_heartbeat_ms == 0 {
+            "never".to_string()
         } else {
-            k.iter().map(|b| format!("{b:02x}")).collect()
-        }
-    };
-    for c in &regions {
-        let r = &c.region;
-        let e = r.epoch.unwrap_or_default();
-        let nodes: Vec<String> = r.peers.iter().map(|p| p.node_id.to_string()).collect();
+            format!("{:.1}s ago", n.heartbeat_age_ms as f64 / 1000.0)
+        };
         println!(
-            "{:>8}  {:<20}  {:<20}  {:>7}  {:>6}  {}",
-            r.id,
-            hex(&r.start_key),
-            hex(&r.end_key),
-            format!("{}/{}", e.conf_ver, e.version),
-            c.leader
-                .as_ref()
-                .map_or("?".into(), |l| l.node_id.to_string()),
-            nodes.join(",")
+            "{:>4}  {:<22}  {:<7}  {:>7}  {:>7}  {age}",
+            r.node_id,
+            r.addr,
+            state_name(n.state),
+            r.regions,
+            r.leaders,
         );
     }
-    println!("{} regions", regions.len());
     Ok(())
 }
 
-async fn run_nodes(conn: ConnArgs) -> Result<(), String> {
-    use tessera::proto::node_client::NodeClient;
-    use tessera::proto::{ListNodesRequest, NodeState};
-    let mut last = String::from("no endpoint given");
-    for ep in conn
-        .endpoints
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        let mut c = match NodeClient::connect(format!("http://{ep}")).await {
-            Ok(c) => c,
-            Err(e) => {
-                last = format!("{ep}: {e}");
-                continue;
-            }
-        };
-        let nodes = match c.list_nodes(ListNodesRequest {}).await {
-            Ok(r) => r.into_inner().nodes,
-            Err(s) => {
-                last = format!("{ep}: {}", s.message());
-                continue;
-            }
-        };
-        let state = |s: i32| match NodeState::try_from(s) {
-            Ok(NodeState::Up) => "up",
-            Ok(NodeState::Down) => "down",
-            Ok(NodeState::Removed) => "removed",
-            Err(_) => "unknown",
-        };
-        if conn.json {
-            let items: Vec<String> = nodes
-                .iter()
-                .map(|n| {
-                    let r = n.record.clone().unwrap_or_default();
-                    format!(
-                        "{{\"id\":{},\"addr\":{},\"state\":\"{}\",\"regions\":{},\"leaders\":{},\"heartbeat_age_ms\":{}}}",
-                        r.node_id,
-                        json_str(&r.addr),
-                        state(n.state),
-                        r.regions,
-                        r.leaders,
-                        n.heartbeat_age_ms
-                    )
-                })
-                .collect();
-            println!("[{}]", items.join(","));
-        } else {
-            println!(
-                "{:>4}  {:<22}  {:<7}  {:>7}  {:>7}  LAST HEARTBEAT",
-                "ID", "ADDRESS", "STATE", "REGIONS", "LEADERS"
-            );
-            for n in &nodes {
-                let r = n.record.clone().unwrap_or_default();
-                println!(
-                    "{:>4}  {:<22}  {:<7}  {:>7}  {:>7}  {:.1}s ago",
-                    r.node_id,
-                    r.addr,
-                    state(n.state),
-                    r.regions,
-                    r.leaders,
-                    n.heartbeat_age_ms as f64 / 1000.0
-                );
-            }
-        }
+async fn run_status(conn: ConnArgs) -> Result<(), String> {
+    let client = connect(&conn, false).await?;
+    let st = client.status().await.map_err(|e| e.to_string())?;
+    let count = |want: &str| {
+        st.nodes
+            .iter()
+            .filter(|n| state_name(n.state) == want)
+            .count()
+    };
+    let (up, down, removed) = (count("up"), count("down"), count("removed"));
+    if conn.json {
+        println!(
+            "{{\"cluster_id\":{},\"nodes_up\":{up},\"nodes_down\":{down},\"nodes_removed\":{removed},\"regions\":{},\"regions_without_leader\":{},\"regions_unavailable\":{},\"keys\":{},\"bytes\":{},\"placement_leader_node\":{},\"max_id\":{}}}",
+            st.cluster_id,
+            st.regions,
+            st.regions_without_leader,
+            st.regions_unavailable,
+            st.total_keys,
+            st.total_bytes,
+            st.placement_leader_node,
+            st.max_id
+        );
         return Ok(());
     }
-    Err(format!("no node answered: {last}"))
+    let health = if st.regions_unavailable > 0 {
+        "UNAVAILABLE REGIONS"
+    } else if down > 0 || st.regions_without_leader > 0 {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    println!("cluster {}: {health}", st.cluster_id);
+    println!("  nodes:    {up} up, {down} down, {removed} removed");
+    println!(
+        "  regions:  {} ({} without a leader, {} without a live majority)",
+        st.regions, st.regions_without_leader, st.regions_unavailable
+    );
+    println!(
+        "  data:     {} keys, {} bytes",
+        st.total_keys, st.total_bytes
+    );
+    println!("  placement leader: node {}", st.placement_leader_node);
+    Ok(())
 }
 
 async fn run_bench(args: tessera::bench::BenchArgs) -> Result<(), String> {
@@ -454,6 +571,13 @@ async fn run_bench(args: tessera::bench::BenchArgs) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`tessera regions | head`) would
+    // panic; a command-line tool should just end quietly, as with the default action.
+    // SAFETY: called first in main, before any other thread exists.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -473,9 +597,10 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Kv { conn, op } => run_kv(conn, op).await,
-            Command::Regions { conn } => run_regions(conn).await,
+            Command::Regions { conn, op } => run_regions(conn, op).await,
             Command::Bench(args) => run_bench(args).await,
-            Command::Nodes { conn } => run_nodes(conn).await,
+            Command::Nodes { conn, op } => run_nodes(conn, op).await,
+            Command::Status { conn } => run_status(conn).await,
         }
     });
     match result {

@@ -38,7 +38,11 @@ use tonic::{Code, Status};
 
 use crate::proto::kv_client::KvClient;
 use crate::proto::node_client::NodeClient;
-use crate::proto::{self, region_error, KeyValue, ReadConsistency, RegionsRequest, RequestHeader};
+use crate::proto::{
+    self, region_error, ClusterStatusResponse, KeyValue, NodeAddress, NodeInfo, ReadConsistency,
+    RegionRoute, RegionsRequest, RequestHeader,
+};
+use crate::storage::keys::is_system_key;
 use cache::{CachedRegion, RegionCache};
 
 pub use crate::raftstore::cmd::{CasAction, Compare};
@@ -60,6 +64,12 @@ pub enum Error {
     Unknown(String),
     #[error("server error: {0}")]
     Server(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The cluster refused the request as it stands (for example a join from an address
+    /// another node holds).
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -159,8 +169,243 @@ impl Client {
                 stats: ClientStats::default(),
             }),
         };
-        c.refresh().await?;
+        if c.inner.opts.system || c.load_routes(&[], 0).await.is_err() {
+            c.refresh().await?;
+        }
         Ok(c)
+    }
+
+    /// Before retry number `attempts`: fails with `Deadline` once the call's time is up,
+    /// otherwise sleeps a jittered, doubling backoff (10 ms to 700 ms).
+    async fn backoff(&self, start: Instant, attempts: u32, last: &str) -> Result<()> {
+        if start.elapsed() >= self.inner.opts.deadline {
+            return Err(Error::Deadline {
+                attempts,
+                elapsed: start.elapsed(),
+                last: last.to_string(),
+            });
+        }
+        self.inner
+            .stats
+            .retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = 10u64 << attempts.min(6);
+        let jitter = rand::rng().random_range(0..=base / 2);
+        tokio::time::sleep(Duration::from_millis((base + jitter).min(700))).await;
+        Ok(())
+    }
+
+    fn kv(ch: Channel) -> KvClient<Channel> {
+        KvClient::new(ch).max_decoding_message_size(crate::transport::MAX_GRPC_MESSAGE_BYTES)
+    }
+
+    /// The endpoints given at connect time, then every node learnt since.
+    fn node_addrs(&self) -> Vec<String> {
+        let mut addrs: Vec<String> = self.inner.endpoints.clone();
+        for e in self.inner.nodes.iter() {
+            if !addrs.contains(e.value()) {
+                addrs.push(e.value().clone());
+            }
+        }
+        addrs
+    }
+
+    fn learn_nodes(&self, nodes: Vec<NodeAddress>) {
+        for n in nodes {
+            self.inner.nodes.insert(n.node_id, n.addr);
+        }
+    }
+
+    /// Calls a `Node` RPC on the first node that answers. Only unreachable nodes are skipped;
+    /// any other failure is the answer.
+    async fn any_node<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: Fn(NodeClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+    {
+        let mut last = String::from("no endpoint answered");
+        for addr in self.node_addrs() {
+            let ch = match self.channel(&addr).await {
+                Ok(ch) => ch,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match op(NodeClient::new(ch)).await {
+                Ok(v) => return Ok(v),
+                Err(s) => match s.code() {
+                    Code::NotFound => return Err(Error::NotFound(s.message().into())),
+                    Code::InvalidArgument => {
+                        return Err(Error::InvalidArgument(s.message().into()))
+                    }
+                    Code::AlreadyExists | Code::FailedPrecondition => {
+                        return Err(Error::Refused(s.message().into()))
+                    }
+                    _ => {
+                        self.forget_channel(&addr);
+                        last = format!("{addr}: {}", s.message());
+                    }
+                },
+            }
+        }
+        Err(Error::Unavailable(last))
+    }
+
+    /// Loads routes from the placement routing table: the region holding `start` and up to
+    /// `limit - 1` after it (`limit` 0 = the whole keyspace).
+    async fn load_routes(&self, start: &[u8], limit: u32) -> Result<Vec<RegionRoute>> {
+        let resp = self
+            .any_node(|mut n| async move {
+                n.scan_regions(proto::ScanRegionsRequest {
+                    start_key: start.to_vec(),
+                    end_key: Vec::new(),
+                    limit,
+                })
+                .await
+                .map(|r| r.into_inner())
+            })
+            .await?;
+        if resp.routes.is_empty() {
+            return Err(Error::NotFound("the routing table is empty".into()));
+        }
+        self.learn_nodes(resp.nodes);
+        let mut cache = self
+            .inner
+            .cache
+            .write()
+            .expect("region cache lock poisoned");
+        for r in &resp.routes {
+            if let Some(region) = r.region.clone() {
+                cache.insert(region, r.leader);
+            }
+        }
+        Ok(resp.routes)
+    }
+
+    /// Every region with its leader and load, from the placement routing table (or, while
+    /// that does not cover the keyspace yet, as the nodes themselves report them, without
+    /// load).
+    pub async fn routes(&self) -> Result<Vec<RegionRoute>> {
+        let complete = |routes: &[RegionRoute]| {
+            let mut expect: &[u8] = &[];
+            for r in routes {
+                match &r.region {
+                    Some(region) if region.start_key == expect => expect = &region.end_key,
+                    _ => return false,
+                }
+            }
+            !routes.is_empty() && expect.is_empty()
+        };
+        match self.load_routes(&[], 0).await {
+            Ok(r) if complete(&r) => Ok(r),
+            _ => Ok(self
+                .regions()
+                .await?
+                .into_iter()
+                .map(|c| RegionRoute {
+                    region: Some(c.region),
+                    leader: c.leader,
+                    ..Default::default()
+                })
+                .collect()),
+        }
+    }
+
+    /// Every registered node with its state.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>> {
+        self.any_node(|mut n| async move {
+            n.list_nodes(proto::ListNodesRequest {})
+                .await
+                .map(|r| r.into_inner().nodes)
+        })
+        .await
+    }
+
+    /// The cluster at a glance: nodes, regions, leaderless or unavailable regions, totals.
+    pub async fn status(&self) -> Result<ClusterStatusResponse> {
+        self.any_node(|mut n| async move {
+            n.cluster_status(proto::ClusterStatusRequest {})
+                .await
+                .map(|r| r.into_inner())
+        })
+        .await
+    }
+
+    /// Marks a node removed; it stops serving and may never return with its data.
+    pub async fn remove_node(&self, node_id: u64) -> Result<()> {
+        self.any_node(|mut n| async move {
+            n.remove_node(proto::RemoveNodeRequest { node_id })
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Asks region `region_id`'s leader to hand leadership to its peer on `to_node`, and waits
+    /// (within the deadline) until the cluster reports the new leader.
+    pub async fn transfer_leader(&self, region_id: u64, to_node: u64) -> Result<()> {
+        let start = Instant::now();
+        let mut asked = false;
+        loop {
+            if start.elapsed() >= self.inner.opts.deadline {
+                return Err(Error::Deadline {
+                    attempts: 0,
+                    elapsed: start.elapsed(),
+                    last: format!("region {region_id} still not led from node {to_node}"),
+                });
+            }
+            let region = self.cached_region(region_id).await?;
+            if !region.region.peers.iter().any(|p| p.node_id == to_node) {
+                return Err(Error::InvalidArgument(format!(
+                    "region {region_id} has no peer on node {to_node}"
+                )));
+            }
+            if asked && region.leader.is_some_and(|l| l.node_id == to_node) {
+                return Ok(());
+            }
+            let key = region.region.start_key.clone();
+            self.execute(&key, true, |ch, header| async move {
+                let r = NodeClient::new(ch)
+                    .transfer_leader(proto::TransferLeaderRequest {
+                        header: Some(header),
+                        to_node,
+                    })
+                    .await?
+                    .into_inner();
+                Ok((r.region_error, ()))
+            })
+            .await?;
+            asked = true;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Ask the leader it named (it answers NotLeader naming the new one once done).
+            self.inner
+                .cache
+                .write()
+                .expect("region cache lock poisoned")
+                .set_leader(region_id, None);
+            let _ = self.refresh().await;
+        }
+    }
+
+    async fn cached_region(&self, region_id: u64) -> Result<CachedRegion> {
+        let find = |c: &Client| {
+            c.inner
+                .cache
+                .read()
+                .expect("region cache lock poisoned")
+                .regions()
+                .into_iter()
+                .find(|r| r.region.id == region_id)
+        };
+        if let Some(r) = find(self) {
+            return Ok(r);
+        }
+        let _ = self.load_routes(&[], 0).await;
+        if find(self).is_none() {
+            self.refresh().await?;
+        }
+        find(self).ok_or_else(|| Error::NotFound(format!("no region {region_id}")))
     }
 
     pub fn stats(&self) -> &ClientStats {
@@ -193,12 +438,7 @@ impl Client {
             .stats
             .cache_refreshes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut addrs: Vec<String> = self.inner.endpoints.clone();
-        for e in self.inner.nodes.iter() {
-            if !addrs.contains(e.value()) {
-                addrs.push(e.value().clone());
-            }
-        }
+        let addrs = self.node_addrs();
         let mut last_err = String::from("no endpoint answered");
         let mut any = false;
         let mut infos = Vec::new();
@@ -270,7 +510,15 @@ impl Client {
         {
             return Ok(c.clone());
         }
-        self.refresh().await?;
+        // The placement routing table first (one RPC loads this region and the next ones);
+        // the placement region itself, and a table not filled yet, through the nodes.
+        if self.inner.opts.system
+            || is_system_key(key)
+            || self.load_routes(key, 32).await.is_err()
+            || self.cached(key).is_none()
+        {
+            self.refresh().await?;
+        }
         self.inner
             .cache
             .read()
@@ -278,6 +526,15 @@ impl Client {
             .locate(key)
             .cloned()
             .ok_or_else(|| Error::Unavailable(format!("no region holds key {key:02x?}")))
+    }
+
+    fn cached(&self, key: &[u8]) -> Option<CachedRegion> {
+        self.inner
+            .cache
+            .read()
+            .expect("region cache lock poisoned")
+            .locate(key)
+            .cloned()
     }
 
     fn header(&self, r: &CachedRegion) -> RequestHeader {
@@ -323,7 +580,7 @@ impl Client {
                 }
             }
         }
-        if refresh {
+        if refresh && self.inner.opts.system {
             let _ = self.refresh().await;
         }
         e.message
@@ -344,7 +601,7 @@ impl Client {
     /// answers or the deadline passes.
     async fn execute<T, F, Fut>(&self, key: &[u8], retry_ambiguous: bool, op: F) -> Result<T>
     where
-        F: Fn(KvClient<Channel>, RequestHeader) -> Fut,
+        F: Fn(Channel, RequestHeader) -> Fut,
         Fut: std::future::Future<
             Output = std::result::Result<(Option<proto::RegionError>, T), Status>,
         >,
@@ -354,20 +611,7 @@ impl Client {
         let mut last = String::new();
         loop {
             if attempts > 0 {
-                if start.elapsed() >= self.inner.opts.deadline {
-                    return Err(Error::Deadline {
-                        attempts,
-                        elapsed: start.elapsed(),
-                        last,
-                    });
-                }
-                self.inner
-                    .stats
-                    .retries
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let base = 10u64 << attempts.min(6);
-                let jitter = rand::rng().random_range(0..=base / 2);
-                tokio::time::sleep(Duration::from_millis((base + jitter).min(700))).await;
+                self.backoff(start, attempts, &last).await?;
             }
             attempts += 1;
             let region = match self.locate(key).await {
@@ -395,7 +639,7 @@ impl Client {
         op: &F,
     ) -> Result<Attempt<T>>
     where
-        F: Fn(KvClient<Channel>, RequestHeader) -> Fut,
+        F: Fn(Channel, RequestHeader) -> Fut,
         Fut: std::future::Future<
             Output = std::result::Result<(Option<proto::RegionError>, T), Status>,
         >,
@@ -414,9 +658,7 @@ impl Client {
                 return Ok(Attempt::Retry(e));
             }
         };
-        let kv =
-            KvClient::new(ch).max_decoding_message_size(crate::transport::MAX_GRPC_MESSAGE_BYTES);
-        match op(kv, self.header(region)).await {
+        match op(ch, self.header(region)).await {
             Ok((None, v)) => Ok(Attempt::Done(v)),
             Ok((Some(e), _)) => Ok(Attempt::Retry(self.on_region_error(region, e).await)),
             Err(s) if s.code() == Code::InvalidArgument => {
@@ -454,8 +696,8 @@ impl Client {
     }
 
     pub async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>> {
-        self.execute(key, true, |mut kv, header| async move {
-            let r = kv
+        self.execute(key, true, |ch, header| async move {
+            let r = Self::kv(ch)
                 .get(proto::GetRequest {
                     header: Some(header),
                     key: key.to_vec(),
@@ -471,8 +713,8 @@ impl Client {
         self.execute(
             key,
             self.inner.opts.retry_ambiguous_writes,
-            |mut kv, header| async move {
-                let r = kv
+            |ch, header| async move {
+                let r = Self::kv(ch)
                     .put(proto::PutRequest {
                         header: Some(header),
                         key: key.to_vec(),
@@ -496,8 +738,8 @@ impl Client {
         self.execute(
             key,
             self.inner.opts.retry_ambiguous_writes,
-            |mut kv, header| async move {
-                let r = kv
+            |ch, header| async move {
+                let r = Self::kv(ch)
                     .delete(proto::DeleteRequest {
                         header: Some(header),
                         key: key.to_vec(),
@@ -522,11 +764,11 @@ impl Client {
             CasAction::Put(v) => proto::cas_request::Action::Put(v),
             CasAction::Delete => proto::cas_request::Action::Delete(true),
         };
-        self.execute(key, false, |mut kv, header| {
+        self.execute(key, false, |ch, header| {
             let compare = compare.clone();
             let action = action.clone();
             async move {
-                let r = kv
+                let r = Self::kv(ch)
                     .compare_and_swap(proto::CasRequest {
                         header: Some(header),
                         key: key.to_vec(),
@@ -546,6 +788,148 @@ impl Client {
             }
         })
         .await
+    }
+
+    /// Runs `op` once per region for the keys it holds, all regions in parallel; keys whose
+    /// region answered with a routing error are grouped again and retried until the deadline.
+    /// Returns each group's key indices with its answer.
+    async fn per_region<R, F, Fut>(
+        &self,
+        keys: &[&[u8]],
+        retry_ambiguous: bool,
+        op: F,
+    ) -> Result<Vec<(Vec<usize>, R)>>
+    where
+        F: Fn(Channel, RequestHeader, Vec<usize>) -> Fut,
+        Fut: std::future::Future<
+            Output = std::result::Result<(Option<proto::RegionError>, R), Status>,
+        >,
+    {
+        let start = Instant::now();
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let mut out = Vec::new();
+        let mut attempts = 0u32;
+        let mut last = String::new();
+        while !pending.is_empty() {
+            if attempts > 0 {
+                self.backoff(start, attempts, &last).await?;
+            }
+            attempts += 1;
+            let mut groups: std::collections::BTreeMap<u64, (CachedRegion, Vec<usize>)> =
+                Default::default();
+            let mut unrouted = Vec::new();
+            for i in pending.drain(..) {
+                match self.locate(keys[i]).await {
+                    Ok(r) => groups
+                        .entry(r.region.id)
+                        .or_insert((r, Vec::new()))
+                        .1
+                        .push(i),
+                    Err(e) => {
+                        last = e.to_string();
+                        unrouted.push(i);
+                    }
+                }
+            }
+            let op = &op;
+            let calls = groups.into_values().map(|(region, idx)| async move {
+                let call = |ch: Channel, h: RequestHeader| op(ch, h, idx.clone());
+                let res = self
+                    .attempt(&region, attempts, retry_ambiguous, &call)
+                    .await;
+                (idx, res)
+            });
+            pending = unrouted;
+            for (idx, res) in futures::future::join_all(calls).await {
+                match res? {
+                    Attempt::Done(v) => out.push((idx, v)),
+                    Attempt::Retry(why) => {
+                        last = why;
+                        pending.extend(idx);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads several keys: one request per region holding some of them, regions in
+    /// parallel, each region's keys read at one point. Answers are in the order of `keys`.
+    pub async fn batch_get(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<KeyValue>>> {
+        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+        let groups = self
+            .per_region(&refs, true, |ch, header, idx| {
+                let keys: Vec<Vec<u8>> = idx.iter().map(|&i| keys[i].clone()).collect();
+                async move {
+                    let r = Self::kv(ch)
+                        .batch_get(proto::BatchGetRequest {
+                            header: Some(header),
+                            keys,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.region_error, r.kvs))
+                }
+            })
+            .await?;
+        let mut out = vec![None; keys.len()];
+        for (idx, kvs) in groups {
+            if kvs.len() != idx.len() {
+                return Err(Error::Server(format!(
+                    "batch get answered {} keys for {}",
+                    kvs.len(),
+                    idx.len()
+                )));
+            }
+            for (i, kv) in idx.into_iter().zip(kvs) {
+                out[i] = (!kv.key.is_empty()).then_some(kv);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts (`Some(value)`) and deletes (`None`) several keys: one raft entry per region
+    /// holding some of them, regions in parallel. Atomic within each region, not across
+    /// regions: if the call fails, some regions may have applied their part.
+    /// Keys are checked before anything is sent, so an empty or reserved key fails the whole
+    /// call with nothing written.
+    pub async fn batch_write(&self, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<()> {
+        for (k, _) in ops {
+            if k.is_empty() {
+                return Err(Error::InvalidArgument("key must not be empty".into()));
+            }
+            if is_system_key(k) && !self.inner.opts.system {
+                return Err(Error::InvalidArgument(
+                    "keys starting with byte 0xFF are reserved for placement data".into(),
+                ));
+            }
+        }
+        let refs: Vec<&[u8]> = ops.iter().map(|(k, _)| k.as_slice()).collect();
+        self.per_region(
+            &refs,
+            self.inner.opts.retry_ambiguous_writes,
+            |ch, header, idx| {
+                let ops: Vec<proto::BatchWriteOp> = idx
+                    .iter()
+                    .map(|&i| proto::BatchWriteOp {
+                        key: ops[i].0.clone(),
+                        value: ops[i].1.clone(),
+                    })
+                    .collect();
+                async move {
+                    let r = Self::kv(ch)
+                        .batch_write(proto::BatchWriteRequest {
+                            header: Some(header),
+                            ops,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.region_error, ()))
+                }
+            },
+        )
+        .await?;
+        Ok(())
     }
 
     /// Creates `key` only if it does not exist; returns whether this call created it.
@@ -602,7 +986,7 @@ impl Client {
         end: &[u8],
         limit: usize,
     ) -> Result<(Vec<KeyValue>, bool, Vec<u8>)> {
-        self.execute(start, true, |mut kv, header| {
+        self.execute(start, true, |ch, header| {
             let region_end = self
                 .inner
                 .cache
@@ -612,7 +996,7 @@ impl Client {
                 .map(|c| c.region.end_key.clone())
                 .unwrap_or_default();
             async move {
-                let r = kv
+                let r = Self::kv(ch)
                     .scan(proto::ScanRequest {
                         header: Some(header),
                         start_key: start.to_vec(),

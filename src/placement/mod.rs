@@ -9,7 +9,9 @@
 //! Keys (after the 0xFF prefix):
 //! - `ids` — the id counter: the highest id handed out, big-endian u64, seeded at bootstrap
 //!   above every bootstrap region and peer id;
-//! - `nodes/` ‖ node_id (big-endian) — one `NodeRecord` per node, written by its heartbeats.
+//! - `nodes/` ‖ node_id (big-endian) — one `NodeRecord` per node, written by its heartbeats;
+//! - `routes/` ‖ 0x01 ‖ end_key (or `routes/` ‖ 0x02 for the last region) — one
+//!   `RegionRoute` per region: descriptor, leader, load; written by the region's leader.
 //!
 //! Node liveness: each node rewrites its record every `heartbeat_interval_ms` with its wall
 //! clock; a reader shows a node down when its last heartbeat is older than
@@ -19,7 +21,7 @@ use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::client::{CasAction, Client, Compare, Error};
-use crate::proto::{KvRecord, NodeInfo, NodeRecord, NodeState};
+use crate::proto::{KvRecord, NodeInfo, NodeRecord, NodeState, RegionRoute};
 use crate::storage::keys::{self, SYSTEM_KEY_PREFIX};
 use crate::storage::{Cf, WriteBatch};
 
@@ -94,36 +96,352 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Writes this node's registry record (one heartbeat).
-pub async fn heartbeat(client: &Client, record: &NodeRecord) -> Result<(), Error> {
-    let value = prost::Message::encode_to_vec(record);
-    client
-        .put(&node_key(record.node_id), &value)
-        .await
-        .map(|_| ())
+// ---------------------------------------------------------------------------------------------
+// Node registry: heartbeats, joining and removal
+// ---------------------------------------------------------------------------------------------
+
+/// What a heartbeat learned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Beat {
+    Written,
+    /// The registry says this node was removed: it must stop serving.
+    Removed,
+}
+
+fn decode_node(v: &[u8]) -> Result<NodeRecord, Error> {
+    <NodeRecord as prost::Message>::decode(v)
+        .map_err(|e| Error::Server(format!("bad node record: {e}")))
+}
+
+/// Writes this node's registry record (one heartbeat) — unless the record says the node was
+/// removed, which a heartbeat must never undo (hence the compare-and-swap).
+pub async fn heartbeat(client: &Client, record: &NodeRecord) -> Result<Beat, Error> {
+    let key = node_key(record.node_id);
+    for _ in 0..10 {
+        let cur = client.get(&key).await?;
+        let compare = match &cur {
+            Some(kv) => {
+                if decode_node(&kv.value)?.removed {
+                    return Ok(Beat::Removed);
+                }
+                Compare::ModRevision(kv.mod_revision)
+            }
+            None => Compare::Absent,
+        };
+        let value = prost::Message::encode_to_vec(record);
+        if client
+            .cas(&key, compare, CasAction::Put(value))
+            .await?
+            .succeeded
+        {
+            return Ok(Beat::Written);
+        }
+    }
+    Err(Error::Server("heartbeat kept losing races".into()))
+}
+
+/// Every registered node's record.
+pub async fn node_records(client: &Client) -> Result<Vec<NodeRecord>, Error> {
+    let (start, end) = nodes_range();
+    let mut out = Vec::new();
+    for kv in client.scan(&start, &end, 0).await? {
+        out.push(decode_node(&kv.value)?);
+    }
+    Ok(out)
 }
 
 /// Every registered node with its state as of now.
 pub async fn list_nodes(client: &Client, down_after: Duration) -> Result<Vec<NodeInfo>, Error> {
-    let (start, end) = nodes_range();
     let now = now_ms();
-    let mut out = Vec::new();
-    for kv in client.scan(&start, &end, 0).await? {
-        let rec = <NodeRecord as prost::Message>::decode(kv.value.as_slice())
-            .map_err(|e| Error::Server(format!("bad node record: {e}")))?;
-        let age = now.saturating_sub(rec.last_heartbeat_ms);
-        let state = if rec.removed {
-            NodeState::Removed
-        } else if age > down_after.as_millis() as u64 {
-            NodeState::Down
-        } else {
-            NodeState::Up
-        };
-        out.push(NodeInfo {
-            record: Some(rec),
-            state: state as i32,
-            heartbeat_age_ms: age,
-        });
+    Ok(node_records(client)
+        .await?
+        .into_iter()
+        .map(|rec| {
+            let age = now.saturating_sub(rec.last_heartbeat_ms);
+            let state = if rec.removed {
+                NodeState::Removed
+            } else if age > down_after.as_millis() as u64 {
+                NodeState::Down
+            } else {
+                NodeState::Up
+            };
+            NodeInfo {
+                record: Some(rec),
+                state: state as i32,
+                heartbeat_age_ms: age,
+            }
+        })
+        .collect())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("address {addr} is already registered to node {node}; remove that node first (`tessera nodes remove {node}`)")]
+    AddressTaken { addr: String, node: u64 },
+    #[error("{0}")]
+    Client(#[from] Error),
+}
+
+/// Registers a node at `addr` and gives it an id. A registration that never heartbeated (a
+/// joiner that crashed before saving its id) is handed out again to the same address; an
+/// address held by any other node that was not removed is refused, so that one machine never
+/// runs as two nodes.
+pub async fn join(client: &Client, addr: &str) -> Result<u64, JoinError> {
+    for rec in node_records(client).await? {
+        if rec.addr == addr && !rec.removed {
+            if rec.last_heartbeat_ms == 0 {
+                return Ok(rec.node_id);
+            }
+            return Err(JoinError::AddressTaken {
+                addr: addr.to_string(),
+                node: rec.node_id,
+            });
+        }
     }
-    Ok(out)
+    let id = alloc_ids(client, 1).await?.start;
+    let rec = NodeRecord {
+        node_id: id,
+        addr: addr.to_string(),
+        ..Default::default()
+    };
+    let created = client
+        .create(&node_key(id), &prost::Message::encode_to_vec(&rec))
+        .await?;
+    if !created {
+        return Err(Error::Server(format!("fresh node id {id} is already registered")).into());
+    }
+    Ok(id)
+}
+
+/// Marks a node removed. Its record stays (ids are never reused) and it can never heartbeat
+/// again; the node stops when it sees the mark.
+pub async fn remove_node(client: &Client, node_id: u64) -> Result<(), Error> {
+    let key = node_key(node_id);
+    for _ in 0..10 {
+        let Some(kv) = client.get(&key).await? else {
+            return Err(Error::InvalidArgument(format!(
+                "node {node_id} is not registered"
+            )));
+        };
+        let mut rec = decode_node(&kv.value)?;
+        if rec.removed {
+            return Ok(());
+        }
+        rec.removed = true;
+        let value = prost::Message::encode_to_vec(&rec);
+        if client
+            .cas(
+                &key,
+                Compare::ModRevision(kv.mod_revision),
+                CasAction::Put(value),
+            )
+            .await?
+            .succeeded
+        {
+            return Ok(());
+        }
+    }
+    Err(Error::Server("node removal kept losing races".into()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing table
+// ---------------------------------------------------------------------------------------------
+//
+// Rows are keyed by the region's END key (`routes/` ‖ 0x01 ‖ end, or `routes/` ‖ 0x02 for
+// the region that runs to +inf), not its start key: the region holding key k is then the
+// first row after `routes/` ‖ 0x01 ‖ k, which a forward scan with limit 1 finds. Keyed by
+// start key the lookup would need a reverse scan. CockroachDB's meta ranges use end keys for
+// the same reason.
+
+fn routes_prefix() -> Vec<u8> {
+    system_key(b"routes/")
+}
+
+fn routes_end() -> Vec<u8> {
+    system_key(b"routes0")
+}
+
+/// The routing-table key of a region with this end key.
+pub fn route_key(end_key: &[u8]) -> Vec<u8> {
+    let mut k = routes_prefix();
+    if end_key.is_empty() {
+        k.push(0x02);
+    } else {
+        k.push(0x01);
+        k.extend_from_slice(end_key);
+    }
+    k
+}
+
+/// The first routing-table key that can belong to a region holding `key`.
+fn route_seek(key: &[u8]) -> Vec<u8> {
+    let mut k = routes_prefix();
+    k.push(0x01);
+    k.extend_from_slice(key);
+    if !key.is_empty() {
+        k.push(0);
+    }
+    k
+}
+
+fn decode_route(v: &[u8]) -> Result<RegionRoute, Error> {
+    <RegionRoute as prost::Message>::decode(v)
+        .map_err(|e| Error::Server(format!("bad routing record: {e}")))
+}
+
+/// Orders reports of a region: a higher epoch wins, and for the same epoch the newer term.
+fn route_rank(r: &RegionRoute) -> (u64, u64, u64) {
+    let e = r.region.as_ref().and_then(|r| r.epoch).unwrap_or_default();
+    (e.version, e.conf_ver, r.term)
+}
+
+/// Records a leader's report of its region. A report older than what the table holds (lower
+/// epoch, or same epoch and an older term) is ignored; returns whether it was written.
+/// Rows of regions this one now covers, and that are older, are removed.
+pub async fn report_region(client: &Client, route: &RegionRoute) -> Result<bool, Error> {
+    let region = route
+        .region
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument("route without region".into()))?;
+    let key = route_key(&region.end_key);
+    let value = prost::Message::encode_to_vec(route);
+    let mut written = false;
+    for _ in 0..10 {
+        let cur = client.get(&key).await?;
+        let compare = match &cur {
+            Some(kv) => {
+                if route_rank(&decode_route(&kv.value)?) > route_rank(route) {
+                    return Ok(false);
+                }
+                Compare::ModRevision(kv.mod_revision)
+            }
+            None => Compare::Absent,
+        };
+        if client
+            .cas(&key, compare, CasAction::Put(value.clone()))
+            .await?
+            .succeeded
+        {
+            written = true;
+            break;
+        }
+    }
+    if !written {
+        return Err(Error::Server("route report kept losing races".into()));
+    }
+    // Rows ending inside (start, end) describe ranges this region now covers.
+    let from = route_seek(&region.start_key);
+    if from >= key {
+        return Ok(true);
+    }
+    for kv in client.scan(&from, &key, 0).await? {
+        let old = decode_route(&kv.value)?;
+        if old.region.as_ref().map(|r| r.id) != Some(region.id)
+            && route_rank(&old).0 <= route_rank(route).0
+        {
+            client
+                .cas(
+                    &kv.key,
+                    Compare::ModRevision(kv.mod_revision),
+                    CasAction::Delete,
+                )
+                .await?;
+        }
+    }
+    Ok(true)
+}
+
+/// The routing-table row of the region holding `key`, if the table has one.
+pub async fn locate_key(client: &Client, key: &[u8]) -> Result<Option<RegionRoute>, Error> {
+    Ok(scan_routes(client, key, &[], 1).await?.into_iter().next())
+}
+
+/// Rows of the regions overlapping `[start, end)` (empty end = +inf) in key order, at most
+/// `limit` (0 = all). Stops at the first gap (a region not reported yet): the caller must not
+/// take a gap for an empty range.
+pub async fn scan_routes(
+    client: &Client,
+    start: &[u8],
+    end: &[u8],
+    limit: usize,
+) -> Result<Vec<RegionRoute>, Error> {
+    let mut out: Vec<RegionRoute> = Vec::new();
+    let mut expect = start.to_vec();
+    let mut from = route_seek(start);
+    let to = routes_end();
+    loop {
+        let batch = client.scan(&from, &to, 64).await?;
+        let done = batch.len() < 64;
+        for kv in &batch {
+            let route = decode_route(&kv.value)?;
+            let Some(r) = route.region.as_ref() else {
+                continue;
+            };
+            // The row must start at or before the key we still need, or there is a gap.
+            if r.start_key.as_slice() > expect.as_slice() {
+                return Ok(out);
+            }
+            let r_end = r.end_key.clone();
+            out.push(route);
+            if (limit != 0 && out.len() >= limit)
+                || r_end.is_empty()
+                || (!end.is_empty() && r_end.as_slice() >= end)
+            {
+                return Ok(out);
+            }
+            expect = r_end;
+        }
+        if done {
+            return Ok(out);
+        }
+        let Some(last) = batch.last() else {
+            return Ok(out);
+        };
+        from = last.key.clone();
+        from.push(0);
+    }
+}
+
+/// The last id handed out.
+pub async fn max_id(client: &Client) -> Result<u64, Error> {
+    match client.get(&ids_key()).await? {
+        Some(kv) => decode_u64(&kv.value),
+        None => Err(Error::Server("placement id counter is missing".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_rows_sort_by_end_key_and_seek_finds_the_holder() {
+        // Regions ["", b) [b, d) [d, +inf).
+        let rows = [route_key(b"b"), route_key(b"d"), route_key(b"")];
+        assert!(rows.windows(2).all(|w| w[0] < w[1]));
+        let holder = |key: &[u8]| rows.iter().position(|r| *r >= route_seek(key));
+        assert_eq!(holder(b""), Some(0));
+        assert_eq!(holder(b"a"), Some(0));
+        assert_eq!(holder(b"b"), Some(1), "a region's end key is exclusive");
+        assert_eq!(holder(b"c\xff\xff"), Some(1));
+        assert_eq!(holder(b"d"), Some(2));
+        assert_eq!(holder(b"zzz"), Some(2));
+        assert!(route_seek(b"") < route_key(b"\x00"));
+    }
+
+    #[test]
+    fn newer_epoch_then_newer_term_wins() {
+        let route = |version, conf_ver, term| RegionRoute {
+            region: Some(crate::proto::Region {
+                epoch: Some(crate::proto::RegionEpoch { version, conf_ver }),
+                ..Default::default()
+            }),
+            term,
+            ..Default::default()
+        };
+        assert!(route_rank(&route(2, 1, 1)) > route_rank(&route(1, 5, 9)));
+        assert!(route_rank(&route(1, 2, 1)) > route_rank(&route(1, 1, 9)));
+        assert!(route_rank(&route(1, 1, 3)) > route_rank(&route(1, 1, 2)));
+    }
 }

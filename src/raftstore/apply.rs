@@ -17,6 +17,7 @@ use super::cmd::{ApplyResult, CasAction, Command};
 use super::msg::{RegionError, Reply};
 use crate::proto::{KeyValue, KvRecord};
 use crate::storage::{keys, Cf, Engine, WriteBatch};
+use prost::Message as _;
 
 /// Per-round apply state shared by every region a worker applies in that round.
 #[derive(Default)]
@@ -27,6 +28,10 @@ pub struct ApplyCtx {
     pub replies: Vec<(Reply<ApplyResult>, Result<ApplyResult, RegionError>)>,
     /// Entries applied this round (for metrics).
     pub applied_entries: u64,
+    /// Change of the applying region's live keys and bytes; the peer takes it after each
+    /// command.
+    pub delta_keys: i64,
+    pub delta_bytes: i64,
 }
 
 impl ApplyCtx {
@@ -48,14 +53,44 @@ impl ApplyCtx {
         }
     }
 
-    fn put(&mut self, wb: &mut WriteBatch<'_>, data_key: Vec<u8>, rec: KvRecord) {
+    fn put(
+        &mut self,
+        wb: &mut WriteBatch<'_>,
+        data_key: Vec<u8>,
+        old: Option<&KvRecord>,
+        rec: KvRecord,
+    ) {
+        let key_len = data_key.len() as i64 - 1;
+        match old {
+            Some(o) => self.delta_bytes -= key_len + o.encoded_len() as i64,
+            None => self.delta_keys += 1,
+        }
+        self.delta_bytes += key_len + rec.encoded_len() as i64;
         wb.put_msg(Cf::Data, &data_key, &rec);
         self.overlay.insert(data_key, Some(rec));
     }
 
-    fn delete(&mut self, wb: &mut WriteBatch<'_>, data_key: Vec<u8>) {
+    /// Deletes the key if it exists.
+    fn delete(&mut self, wb: &mut WriteBatch<'_>, data_key: Vec<u8>, old: Option<&KvRecord>) {
+        let Some(o) = old else { return };
+        self.delta_keys -= 1;
+        self.delta_bytes -= data_key.len() as i64 - 1 + o.encoded_len() as i64;
         wb.delete(Cf::Data, &data_key);
         self.overlay.insert(data_key, None);
+    }
+
+    /// The size a stored key counts for in region statistics: user key plus record.
+    pub fn stored_size(data_key_len: usize, value_len: usize) -> u64 {
+        (data_key_len.saturating_sub(1) + value_len) as u64
+    }
+}
+
+fn put_record(cur: Option<&KvRecord>, value: Vec<u8>, revision: u64) -> KvRecord {
+    KvRecord {
+        value,
+        create_revision: cur.map_or(revision, |c| c.create_revision),
+        mod_revision: revision,
+        version: cur.map_or(1, |c| c.version + 1),
     }
 }
 
@@ -77,49 +112,58 @@ pub fn exec(
     wb: &mut WriteBatch<'_>,
     ctx: &mut ApplyCtx,
 ) -> ApplyResult {
-    let dkey = keys::data_key(cmd.key());
-    let cur = ctx.current(engine, &dkey);
-    let prev = cur.clone().map(|r| key_value(cmd.key(), r));
-    let put_record = |value: Vec<u8>| KvRecord {
-        value,
-        create_revision: cur.as_ref().map_or(revision, |c| c.create_revision),
-        mod_revision: revision,
-        version: cur.as_ref().map_or(1, |c| c.version + 1),
-    };
     match cmd {
-        Command::Put { value, .. } => {
-            let rec = put_record(value);
-            ctx.put(wb, dkey, rec);
+        Command::Put { key, value } => {
+            let dkey = keys::data_key(&key);
+            let cur = ctx.current(engine, &dkey);
+            let rec = put_record(cur.as_ref(), value, revision);
+            ctx.put(wb, dkey, cur.as_ref(), rec);
+            let prev = cur.map(|r| key_value(&key, r));
             ApplyResult::Put { prev, revision }
         }
-        Command::Delete { .. } => {
-            if cur.is_some() {
-                ctx.delete(wb, dkey);
-            }
+        Command::Delete { key } => {
+            let dkey = keys::data_key(&key);
+            let cur = ctx.current(engine, &dkey);
+            ctx.delete(wb, dkey, cur.as_ref());
+            let prev = cur.map(|r| key_value(&key, r));
             ApplyResult::Delete { prev, revision }
         }
         Command::CompareAndSwap {
-            compare, action, ..
+            key,
+            compare,
+            action,
         } => {
+            let dkey = keys::data_key(&key);
+            let cur = ctx.current(engine, &dkey);
             let succeeded = compare.matches(cur.as_ref());
             if succeeded {
                 match action {
                     CasAction::Put(value) => {
-                        let rec = put_record(value);
-                        ctx.put(wb, dkey, rec);
+                        let rec = put_record(cur.as_ref(), value, revision);
+                        ctx.put(wb, dkey, cur.as_ref(), rec);
                     }
-                    CasAction::Delete => {
-                        if cur.is_some() {
-                            ctx.delete(wb, dkey);
-                        }
-                    }
+                    CasAction::Delete => ctx.delete(wb, dkey, cur.as_ref()),
                 }
             }
             ApplyResult::Cas {
                 succeeded,
-                prev,
+                prev: cur.map(|r| key_value(&key, r)),
                 revision,
             }
+        }
+        Command::Batch(ops) => {
+            for (key, value) in ops {
+                let dkey = keys::data_key(&key);
+                let cur = ctx.current(engine, &dkey);
+                match value {
+                    Some(v) => {
+                        let rec = put_record(cur.as_ref(), v, revision);
+                        ctx.put(wb, dkey, cur.as_ref(), rec);
+                    }
+                    None => ctx.delete(wb, dkey, cur.as_ref()),
+                }
+            }
+            ApplyResult::Batch { revision }
         }
     }
 }

@@ -122,19 +122,43 @@ pub fn prepare_store(
                 hosted += 1;
             }
             // The identity goes in the same batch: a crash leaves either nothing or all.
-            wb.put_msg(
-                Cf::Raft,
-                &keys::NODE_IDENT_KEY,
-                &StoreIdent {
-                    cluster_id: cluster.0,
-                    node_id: node.0,
-                },
-            );
+            put_ident(&mut wb, cluster, node);
             engine.write(wb, true)?;
             tracing::info!(%cluster, %node, regions = hosted, "bootstrapped new store");
         }
     }
     Ok(load_region_ids(engine)?)
+}
+
+/// The store's identity, if it has one.
+pub fn store_ident(engine: &Engine) -> Result<Option<StoreIdent>, BootstrapError> {
+    Ok(engine.get_msg::<StoreIdent>(Cf::Raft, &keys::NODE_IDENT_KEY)?)
+}
+
+/// Gives an empty store the identity a join handed out (no regions: they arrive later).
+pub fn write_joined_ident(
+    engine: &Engine,
+    cluster: ClusterId,
+    node: NodeId,
+) -> Result<(), BootstrapError> {
+    if !load_region_ids(engine)?.is_empty() {
+        return Err(BootstrapError::NoIdentity);
+    }
+    let mut wb = engine.batch();
+    put_ident(&mut wb, cluster, node);
+    engine.write(wb, true)?;
+    Ok(())
+}
+
+fn put_ident(wb: &mut crate::storage::WriteBatch<'_>, cluster: ClusterId, node: NodeId) {
+    wb.put_msg(
+        Cf::Raft,
+        &keys::NODE_IDENT_KEY,
+        &StoreIdent {
+            cluster_id: cluster.0,
+            node_id: node.0,
+        },
+    );
 }
 
 /// Every region with live (not tombstoned) state in this store.

@@ -40,15 +40,19 @@ pub enum Command {
         compare: Compare,
         action: CasAction,
     },
+    /// Puts (`Some(value)`) and deletes (`None`) of keys of one region, applied together at
+    /// one revision.
+    Batch(Vec<(Vec<u8>, Option<Vec<u8>>)>),
 }
 
 impl Command {
-    /// The key the command writes; every command touches exactly one key today.
-    pub fn key(&self) -> &[u8] {
+    /// Every key the command writes.
+    pub fn keys(&self) -> Vec<&[u8]> {
         match self {
             Command::Put { key, .. }
             | Command::Delete { key }
-            | Command::CompareAndSwap { key, .. } => key,
+            | Command::CompareAndSwap { key, .. } => vec![key],
+            Command::Batch(ops) => ops.iter().map(|(k, _)| k.as_slice()).collect(),
         }
     }
 }
@@ -67,6 +71,9 @@ pub enum ApplyResult {
     Cas {
         succeeded: bool,
         prev: Option<proto::KeyValue>,
+        revision: u64,
+    },
+    Batch {
         revision: u64,
     },
 }
@@ -135,6 +142,15 @@ pub fn encode(cmd: &Command, epoch: proto::RegionEpoch) -> Vec<u8> {
                 CasAction::Delete => proto::cas_cmd::Action::Delete(true),
             }),
         }),
+        Command::Batch(ops) => Cmd::Batch(proto::BatchCmd {
+            ops: ops
+                .iter()
+                .map(|(key, value)| proto::BatchWriteOp {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+        }),
     };
     prost::Message::encode_to_vec(&proto::RaftCommand {
         region_epoch: Some(epoch),
@@ -161,6 +177,7 @@ pub fn decode(data: &[u8]) -> Result<(Command, proto::RegionEpoch), DecodeError>
             },
             key: c.key,
         },
+        Cmd::Batch(b) => Command::Batch(b.ops.into_iter().map(|o| (o.key, o.value)).collect()),
     };
     Ok((cmd, epoch))
 }
@@ -185,13 +202,15 @@ mod tests {
         prop_oneof![
             (bytes.clone(), bytes.clone()).prop_map(|(key, value)| Command::Put { key, value }),
             bytes.clone().prop_map(|key| Command::Delete { key }),
-            (bytes, compare, action).prop_map(|(key, compare, action)| {
+            (bytes.clone(), compare, action).prop_map(|(key, compare, action)| {
                 Command::CompareAndSwap {
                     key,
                     compare,
                     action,
                 }
             }),
+            proptest::collection::vec((bytes.clone(), proptest::option::of(bytes)), 0..4)
+                .prop_map(Command::Batch),
         ]
     }
 

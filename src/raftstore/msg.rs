@@ -106,6 +106,10 @@ pub enum ReadRequest {
     Get {
         key: Vec<u8>,
     },
+    /// Several keys of the region, read at one point.
+    BatchGet {
+        keys: Vec<Vec<u8>>,
+    },
     /// `[start, end)` clipped to the region; empty `end` = to the region's end.
     Scan {
         start: Vec<u8>,
@@ -118,6 +122,7 @@ pub enum ReadRequest {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ReadResult {
     Get(Option<proto::KeyValue>),
+    BatchGet(Vec<Option<proto::KeyValue>>),
     Scan {
         kvs: Vec<proto::KeyValue>,
         more: bool,
@@ -147,14 +152,24 @@ pub enum PeerMsg {
     SnapshotStatus { to: PeerId, delivered: bool },
     /// Answer with the region's descriptor and leader (for routing information).
     Describe(oneshot::Sender<RegionInfo>),
+    /// Hand leadership to the region's peer on `to_node` (answered once raft started the
+    /// transfer; the transfer itself completes, or is abandoned, within an election timeout).
+    TransferLeader { to_node: u64, reply: Reply<()> },
 }
 
-/// What a peer knows of its region, for routing RPCs.
+/// What a peer knows of its region, for routing RPCs and placement reports.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RegionInfo {
     pub region: proto::Region,
     pub leader: Option<proto::Peer>,
     pub applied_index: u64,
+    pub term: u64,
+    pub is_leader: bool,
+    /// Live keys and bytes of the region's data.
+    pub keys: u64,
+    pub bytes: u64,
+    /// Write commands applied by this replica since it started.
+    pub writes: u64,
 }
 
 pub enum WorkerMsg {

@@ -50,6 +50,10 @@ pub struct Peer {
     reads_ready: VecDeque<(u64, Vec<PendingRead>)>,
     next_read_ctx: u64,
     log_gc_threshold: u64,
+    /// Write commands applied since start (load reporting).
+    writes_applied: u64,
+    /// Leadership or the descriptor changed: placement should hear about it now.
+    changed: bool,
 }
 
 impl Peer {
@@ -90,6 +94,8 @@ impl Peer {
             reads_ready: VecDeque::new(),
             next_read_ctx: 1,
             log_gc_threshold: cfg.log_gc_threshold,
+            writes_applied: 0,
+            changed: false,
         })
     }
 
@@ -103,6 +109,11 @@ impl Peer {
 
     pub fn is_leader(&self) -> bool {
         self.raw.raft.state == StateRole::Leader
+    }
+
+    /// Whether leadership or the descriptor changed since the last call.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     fn epoch(&self) -> RegionEpoch {
@@ -164,13 +175,37 @@ impl Peer {
                 self.raw.report_snapshot(to.0, status);
             }
             PeerMsg::Describe(tx) => {
+                let (keys, bytes) = self.raw.store().data_stats();
                 let _ = tx.send(RegionInfo {
                     region: self.region().clone(),
                     leader: self.leader(),
                     applied_index: self.raw.store().applied_index(),
+                    term: self.raw.raft.term,
+                    is_leader: self.is_leader(),
+                    keys,
+                    bytes,
+                    writes: self.writes_applied,
                 });
             }
+            PeerMsg::TransferLeader { to_node, reply } => {
+                let _ = reply.send(self.transfer_leader(to_node));
+            }
         }
+    }
+
+    fn transfer_leader(&mut self, to_node: u64) -> Result<(), RegionError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let Some(to) = self.region().peers.iter().find(|p| p.node_id == to_node) else {
+            return Err(RegionError::ServerBusy {
+                reason: format!("{} has no peer on node {to_node}", self.region_id),
+            });
+        };
+        if to.id != self.peer_id.0 {
+            self.raw.transfer_leader(to.id);
+        }
+        Ok(())
     }
 
     fn on_raft_message(&mut self, m: eraftpb::Message) {
@@ -211,9 +246,11 @@ impl Peer {
             let _ = reply.send(Err(self.not_leader()));
             return;
         }
-        if let Err(e) = self.check_route(&epoch, cmd.key()) {
-            let _ = reply.send(Err(e));
-            return;
+        for key in cmd.keys() {
+            if let Err(e) = self.check_route(&epoch, key) {
+                let _ = reply.send(Err(e));
+                return;
+            }
         }
         let data = cmd::encode(&cmd, epoch);
         if let Err(e) = self.raw.propose(vec![], data) {
@@ -236,13 +273,16 @@ impl Peer {
         linearizable: bool,
         reply: Reply<ReadResult>,
     ) {
-        let key = match &req {
-            ReadRequest::Get { key } => key,
-            ReadRequest::Scan { start, .. } => start,
+        let keys: Vec<&Vec<u8>> = match &req {
+            ReadRequest::Get { key } => vec![key],
+            ReadRequest::BatchGet { keys } => keys.iter().collect(),
+            ReadRequest::Scan { start, .. } => vec![start],
         };
-        if let Err(e) = self.check_route(&epoch, key) {
-            let _ = reply.send(Err(e));
-            return;
+        for key in keys {
+            if let Err(e) = self.check_route(&epoch, key) {
+                let _ = reply.send(Err(e));
+                return;
+            }
         }
         if !linearizable {
             let _ = reply.send(self.serve_read(&req));
@@ -307,6 +347,16 @@ impl Peer {
                     .get_msg(Cf::Data, &keys::data_key(key))
                     .map_err(busy)?;
                 Ok(ReadResult::Get(rec.map(|r| apply::key_value(key, r))))
+            }
+            ReadRequest::BatchGet { keys } => {
+                let mut out = Vec::with_capacity(keys.len());
+                for key in keys {
+                    let rec: Option<KvRecord> = engine
+                        .get_msg(Cf::Data, &keys::data_key(key))
+                        .map_err(busy)?;
+                    out.push(rec.map(|r| apply::key_value(key, r)));
+                }
+                Ok(ReadResult::BatchGet(out))
             }
             ReadRequest::Scan {
                 start,
@@ -436,6 +486,7 @@ impl Peer {
     }
 
     fn on_role_change(&mut self) {
+        self.changed = true;
         if !self.is_leader() {
             // Reads waiting on a leadership that is gone can never be confirmed.
             let err = self.not_leader();
@@ -497,14 +548,16 @@ impl Peer {
                 });
             }
         };
-        self.check_route(&epoch, cmd.key())?;
-        Ok(apply::exec(
-            cmd,
-            e.index,
-            self.raw.store().engine(),
-            wb,
-            actx,
-        ))
+        for key in cmd.keys() {
+            self.check_route(&epoch, key)?;
+        }
+        actx.delta_keys = 0;
+        actx.delta_bytes = 0;
+        let res = apply::exec(cmd, e.index, self.raw.store().engine(), wb, actx);
+        self.writes_applied += 1;
+        let (dk, db) = (actx.delta_keys, actx.delta_bytes);
+        self.raw.mut_store().add_data_stats(dk, db);
+        Ok(res)
     }
 
     fn apply_conf_change(&mut self, e: &eraftpb::Entry, wb: &mut WriteBatch<'_>) {
@@ -525,6 +578,7 @@ impl Peer {
                 }
             }
         };
+        self.changed = true;
         match self.raw.apply_conf_change(&cc) {
             Ok(cs) => self.raw.mut_store().set_conf_state(&cs, wb),
             Err(err) => {

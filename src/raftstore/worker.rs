@@ -39,8 +39,16 @@ pub struct Worker {
     tick_interval: Duration,
     sync_writes: bool,
     ticks: u64,
+    hooks: WorkerHooks,
+}
+
+/// What a worker tells the rest of the node.
+#[derive(Clone)]
+pub struct WorkerHooks {
     /// Regions this worker leads, read by the node's heartbeat.
-    leaders: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub leaders: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Regions whose leadership or descriptor changed, for the placement reporter.
+    pub changes: tokio::sync::mpsc::UnboundedSender<RegionId>,
 }
 
 impl Worker {
@@ -51,7 +59,7 @@ impl Worker {
         transport: Transport,
         tick_interval: Duration,
         sync_writes: bool,
-        leaders: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        hooks: WorkerHooks,
     ) -> Self {
         Self {
             index,
@@ -62,7 +70,7 @@ impl Worker {
             tick_interval,
             sync_writes,
             ticks: 0,
-            leaders,
+            hooks,
         }
     }
 
@@ -122,7 +130,8 @@ impl Worker {
     fn publish_leader_count(&self) {
         let leaders = self.peers.values().filter(|p| p.is_leader()).count();
         metrics::gauge!("tessera_leaders", "worker" => self.index.to_string()).set(leaders as f64);
-        self.leaders
+        self.hooks
+            .leaders
             .store(leaders, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -208,6 +217,9 @@ impl Worker {
         for id in touched.drain() {
             if let Some(p) = self.peers.get_mut(&id) {
                 p.serve_ready_reads();
+                if p.take_changed() {
+                    let _ = self.hooks.changes.send(id);
+                }
                 // Keep peers with unfinished work in the next round even without new input.
                 let ready = p.has_ready();
                 more_work |= ready;
@@ -229,6 +241,9 @@ fn answer_missing(region: RegionId, msg: PeerMsg) {
             let _ = reply.send(Err(err));
         }
         PeerMsg::Read { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        PeerMsg::TransferLeader { reply, .. } => {
             let _ = reply.send(Err(err));
         }
         _ => {

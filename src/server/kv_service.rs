@@ -69,6 +69,19 @@ impl KvService {
         Ok(())
     }
 
+    fn check_batch_len(&self, n: usize) -> Result<(), Status> {
+        if n == 0 {
+            return Err(Status::invalid_argument("batch names no keys"));
+        }
+        if n > self.limits.max_scan_limit as usize {
+            return Err(Status::invalid_argument(format!(
+                "batch of {n} keys exceeds the limit of {}",
+                self.limits.max_scan_limit
+            )));
+        }
+        Ok(())
+    }
+
     fn check_value(&self, value: &[u8]) -> Result<(), Status> {
         if value.len() > self.limits.max_value_size {
             return Err(Status::invalid_argument(format!(
@@ -302,6 +315,67 @@ impl Kv for KvService {
             Err(e) => proto::CasResponse {
                 region_error: Some(e),
                 ..Default::default()
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn batch_get(
+        &self,
+        request: Request<proto::BatchGetRequest>,
+    ) -> Result<Response<proto::BatchGetResponse>, Status> {
+        let r = request.into_inner();
+        self.check_batch_len(r.keys.len())?;
+        for k in &r.keys {
+            self.check_key(k, r.header.as_ref())?;
+        }
+        let resp = match self
+            .read(r.header, ReadRequest::BatchGet { keys: r.keys })
+            .await?
+        {
+            Ok(ReadResult::BatchGet(kvs)) => proto::BatchGetResponse {
+                region_error: None,
+                kvs: kvs.into_iter().map(Option::unwrap_or_default).collect(),
+            },
+            Ok(_) => return unexpected("batch get"),
+            Err(e) => proto::BatchGetResponse {
+                region_error: Some(e),
+                kvs: Vec::new(),
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn batch_write(
+        &self,
+        request: Request<proto::BatchWriteRequest>,
+    ) -> Result<Response<proto::BatchWriteResponse>, Status> {
+        let r = request.into_inner();
+        self.check_batch_len(r.ops.len())?;
+        let mut total = 0usize;
+        for op in &r.ops {
+            self.check_key(&op.key, r.header.as_ref())?;
+            if let Some(v) = &op.value {
+                self.check_value(v)?;
+                total += v.len();
+            }
+        }
+        if total > self.limits.max_value_size {
+            return Err(Status::invalid_argument(format!(
+                "batch of {total} value bytes exceeds the limit of {} bytes",
+                self.limits.max_value_size
+            )));
+        }
+        let cmd = Command::Batch(r.ops.into_iter().map(|o| (o.key, o.value)).collect());
+        let resp = match self.propose(r.header, cmd).await? {
+            Ok(ApplyResult::Batch { revision }) => proto::BatchWriteResponse {
+                region_error: None,
+                revision,
+            },
+            Ok(_) => return unexpected("batch write"),
+            Err(e) => proto::BatchWriteResponse {
+                region_error: Some(e),
+                revision: 0,
             },
         };
         Ok(Response::new(resp))

@@ -7,6 +7,7 @@
 
 pub mod kv_service;
 pub mod node_service;
+pub mod reporter;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,7 +28,7 @@ use crate::raftstore::bootstrap::{self, BootstrapError};
 use crate::raftstore::msg::WorkerMsg;
 use crate::raftstore::peer::Peer;
 use crate::raftstore::router::Router;
-use crate::raftstore::worker::Worker;
+use crate::raftstore::worker::{Worker, WorkerHooks};
 use crate::storage::{Engine, EngineOptions, PeerStorage};
 use crate::transport::{service::RaftService, Transport, MAX_GRPC_MESSAGE_BYTES};
 
@@ -51,6 +52,8 @@ pub enum StartError {
     Listen { addr: String, reason: String },
     #[error("cannot start raft worker: {0}")]
     Thread(std::io::Error),
+    #[error("cannot join the cluster: {0}")]
+    Join(String),
 }
 
 pub struct Node {
@@ -62,14 +65,16 @@ pub struct Node {
     stop_server: Option<oneshot::Sender<()>>,
     stopping: tokio::sync::watch::Sender<bool>,
     heartbeat: tokio::task::JoinHandle<()>,
+    reporter: tokio::task::JoinHandle<()>,
+    removed: tokio::sync::watch::Receiver<bool>,
     server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
 impl Node {
     /// Starts a node. With `listener` the gRPC server uses it (tests bind `127.0.0.1:0`
     /// first); otherwise it binds `node.listen_addr`. Must run inside a tokio runtime.
-    pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Node, StartError> {
-        let members = cfg.members()?;
+    pub async fn start(mut cfg: Config, listener: Option<TcpListener>) -> Result<Node, StartError> {
+        let mut members = cfg.members()?;
         let db_path = cfg.node.data_dir.join("db");
         let engine = Engine::open(
             &db_path,
@@ -82,6 +87,9 @@ impl Node {
             path: db_path.display().to_string(),
             source,
         })?;
+        if cfg.joining() {
+            members = join_cluster(&mut cfg, &engine).await?;
+        }
         let region_ids = bootstrap::prepare_store(
             &engine,
             cfg.cluster_id(),
@@ -129,6 +137,7 @@ impl Node {
         let mut workers = Vec::new();
         let leaders: Vec<Arc<AtomicUsize>> =
             (0..cfg.raft.workers).map(|_| Arc::default()).collect();
+        let (changes_tx, changes_rx) = tokio::sync::mpsc::unbounded_channel();
         for (i, inbox) in inboxes.into_iter().enumerate() {
             let w = Worker::new(
                 i,
@@ -137,7 +146,10 @@ impl Node {
                 transport.clone(),
                 Duration::from_millis(cfg.raft.tick_interval_ms),
                 cfg.storage.sync_writes,
-                leaders[i].clone(),
+                WorkerHooks {
+                    leaders: leaders[i].clone(),
+                    changes: changes_tx.clone(),
+                },
             );
             workers.push(w.spawn().map_err(StartError::Thread)?);
         }
@@ -173,7 +185,8 @@ impl Node {
         ))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-        let placement = node_service::SystemClient::new(transport.clone());
+        let placement =
+            node_service::SystemClient::new(transport.clone(), cfg.cluster.join.clone());
         let node_svc = NodeServer::new(node_service::NodeService::new(
             cfg.cluster_id(),
             cfg.node_id(),
@@ -204,9 +217,11 @@ impl Node {
                     let _ = stop_rx.await;
                 }),
         );
+        let (removed_tx, removed) = tokio::sync::watch::channel(false);
         let heartbeat = tokio::spawn(heartbeat_loop(
-            placement,
+            placement.clone(),
             router.clone(),
+            transport.clone(),
             leaders,
             NodeRecord {
                 node_id: cfg.node.id,
@@ -214,6 +229,13 @@ impl Node {
                 ..Default::default()
             },
             Duration::from_millis(cfg.placement.heartbeat_interval_ms),
+            removed_tx,
+        ));
+        let reporter = tokio::spawn(reporter::report_loop(
+            placement,
+            router.clone(),
+            changes_rx,
+            Duration::from_millis(cfg.placement.region_report_interval_ms),
         ));
         tracing::info!(node = %cfg.node_id(), %addr, regions = region_ids.len(), "node started");
         Ok(Node {
@@ -225,6 +247,8 @@ impl Node {
             stop_server: Some(stop_tx),
             stopping,
             heartbeat,
+            reporter,
+            removed,
             server: Some(server),
         })
     }
@@ -245,9 +269,17 @@ impl Node {
         &self.engine
     }
 
+    /// Resolves once the placement registry says this node was removed from the cluster;
+    /// the node must then stop (its data may never serve again).
+    pub async fn wait_removed(&self) {
+        let mut rx = self.removed.clone();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
     /// Stops accepting requests, lets every worker finish its round, then flushes the store.
     pub async fn shutdown(mut self) {
         self.heartbeat.abort();
+        self.reporter.abort();
         let _ = self.stopping.send(true);
         if let Some(tx) = self.stop_server.take() {
             let _ = tx.send(());
@@ -281,15 +313,99 @@ impl Node {
     }
 }
 
+/// Registers a node with an empty store through `cluster.join`, or recovers the id of one
+/// that joined before. Sets `cfg.node.id` and returns the cluster's nodes as members.
+async fn join_cluster(
+    cfg: &mut Config,
+    engine: &Engine,
+) -> Result<Vec<crate::config::Member>, StartError> {
+    use crate::proto::node_client::NodeClient;
+    if let Some(ident) = bootstrap::store_ident(engine)? {
+        if ident.cluster_id != cfg.cluster.cluster_id {
+            return Err(BootstrapError::WrongIdentity {
+                found_cluster: ident.cluster_id,
+                found_node: ident.node_id,
+                cluster: cfg.cluster.cluster_id,
+                node: ident.node_id,
+            }
+            .into());
+        }
+        tracing::info!(
+            node = ident.node_id,
+            "store already joined; restarting as that node"
+        );
+        cfg.node.id = ident.node_id;
+        return Ok(Vec::new());
+    }
+    let addr = cfg.advertise_addr()?.to_string();
+    let mut last = String::from("no join address given");
+    for seed in &cfg.cluster.join {
+        let channel = match tonic::transport::Endpoint::from_shared(format!("http://{seed}")) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(20)),
+            Err(e) => {
+                last = format!("{seed}: {e}");
+                continue;
+            }
+        };
+        let mut client = match channel.connect().await {
+            Ok(ch) => NodeClient::new(ch),
+            Err(e) => {
+                last = format!("{seed}: {e}");
+                continue;
+            }
+        };
+        let resp = match client
+            .join(crate::proto::JoinRequest {
+                cluster_id: cfg.cluster.cluster_id,
+                addr: addr.clone(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                last = format!("{seed}: {}", s.message());
+                continue;
+            }
+            Err(s) => return Err(StartError::Join(format!("{seed}: {}", s.message()))),
+        };
+        if resp.cluster_id != cfg.cluster.cluster_id || resp.node_id == 0 {
+            return Err(StartError::Join(format!(
+                "{seed} answered for cluster {} with node id {}",
+                resp.cluster_id, resp.node_id
+            )));
+        }
+        bootstrap::write_joined_ident(engine, cfg.cluster_id(), crate::ids::NodeId(resp.node_id))?;
+        tracing::info!(node = resp.node_id, via = %seed, "joined the cluster");
+        cfg.node.id = resp.node_id;
+        let mut members = Vec::new();
+        for n in resp.nodes {
+            if let Ok(a) = n.addr.parse() {
+                members.push(crate::config::Member {
+                    id: crate::ids::NodeId(n.node_id),
+                    addr: a,
+                });
+            }
+        }
+        return Ok(members);
+    }
+    Err(StartError::Join(last))
+}
+
 /// Writes this node's registry record into the placement region every `interval`, with its
-/// region and leader counts. Failures (placement region without a leader yet, a partition)
-/// are logged and retried on the next beat.
+/// region and leader counts, and learns the addresses of the other nodes from the registry.
+/// Failures (placement region without a leader yet, a partition) are logged and retried on
+/// the next beat. If the registry says this node was removed, `removed` is set and beats stop.
+#[allow(clippy::too_many_arguments)]
 async fn heartbeat_loop(
     placement: node_service::SystemClient,
     router: Router,
+    transport: Transport,
     leaders: Vec<Arc<AtomicUsize>>,
     mut record: NodeRecord,
     interval: Duration,
+    removed: tokio::sync::watch::Sender<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -308,8 +424,22 @@ async fn heartbeat_loop(
             .iter()
             .map(|l| l.load(Ordering::Relaxed) as u64)
             .sum();
-        if let Err(e) = crate::placement::heartbeat(&client, &record).await {
-            tracing::debug!(error = %e, "heartbeat not written");
+        match crate::placement::heartbeat(&client, &record).await {
+            Ok(crate::placement::Beat::Written) => {}
+            Ok(crate::placement::Beat::Removed) => {
+                tracing::error!(
+                    node = record.node_id,
+                    "this node was removed from the cluster"
+                );
+                let _ = removed.send(true);
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "heartbeat not written"),
+        }
+        if let Ok(nodes) = crate::placement::node_records(&client).await {
+            for n in nodes.into_iter().filter(|n| !n.removed) {
+                transport.set_address(crate::ids::NodeId(n.node_id), n.addr);
+            }
         }
     }
 }

@@ -8,12 +8,17 @@ use tokio::sync::{oneshot, OnceCell};
 use tonic::{Request, Response, Status};
 
 use crate::client::{Client, ClientOptions};
+use crate::ids::RegionId;
 use crate::ids::{ClusterId, NodeId};
+use crate::placement;
 use crate::proto::node_server;
 use crate::proto::{
-    ListNodesRequest, ListNodesResponse, NodeAddress, RegionInfo, RegionsRequest, RegionsResponse,
+    ClusterStatusRequest, ClusterStatusResponse, JoinRequest, JoinResponse, ListNodesRequest,
+    ListNodesResponse, LocateKeyRequest, LocateKeyResponse, NodeAddress, NodeState, RegionInfo,
+    RegionLoad, RegionsRequest, RegionsResponse, RemoveNodeRequest, RemoveNodeResponse,
+    ScanRegionsRequest, ScanRegionsResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
-use crate::raftstore::msg::PeerMsg;
+use crate::raftstore::msg::{self, PeerMsg};
 use crate::raftstore::router::Router;
 use crate::transport::Transport;
 
@@ -51,13 +56,16 @@ impl NodeService {
 #[derive(Clone)]
 pub struct SystemClient {
     transport: Transport,
+    /// Addresses to try besides the known nodes (a joining node's `cluster.join`).
+    seeds: Vec<String>,
     cell: Arc<OnceCell<Client>>,
 }
 
 impl SystemClient {
-    pub fn new(transport: Transport) -> Self {
+    pub fn new(transport: Transport, seeds: Vec<String>) -> Self {
         Self {
             transport,
+            seeds,
             cell: Arc::new(OnceCell::new()),
         }
     }
@@ -65,12 +73,17 @@ impl SystemClient {
     pub async fn get(&self) -> Result<Client, crate::client::Error> {
         self.cell
             .get_or_try_init(|| async {
-                let endpoints: Vec<String> = self
+                let mut endpoints: Vec<String> = self
                     .transport
                     .addresses()
                     .into_iter()
                     .map(|(_, a)| a)
                     .collect();
+                for s in &self.seeds {
+                    if !endpoints.contains(s) {
+                        endpoints.push(s.clone());
+                    }
+                }
                 let opts = ClientOptions {
                     system: true,
                     deadline: Duration::from_secs(5),
@@ -86,8 +99,27 @@ impl SystemClient {
 /// Asks every local peer for its descriptor and leader. Regions that do not answer (being
 /// removed, or the node stopping) are left out.
 pub async fn describe_regions(router: &Router) -> Vec<RegionInfo> {
+    describe_some(router, &router.region_ids())
+        .await
+        .into_iter()
+        .map(|info| RegionInfo {
+            region: Some(info.region),
+            leader: info.leader,
+            applied_index: info.applied_index,
+            term: info.term,
+            load: Some(RegionLoad {
+                keys: info.keys,
+                bytes: info.bytes,
+                writes_per_sec: 0.0,
+            }),
+        })
+        .collect()
+}
+
+/// Asks the given local peers for their descriptor, leader and load, ordered by start key.
+pub async fn describe_some(router: &Router, ids: &[RegionId]) -> Vec<msg::RegionInfo> {
     let mut waits = Vec::new();
-    for id in router.region_ids() {
+    for &id in ids {
         let (tx, rx) = oneshot::channel();
         if router.send(id, PeerMsg::Describe(tx)).is_ok() {
             waits.push(rx);
@@ -96,18 +128,10 @@ pub async fn describe_regions(router: &Router) -> Vec<RegionInfo> {
     let mut out = Vec::with_capacity(waits.len());
     for rx in waits {
         if let Ok(Ok(info)) = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await {
-            out.push(RegionInfo {
-                region: Some(info.region),
-                leader: info.leader,
-                applied_index: info.applied_index,
-            });
+            out.push(info);
         }
     }
-    out.sort_by(|a, b| {
-        let ka = a.region.as_ref().map(|r| &r.start_key);
-        let kb = b.region.as_ref().map(|r| &r.start_key);
-        ka.cmp(&kb)
-    });
+    out.sort_by(|a, b| a.region.start_key.cmp(&b.region.start_key));
     out
 }
 
@@ -118,16 +142,7 @@ impl node_server::Node for NodeService {
         _request: Request<RegionsRequest>,
     ) -> Result<Response<RegionsResponse>, Status> {
         let regions = describe_regions(&self.router).await;
-        let mut nodes: Vec<NodeAddress> = self
-            .transport
-            .addresses()
-            .into_iter()
-            .map(|(id, addr)| NodeAddress {
-                node_id: id.0,
-                addr,
-            })
-            .collect();
-        nodes.sort_by_key(|n| n.node_id);
+        let nodes = self.node_addresses();
         Ok(Response::new(RegionsResponse {
             cluster_id: self.cluster_id.0,
             node_id: self.node_id.0,
@@ -140,14 +155,197 @@ impl node_server::Node for NodeService {
         &self,
         _request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        let client = self
-            .placement
+        let client = self.system().await?;
+        let nodes = placement::list_nodes(&client, self.down_after)
+            .await
+            .map_err(placement_failed)?;
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn locate_key(
+        &self,
+        request: Request<LocateKeyRequest>,
+    ) -> Result<Response<LocateKeyResponse>, Status> {
+        let key = request.into_inner().key;
+        let client = self.system().await?;
+        let route = placement::locate_key(&client, &key)
+            .await
+            .map_err(placement_failed)?
+            .ok_or_else(|| Status::not_found("the routing table has no region for this key yet"))?;
+        Ok(Response::new(LocateKeyResponse {
+            route: Some(route),
+            nodes: self.node_addresses(),
+        }))
+    }
+
+    async fn scan_regions(
+        &self,
+        request: Request<ScanRegionsRequest>,
+    ) -> Result<Response<ScanRegionsResponse>, Status> {
+        let req = request.into_inner();
+        let client = self.system().await?;
+        let routes =
+            placement::scan_routes(&client, &req.start_key, &req.end_key, req.limit as usize)
+                .await
+                .map_err(placement_failed)?;
+        Ok(Response::new(ScanRegionsResponse {
+            routes,
+            nodes: self.node_addresses(),
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let client = self.system().await?;
+        let nodes = placement::list_nodes(&client, self.down_after)
+            .await
+            .map_err(placement_failed)?;
+        let routes = placement::scan_routes(&client, &[], &[], 0)
+            .await
+            .map_err(placement_failed)?;
+        let max_id = placement::max_id(&client).await.map_err(placement_failed)?;
+        let up: std::collections::HashSet<u64> = nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Up as i32)
+            .filter_map(|n| n.record.as_ref().map(|r| r.node_id))
+            .collect();
+        let mut st = ClusterStatusResponse {
+            cluster_id: self.cluster_id.0,
+            regions: routes.len() as u64,
+            max_id,
+            ..Default::default()
+        };
+        for r in &routes {
+            let Some(region) = r.region.as_ref() else {
+                continue;
+            };
+            if r.leader.is_none() {
+                st.regions_without_leader += 1;
+            }
+            let live = region
+                .peers
+                .iter()
+                .filter(|p| up.contains(&p.node_id))
+                .count();
+            if live * 2 <= region.peers.len() {
+                st.regions_unavailable += 1;
+            }
+            if let Some(l) = &r.load {
+                st.total_keys += l.keys;
+                st.total_bytes += l.bytes;
+            }
+            if region.start_key == [crate::storage::keys::SYSTEM_KEY_PREFIX] {
+                st.placement_leader_node = r.leader.map_or(0, |l| l.node_id);
+            }
+        }
+        st.nodes = nodes;
+        Ok(Response::new(st))
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let req = request.into_inner();
+        if req.cluster_id != self.cluster_id.0 {
+            return Err(Status::failed_precondition(format!(
+                "this is cluster {}, not {}",
+                self.cluster_id.0, req.cluster_id
+            )));
+        }
+        if req.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a host:port address",
+                req.addr
+            )));
+        }
+        let client = self.system().await?;
+        let node_id = match placement::join(&client, &req.addr).await {
+            Ok(id) => id,
+            Err(placement::JoinError::AddressTaken { addr, node }) => {
+                return Err(Status::already_exists(
+                    placement::JoinError::AddressTaken { addr, node }.to_string(),
+                ))
+            }
+            Err(placement::JoinError::Client(e)) => return Err(placement_failed(e)),
+        };
+        tracing::info!(node = node_id, addr = %req.addr, "node joined");
+        self.transport
+            .set_address(crate::ids::NodeId(node_id), req.addr.clone());
+        Ok(Response::new(JoinResponse {
+            cluster_id: self.cluster_id.0,
+            node_id,
+            nodes: self.node_addresses(),
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        let id = request.into_inner().node_id;
+        let client = self.system().await?;
+        match placement::remove_node(&client, id).await {
+            Ok(()) => {
+                tracing::warn!(node = id, "node marked removed");
+                Ok(Response::new(RemoveNodeResponse {}))
+            }
+            Err(crate::client::Error::InvalidArgument(m)) => Err(Status::not_found(m)),
+            Err(e) => Err(placement_failed(e)),
+        }
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let req = request.into_inner();
+        let region = RegionId(req.header.as_ref().map_or(0, |h| h.region_id));
+        let (tx, rx) = oneshot::channel();
+        let res = match self.router.send(
+            region,
+            PeerMsg::TransferLeader {
+                to_node: req.to_node,
+                reply: tx,
+            },
+        ) {
+            Ok(()) => match rx.await {
+                Ok(r) => r,
+                Err(_) => return Err(Status::unavailable("node is stopping")),
+            },
+            Err(_) => Err(msg::RegionError::RegionNotFound(region)),
+        };
+        let transport = self.transport.clone();
+        Ok(Response::new(TransferLeaderResponse {
+            region_error: res.err().map(|e| {
+                e.to_proto(|n| transport.address(crate::ids::NodeId(n)).unwrap_or_default())
+            }),
+        }))
+    }
+}
+
+fn placement_failed(e: crate::client::Error) -> Status {
+    Status::unavailable(format!("placement read failed: {e}"))
+}
+
+impl NodeService {
+    async fn system(&self) -> Result<Client, Status> {
+        self.placement
             .get()
             .await
-            .map_err(|e| Status::unavailable(format!("placement not reachable: {e}")))?;
-        let nodes = crate::placement::list_nodes(&client, self.down_after)
-            .await
-            .map_err(|e| Status::unavailable(format!("placement read failed: {e}")))?;
-        Ok(Response::new(ListNodesResponse { nodes }))
+            .map_err(|e| Status::unavailable(format!("placement not reachable: {e}")))
+    }
+
+    fn node_addresses(&self) -> Vec<NodeAddress> {
+        let mut nodes: Vec<NodeAddress> = self
+            .transport
+            .addresses()
+            .into_iter()
+            .map(|(id, addr)| NodeAddress {
+                node_id: id.0,
+                addr,
+            })
+            .collect();
+        nodes.sort_by_key(|n| n.node_id);
+        nodes
     }
 }

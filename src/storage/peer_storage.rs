@@ -70,6 +70,7 @@ impl PeerStorage {
             applied_index: RAFT_INIT_LOG_INDEX,
             truncated_index: RAFT_INIT_LOG_INDEX,
             truncated_term: RAFT_INIT_LOG_TERM,
+            ..Default::default()
         };
         let region_state = RegionLocalState {
             state: PeerState::Normal as i32,
@@ -235,6 +236,19 @@ impl PeerStorage {
         self.put_region_state(batch);
     }
 
+    /// Live user keys and their bytes in this region, as of the applied index.
+    pub fn data_stats(&self) -> (u64, u64) {
+        (self.apply_state.data_keys, self.apply_state.data_bytes)
+    }
+
+    /// Adjusts the data statistics; stored by the next `set_applied_index`, which the same
+    /// apply always calls.
+    pub fn add_data_stats(&mut self, keys: i64, bytes: i64) {
+        let s = &mut self.apply_state;
+        s.data_keys = s.data_keys.saturating_add_signed(keys);
+        s.data_bytes = s.data_bytes.saturating_add_signed(bytes);
+    }
+
     /// Marks `index` applied. Must go into the same batch as the data the entry wrote.
     pub fn set_applied_index(&mut self, index: u64, batch: &mut WriteBatch<'_>) {
         self.apply_state.applied_index = index;
@@ -306,8 +320,10 @@ impl PeerStorage {
         let start = keys::data_key(&region.start_key);
         let end = keys::data_end_key(&region.end_key);
         batch.delete_range(Cf::Data, &start, &end);
+        let mut data_bytes = 0;
         for kv in &data.kvs {
             batch.put(Cf::Data, &keys::data_key(&kv.key), &kv.value);
+            data_bytes += (kv.key.len() + kv.value.len()) as u64;
         }
         let (log_start, log_end) = keys::raft_log_range(self.region_id);
         batch.delete_range(Cf::Raft, &log_start, &log_end);
@@ -320,6 +336,8 @@ impl PeerStorage {
             applied_index: meta.index,
             truncated_index: meta.index,
             truncated_term: meta.term,
+            data_keys: data.kvs.len() as u64,
+            data_bytes,
         };
         self.region_state = RegionLocalState {
             state: PeerState::Normal as i32,

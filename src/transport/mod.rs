@@ -82,6 +82,9 @@ impl Transport {
     }
 
     pub fn set_address(&self, node: NodeId, addr: String) {
+        if self.inner.addrs.get(&node).is_some_and(|a| *a == addr) {
+            return;
+        }
         self.inner.addrs.insert(node, addr);
         // A new address needs a new connection.
         self.inner.channels.remove(&node);

@@ -7,4 +7,5 @@ mod common;
 mod errors;
 mod kv;
 mod placement;
+mod routing;
 mod snapshot;

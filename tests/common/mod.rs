@@ -103,6 +103,33 @@ impl TestCluster {
         self.nodes[i] = Some(node);
     }
 
+    /// Starts one more node that joins the cluster through node `via`; returns its index.
+    pub async fn join(&mut self, via: usize, tweak: impl Fn(&mut Config)) -> usize {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().unwrap();
+        let i = self.nodes.len();
+        let mut cfg = node_config(self.dir.path(), 1, &self.addrs, 1);
+        cfg.node.id = 0;
+        cfg.node.data_dir = self.dir.path().join(format!("joined{i}"));
+        cfg.node.listen_addr = addr.to_string();
+        cfg.cluster.join = vec![self.addrs[via].to_string()];
+        tweak(&mut cfg);
+        cfg.validate().expect("valid join config");
+        let node = Node::start(cfg.clone(), Some(listener))
+            .await
+            .expect("node joins");
+        self.addrs.push(addr);
+        self.configs.push(cfg);
+        self.nodes.push(Some(node));
+        i
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        self.nodes[i].as_ref().expect("node running")
+    }
+
     pub async fn shutdown(mut self) {
         for i in 0..self.nodes.len() {
             self.stop(i).await;

@@ -366,5 +366,111 @@ async fn cli_end_to_end_including_error_exits() {
         assert!(Instant::now() < deadline, "nodes never all up: {out}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // Status, once every region's leader has reported to the routing table.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, _) = cli(&["status", "-e", ep, "--json"]);
+        if code == 0
+            && out.contains("\"regions\":5,")
+            && out.contains("\"regions_without_leader\":0")
+        {
+            assert!(out.contains("\"nodes_up\":3"), "{out}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "status never complete: {out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, out, _) = cli(&["status", "-e", ep]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("healthy") && out.contains("3 up, 0 down"),
+        "{out}"
+    );
+
+    // Leader transfer through the CLI.
+    let (_, out, _) = cli(&["regions", "-e", ep, "--json"]);
+    let first_leader: u64 = out
+        .split("\"leader_node\":")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.parse().ok())
+        .expect("region 1 has a leader");
+    let to = (first_leader % 3 + 1).to_string();
+    let (code, out, err) = cli(&["regions", "-e", ep, "transfer-leader", "1", &to]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("now led from node {to}")), "{out}");
+    let (code, _, err) = cli(&["regions", "-e", ep, "transfer-leader", "1", "99"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no peer on node 99"), "{err}");
+
+    // A fourth node joins through the real binary and shows up in `tessera nodes`.
+    let addr4 = common::free_addrs(1)[0].to_string();
+    let log4 = std::fs::File::create(dir.path().join("node4.log")).unwrap();
+    let mut node4 = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["server", "--config"])
+        .arg(dir.path().join("node1.toml"))
+        .arg("--data-dir")
+        .arg(dir.path().join("node4"))
+        .args(["--listen-addr", &addr4, "--join", &addrs[1]])
+        .stdout(log4.try_clone().unwrap())
+        .stderr(log4)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id4 = loop {
+        let (_, out, _) = cli(&["nodes", "-e", ep, "--json"]);
+        if let Some(entry) = out.split("{\"id\":").find(|e| {
+            e.contains(&format!("\"addr\":\"{addr4}\"")) && e.contains("\"state\":\"up\"")
+        }) {
+            break entry.split(',').next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "joined node never up: {out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (code, out, _) = cli(&["nodes", "-e", ep]);
+    assert_eq!(code, 0);
+    assert_eq!(out.matches(" up ").count(), 4, "{out}");
+
+    // Removing it stops the process with an error exit.
+    let (code, out, _) = cli(&["nodes", "-e", ep, "remove", &id4]);
+    assert_eq!(code, 0, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = node4.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "removed node kept running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(dir.path().join("node4.log")).unwrap();
+    assert!(log.contains("removed from the cluster"), "{log}");
+    let (code, _, err) = cli(&["nodes", "-e", ep, "remove", "12345"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not registered"), "{err}");
+
+    // kill -9 of a node: shown down within node_down_after_ms (2 s) plus a beat.
+    let mut procs = procs;
+    let t = Instant::now();
+    procs[2].kill9();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, out, _) = cli(&["nodes", "-e", &addrs[..2].join(","), "--json"]);
+        if out.contains("{\"id\":3,")
+            && out
+                .split("{\"id\":3,")
+                .nth(1)
+                .is_some_and(|e| e.contains("\"state\":\"down\""))
+        {
+            eprintln!("killed node shown down after {:?}", t.elapsed());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "killed node never shown down: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(procs);
 }

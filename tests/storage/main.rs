@@ -62,6 +62,7 @@ pub fn storage_with(
             applied_index: truncated,
             truncated_index: truncated,
             truncated_term: truncated,
+            ..Default::default()
         },
     );
     b.put_msg(

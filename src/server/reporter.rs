@@ -1,0 +1,156 @@
+//! Region reports: each region's leader writes the region's descriptor, leader and load into
+//! the placement routing table — at once when its leadership or descriptor changes (the
+//! raft workers send those region ids here), and every `interval` for regions whose load
+//! moved. Followers never report, so a table row always comes from a leader of its term, and
+//! `placement::report_region` keeps a stale report from overwriting a newer one.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::node_service::{describe_some, SystemClient};
+use crate::ids::RegionId;
+use crate::proto::{RegionLoad, RegionRoute};
+use crate::raftstore::msg::RegionInfo;
+use crate::raftstore::router::Router;
+
+/// A quiet region's row is still rewritten this often, so `reported_ms` shows it is alive.
+const REFRESH_AFTER: Duration = Duration::from_secs(60);
+/// Reports in flight at once.
+const CONCURRENCY: usize = 16;
+
+struct Reported {
+    at: Instant,
+    writes: u64,
+    applied_index: u64,
+    rank: (u64, u64, u64),
+}
+
+fn rank(i: &RegionInfo) -> (u64, u64, u64) {
+    let e = i.region.epoch.unwrap_or_default();
+    (e.version, e.conf_ver, i.term)
+}
+
+pub async fn report_loop(
+    placement: SystemClient,
+    router: Router,
+    mut changes: UnboundedReceiver<RegionId>,
+    interval: Duration,
+) {
+    let mut last: HashMap<RegionId, Reported> = HashMap::new();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Regions whose report failed: tried again on the next pass.
+    let mut retry: HashSet<RegionId> = HashSet::new();
+    loop {
+        let retrying = !retry.is_empty();
+        let mut urgent: HashSet<RegionId> = std::mem::take(&mut retry);
+        let full = tokio::select! {
+            _ = ticker.tick() => true,
+            _ = tokio::time::sleep(Duration::from_millis(500)), if retrying => false,
+            id = changes.recv() => match id {
+                Some(id) => { urgent.insert(id); false }
+                None => return,
+            },
+        };
+        // Let a burst of changes (an election wave) arrive, then report them together.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while let Ok(id) = changes.try_recv() {
+            urgent.insert(id);
+        }
+        let ids: Vec<RegionId> = if full {
+            router.region_ids()
+        } else {
+            urgent.iter().copied().collect()
+        };
+        let infos = describe_some(&router, &ids).await;
+        let now = Instant::now();
+        let mut todo = Vec::new();
+        for info in infos {
+            let id = RegionId(info.region.id);
+            if !info.is_leader {
+                last.remove(&id);
+                continue;
+            }
+            let due = match last.get(&id) {
+                None => true,
+                Some(prev) => {
+                    urgent.contains(&id)
+                        || prev.rank != rank(&info)
+                        || (prev.applied_index != info.applied_index
+                            && now.duration_since(prev.at) >= interval)
+                        || now.duration_since(prev.at) >= REFRESH_AFTER
+                }
+            };
+            if due {
+                todo.push(info);
+            }
+        }
+        if todo.is_empty() {
+            continue;
+        }
+        let client = match placement.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "placement not reachable; reports wait");
+                retry.extend(todo.iter().map(|i| RegionId(i.region.id)));
+                continue;
+            }
+        };
+        let results: Vec<(RegionInfo, bool)> = futures::stream::iter(todo)
+            .map(|info| {
+                let client = client.clone();
+                let prev_writes = last.get(&RegionId(info.region.id)).map(|p| (p.writes, p.at));
+                async move {
+                    let writes_per_sec = match prev_writes {
+                        Some((w, at)) => {
+                            let secs = now.duration_since(at).as_secs_f64().max(0.001);
+                            info.writes.saturating_sub(w) as f64 / secs
+                        }
+                        None => 0.0,
+                    };
+                    let route = RegionRoute {
+                        region: Some(info.region.clone()),
+                        leader: info.leader,
+                        term: info.term,
+                        load: Some(RegionLoad {
+                            keys: info.keys,
+                            bytes: info.bytes,
+                            writes_per_sec,
+                        }),
+                        reported_ms: crate::placement::now_ms(),
+                    };
+                    let ok = match crate::placement::report_region(&client, &route).await {
+                        Ok(_) => true,
+                        Err(e) => {
+                            tracing::debug!(region = info.region.id, error = %e, "region report failed");
+                            false
+                        }
+                    };
+                    (info, ok)
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        for (info, ok) in results {
+            let id = RegionId(info.region.id);
+            if ok {
+                metrics::counter!("tessera_region_reports_total").increment(1);
+                last.insert(
+                    id,
+                    Reported {
+                        at: now,
+                        writes: info.writes,
+                        applied_index: info.applied_index,
+                        rank: rank(&info),
+                    },
+                );
+            } else {
+                retry.insert(id);
+            }
+        }
+    }
+}
