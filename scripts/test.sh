@@ -13,4 +13,6 @@ echo "== cargo build (tests and the tessera binary)"
 cargo build --all-targets --quiet
 echo "== cargo test"
 cargo test --all-targets --no-fail-fast
+echo "== cargo test --doc (the examples in the API docs compile)"
+cargo test --doc
 echo "== all tests passed in $(( $(date +%s) - start ))s"

@@ -19,8 +19,30 @@
 //! for kv in client.scan(b"/nodes/", b"/nodes0", 100).await? {
 //!     println!("{:?}", kv.key);
 //! }
+//! // Several keys at once: one request per region, regions in parallel.
+//! client
+//!     .batch_write(&[
+//!         (b"/topics/a".to_vec(), Some(b"3 partitions".to_vec())),
+//!         (b"/topics/b".to_vec(), Some(b"6 partitions".to_vec())),
+//!         (b"/topics/old".to_vec(), None), // delete
+//!     ])
+//!     .await?;
+//! let got = client.batch_get(&[b"/topics/a".to_vec(), b"/topics/old".to_vec()]).await?;
+//! assert!(got[0].is_some() && got[1].is_none());
+//! // Where things are: the routing table with leaders and load, the cluster at a glance.
+//! for route in client.routes().await? {
+//!     let region = route.region.unwrap_or_default();
+//!     println!("region {} leader {:?}", region.id, route.leader.map(|l| l.node_id));
+//! }
+//! let status = client.status().await?;
+//! println!("{} regions, {} without a leader", status.regions, status.regions_without_leader);
 //! # let _ = won; Ok(()) }
 //! ```
+//!
+//! Errors: [`Error::InvalidArgument`] for requests the cluster refuses as malformed (empty or
+//! oversize key, reserved key), [`Error::Unknown`] when a write's outcome cannot be known,
+//! [`Error::Deadline`] when routing problems outlasted [`ClientOptions::deadline`],
+//! [`Error::Unavailable`] when no node answered.
 //!
 //! Retries: reads, puts and deletes are retried after an ambiguous failure (connection lost
 //! mid-request, timeout) since repeating them leaves the same state; a compare-and-swap is

@@ -136,5 +136,16 @@ async fn registry_ids_and_reserved_keys() {
     .unwrap();
     let c = tessera::placement::alloc_ids(&sys, 1).await.unwrap();
     assert!(c.start >= high, "ids are never reused: {c:?} after {high}");
+    // The routing table too: every region's row is still there, and any node serves it.
+    let user = cluster.client().await;
+    let t = Instant::now();
+    loop {
+        let st = user.status().await.unwrap();
+        if st.regions == 5 && st.regions_without_leader == 0 && st.max_id >= c.start {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "table after restart: {st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     cluster.shutdown().await;
 }
