@@ -4,6 +4,14 @@
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
+# The bench tests drive a real etcd (tests/bench): Debian's etcd-server.
+if ! command -v etcd >/dev/null 2>&1; then
+  echo "installing etcd-server for the bench tests" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
+fi
+
 start=$(date +%s)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

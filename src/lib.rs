@@ -14,6 +14,7 @@
 //! - [`logging`]: `tracing` setup and the raft-rs log bridge.
 
 pub mod bench;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod ids;
@@ -27,6 +28,11 @@ pub mod transport;
 pub mod proto {
     //! Generated wire and storage types (`proto/tessera.proto`).
     tonic::include_proto!("tessera");
+}
+
+pub mod etcdpb {
+    //! The subset of etcd's v3 KV API that the bench speaks (`proto/etcd.proto`).
+    tonic::include_proto!("etcdserverpb");
 }
 
 /// Stops the process after a failure that must not be survived: a failed synced write or a

@@ -559,26 +559,29 @@ async fn run_status(conn: ConnArgs) -> Result<(), String> {
 }
 
 async fn run_bench(args: tessera::bench::BenchArgs) -> Result<(), String> {
-    let name = format!("{:?}", args.workload).to_lowercase();
     let json = args.json.clone();
     let report = tessera::bench::run(args).await?;
-    println!("{}", report.text(&name));
+    println!("{}", report.text());
     if let Some(path) = json {
-        std::fs::write(&path, report.json(&name) + "\n")
+        std::fs::write(&path, report.json() + "\n")
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
-    // Rust ignores SIGPIPE, so printing into a closed pipe (`tessera regions | head`) would
-    // panic; a command-line tool should just end quietly, as with the default action.
-    // SAFETY: called first in main, before any other thread exists.
-    #[cfg(unix)]
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`tessera regions | head`) would
+    // panic; a command-line tool should just end quietly, as with the default action. Not
+    // the server: there the default action would kill the node whenever a peer or client
+    // closes a connection it is writing to.
+    if !matches!(cli.command, Command::Server(_)) {
+        // SAFETY: called in main before the runtime or any other thread exists.
+        #[cfg(unix)]
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

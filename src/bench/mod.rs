@@ -1,10 +1,29 @@
-//! `tessera bench`: a closed-loop load generator built on the client library.
+//! `tessera bench`: a load generator for tessera and, with the same code path, for etcd.
 //!
-//! `concurrency` tasks each keep one request in flight for the run's duration (or until the
-//! request count is reached). Latencies go into an HDR histogram (microseconds); the report
-//! gives throughput, p50/p90/p99/p99.9/max and errors by kind, as text and optionally JSON.
+//! `concurrency` tasks each keep one operation in flight (closed loop) — or, with `--rate`,
+//! start operations on a fixed schedule and measure latency from the scheduled start, so a
+//! stall shows up in the latencies instead of silently lowering the offered load (no
+//! coordinated omission). Latencies go into an HDR histogram (microseconds); the report gives
+//! throughput, p50/p90/p99/p99.9/max, errors by kind and client retries, as text and JSON.
+//!
+//! Workloads:
+//! - `put`: overwrite keys chosen by `--distribution` among `--keys`;
+//! - `get`: read them (linearizable, or `--serializable`); `--preload` writes them first;
+//! - `mixed`: `--read-ratio` reads, the rest writes;
+//! - `scan`: read `--scan-length` consecutive keys from a chosen key;
+//! - `cas`: contended increments of `--cas-keys` counters: read, compare-and-swap on the
+//!   version, retry on conflict; one operation = one successful increment;
+//! - `metadata`: what a metadata service sees (many small records under prefixes): 60%
+//!   session heartbeats (overwrite a small record), 15% member registrations (write under a
+//!   service prefix), 15% listings of a service's members (prefix scan, up to 100), 10%
+//!   leader-election rounds (read the service's leader key; create it with a CAS if absent,
+//!   renew it with a CAS if held by this client, else nothing).
+
+pub mod keys;
+pub mod target;
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,57 +31,74 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rand::Rng;
 
-use crate::client::{Client, ClientOptions};
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn bench_keys_avoid_the_system_keyspace() {
-        for i in 0..200_000u64 {
-            assert!(
-                !crate::storage::keys::is_system_key(&super::key(i)),
-                "key {i}"
-            );
-        }
-    }
-}
+pub use keys::Distribution;
+use keys::KeyChooser;
+pub use target::TargetKind;
+use target::{OpError, Target};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Workload {
-    /// Writes of random keys.
     Put,
-    /// Linearizable reads of random (preloaded) keys.
     Get,
-    /// Reads and writes, `--read-ratio` of them reads.
     Mixed,
+    Scan,
+    Cas,
+    Metadata,
 }
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
     #[arg(value_enum)]
     pub workload: Workload,
-    /// Comma-separated node addresses.
+    /// The system under test.
+    #[arg(long, value_enum, default_value = "tessera")]
+    pub target: TargetKind,
+    /// Comma-separated addresses (tessera nodes, or etcd client URLs as host:port).
     #[arg(long, short, default_value = "127.0.0.1:20160")]
     pub endpoints: String,
-    /// Requests in flight at once.
+    /// Operations in flight at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Client connections (tessera clients, or gRPC channels to etcd spread over the
+    /// endpoints); operations are spread over them.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
     /// Distinct keys.
     #[arg(long, default_value_t = 100_000)]
     pub keys: u64,
+    /// Bytes per key (at least the 21 bytes a bench key needs; 0 = 21).
+    #[arg(long, default_value_t = 0)]
+    pub key_size: usize,
     /// Bytes per value.
     #[arg(long, default_value_t = 256)]
     pub value_size: usize,
-    /// Run time in seconds (after warm-up).
-    #[arg(long, default_value_t = 10)]
-    pub duration: u64,
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub distribution: Distribution,
+    /// Measured seconds (after warm-up). Default 10, or 1 hour as a cap with --ops.
+    #[arg(long)]
+    pub duration: Option<u64>,
+    /// Stop after this many measured operations (0 = run for --duration).
+    #[arg(long, default_value_t = 0)]
+    pub ops: u64,
+    /// Target rate in operations per second over all tasks (0 = as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
     /// Warm-up seconds, not measured.
     #[arg(long, default_value_t = 2)]
     pub warmup: u64,
     /// Fraction of reads in the mixed workload.
     #[arg(long, default_value_t = 0.5)]
     pub read_ratio: f64,
-    /// Write every key once before a get or mixed run.
+    /// Serve reads from any replica's local state (may be stale) instead of linearizably.
+    #[arg(long)]
+    pub serializable: bool,
+    /// Keys per scan.
+    #[arg(long, default_value_t = 10)]
+    pub scan_length: usize,
+    /// Counters the cas workload contends on.
+    #[arg(long, default_value_t = 16)]
+    pub cas_keys: u64,
+    /// Write every key once before a get, mixed or scan run.
     #[arg(long)]
     pub preload: bool,
     /// Also write the report as JSON to this file.
@@ -71,12 +107,17 @@ pub struct BenchArgs {
 }
 
 pub struct Report {
+    pub args: BenchArgs,
     pub ops: u64,
     pub elapsed: Duration,
     pub hist: Histogram<u64>,
     pub errors: BTreeMap<String, u64>,
     pub retries: u64,
+    /// Compare-and-swap attempts that lost a race (cas and metadata workloads).
+    pub cas_conflicts: u64,
 }
+
+const PERCENTILES: [f64; 9] = [50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.99, 100.0];
 
 impl Report {
     pub fn throughput(&self) -> f64 {
@@ -87,9 +128,21 @@ impl Report {
         self.hist.value_at_quantile(q) as f64 / 1000.0
     }
 
-    pub fn text(&self, name: &str) -> String {
+    pub fn name(&self) -> String {
+        format!("{:?}", self.args.workload).to_lowercase()
+    }
+
+    pub fn text(&self) -> String {
+        let a = &self.args;
         let mut s = format!(
-            "{name}: {} ops in {:.1}s = {:.0} ops/s\nlatency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\nretries {}",
+            "{} {} ({} in flight, {} connections, {:?} keys of {}, {} B values): {} ops in {:.1}s = {:.0} ops/s\nlatency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\nretries {}",
+            format!("{:?}", a.target).to_lowercase(),
+            self.name(),
+            a.concurrency,
+            a.connections,
+            a.distribution,
+            a.keys,
+            a.value_size,
             self.ops,
             self.elapsed.as_secs_f64(),
             self.throughput(),
@@ -100,6 +153,9 @@ impl Report {
             self.hist.max() as f64 / 1000.0,
             self.retries,
         );
+        if self.cas_conflicts > 0 {
+            s.push_str(&format!("  cas conflicts {}", self.cas_conflicts));
+        }
         if self.errors.is_empty() {
             s.push_str("  errors 0");
         }
@@ -109,14 +165,28 @@ impl Report {
         s
     }
 
-    pub fn json(&self, name: &str) -> String {
+    pub fn json(&self) -> String {
+        let a = &self.args;
         let errors: Vec<String> = self
             .errors
             .iter()
             .map(|(k, v)| format!("\"{}\":{v}", k.replace('"', "'")))
             .collect();
+        let pct: Vec<String> = PERCENTILES
+            .iter()
+            .map(|p| format!("[{p},{:.3}]", self.ms(p / 100.0)))
+            .collect();
         format!(
-            "{{\"workload\":\"{name}\",\"ops\":{},\"seconds\":{:.3},\"ops_per_sec\":{:.1},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"retries\":{},\"errors\":{{{}}}}}",
+            "{{\"target\":\"{}\",\"workload\":\"{}\",\"concurrency\":{},\"connections\":{},\"keys\":{},\"value_size\":{},\"distribution\":\"{}\",\"rate\":{},\"serializable\":{},\"ops\":{},\"seconds\":{:.3},\"ops_per_sec\":{:.1},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"percentiles_ms\":[{}],\"retries\":{},\"cas_conflicts\":{},\"errors\":{{{}}}}}",
+            format!("{:?}", a.target).to_lowercase(),
+            self.name(),
+            a.concurrency,
+            a.connections,
+            a.keys,
+            a.value_size,
+            format!("{:?}", a.distribution).to_lowercase(),
+            a.rate,
+            a.serializable,
             self.ops,
             self.elapsed.as_secs_f64(),
             self.throughput(),
@@ -125,140 +195,338 @@ impl Report {
             self.ms(0.99),
             self.ms(0.999),
             self.hist.max() as f64 / 1000.0,
+            pct.join(","),
             self.retries,
+            self.cas_conflicts,
             errors.join(",")
         )
     }
 }
 
-pub fn key(i: u64) -> Vec<u8> {
-    // Spread over the whole user keyspace [0x0000, 0xFF00) so every initial region gets
-    // traffic (keys starting with 0xFF are reserved for placement): the first two bytes are a
-    // hash-like spread of the index.
-    let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48;
-    let spread = ((h * 0xFF00) >> 16) as u16;
-    let mut k = spread.to_be_bytes().to_vec();
+/// Bench key `i`: two bytes that spread keys over the whole user keyspace [0x0000, 0xFF00)
+/// — every initial region gets traffic, and 0xFF (reserved for placement) never starts a
+/// key — then a readable suffix, padded to `size` bytes.
+pub fn key(i: u64, size: usize) -> Vec<u8> {
+    let mut k = spread_prefix(i).to_vec();
     k.extend_from_slice(format!("/bench/{i:012}").as_bytes());
+    k.resize(size.max(k.len()), b'k');
     k
 }
 
+fn spread_prefix(i: u64) -> [u8; 2] {
+    let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48;
+    (((h * 0xFF00) >> 16) as u16).to_be_bytes()
+}
+
+/// The metadata workload's keys: each service's records share a prefix (hash-spread per
+/// service, as a deployment that wants its services on different regions would do).
+fn svc_prefix(svc: u64) -> Vec<u8> {
+    let mut k = spread_prefix(svc).to_vec();
+    k.extend_from_slice(format!("/svc/{svc:06}/").as_bytes());
+    k
+}
+
+struct Shared {
+    target: Target,
+    args: BenchArgs,
+    chooser: KeyChooser,
+    value: Vec<u8>,
+    measuring: AtomicBool,
+    stop: AtomicBool,
+    ops: AtomicU64,
+    issued: AtomicU64,
+    cas_conflicts: AtomicU64,
+    errors: Mutex<BTreeMap<String, u64>>,
+    hist: Mutex<Histogram<u64>>,
+    start: Instant,
+}
+
+impl Shared {
+    fn error(&self, e: OpError) {
+        *self
+            .errors
+            .lock()
+            .expect("errors lock")
+            .entry(e.0)
+            .or_default() += 1;
+    }
+}
+
+/// One operation of the workload on connection `conn` by task `task`.
+async fn one_op(sh: &Shared, conn: usize, task: usize) -> Result<(), OpError> {
+    let a = &sh.args;
+    let (i, roll) = {
+        let mut rng = rand::rng();
+        (sh.chooser.next(&mut rng), rng.random::<f64>())
+    };
+    let t = &sh.target;
+    match a.workload {
+        Workload::Put => t.put(conn, &key(i, a.key_size), &sh.value).await,
+        Workload::Get => t.get(conn, &key(i, a.key_size)).await.map(|_| ()),
+        Workload::Mixed if roll < a.read_ratio => {
+            t.get(conn, &key(i, a.key_size)).await.map(|_| ())
+        }
+        Workload::Mixed => t.put(conn, &key(i, a.key_size), &sh.value).await,
+        Workload::Scan => {
+            // Consecutive keys: bench keys sort by their spread prefix, so scan from key i
+            // to the end of its two-byte bucket's neighbourhood, `scan_length` keys at most.
+            let start = key(i, a.key_size);
+            t.scan(conn, &start, &[0xFF], a.scan_length)
+                .await
+                .map(|_| ())
+        }
+        Workload::Cas => {
+            let k = key(i % a.cas_keys.max(1), a.key_size);
+            loop {
+                let cur = t.get(conn, &k).await?;
+                let (n, version) = match cur {
+                    Some(v) => (parse_counter(&v.value) + 1, v.version),
+                    None => (1, 0),
+                };
+                if t.cas(conn, &k, version, n.to_string().as_bytes()).await? {
+                    return Ok(());
+                }
+                sh.cas_conflicts.fetch_add(1, Ordering::Relaxed);
+                if sh.stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+            }
+        }
+        Workload::Metadata => {
+            let services = (a.keys / 100).max(1);
+            let svc = i % services;
+            let prefix = svc_prefix(svc);
+            if roll < 0.60 {
+                let mut k = prefix.clone();
+                k.extend_from_slice(format!("sessions/{:03}", i % 100).as_bytes());
+                t.put(conn, &k, &sh.value[..sh.value.len().min(64)]).await
+            } else if roll < 0.75 {
+                let mut k = prefix.clone();
+                k.extend_from_slice(format!("members/{:03}", i % 100).as_bytes());
+                t.put(conn, &k, &sh.value).await
+            } else if roll < 0.90 {
+                let mut start = prefix.clone();
+                start.extend_from_slice(b"members/");
+                let mut end = prefix.clone();
+                end.extend_from_slice(b"members0");
+                t.scan(conn, &start, &end, 100).await.map(|_| ())
+            } else {
+                let mut k = prefix;
+                k.extend_from_slice(b"leader");
+                let me = format!("candidate-{task}");
+                match t.get(conn, &k).await? {
+                    None => {
+                        if !t.cas(conn, &k, 0, me.as_bytes()).await? {
+                            sh.cas_conflicts.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Some(v) if v.value == me.as_bytes() => {
+                        if !t.cas(conn, &k, v.version, me.as_bytes()).await? {
+                            sh.cas_conflicts.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Some(_) => {}
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn parse_counter(v: &[u8]) -> u64 {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn worker(sh: Arc<Shared>, task: usize) {
+    let conn = task % sh.target.connections();
+    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    while !sh.stop.load(Ordering::Relaxed) {
+        let began = if sh.args.rate > 0.0 {
+            // The n-th operation is due at start + n / rate; its latency counts from then.
+            let n = sh.issued.fetch_add(1, Ordering::Relaxed);
+            let due = sh.start + Duration::from_secs_f64(n as f64 / sh.args.rate);
+            tokio::time::sleep_until(due.into()).await;
+            due
+        } else {
+            Instant::now()
+        };
+        let res = one_op(&sh, conn, task).await;
+        if !sh.measuring.load(Ordering::Relaxed) {
+            continue;
+        }
+        match res {
+            Ok(()) => {
+                let _ = local.record(began.elapsed().as_micros().max(1) as u64);
+                sh.ops.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => sh.error(e),
+        }
+    }
+    let _ = sh.hist.lock().expect("histogram lock").add(&local);
+}
+
+async fn preload(target: &Target, args: &BenchArgs, value: &[u8]) -> Result<(), String> {
+    let next = AtomicU64::new(0);
+    let one = |c: usize| {
+        let next = &next;
+        async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= args.keys {
+                    return Ok::<(), String>(());
+                }
+                target
+                    .put(c, &key(i, args.key_size), value)
+                    .await
+                    .map_err(|e| format!("preload: {}", e.0))?;
+            }
+        }
+    };
+    let tasks: Vec<_> = (0..args.concurrency.max(1)).map(one).collect();
+    for r in futures::future::join_all(tasks).await {
+        r?;
+    }
+    Ok(())
+}
+
+fn progress(done: f64, total: f64, ops: u64, rate_now: f64, tty: bool) {
+    if tty {
+        let width = 30usize;
+        let filled = ((done / total.max(1e-9)) * width as f64).min(width as f64) as usize;
+        eprint!(
+            "\r[{}{}] {:>5.1}s {:>10} ops {:>9.0} ops/s ",
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            done,
+            ops,
+            rate_now
+        );
+    } else {
+        eprintln!("{done:>6.1}s {ops:>10} ops {rate_now:>9.0} ops/s");
+    }
+}
+
 pub async fn run(args: BenchArgs) -> Result<Report, String> {
+    if !(0.0..=1.0).contains(&args.read_ratio) {
+        return Err("--read-ratio must be within 0..=1".into());
+    }
+    if args.rate < 0.0 || !args.rate.is_finite() {
+        return Err("--rate must be a non-negative number".into());
+    }
     let endpoints: Vec<String> = args
         .endpoints
         .split(',')
         .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
         .collect();
-    let client = Client::connect(&endpoints, ClientOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+    if endpoints.is_empty() {
+        return Err("no endpoints given".into());
+    }
+    let target =
+        Target::connect(args.target, &endpoints, args.connections, args.serializable).await?;
     let value = vec![b'v'; args.value_size];
-    if args.preload && args.workload != Workload::Put {
-        let next = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..args.concurrency.max(1) {
-            let (c, next, value, n) = (client.clone(), next.clone(), value.clone(), args.keys);
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        return Ok::<(), String>(());
-                    }
-                    c.put(&key(i), &value).await.map_err(|e| e.to_string())?;
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.map_err(|e| e.to_string())??;
-        }
+    if args.preload
+        && matches!(
+            args.workload,
+            Workload::Get | Workload::Mixed | Workload::Scan
+        )
+    {
+        eprintln!("preloading {} keys...", args.keys);
+        preload(&target, &args, &value).await?;
     }
-
-    let measuring = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let ops = Arc::new(AtomicU64::new(0));
-    let errors: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
-    let hist = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
-    ));
-    let mut tasks = Vec::new();
-    for _ in 0..args.concurrency.max(1) {
-        let (c, value) = (client.clone(), value.clone());
-        let (measuring, stop, ops, errors, hist) = (
-            measuring.clone(),
-            stop.clone(),
-            ops.clone(),
-            errors.clone(),
-            hist.clone(),
+    let duration =
+        Duration::from_secs(
+            args.duration
+                .unwrap_or(if args.ops > 0 { 3600 } else { 10 }),
         );
-        let args = args.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut local =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-            while !stop.load(Ordering::Relaxed) {
-                let (i, read) = {
-                    let mut rng = rand::rng();
-                    let read = match args.workload {
-                        Workload::Put => false,
-                        Workload::Get => true,
-                        Workload::Mixed => rng.random_bool(args.read_ratio.clamp(0.0, 1.0)),
-                    };
-                    (rng.random_range(0..args.keys.max(1)), read)
-                };
-                let t = Instant::now();
-                let res = if read {
-                    c.get(&key(i)).await.map(|_| ())
-                } else {
-                    c.put(&key(i), &value).await.map(|_| ())
-                };
-                if !measuring.load(Ordering::Relaxed) {
-                    continue;
-                }
-                match res {
-                    Ok(()) => {
-                        let _ = local.record(t.elapsed().as_micros().max(1) as u64);
-                        ops.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        let kind = e
-                            .to_string()
-                            .split(':')
-                            .next()
-                            .unwrap_or("error")
-                            .to_string();
-                        *errors.lock().expect("errors lock").entry(kind).or_default() += 1;
-                    }
-                }
-            }
-            let _ = hist.lock().expect("histogram lock").add(&local);
-        }));
-    }
+    let sh = Arc::new(Shared {
+        target,
+        chooser: KeyChooser::new(args.keys, args.distribution),
+        value,
+        measuring: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        ops: AtomicU64::new(0),
+        issued: AtomicU64::new(0),
+        cas_conflicts: AtomicU64::new(0),
+        errors: Mutex::default(),
+        hist: Mutex::new(
+            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
+        ),
+        start: Instant::now(),
+        args: args.clone(),
+    });
+    let tasks: Vec<_> = (0..args.concurrency.max(1))
+        .map(|t| tokio::spawn(worker(sh.clone(), t)))
+        .collect();
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
-    let retries_before = client.stats().retries.load(Ordering::Relaxed);
-    measuring.store(true, Ordering::Relaxed);
+    let retries_before = sh.target.retries();
+    let conflicts_before = sh.cas_conflicts.load(Ordering::Relaxed);
+    sh.measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
-    let total = Duration::from_secs(args.duration);
-    while start.elapsed() < total {
-        tokio::time::sleep(Duration::from_secs(1).min(total.saturating_sub(start.elapsed()))).await;
-        eprint!(
-            "\r{:>4.0}s  {:>9} ops  {:>9.0} ops/s",
-            start.elapsed().as_secs_f64(),
-            ops.load(Ordering::Relaxed),
-            ops.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
-        );
+    let tty = std::io::stderr().is_terminal();
+    let (mut last_ops, mut last_t) = (0u64, Instant::now());
+    let mut last_print = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ops = sh.ops.load(Ordering::Relaxed);
+        if start.elapsed() >= duration || (args.ops > 0 && ops >= args.ops) {
+            break;
+        }
+        let every = if tty { 1 } else { 5 };
+        if last_print.elapsed() >= Duration::from_secs(every) {
+            let now_rate = (ops - last_ops) as f64 / last_t.elapsed().as_secs_f64();
+            let total = if args.ops > 0 {
+                args.ops as f64
+            } else {
+                duration.as_secs_f64()
+            };
+            let done = if args.ops > 0 {
+                ops as f64
+            } else {
+                start.elapsed().as_secs_f64()
+            };
+            progress(done, total, ops, now_rate, tty);
+            (last_ops, last_t, last_print) = (ops, Instant::now(), Instant::now());
+        }
     }
-    measuring.store(false, Ordering::Relaxed);
+    sh.measuring.store(false, Ordering::Relaxed);
     let elapsed = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    eprintln!();
+    sh.stop.store(true, Ordering::Relaxed);
+    if tty {
+        eprintln!();
+    }
     for t in tasks {
         let _ = t.await;
     }
-    let hist = hist.lock().expect("histogram lock").clone();
-    let errors = errors.lock().expect("errors lock").clone();
+    let hist = sh.hist.lock().expect("histogram lock").clone();
+    let errors = sh.errors.lock().expect("errors lock").clone();
     Ok(Report {
-        ops: ops.load(Ordering::Relaxed),
+        ops: sh.ops.load(Ordering::Relaxed),
         elapsed,
         hist,
         errors,
-        retries: client.stats().retries.load(Ordering::Relaxed) - retries_before,
+        retries: sh.target.retries() - retries_before,
+        cas_conflicts: sh.cas_conflicts.load(Ordering::Relaxed) - conflicts_before,
+        args,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_keys_avoid_the_system_keyspace_and_have_their_size() {
+        for i in 0..200_000u64 {
+            assert!(!crate::storage::keys::is_system_key(&key(i, 0)), "key {i}");
+        }
+        assert_eq!(key(7, 0).len(), 21);
+        assert_eq!(key(7, 64).len(), 64);
+        for s in 0..10_000 {
+            assert!(!crate::storage::keys::is_system_key(&svc_prefix(s)));
+        }
+    }
 }

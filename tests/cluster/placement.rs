@@ -144,7 +144,10 @@ async fn registry_ids_and_reserved_keys() {
         if st.regions == 5 && st.regions_without_leader == 0 && st.max_id >= c.start {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "table after restart: {st:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "table after restart: {st:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cluster.shutdown().await;

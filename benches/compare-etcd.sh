@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# tessera side by side with etcd on this machine, in one command:
+#   benches/compare-etcd.sh [OUT_DIR]            (default: target-dir/compare-etcd/<time>)
+# Starts a 3-member etcd cluster (Debian's etcd-server, installed if missing) and a 3-node
+# tessera cluster on loopback — both fsync every write and keep 3 replicas — then runs every
+# `tessera bench` workload against each in turn with the same load generator and settings.
+# While one system is measured the other one's processes are paused (SIGSTOP), so they do
+# not share the two cores. Writes OUT_DIR/report.md (side-by-side table with ratios) and
+# two SVG charts, and cleans up everything it started.
+# Environment: DURATION (s per run, 10), KEYS (50000), REGIONS (tessera regions, 64),
+#              PROFILE (release|debug, release), WORKLOADS, SWEEP (concurrency list).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+DURATION=${DURATION:-10}
+KEYS=${KEYS:-50000}
+REGIONS=${REGIONS:-64}
+PROFILE=${PROFILE:-release}
+WORKLOADS=${WORKLOADS:-"put get mixed scan cas metadata"}
+SWEEP=${SWEEP:-"1 8 64 256"}
+OUT=${1:-$CARGO_TARGET_DIR/compare-etcd/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+
+if ! command -v etcd >/dev/null 2>&1; then
+  echo "installing etcd-server (Debian package)" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
+fi
+if [ "$PROFILE" = release ]; then cargo build --release --bin tessera -q; else cargo build --all-targets -q; fi
+BIN="$CARGO_TARGET_DIR/$CARGO_BUILD_TARGET/$PROFILE/tessera"
+
+DIR=$(mktemp -d /tmp/tessera-vs-etcd.XXXXXX)
+ETCD_PIDS=(); TESSERA_PIDS=()
+cleanup() {
+  for p in "${ETCD_PIDS[@]:-}" "${TESSERA_PIDS[@]:-}"; do
+    [ -n "$p" ] && { kill -CONT "$p" 2>/dev/null; kill "$p" 2>/dev/null; } || true
+  done
+  wait 2>/dev/null || true
+  rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+base=$(( 23000 + RANDOM % 2000 ))
+# etcd: client ports base+1..3, peer ports base+11..13. fsync is always on in etcd.
+peers=""
+for i in 1 2 3; do peers+="e$i=http://127.0.0.1:$((base + 10 + i)),"; done
+peers=${peers%,}
+for i in 1 2 3; do
+  etcd --name "e$i" --data-dir "$DIR/etcd$i" \
+    --listen-client-urls "http://127.0.0.1:$((base + i))" \
+    --advertise-client-urls "http://127.0.0.1:$((base + i))" \
+    --listen-peer-urls "http://127.0.0.1:$((base + 10 + i))" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$((base + 10 + i))" \
+    --initial-cluster "$peers" --initial-cluster-state new \
+    --initial-cluster-token tessera-compare \
+    --quota-backend-bytes 8589934592 >"$DIR/etcd$i.log" 2>&1 &
+  ETCD_PIDS+=($!)
+done
+ETCD_EP="127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2)),127.0.0.1:$((base + 3))"
+
+# tessera: ports base+21..23, storage.sync_writes = true (the default), 3 replicas.
+cluster=""
+for i in 1 2 3; do cluster+="\"$i@127.0.0.1:$((base + 20 + i))\","; done
+cluster="[${cluster%,}]"
+for i in 1 2 3; do
+  cat > "$DIR/tessera$i.toml" <<TOML
+[node]
+id = $i
+data_dir = "$DIR/tessera$i"
+listen_addr = "127.0.0.1:$((base + 20 + i))"
+[cluster]
+initial_cluster = $cluster
+initial_regions = $REGIONS
+replicas = 3
+[storage]
+sync_writes = true
+[log]
+level = "warn"
+file = "$DIR/tessera$i.log"
+TOML
+  "$BIN" server --config "$DIR/tessera$i.toml" &
+  TESSERA_PIDS+=($!)
+done
+TESSERA_EP="127.0.0.1:$((base + 21)),127.0.0.1:$((base + 22)),127.0.0.1:$((base + 23))"
+
+echo "waiting for both clusters..."
+for _ in $(seq 1 120); do
+  ETCDCTL_API=3 etcdctl --endpoints "$ETCD_EP" endpoint health >/dev/null 2>&1 && break
+  sleep 0.5
+done
+for _ in $(seq 1 120); do
+  n=$("$BIN" regions --endpoints "$TESSERA_EP" --json 2>/dev/null | grep -o '"leader_node":[0-9]' | wc -l || true)
+  [ "${n:-0}" -ge $((REGIONS + 1)) ] && break
+  sleep 0.5
+done
+
+pause() { for p in "$@"; do kill -STOP "$p"; done; }
+resume() { for p in "$@"; do kill -CONT "$p"; done; sleep 1; }
+focus() { # target: pause the other system
+  if [ "$1" = etcd ]; then resume "${ETCD_PIDS[@]}"; pause "${TESSERA_PIDS[@]}";
+  else resume "${TESSERA_PIDS[@]}"; pause "${ETCD_PIDS[@]}"; fi
+}
+
+declare -A preloaded=()
+run() { # target workload concurrency [extra...]
+  local target=$1 workload=$2 conc=$3; shift 3
+  local ep=$TESSERA_EP; [ "$target" = etcd ] && ep=$ETCD_EP
+  local extra=()
+  case $workload in get|mixed|scan)
+    if [ -z "${preloaded[$target]:-}" ]; then extra+=(--preload); preloaded[$target]=1; fi ;;
+  esac
+  echo "== $target $workload concurrency $conc" >&2
+  "$BIN" bench "$workload" --target "$target" --endpoints "$ep" --concurrency "$conc" \
+    --connections 4 --keys "$KEYS" --value-size 256 --duration "$DURATION" --warmup 2 \
+    "${extra[@]}" "$@" --json "$OUT/$target-$workload-c$conc.json" | tee -a "$OUT/runs.txt"
+}
+
+for target in etcd tessera; do
+  focus "$target"
+  for w in $WORKLOADS; do run "$target" "$w" 64; done
+  for c in $SWEEP; do
+    [ "$c" = 64 ] && continue
+    run "$target" put "$c"
+    run "$target" get "$c"
+  done
+done
+resume "${ETCD_PIDS[@]}"
+
+python3 benches/compare-report.py "$OUT" "$REGIONS" > "$OUT/report.md"
+echo "report: $OUT/report.md"
+cat "$OUT/report.md"
