@@ -275,8 +275,8 @@ async fn one_op(sh: &Shared, conn: usize, task: usize) -> Result<(), OpError> {
             // keys in the first comparison run, most of it spent counting).
             let start = key(i, a.key_size);
             let buckets = (a.scan_length as u64 * 2 * 0xFF00).div_ceil(a.keys.max(1));
-            let end_prefix = (u64::from(u16::from_be_bytes([start[0], start[1]])) + buckets)
-                .min(0xFF00) as u16;
+            let end_prefix =
+                (u64::from(u16::from_be_bytes([start[0], start[1]])) + buckets).min(0xFF00) as u16;
             t.scan(conn, &start, &end_prefix.to_be_bytes(), a.scan_length)
                 .await
                 .map(|_| ())

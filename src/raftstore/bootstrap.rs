@@ -16,8 +16,10 @@ use crate::proto::{Peer, PeerRole, PeerState, Region, RegionEpoch, RegionLocalSt
 use crate::storage::{keys, Cf, Engine, PeerStorage};
 
 /// The initial regions of a cluster: `split_keys.len() + 1` ranges covering the keyspace,
-/// each on `replicas` members (all when fewer), spread round-robin. Region ids are
-/// `1..=n`; peer ids follow, in region order.
+/// each on `replicas` members (all when fewer), spread round-robin — except the placement
+/// region (the last one), which lives on the first `replicas` members by id, so operators
+/// know where the cluster's metadata is (DESIGN.md: "hosted on the first voters"). Region ids
+/// are `1..=n`; peer ids follow, in region order.
 pub fn initial_regions(members: &[Member], split_keys: &[Vec<u8>], replicas: u32) -> Vec<Region> {
     let mut nodes: Vec<NodeId> = members.iter().map(|m| m.id).collect();
     nodes.sort();
@@ -36,11 +38,12 @@ pub fn initial_regions(members: &[Member], split_keys: &[Vec<u8>], replicas: u32
     bounds.push(Vec::new());
     (0..n as usize)
         .map(|i| {
+            let first = if i as u64 == n - 1 { 0 } else { i };
             let peers = (0..r)
                 .map(|j| {
                     let p = Peer {
                         id: next_peer,
-                        node_id: nodes[(i + j) % nodes.len()].0,
+                        node_id: nodes[(first + j) % nodes.len()].0,
                         role: PeerRole::Voter as i32,
                     };
                     next_peer += 1;
@@ -230,7 +233,8 @@ mod tests {
             .collect();
         assert_eq!(
             nodes,
-            vec![vec![1, 2, 3], vec![2, 3, 4], vec![3, 4, 5], vec![4, 5, 1]]
+            vec![vec![1, 2, 3], vec![2, 3, 4], vec![3, 4, 5], vec![1, 2, 3]],
+            "user regions round-robin, the placement region on the first voters"
         );
         let single = initial_regions(&members(1), &[], 3);
         assert_eq!(single.len(), 2, "one user region and the placement region");

@@ -224,6 +224,9 @@ enum Fault {
     KillRandom,
     /// SIGSTOP the leader-heavy node for longer than an election, then SIGCONT.
     PauseLeaderHeavy,
+    /// SIGSTOP the node leading the fewest regions until the leaders compact their logs
+    /// past it, so it must catch up by snapshot.
+    CutOffFollower,
 }
 
 fn signal(p: &Proc, sig: &str) {
@@ -318,6 +321,8 @@ async fn watch_leaders(addrs: Vec<String>, stop: Arc<AtomicBool>) -> Result<usiz
 }
 
 struct Outcome {
+    /// Snapshots the faulted node received (CutOffFollower).
+    snapshots_received: u64,
     verdict: Verdict,
     ok: usize,
     failed_reads: usize,
@@ -380,9 +385,16 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
     if std::env::var("TESSERA_CHAOS_KEEP").is_ok() {
         eprintln!("{name}: keeping {}", dir.path().display());
     }
-    let mut procs = start_process_cluster(dir.path(), 3, REGIONS, |c| {
-        c.raft.log_gc_threshold = 200;
+    let metrics: Vec<String> = common::free_addrs(3)
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let m = metrics.clone();
+    let mut procs = start_process_cluster(dir.path(), 3, REGIONS, move |c| {
+        c.raft.log_gc_threshold = 50;
+        c.node.metrics_addr = m[c.node.id as usize - 1].clone();
     });
+    let mut snapshot_victim = None;
     let addrs: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
     assert!(
         leadership_recovered(&addrs, &[0, 1, 2], Duration::from_secs(60))
@@ -454,6 +466,37 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
                 procs[victim].restart(&dir.path().join(format!("node{}.log", victim + 1)));
                 tokio::time::sleep(Duration::from_secs(secs / 6)).await;
             }
+        }
+        Fault::CutOffFollower => {
+            let rs = regions_of(&addrs[0]).await;
+            let mut counts = [0usize; 3];
+            for r in rs.iter().flatten() {
+                if let Some(l) = r.leader {
+                    counts[(l.node_id as usize - 1).min(2)] += 1;
+                }
+            }
+            let victim = (0..3).min_by_key(|i| counts[*i]).unwrap_or(0);
+            snapshot_victim = Some(victim);
+            // Make it a pure follower first, so the clients keep their full write rate (and
+            // the leaders' logs grow past it) instead of waiting on a paused leader.
+            let admin = Client::connect(&addrs, harness_client_opts())
+                .await
+                .unwrap();
+            for r in rs.iter().flatten() {
+                if let (Some(region), Some(l)) = (&r.region, r.leader) {
+                    if l.node_id == victim as u64 + 1 {
+                        let to = (victim + 1) % 3 + 1;
+                        admin.transfer_leader(region.id, to as u64).await.unwrap();
+                    }
+                }
+            }
+            signal(&procs[victim], "STOP");
+            let live: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+            recoveries.extend(leadership_recovered(&addrs, &live, Duration::from_secs(30)).await);
+            // Long enough for the leaders to write past 4 x log_gc_threshold and compact.
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            signal(&procs[victim], "CONT");
+            tokio::time::sleep(Duration::from_secs(secs / 2)).await;
         }
         Fault::PauseLeaderHeavy => {
             let victim = leader_heavy(&regions_of(&addrs[0]).await);
@@ -554,11 +597,37 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
         .count();
     let (lost, stale) = lost_and_stale(&history, final_from);
     let verdict = check::check(&history);
+    // Scraped until it shows a snapshot (or 10 s pass): the endpoint of a node that was
+    // just resumed may answer slowly.
+    let mut snapshots_received = 0;
+    if let Some(v) = snapshot_victim {
+        let t = Instant::now();
+        while snapshots_received == 0 && t.elapsed() < Duration::from_secs(10) {
+            snapshots_received = metric(&metrics[v], "tessera_snapshots_received_total");
+            if snapshots_received == 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    if let Some(v) = snapshot_victim {
+        for (i, m) in metrics.iter().enumerate() {
+            eprintln!(
+                "{name}: node {}{}: snapshots sent {} received {} failed {}, log compactions {}",
+                i + 1,
+                if i == v { " (cut off)" } else { "" },
+                metric(m, "tessera_snapshots_sent_total"),
+                metric(m, "tessera_snapshots_received_total"),
+                metric(m, "tessera_snapshots_failed_total"),
+                metric(m, "tessera_log_compactions_total"),
+            );
+        }
+    }
     drop(procs);
     if std::env::var("TESSERA_CHAOS_KEEP").is_ok() {
         std::mem::forget(dir);
     }
     Outcome {
+        snapshots_received,
         verdict,
         ok,
         failed_reads,
@@ -611,6 +680,26 @@ async fn local_scan_all(addr: &str, env: &Env) -> Option<Vec<(Vec<u8>, Vec<u8>, 
     Some(out)
 }
 
+/// A counter's value from a node's Prometheus endpoint (0 if absent).
+fn metric(addr: &str, name: &str) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+    if s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return 0;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 fn percentile(v: &[Duration], p: f64) -> Duration {
     if v.is_empty() {
         return Duration::ZERO;
@@ -623,6 +712,16 @@ fn percentile(v: &[Duration], p: f64) -> Duration {
 async fn run_scenario(name: &str, fault: Fault) {
     for seed in seeds() {
         let o = scenario(name, fault, Reads::Linearizable, seed).await;
+        if matches!(fault, Fault::CutOffFollower) {
+            eprintln!(
+                "chaos {name} seed {seed}: snapshots received by the cut-off node: {}",
+                o.snapshots_received
+            );
+            assert!(
+                o.snapshots_received > 0,
+                "{name}: the cut-off follower caught up without a snapshot"
+            );
+        }
         let lin = matches!(o.verdict, Verdict::Linearizable);
         eprintln!(
             "chaos {name} seed {seed}: ops ok {} / failed reads {} / unknown writes {}, lost acknowledged writes {}, stale reads {}, linearizable {}, leadership recovered p50 {:?} p99 {:?}",
@@ -655,6 +754,11 @@ async fn kill9_random_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_leader_heavy_node_past_election_timeout() {
     run_scenario("sigstop-leader-heavy", Fault::PauseLeaderHeavy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_cut_off_past_compaction_recovers_by_snapshot() {
+    run_scenario("cut-off-follower", Fault::CutOffFollower).await;
 }
 
 /// The checker is not a rubber stamp: reads served from any replica's local state (not
