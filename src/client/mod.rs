@@ -159,7 +159,14 @@ struct Inner {
     nodes: DashMap<u64, String>,
     cache: RwLock<RegionCache>,
     stats: ClientStats,
+    /// Nodes that recently failed an RPC (refused, reset, timed out), until when: tried last
+    /// when choosing among a region's peers. A paused or overloaded node still accepts
+    /// connections, and each attempt on it costs a whole RPC timeout.
+    suspects: DashMap<u64, Instant>,
 }
+
+/// How long a node that failed an RPC is tried last.
+const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 /// Whether an RPC failure may have happened after the server applied the request.
 fn ambiguous(s: &Status) -> bool {
@@ -189,6 +196,7 @@ impl Client {
                 nodes: DashMap::new(),
                 cache: RwLock::new(RegionCache::default()),
                 stats: ClientStats::default(),
+                suspects: DashMap::new(),
             }),
         };
         if c.inner.opts.system || c.load_routes(&[], 0).await.is_err() {
@@ -584,6 +592,8 @@ impl Client {
             match e.error {
                 Some(region_error::Error::NotLeader(nl)) => {
                     if let Some(l) = nl.leader.as_ref() {
+                        // Another node names it as the leader: worth trying again.
+                        self.inner.suspects.remove(&l.node_id);
                         if !nl.leader_addr.is_empty() {
                             self.inner.nodes.insert(l.node_id, nl.leader_addr.clone());
                         }
@@ -612,11 +622,29 @@ impl Client {
     /// turn.
     fn target(&self, r: &CachedRegion, n: u32) -> Option<(u64, String)> {
         let node = match &r.leader {
-            Some(l) => l.node_id,
-            None if r.region.peers.is_empty() => return None,
-            None => r.region.peers[n as usize % r.region.peers.len()].node_id,
+            Some(l) if !self.suspect(l.node_id) => l.node_id,
+            _ if r.region.peers.is_empty() => return None,
+            _ => {
+                // Peers in turn from attempt n, skipping suspects while there is another.
+                let len = r.region.peers.len();
+                (0..len)
+                    .map(|i| r.region.peers[(n as usize + i) % len].node_id)
+                    .find(|id| !self.suspect(*id))
+                    .unwrap_or(r.region.peers[n as usize % len].node_id)
+            }
         };
         self.inner.nodes.get(&node).map(|a| (node, a.clone()))
+    }
+
+    fn suspect(&self, node: u64) -> bool {
+        match self.inner.suspects.get(&node).map(|t| *t) {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                self.inner.suspects.remove(&node);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Runs `op` against the region holding `key`, fixing the route and retrying until it
@@ -680,7 +708,11 @@ impl Client {
                 return Ok(Attempt::Retry(e));
             }
         };
-        match op(ch, self.header(region)).await {
+        let res = op(ch, self.header(region)).await;
+        if res.is_ok() && !self.inner.suspects.is_empty() {
+            self.inner.suspects.remove(&node);
+        }
+        match res {
             Ok((None, v)) => Ok(Attempt::Done(v)),
             Ok((Some(e), _)) => Ok(Attempt::Retry(self.on_region_error(region, e).await)),
             Err(s) if s.code() == Code::InvalidArgument => {
@@ -691,6 +723,7 @@ impl Client {
             }
             Err(s) if ambiguous(&s) && !retry_ambiguous => {
                 self.forget_channel(&addr);
+                self.rpc_failed(region, node);
                 Err(Error::Unknown(s.message().into()))
             }
             Err(s) => {
@@ -707,6 +740,9 @@ impl Client {
             .stats
             .rpc_errors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .suspects
+            .insert(node, Instant::now() + SUSPECT_FOR);
         let mut cache = self
             .inner
             .cache
@@ -1032,5 +1068,74 @@ impl Client {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Peer, Region};
+
+    fn client() -> Client {
+        let c = Client {
+            inner: Arc::new(Inner {
+                endpoints: vec![],
+                opts: ClientOptions::default(),
+                channels: DashMap::new(),
+                nodes: DashMap::new(),
+                cache: RwLock::new(RegionCache::default()),
+                stats: ClientStats::default(),
+                suspects: DashMap::new(),
+            }),
+        };
+        for n in 1..=3 {
+            c.inner.nodes.insert(n, format!("127.0.0.1:{n}"));
+        }
+        c
+    }
+
+    fn region(leader: Option<u64>) -> CachedRegion {
+        let peers: Vec<Peer> = (1..=3)
+            .map(|n| Peer {
+                id: 10 + n,
+                node_id: n,
+                role: 0,
+            })
+            .collect();
+        CachedRegion {
+            leader: leader.map(|l| peers[l as usize - 1]),
+            region: Region {
+                id: 1,
+                peers,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn suspect_nodes_are_tried_last() {
+        let c = client();
+        let r = region(Some(1));
+        assert_eq!(c.target(&r, 0).map(|t| t.0), Some(1), "the leader first");
+        c.inner
+            .suspects
+            .insert(1, Instant::now() + Duration::from_secs(60));
+        for n in 0..6 {
+            let t = c.target(&r, n).unwrap().0;
+            assert_ne!(
+                t, 1,
+                "a suspect leader is skipped while another peer is left"
+            );
+        }
+        c.inner
+            .suspects
+            .insert(2, Instant::now() + Duration::from_secs(60));
+        c.inner
+            .suspects
+            .insert(3, Instant::now() + Duration::from_secs(60));
+        assert!(c.target(&r, 0).is_some(), "all suspect: still try someone");
+        // Suspicion expires.
+        c.inner.suspects.insert(1, Instant::now());
+        assert_eq!(c.target(&region(Some(1)), 0).map(|t| t.0), Some(1));
     }
 }
