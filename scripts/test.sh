@@ -16,11 +16,11 @@ start=$(date +%s)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets"
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --all-targets --features failpoints --quiet -- -D warnings
 echo "== cargo build (tests and the tessera binary)"
-cargo build --all-targets --quiet
+cargo build --all-targets --features failpoints --quiet
 echo "== cargo test"
-cargo test --all-targets --no-fail-fast
+cargo test --all-targets --features failpoints --no-fail-fast
 echo "== cargo test --doc (the examples in the API docs compile)"
-cargo test --doc
+cargo test --doc --features failpoints
 echo "== all tests passed in $(( $(date +%s) - start ))s"

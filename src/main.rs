@@ -182,6 +182,9 @@ async fn wait_for_signal() {
 
 async fn run_server(args: ServerArgs) -> Result<(), String> {
     let cfg = load_config(&args)?;
+    // Test builds only: fail points from the FAILPOINTS environment variable.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     if args.check {
         let engine =
             tessera::storage::Engine::open(&cfg.node.data_dir.join("db"), &Default::default())

@@ -181,9 +181,12 @@ impl Worker {
         }
         if !wb.is_empty() {
             let sync = must_sync && self.sync_writes;
+            // Chaos tests: crash (exit 75) or stall just before or after the log write.
+            fail::fail_point!("raft_before_write", |_| std::process::exit(75));
             if let Err(e) = engine.write(wb, sync) {
                 crate::fatal(&format!("raft worker {} write failed: {e}", self.index));
             }
+            fail::fail_point!("raft_after_write", |_| std::process::exit(75));
             if sync {
                 metrics::counter!("tessera_fsyncs_total").increment(1);
                 metrics::counter!("tessera_raft_entries_persisted_total").increment(entries as u64);

@@ -216,6 +216,8 @@ async fn client_loop(env: Arc<Env>, id: u64, seed: u64, reads: Reads) {
 }
 
 #[derive(Clone, Copy, Debug)]
+// The fail-point scenarios exist only with the `failpoints` feature.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 enum Fault {
     None,
     /// kill -9 the node leading the most regions, restart it `down` later.
@@ -227,6 +229,11 @@ enum Fault {
     /// SIGSTOP the node leading the fewest regions until the leaders compact their logs
     /// past it, so it must catch up by snapshot.
     CutOffFollower,
+    /// Restart the leader-heavy node with fail points that make it exit just before or just
+    /// after a raft log write, now and then; restart it each time it dies.
+    CrashAroundLogWrite,
+    /// The leader-heavy node's disk turns slow: a fifth of its synced writes stall 50 ms.
+    SlowDisk,
 }
 
 fn signal(p: &Proc, sig: &str) {
@@ -323,6 +330,8 @@ async fn watch_leaders(addrs: Vec<String>, stop: Arc<AtomicBool>) -> Result<usiz
 struct Outcome {
     /// Snapshots the faulted node received (CutOffFollower).
     snapshots_received: u64,
+    /// Crashes at a fail point (CrashAroundLogWrite).
+    crashes: u32,
     verdict: Verdict,
     ok: usize,
     failed_reads: usize,
@@ -395,6 +404,7 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
         c.node.metrics_addr = m[c.node.id as usize - 1].clone();
     });
     let mut snapshot_victim = None;
+    let mut crashes = 0u32;
     let addrs: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
     assert!(
         leadership_recovered(&addrs, &[0, 1, 2], Duration::from_secs(60))
@@ -497,6 +507,41 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
             tokio::time::sleep(Duration::from_secs(8)).await;
             signal(&procs[victim], "CONT");
             tokio::time::sleep(Duration::from_secs(secs / 2)).await;
+        }
+        Fault::CrashAroundLogWrite => {
+            let victim = leader_heavy(&regions_of(&addrs[0]).await);
+            let log = dir.path().join(format!("node{}.log", victim + 1));
+            let fp = [(
+                "FAILPOINTS",
+                "raft_before_write=0.3%return;raft_after_write=0.3%return",
+            )];
+            procs[victim].restart_env(&log, &fp);
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(secs.saturating_sub(4).max(4)) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let exited = procs[victim]
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if let Some(status) = exited {
+                    assert_eq!(status.code(), Some(75), "{name}: died of something else");
+                    crashes += 1;
+                    // Bounded: after 8 crashes it comes back without fail points.
+                    let env: &[(&str, &str)] = if crashes < 8 { &fp } else { &[] };
+                    procs[victim].restart_env(&log, env);
+                }
+            }
+            // Heal: back without fail points.
+            procs[victim].restart(&log);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        Fault::SlowDisk => {
+            let victim = leader_heavy(&regions_of(&addrs[0]).await);
+            let log = dir.path().join(format!("node{}.log", victim + 1));
+            procs[victim].restart_env(&log, &[("FAILPOINTS", "raft_before_write=20%sleep(50)")]);
+            tokio::time::sleep(Duration::from_secs(secs.saturating_sub(2))).await;
+            procs[victim].restart(&log);
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
         Fault::PauseLeaderHeavy => {
             let victim = leader_heavy(&regions_of(&addrs[0]).await);
@@ -628,6 +673,7 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
     }
     Outcome {
         snapshots_received,
+        crashes,
         verdict,
         ok,
         failed_reads,
@@ -712,6 +758,13 @@ fn percentile(v: &[Duration], p: f64) -> Duration {
 async fn run_scenario(name: &str, fault: Fault) {
     for seed in seeds() {
         let o = scenario(name, fault, Reads::Linearizable, seed).await;
+        if matches!(fault, Fault::CrashAroundLogWrite) {
+            eprintln!(
+                "chaos {name} seed {seed}: crashes at a fail point: {}",
+                o.crashes
+            );
+            assert!(o.crashes > 0, "{name}: the fail points never fired");
+        }
         if matches!(fault, Fault::CutOffFollower) {
             eprintln!(
                 "chaos {name} seed {seed}: snapshots received by the cut-off node: {}",
@@ -759,6 +812,20 @@ async fn pause_leader_heavy_node_past_election_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_cut_off_past_compaction_recovers_by_snapshot() {
     run_scenario("cut-off-follower", Fault::CutOffFollower).await;
+}
+
+/// Needs the `failpoints` feature (scripts/test.sh turns it on); without it the fail points
+/// do not exist and the scenario is left out.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_just_before_or_after_the_log_write() {
+    run_scenario("crash-around-log-write", Fault::CrashAroundLogWrite).await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_disk_on_the_leader_heavy_node() {
+    run_scenario("slow-disk", Fault::SlowDisk).await;
 }
 
 /// The checker is not a rubber stamp: reads served from any replica's local state (not

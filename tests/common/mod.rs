@@ -226,12 +226,18 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(config_path: &Path, addr: &str, log: &Path) -> Proc {
+        Proc::start_env(config_path, addr, log, &[])
+    }
+
+    /// Like `start`, with extra environment variables (e.g. FAILPOINTS).
+    pub fn start_env(config_path: &Path, addr: &str, log: &Path, env: &[(&str, &str)]) -> Proc {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("open log");
         let child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .envs(env.iter().copied())
             .arg("server")
             .arg("--config")
             .arg(config_path)
@@ -277,8 +283,12 @@ impl Proc {
     }
 
     pub fn restart(&mut self, log: &Path) {
+        self.restart_env(log, &[]);
+    }
+
+    pub fn restart_env(&mut self, log: &Path, env: &[(&str, &str)]) {
         self.kill9();
-        *self = Proc::start(&self.config_path.clone(), &self.addr.clone(), log);
+        *self = Proc::start_env(&self.config_path.clone(), &self.addr.clone(), log, env);
     }
 }
 
