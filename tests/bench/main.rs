@@ -83,6 +83,28 @@ async fn every_workload_against_tessera() {
         "{before} -> {after} for {} ops",
         r.ops
     );
+
+    // --rate holds the offered load, whatever the distribution.
+    for dist in [Distribution::Zipfian, Distribution::Sequential] {
+        let mut a = args(
+            TargetKind::Tessera,
+            cluster.endpoints().join(","),
+            Workload::Mixed,
+        );
+        a.rate = 300.0;
+        a.duration = Some(2);
+        a.distribution = dist;
+        a.preload = false;
+        let r = bench::run(a).await.unwrap();
+        eprintln!("{}", r.text());
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        // 300/s over 2 s: about 600, never the thousands an unthrottled run does here.
+        assert!(
+            (450..=700).contains(&r.ops),
+            "{dist:?}: {} ops at --rate 300 for 2 s",
+            r.ops
+        );
+    }
     cluster.shutdown().await;
 }
 
