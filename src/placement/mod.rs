@@ -21,7 +21,7 @@ use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::client::{CasAction, Client, Compare, Error};
-use crate::proto::{KvRecord, NodeInfo, NodeRecord, NodeState, RegionRoute};
+use crate::proto::{KeyValue, KvRecord, NodeInfo, NodeRecord, NodeState, RegionRoute};
 use crate::storage::keys::{self, SYSTEM_KEY_PREFIX};
 use crate::storage::{Cf, WriteBatch};
 
@@ -63,31 +63,60 @@ fn decode_u64(v: &[u8]) -> Result<u64, Error> {
         .map_err(|_| Error::Server(format!("id counter holds {} bytes, not 8", v.len())))
 }
 
+/// What a read-modify-write of one placement record decided after reading it.
+enum Update<T> {
+    /// Write this value — only if the record is still as read — and return `T`.
+    Write(Vec<u8>, T),
+    /// Leave the record as it is and return `T`.
+    Keep(T),
+}
+
+/// Every placement record is updated the same way: read it, let `decide` choose, write with a
+/// compare-and-swap against what was read (absent must still be absent), and start over when
+/// another writer got in between — at most `tries` times.
+async fn update<T>(
+    client: &Client,
+    key: &[u8],
+    tries: u32,
+    what: &str,
+    mut decide: impl FnMut(Option<&KeyValue>) -> Result<Update<T>, Error>,
+) -> Result<T, Error> {
+    for _ in 0..tries {
+        let cur = client.get(key).await?;
+        let compare = cur
+            .as_ref()
+            .map_or(Compare::Absent, |kv| Compare::ModRevision(kv.mod_revision));
+        match decide(cur.as_ref())? {
+            Update::Keep(t) => return Ok(t),
+            Update::Write(value, t) => {
+                if client
+                    .cas(key, compare, CasAction::Put(value))
+                    .await?
+                    .succeeded
+                {
+                    return Ok(t);
+                }
+            }
+        }
+    }
+    Err(Error::Server(format!("{what} kept losing races")))
+}
+
 /// Allocates `count` new ids, unique across the cluster and never reused: a compare-and-swap
 /// on the counter's mod revision; a caller that loses a race reads again and retries.
 pub async fn alloc_ids(client: &Client, count: u64) -> Result<Range<u64>, Error> {
-    let key = ids_key();
-    for _ in 0..100 {
-        let cur = client
-            .get(&key)
-            .await?
-            .ok_or_else(|| Error::Server("placement id counter is missing".into()))?;
+    update(client, &ids_key(), 100, "id allocation", |cur| {
+        let cur = cur.ok_or_else(|| Error::Server("placement id counter is missing".into()))?;
         let last = decode_u64(&cur.value)?;
         let next = last
             .checked_add(count)
             .ok_or_else(|| Error::Server("id space exhausted".into()))?;
-        let r = client
-            .cas(
-                &key,
-                Compare::ModRevision(cur.mod_revision),
-                CasAction::Put(next.to_be_bytes().to_vec()),
-            )
-            .await?;
-        if r.succeeded {
-            return Ok(last + 1..next + 1);
-        }
-    }
-    Err(Error::Server("id allocation kept losing races".into()))
+        Ok(Update::Write(
+            next.to_be_bytes().to_vec(),
+            last + 1..next + 1,
+        ))
+    })
+    .await
 }
 
 pub fn now_ms() -> u64 {
@@ -116,28 +145,14 @@ fn decode_node(v: &[u8]) -> Result<NodeRecord, Error> {
 /// Writes this node's registry record (one heartbeat) — unless the record says the node was
 /// removed, which a heartbeat must never undo (hence the compare-and-swap).
 pub async fn heartbeat(client: &Client, record: &NodeRecord) -> Result<Beat, Error> {
-    let key = node_key(record.node_id);
-    for _ in 0..10 {
-        let cur = client.get(&key).await?;
-        let compare = match &cur {
-            Some(kv) => {
-                if decode_node(&kv.value)?.removed {
-                    return Ok(Beat::Removed);
-                }
-                Compare::ModRevision(kv.mod_revision)
-            }
-            None => Compare::Absent,
-        };
-        let value = prost::Message::encode_to_vec(record);
-        if client
-            .cas(&key, compare, CasAction::Put(value))
-            .await?
-            .succeeded
-        {
-            return Ok(Beat::Written);
-        }
-    }
-    Err(Error::Server("heartbeat kept losing races".into()))
+    let value = prost::Message::encode_to_vec(record);
+    update(client, &node_key(record.node_id), 10, "heartbeat", |cur| {
+        Ok(match cur {
+            Some(kv) if decode_node(&kv.value)?.removed => Update::Keep(Beat::Removed),
+            _ => Update::Write(value.clone(), Beat::Written),
+        })
+    })
+    .await
 }
 
 /// Every registered node's record.
@@ -216,32 +231,17 @@ pub async fn join(client: &Client, addr: &str) -> Result<u64, JoinError> {
 /// Marks a node removed. Its record stays (ids are never reused) and it can never heartbeat
 /// again; the node stops when it sees the mark.
 pub async fn remove_node(client: &Client, node_id: u64) -> Result<(), Error> {
-    let key = node_key(node_id);
-    for _ in 0..10 {
-        let Some(kv) = client.get(&key).await? else {
-            return Err(Error::InvalidArgument(format!(
-                "node {node_id} is not registered"
-            )));
-        };
+    update(client, &node_key(node_id), 10, "node removal", |cur| {
+        let kv =
+            cur.ok_or_else(|| Error::InvalidArgument(format!("node {node_id} is not registered")))?;
         let mut rec = decode_node(&kv.value)?;
         if rec.removed {
-            return Ok(());
+            return Ok(Update::Keep(()));
         }
         rec.removed = true;
-        let value = prost::Message::encode_to_vec(&rec);
-        if client
-            .cas(
-                &key,
-                Compare::ModRevision(kv.mod_revision),
-                CasAction::Put(value),
-            )
-            .await?
-            .succeeded
-        {
-            return Ok(());
-        }
-    }
-    Err(Error::Server("node removal kept losing races".into()))
+        Ok(Update::Write(prost::Message::encode_to_vec(&rec), ()))
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -306,29 +306,17 @@ pub async fn report_region(client: &Client, route: &RegionRoute) -> Result<bool,
         .ok_or_else(|| Error::InvalidArgument("route without region".into()))?;
     let key = route_key(&region.end_key);
     let value = prost::Message::encode_to_vec(route);
-    let mut written = false;
-    for _ in 0..10 {
-        let cur = client.get(&key).await?;
-        let compare = match &cur {
-            Some(kv) => {
-                if route_rank(&decode_route(&kv.value)?) > route_rank(route) {
-                    return Ok(false);
-                }
-                Compare::ModRevision(kv.mod_revision)
+    let written = update(client, &key, 10, "route report", |cur| {
+        Ok(match cur {
+            Some(kv) if route_rank(&decode_route(&kv.value)?) > route_rank(route) => {
+                Update::Keep(false)
             }
-            None => Compare::Absent,
-        };
-        if client
-            .cas(&key, compare, CasAction::Put(value.clone()))
-            .await?
-            .succeeded
-        {
-            written = true;
-            break;
-        }
-    }
+            _ => Update::Write(value.clone(), true),
+        })
+    })
+    .await?;
     if !written {
-        return Err(Error::Server("route report kept losing races".into()));
+        return Ok(false);
     }
     // Rows ending inside (start, end) describe ranges this region now covers.
     let from = route_seek(&region.start_key);
