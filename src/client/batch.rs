@@ -1,0 +1,155 @@
+//! Multi-key calls: keys grouped by region, one request per region, regions in parallel.
+
+use std::time::Instant;
+
+use tonic::transport::Channel;
+use tonic::Status;
+
+use super::cache::CachedRegion;
+use super::{Attempt, Client, Error, Result};
+use crate::proto::{self, KeyValue, RequestHeader};
+use crate::storage::keys::is_system_key;
+
+impl Client {
+    /// Runs `op` once per region for the keys it holds, all regions in parallel; keys whose
+    /// region answered with a routing error are grouped again and retried until the deadline.
+    /// Returns each group's key indices with its answer.
+    async fn per_region<R, F, Fut>(
+        &self,
+        keys: &[&[u8]],
+        retry_ambiguous: bool,
+        op: F,
+    ) -> Result<Vec<(Vec<usize>, R)>>
+    where
+        F: Fn(Channel, RequestHeader, Vec<usize>) -> Fut,
+        Fut: std::future::Future<
+            Output = std::result::Result<(Option<proto::RegionError>, R), Status>,
+        >,
+    {
+        let start = Instant::now();
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let mut out = Vec::new();
+        let mut attempts = 0u32;
+        let mut last = String::new();
+        while !pending.is_empty() {
+            if attempts > 0 {
+                self.backoff(start, attempts, &last).await?;
+            }
+            attempts += 1;
+            let mut groups: std::collections::BTreeMap<u64, (CachedRegion, Vec<usize>)> =
+                Default::default();
+            let mut unrouted = Vec::new();
+            for i in pending.drain(..) {
+                match self.locate(keys[i]).await {
+                    Ok(r) => groups
+                        .entry(r.region.id)
+                        .or_insert((r, Vec::new()))
+                        .1
+                        .push(i),
+                    Err(e) => {
+                        last = e.to_string();
+                        unrouted.push(i);
+                    }
+                }
+            }
+            let op = &op;
+            let calls = groups.into_values().map(|(region, idx)| async move {
+                let call = |ch: Channel, h: RequestHeader| op(ch, h, idx.clone());
+                let res = self
+                    .attempt(&region, attempts, retry_ambiguous, &call)
+                    .await;
+                (idx, res)
+            });
+            pending = unrouted;
+            for (idx, res) in futures::future::join_all(calls).await {
+                match res? {
+                    Attempt::Done(v) => out.push((idx, v)),
+                    Attempt::Retry(why) => {
+                        last = why;
+                        pending.extend(idx);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads several keys: one request per region holding some of them, regions in
+    /// parallel, each region's keys read at one point. Answers are in the order of `keys`.
+    pub async fn batch_get(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<KeyValue>>> {
+        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+        let groups = self
+            .per_region(&refs, true, |ch, header, idx| {
+                let keys: Vec<Vec<u8>> = idx.iter().map(|&i| keys[i].clone()).collect();
+                async move {
+                    let r = Self::kv(ch)
+                        .batch_get(proto::BatchGetRequest {
+                            header: Some(header),
+                            keys,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.region_error, r.kvs))
+                }
+            })
+            .await?;
+        let mut out = vec![None; keys.len()];
+        for (idx, kvs) in groups {
+            if kvs.len() != idx.len() {
+                return Err(Error::Server(format!(
+                    "batch get answered {} keys for {}",
+                    kvs.len(),
+                    idx.len()
+                )));
+            }
+            for (i, kv) in idx.into_iter().zip(kvs) {
+                out[i] = (!kv.key.is_empty()).then_some(kv);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts (`Some(value)`) and deletes (`None`) several keys: one raft entry per region
+    /// holding some of them, regions in parallel. Atomic within each region, not across
+    /// regions: if the call fails, some regions may have applied their part.
+    /// Keys are checked before anything is sent, so an empty or reserved key fails the whole
+    /// call with nothing written.
+    pub async fn batch_write(&self, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<()> {
+        for (k, _) in ops {
+            if k.is_empty() {
+                return Err(Error::InvalidArgument("key must not be empty".into()));
+            }
+            if is_system_key(k) && !self.inner.opts.system {
+                return Err(Error::InvalidArgument(
+                    "keys starting with byte 0xFF are reserved for placement data".into(),
+                ));
+            }
+        }
+        let refs: Vec<&[u8]> = ops.iter().map(|(k, _)| k.as_slice()).collect();
+        self.per_region(
+            &refs,
+            self.inner.opts.retry_ambiguous_writes,
+            |ch, header, idx| {
+                let ops: Vec<proto::BatchWriteOp> = idx
+                    .iter()
+                    .map(|&i| proto::BatchWriteOp {
+                        key: ops[i].0.clone(),
+                        value: ops[i].1.clone(),
+                    })
+                    .collect();
+                async move {
+                    let r = Self::kv(ch)
+                        .batch_write(proto::BatchWriteRequest {
+                            header: Some(header),
+                            ops,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.region_error, ()))
+                }
+            },
+        )
+        .await?;
+        Ok(())
+    }
+}

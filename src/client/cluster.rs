@@ -1,0 +1,206 @@
+//! Cluster-level calls: any-node RPCs (routing table, nodes, status, removal) and leader
+//! transfer.
+
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use super::cache::CachedRegion;
+use super::{Client, Error, Result};
+use crate::proto::node_client::NodeClient;
+use crate::proto::{self, ClusterStatusResponse, NodeInfo, RegionRoute};
+
+impl Client {
+    /// Calls a `Node` RPC on the first node that answers. Only unreachable nodes are skipped;
+    /// any other failure is the answer.
+    pub(super) async fn any_node<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: Fn(NodeClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+    {
+        let mut last = String::from("no endpoint answered");
+        for addr in self.node_addrs() {
+            let ch = match self.channel(&addr).await {
+                Ok(ch) => ch,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match op(NodeClient::new(ch)).await {
+                Ok(v) => return Ok(v),
+                Err(s) => match s.code() {
+                    Code::NotFound => return Err(Error::NotFound(s.message().into())),
+                    Code::InvalidArgument => {
+                        return Err(Error::InvalidArgument(s.message().into()))
+                    }
+                    Code::AlreadyExists | Code::FailedPrecondition => {
+                        return Err(Error::Refused(s.message().into()))
+                    }
+                    _ => {
+                        self.forget_channel(&addr);
+                        last = format!("{addr}: {}", s.message());
+                    }
+                },
+            }
+        }
+        Err(Error::Unavailable(last))
+    }
+
+    /// Loads routes from the placement routing table: the region holding `start` and up to
+    /// `limit - 1` after it (`limit` 0 = the whole keyspace).
+    pub(super) async fn load_routes(&self, start: &[u8], limit: u32) -> Result<Vec<RegionRoute>> {
+        let resp = self
+            .any_node(|mut n| async move {
+                n.scan_regions(proto::ScanRegionsRequest {
+                    start_key: start.to_vec(),
+                    end_key: Vec::new(),
+                    limit,
+                })
+                .await
+                .map(|r| r.into_inner())
+            })
+            .await?;
+        if resp.routes.is_empty() {
+            return Err(Error::NotFound("the routing table is empty".into()));
+        }
+        self.learn_nodes(resp.nodes);
+        let mut cache = self
+            .inner
+            .cache
+            .write()
+            .expect("region cache lock poisoned");
+        for r in &resp.routes {
+            if let Some(region) = r.region.clone() {
+                cache.insert(region, r.leader);
+            }
+        }
+        Ok(resp.routes)
+    }
+
+    /// Every region with its leader and load, from the placement routing table (or, while
+    /// that does not cover the keyspace yet, as the nodes themselves report them, without
+    /// load).
+    pub async fn routes(&self) -> Result<Vec<RegionRoute>> {
+        let complete = |routes: &[RegionRoute]| {
+            let mut expect: &[u8] = &[];
+            for r in routes {
+                match &r.region {
+                    Some(region) if region.start_key == expect => expect = &region.end_key,
+                    _ => return false,
+                }
+            }
+            !routes.is_empty() && expect.is_empty()
+        };
+        match self.load_routes(&[], 0).await {
+            Ok(r) if complete(&r) => Ok(r),
+            _ => Ok(self
+                .regions()
+                .await?
+                .into_iter()
+                .map(|c| RegionRoute {
+                    region: Some(c.region),
+                    leader: c.leader,
+                    ..Default::default()
+                })
+                .collect()),
+        }
+    }
+
+    /// Every registered node with its state.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>> {
+        self.any_node(|mut n| async move {
+            n.list_nodes(proto::ListNodesRequest {})
+                .await
+                .map(|r| r.into_inner().nodes)
+        })
+        .await
+    }
+
+    /// The cluster at a glance: nodes, regions, leaderless or unavailable regions, totals.
+    pub async fn status(&self) -> Result<ClusterStatusResponse> {
+        self.any_node(|mut n| async move {
+            n.cluster_status(proto::ClusterStatusRequest {})
+                .await
+                .map(|r| r.into_inner())
+        })
+        .await
+    }
+
+    /// Marks a node removed; it stops serving and may never return with its data.
+    pub async fn remove_node(&self, node_id: u64) -> Result<()> {
+        self.any_node(|mut n| async move {
+            n.remove_node(proto::RemoveNodeRequest { node_id })
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Asks region `region_id`'s leader to hand leadership to its peer on `to_node`, and waits
+    /// (within the deadline) until the cluster reports the new leader.
+    pub async fn transfer_leader(&self, region_id: u64, to_node: u64) -> Result<()> {
+        let start = Instant::now();
+        let mut asked = false;
+        loop {
+            if start.elapsed() >= self.inner.opts.deadline {
+                return Err(Error::Deadline {
+                    attempts: 0,
+                    elapsed: start.elapsed(),
+                    last: format!("region {region_id} still not led from node {to_node}"),
+                });
+            }
+            let region = self.cached_region(region_id).await?;
+            if !region.region.peers.iter().any(|p| p.node_id == to_node) {
+                return Err(Error::InvalidArgument(format!(
+                    "region {region_id} has no peer on node {to_node}"
+                )));
+            }
+            if asked && region.leader.is_some_and(|l| l.node_id == to_node) {
+                return Ok(());
+            }
+            let key = region.region.start_key.clone();
+            self.execute(&key, true, |ch, header| async move {
+                let r = NodeClient::new(ch)
+                    .transfer_leader(proto::TransferLeaderRequest {
+                        header: Some(header),
+                        to_node,
+                    })
+                    .await?
+                    .into_inner();
+                Ok((r.region_error, ()))
+            })
+            .await?;
+            asked = true;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Ask the leader it named (it answers NotLeader naming the new one once done).
+            self.inner
+                .cache
+                .write()
+                .expect("region cache lock poisoned")
+                .set_leader(region_id, None);
+            let _ = self.refresh().await;
+        }
+    }
+
+    async fn cached_region(&self, region_id: u64) -> Result<CachedRegion> {
+        let find = |c: &Client| {
+            c.inner
+                .cache
+                .read()
+                .expect("region cache lock poisoned")
+                .regions()
+                .into_iter()
+                .find(|r| r.region.id == region_id)
+        };
+        if let Some(r) = find(self) {
+            return Ok(r);
+        }
+        let _ = self.load_routes(&[], 0).await;
+        if find(self).is_none() {
+            self.refresh().await?;
+        }
+        find(self).ok_or_else(|| Error::NotFound(format!("no region {region_id}")))
+    }
+}
