@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use tessera::check::{self, History, Input, Observed, Op, Output, Verdict};
 use tessera::client::{CasAction, Client, ClientOptions, Compare, Error};
 use tessera::proto::kv_client::KvClient;
-use tessera::proto::{GetRequest, ReadConsistency, Region, RegionInfo, RequestHeader, ScanRequest};
+use tessera::proto::{ReadConsistency, Region, RegionInfo, RequestHeader, ScanRequest};
 
 use common::{key_in_region, start_process_cluster, Proc};
 
@@ -105,33 +105,7 @@ fn observed(kv: Option<tessera::proto::KeyValue>) -> Option<Observed> {
 
 async fn local_get(env: &Env, addr: &str, key: &[u8]) -> Option<Option<Observed>> {
     let region = env.region_of.get(key)?;
-    let mut kv = tokio::time::timeout(
-        Duration::from_secs(1),
-        KvClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let r = tokio::time::timeout(
-        Duration::from_secs(2),
-        kv.get(GetRequest {
-            header: Some(RequestHeader {
-                region_id: region.id,
-                region_epoch: region.epoch,
-                consistency: ReadConsistency::Serializable as i32,
-                system: false,
-            }),
-            key: key.to_vec(),
-        }),
-    )
-    .await
-    .ok()?
-    .ok()?
-    .into_inner();
-    if r.region_error.is_some() {
-        return None;
-    }
-    Some(observed(r.kv))
+    common::local_get(addr, region, key).await.map(observed)
 }
 
 /// One recording client: random gets, puts of unique values and CASes on the version it

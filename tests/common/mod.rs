@@ -163,6 +163,44 @@ pub async fn node_regions(addr: &str) -> Option<Vec<RegionInfo>> {
     )
 }
 
+/// Reads `key` from `addr`'s own replica of `region` (serializable: no leader involved).
+/// `None` when the node does not answer within a few seconds or refuses the route.
+pub async fn local_get(
+    addr: &str,
+    region: &tessera::proto::Region,
+    key: &[u8],
+) -> Option<Option<tessera::proto::KeyValue>> {
+    use tessera::proto::kv_client::KvClient;
+    use tessera::proto::{GetRequest, ReadConsistency, RequestHeader};
+    let mut kv = tokio::time::timeout(
+        Duration::from_secs(1),
+        KvClient::connect(format!("http://{addr}")),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        kv.get(GetRequest {
+            header: Some(RequestHeader {
+                region_id: region.id,
+                region_epoch: region.epoch,
+                consistency: ReadConsistency::Serializable as i32,
+                system: false,
+            }),
+            key: key.to_vec(),
+        }),
+    )
+    .await
+    .ok()?
+    .ok()?
+    .into_inner();
+    if r.region_error.is_some() {
+        return None;
+    }
+    Some(r.kv)
+}
+
 /// Waits until every region of the running nodes has a leader known to all of them.
 /// Returns the leader node per region.
 pub async fn wait_for_leaders(

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::{key_in_region, node_regions, start_process_cluster, wait_for_leaders};
 use tessera::client::{Client, ClientOptions};
-use tessera::proto::kv_client::KvClient;
-use tessera::proto::{GetRequest, ReadConsistency, RequestHeader};
 
 type Progress = HashMap<Vec<u8>, (u64, u64)>;
 
@@ -36,21 +34,9 @@ async fn local_read(addr: &str, key: &[u8]) -> Option<Vec<u8>> {
         .into_iter()
         .filter_map(|i| i.region)
         .find(|r| tessera::storage::keys::in_range(key, &r.start_key, &r.end_key))?;
-    let mut kv = KvClient::connect(format!("http://{addr}")).await.ok()?;
-    let r = kv
-        .get(GetRequest {
-            header: Some(RequestHeader {
-                region_id: region.id,
-                region_epoch: region.epoch,
-                consistency: ReadConsistency::Serializable as i32,
-                system: false,
-            }),
-            key: key.to_vec(),
-        })
-        .await
-        .ok()?
-        .into_inner();
-    r.kv.map(|kv| kv.value)
+    common::local_get(addr, &region, key)
+        .await?
+        .map(|kv| kv.value)
 }
 
 fn scrape_metrics(addr: &str) -> String {
