@@ -20,44 +20,19 @@ PROFILE=${PROFILE:-debug}
 if [ "$PROFILE" = release ]; then cargo build --release --bin tessera -q; else cargo build --all-targets -q; fi
 BIN="$CARGO_TARGET_DIR/$CARGO_BUILD_TARGET/$PROFILE/tessera"
 DIR=$(mktemp -d /tmp/tessera-load.XXXXXX)
-PIDS=()
+source benches/lib.sh
 cleanup() {
-  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${TESSERA_PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$DIR"
 }
 trap cleanup EXIT
 
 base=$(( 21000 + RANDOM % 2000 ))
-cluster=""
-for i in 1 2 3; do cluster+="\"$i@127.0.0.1:$((base + i))\","; done
-cluster="[${cluster%,}]"
-for i in 1 2 3; do
-  cat > "$DIR/node$i.toml" <<TOML
-[node]
-id = $i
-data_dir = "$DIR/node$i"
-listen_addr = "127.0.0.1:$((base + i))"
-metrics_addr = "127.0.0.1:$((base + 100 + i))"
-[cluster]
-initial_cluster = $cluster
-initial_regions = $REGIONS
-[raft]
-workers = ${WORKERS:-1}
-[log]
-level = "warn"
-file = "$DIR/node$i.log"
-TOML
-  "$BIN" server --config "$DIR/node$i.toml" &
-  PIDS+=($!)
-done
-EP="127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2)),127.0.0.1:$((base + 3))"
-
-for _ in $(seq 1 120); do
-  leaders=$("$BIN" regions --endpoints "$EP" --json 2>/dev/null | grep -o '"leader_node":[0-9]' | wc -l || true)
-  [ "$leaders" -ge "$REGIONS" ] && break
-  sleep 0.5
-done
+tessera_cluster "$BIN" "$DIR" "$base" "$REGIONS" "[raft]
+workers = ${WORKERS:-1}"
+EP=$TESSERA_EP
+tessera_wait_led "$BIN" "$EP" "$REGIONS"
 echo "cluster up: $REGIONS regions with leaders"
 
 metric_sum() { # name → sum over nodes of the metric's value(s)

@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+source benches/lib.sh
 
 DURATION=${DURATION:-10}
 KEYS=${KEYS:-50000}
@@ -32,7 +33,7 @@ if [ "$PROFILE" = release ]; then cargo build --release --bin tessera -q; else c
 BIN="$CARGO_TARGET_DIR/$CARGO_BUILD_TARGET/$PROFILE/tessera"
 
 DIR=$(mktemp -d /tmp/tessera-vs-etcd.XXXXXX)
-ETCD_PIDS=(); TESSERA_PIDS=()
+ETCD_PIDS=()
 cleanup() {
   for p in "${ETCD_PIDS[@]:-}" "${TESSERA_PIDS[@]:-}"; do
     [ -n "$p" ] && { kill -CONT "$p" 2>/dev/null; kill "$p" 2>/dev/null; } || true
@@ -60,41 +61,17 @@ for i in 1 2 3; do
 done
 ETCD_EP="127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2)),127.0.0.1:$((base + 3))"
 
-# tessera: ports base+21..23, storage.sync_writes = true (the default), 3 replicas.
-cluster=""
-for i in 1 2 3; do cluster+="\"$i@127.0.0.1:$((base + 20 + i))\","; done
-cluster="[${cluster%,}]"
-for i in 1 2 3; do
-  cat > "$DIR/tessera$i.toml" <<TOML
-[node]
-id = $i
-data_dir = "$DIR/tessera$i"
-listen_addr = "127.0.0.1:$((base + 20 + i))"
-[cluster]
-initial_cluster = $cluster
-initial_regions = $REGIONS
-replicas = 3
+# tessera: ports base+21..23 (metrics base+121..123), fsync on (the default made explicit),
+# 3 replicas.
+tessera_cluster "$BIN" "$DIR" "$((base + 20))" "$REGIONS" "replicas = 3
 [storage]
-sync_writes = true
-[log]
-level = "warn"
-file = "$DIR/tessera$i.log"
-TOML
-  "$BIN" server --config "$DIR/tessera$i.toml" &
-  TESSERA_PIDS+=($!)
-done
-TESSERA_EP="127.0.0.1:$((base + 21)),127.0.0.1:$((base + 22)),127.0.0.1:$((base + 23))"
-
+sync_writes = true"
 echo "waiting for both clusters..."
 for _ in $(seq 1 120); do
   ETCDCTL_API=3 etcdctl --endpoints "$ETCD_EP" endpoint health >/dev/null 2>&1 && break
   sleep 0.5
 done
-for _ in $(seq 1 120); do
-  n=$("$BIN" regions --endpoints "$TESSERA_EP" --json 2>/dev/null | grep -o '"leader_node":[0-9]' | wc -l || true)
-  [ "${n:-0}" -ge $((REGIONS + 1)) ] && break
-  sleep 0.5
-done
+tessera_wait_led "$BIN" "$TESSERA_EP" "$REGIONS"
 
 pause() { for p in "$@"; do kill -STOP "$p"; done; }
 resume() { for p in "$@"; do kill -CONT "$p"; done; sleep 1; }

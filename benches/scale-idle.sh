@@ -9,32 +9,18 @@ REGIONS=${1:-10000}
 cargo build --release --bin tessera -q
 BIN="$CARGO_TARGET_DIR/$CARGO_BUILD_TARGET/release/tessera"
 DIR=$(mktemp -d /tmp/tessera-scale.XXXXXX)
-PIDS=()
+source benches/lib.sh
 cleanup() {
-  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${TESSERA_PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$DIR"
 }
 trap cleanup EXIT
 base=$(( 26000 + RANDOM % 2000 ))
-cluster="[\"1@127.0.0.1:$((base+1))\",\"2@127.0.0.1:$((base+2))\",\"3@127.0.0.1:$((base+3))\"]"
-for i in 1 2 3; do
-  cat > "$DIR/n$i.toml" <<TOML
-[node]
-id = $i
-data_dir = "$DIR/n$i"
-listen_addr = "127.0.0.1:$((base+i))"
-[cluster]
-initial_cluster = $cluster
-initial_regions = $REGIONS
-[log]
-level = "warn"
-file = "$DIR/n$i.log"
-TOML
-done
-EP="127.0.0.1:$((base+1)),127.0.0.1:$((base+2)),127.0.0.1:$((base+3))"
 t0=$(date +%s%N)
-for i in 1 2 3; do "$BIN" server --config "$DIR/n$i.toml" 2>/dev/null & PIDS+=($!); done
+tessera_cluster "$BIN" "$DIR" "$base" "$REGIONS"
+EP=$TESSERA_EP
+PIDS=("${TESSERA_PIDS[@]}")
 total=0
 for _ in $(seq 1 600); do
   # Led regions as each node reports them in its heartbeat.
