@@ -43,7 +43,27 @@ pub struct Config {
     pub storage: StorageConfig,
     pub server: ServerConfig,
     pub placement: PlacementConfig,
+    pub region: RegionConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegionConfig {
+    /// A region whose leader counts more live keys than this is split in two (0 = never).
+    pub max_keys: u64,
+    /// A region whose leader counts more bytes (keys plus stored records) than this is split
+    /// in two (0 = never).
+    pub max_bytes: u64,
+}
+
+impl Default for RegionConfig {
+    fn default() -> Self {
+        Self {
+            max_keys: 960_000,
+            max_bytes: 96 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,6 +76,14 @@ pub struct PlacementConfig {
     /// Region leaders re-report regions whose load changed this often (leadership and
     /// descriptor changes are reported at once).
     pub region_report_interval_ms: u64,
+    /// Whether the placement leader schedules replica repairs and balancing.
+    pub schedule: bool,
+    /// How often the scheduler looks at the cluster.
+    pub schedule_interval_ms: u64,
+    /// A node down (no heartbeat) for this long, or removed, has its replicas replaced.
+    pub replace_down_after_ms: u64,
+    /// Most replica moves (each one a snapshot to the new node) at a time.
+    pub max_concurrent_moves: usize,
 }
 
 impl Default for PlacementConfig {
@@ -64,6 +92,10 @@ impl Default for PlacementConfig {
             heartbeat_interval_ms: 1000,
             node_down_after_ms: 10_000,
             region_report_interval_ms: 10_000,
+            schedule: true,
+            schedule_interval_ms: 1000,
+            replace_down_after_ms: 300_000,
+            max_concurrent_moves: 2,
         }
     }
 }
@@ -120,6 +152,8 @@ pub struct RaftConfig {
     pub max_size_per_msg: u64,
     /// Compact a region's log once it holds more applied entries than this.
     pub log_gc_threshold: u64,
+    /// Idle regions stop ticking and heartbeating until the next message or request.
+    pub hibernate_regions: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -185,6 +219,7 @@ impl Default for RaftConfig {
             max_inflight_msgs: 256,
             max_size_per_msg: 1 << 20,
             log_gc_threshold: 1024,
+            hibernate_regions: true,
         }
     }
 }
@@ -458,6 +493,24 @@ impl Config {
             return Err(invalid(
                 "placement.node_down_after_ms",
                 "must be longer than placement.heartbeat_interval_ms",
+            ));
+        }
+        if self.placement.schedule_interval_ms == 0 {
+            return Err(invalid(
+                "placement.schedule_interval_ms",
+                "must be positive",
+            ));
+        }
+        if self.placement.replace_down_after_ms < self.placement.node_down_after_ms {
+            return Err(invalid(
+                "placement.replace_down_after_ms",
+                "must be at least placement.node_down_after_ms",
+            ));
+        }
+        if self.placement.max_concurrent_moves == 0 {
+            return Err(invalid(
+                "placement.max_concurrent_moves",
+                "must be positive",
             ));
         }
         if self.placement.region_report_interval_ms == 0 {

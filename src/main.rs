@@ -41,7 +41,7 @@ enum Command {
     },
     /// Load-test a cluster.
     Bench(tessera::bench::BenchArgs),
-    /// List the regions (range, epoch, peers, leader, load), or move a region's leader.
+    /// List the regions (range, epoch, peers, leader, load), or split, move or change one.
     Regions {
         #[command(flatten)]
         conn: ConnArgs,
@@ -66,6 +66,26 @@ enum NodesOp {
 enum RegionsOp {
     /// Hand the leadership of REGION to its replica on NODE, and wait until it has moved.
     TransferLeader { region_id: u64, node_id: u64 },
+    /// Split the region holding KEY so that a new region starts at KEY (UTF-8, or hex with
+    /// --hex). Regions also split by themselves past the [region] size limits.
+    Split {
+        key: String,
+        /// KEY is hex-encoded bytes.
+        #[arg(long)]
+        hex: bool,
+    },
+    /// Move REGION's replica on node FROM to node TO: a learner is added on TO and caught up
+    /// (by snapshot), then promoted while FROM's replica is removed, in one joint change.
+    Move { region_id: u64, from: u64, to: u64 },
+    /// Add a replica of REGION on NODE (a voter, or a learner with --learner).
+    AddPeer {
+        region_id: u64,
+        node_id: u64,
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove REGION's replica on NODE (transfer leadership away from NODE first).
+    RemovePeer { region_id: u64, node_id: u64 },
 }
 
 #[derive(clap::Args)]
@@ -366,6 +386,16 @@ async fn run_kv(conn: ConnArgs, op: KvOp) -> Result<(), String> {
     Ok(())
 }
 
+fn decode_hex(s: &str) -> Result<Vec<u8>, String> {
+    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{s:?} is not an even number of hex digits"));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.to_string()))
+        .collect()
+}
+
 fn hex(k: &[u8]) -> String {
     if k.is_empty() {
         "-".to_string()
@@ -385,6 +415,99 @@ async fn run_regions(conn: ConnArgs, op: Option<RegionsOp>) -> Result<(), String
             println!("{{\"region\":{region_id},\"leader_node\":{node_id}}}");
         } else {
             println!("region {region_id} is now led from node {node_id}");
+        }
+        return Ok(());
+    }
+    let changed = match &op {
+        Some(RegionsOp::Move {
+            region_id,
+            from,
+            to,
+        }) => Some(
+            client
+                .move_replica(*region_id, *from, *to, std::time::Duration::from_secs(600))
+                .await,
+        ),
+        Some(RegionsOp::AddPeer {
+            region_id,
+            node_id,
+            learner,
+        }) => {
+            let kind = if *learner {
+                tessera::proto::PeerChangeKind::AddLearner
+            } else {
+                tessera::proto::PeerChangeKind::AddVoter
+            };
+            Some(client.change_peers(*region_id, &[(kind, *node_id)]).await)
+        }
+        Some(RegionsOp::RemovePeer { region_id, node_id }) => Some(
+            client
+                .change_peers(
+                    *region_id,
+                    &[(tessera::proto::PeerChangeKind::Remove, *node_id)],
+                )
+                .await,
+        ),
+        _ => None,
+    };
+    if let Some(r) = changed {
+        let r = r.map_err(|e| e.to_string())?;
+        let peers: Vec<String> = r
+            .peers
+            .iter()
+            .map(|p| {
+                let learner = p.role == tessera::proto::PeerRole::Learner as i32;
+                format!("{}{}", p.node_id, if learner { "(learner)" } else { "" })
+            })
+            .collect();
+        let epoch = r.epoch.unwrap_or_default();
+        if conn.json {
+            println!(
+                "{{\"region\":{},\"conf_ver\":{},\"nodes\":[{}]}}",
+                r.id,
+                epoch.conf_ver,
+                r.peers
+                    .iter()
+                    .map(|p| p.node_id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        } else {
+            println!(
+                "region {} now on nodes {} (conf_ver {})",
+                r.id,
+                peers.join(", "),
+                epoch.conf_ver
+            );
+        }
+        return Ok(());
+    }
+    if let Some(RegionsOp::Split { key, hex: is_hex }) = op {
+        let key = if is_hex {
+            decode_hex(&key)?
+        } else {
+            key.into_bytes()
+        };
+        let regions = client.split(&key).await.map_err(|e| e.to_string())?;
+        for r in regions {
+            let epoch = r.epoch.unwrap_or_default();
+            if conn.json {
+                println!(
+                    "{{\"region\":{},\"start\":\"{}\",\"end\":\"{}\",\"version\":{}}}",
+                    r.id,
+                    hex(&r.start_key),
+                    hex(&r.end_key),
+                    epoch.version
+                );
+            } else {
+                println!(
+                    "region {:>6}  [{}, {})  version {}",
+                    r.id,
+                    hex(&r.start_key),
+                    hex(&r.end_key),
+                    epoch.version
+                );
+            }
         }
         return Ok(());
     }

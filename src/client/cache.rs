@@ -33,7 +33,9 @@ impl RegionCache {
     }
 
     /// Inserts a region, evicting every cached region it overlaps — unless one of them is
-    /// newer, in which case the stale report is ignored.
+    /// newer, in which case the stale report is ignored. Overlapping regions compare by epoch
+    /// version (a split or merge gives every region it produces a higher version than the
+    /// regions it came from), the same region by (version, conf_ver).
     pub fn insert(&mut self, region: Region, leader: Option<Peer>) {
         let overlapping: Vec<Vec<u8>> = self
             .by_start
@@ -43,7 +45,9 @@ impl RegionCache {
             .collect();
         if overlapping.iter().any(|k| {
             let c = &self.by_start[k];
-            c.region.id == region.id && version(&c.region) > version(&region)
+            let (cv, cc) = version(&c.region);
+            let (nv, nc) = version(&region);
+            cv > nv || (c.region.id == region.id && cv == nv && cc > nc)
         }) {
             return;
         }
@@ -115,6 +119,12 @@ mod tests {
         // A stale report of region 1 does not undo the split.
         c.insert(r(1, b"", b"m", 1), None);
         assert_eq!(c.locate(b"g").unwrap().region.id, 3);
+        // Not even when only the new sibling is cached.
+        c.invalidate(1);
+        c.insert(r(1, b"", b"m", 1), None);
+        assert_eq!(c.locate(b"g").unwrap().region.id, 3);
+        assert!(c.locate(b"a").is_none(), "the stale parent was not cached");
+        c.insert(r(1, b"", b"f", 2), None);
         c.invalidate(3);
         assert!(c.locate(b"g").is_none());
     }

@@ -184,6 +184,122 @@ impl Client {
         }
     }
 
+    /// Splits the region holding `key` so that a region starts at `key`; returns the regions
+    /// now covering the old range. Splitting at a key that already starts a region changes
+    /// nothing and returns that region.
+    pub async fn split(&self, key: &[u8]) -> Result<Vec<proto::Region>> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument("split key must not be empty".into()));
+        }
+        let regions = self
+            .execute(key, true, |ch, header| async move {
+                let r = NodeClient::new(ch)
+                    .split_region(proto::SplitRegionRequest {
+                        header: Some(header),
+                        split_key: key.to_vec(),
+                    })
+                    .await?
+                    .into_inner();
+                Ok((r.region_error, r.regions))
+            })
+            .await?;
+        let mut cache = self
+            .inner
+            .cache
+            .write()
+            .expect("region cache lock poisoned");
+        for r in &regions {
+            cache.insert(r.clone(), None);
+        }
+        Ok(regions)
+    }
+
+    /// Changes the membership of a region by node ids: `(kind, node)` pairs; several go
+    /// through joint consensus. Returns the region afterwards.
+    pub async fn change_peers(
+        &self,
+        region_id: u64,
+        changes: &[(proto::PeerChangeKind, u64)],
+    ) -> Result<proto::Region> {
+        let region = self.cached_region(region_id).await?;
+        let changes: Vec<proto::PeerChange> = changes
+            .iter()
+            .map(|(k, n)| proto::PeerChange {
+                kind: *k as i32,
+                node_id: *n,
+            })
+            .collect();
+        let key = region.region.start_key.clone();
+        let r = self
+            .execute(&key, false, |ch, header| {
+                let changes = changes.clone();
+                async move {
+                    let r = NodeClient::new(ch)
+                        .change_peers(proto::ChangePeersRequest {
+                            header: Some(header),
+                            changes,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.region_error, r.region))
+                }
+            })
+            .await?;
+        self.region_changed(r)
+    }
+
+    /// Moves the replica of a region from one node to another (learner, catch-up, joint
+    /// promote-and-remove), waiting at most `timeout` for the new replica to catch up.
+    /// Returns the region afterwards.
+    pub async fn move_replica(
+        &self,
+        region_id: u64,
+        from: u64,
+        to: u64,
+        timeout: Duration,
+    ) -> Result<proto::Region> {
+        let start = Instant::now();
+        loop {
+            let region = self.cached_region(region_id).await?;
+            let key = region.region.start_key.clone();
+            let (r, done) = self
+                .execute(&key, true, |ch, header| async move {
+                    let r = NodeClient::new(ch)
+                        .move_replica(proto::MoveReplicaRequest {
+                            header: Some(header),
+                            from_node: from,
+                            to_node: to,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.region_error, (r.region, r.done)))
+                })
+                .await?;
+            let r = self.region_changed(r)?;
+            if done {
+                return Ok(r);
+            }
+            if start.elapsed() >= timeout {
+                return Err(Error::Deadline {
+                    attempts: 0,
+                    elapsed: start.elapsed(),
+                    last: format!("replica of region {region_id} still moving to node {to}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn region_changed(&self, r: Option<proto::Region>) -> Result<proto::Region> {
+        let r = r.ok_or_else(|| Error::Unavailable("the node answered without a region".into()))?;
+        self.inner
+            .cache
+            .write()
+            .expect("region cache lock poisoned")
+            .insert(r.clone(), None);
+        Ok(r)
+    }
+
     async fn cached_region(&self, region_id: u64) -> Result<CachedRegion> {
         let find = |c: &Client| {
             c.inner

@@ -348,6 +348,8 @@ pub async fn locate_key(client: &Client, key: &[u8]) -> Result<Option<RegionRout
 /// Rows of the regions overlapping `[start, end)` (empty end = +inf) in key order, at most
 /// `limit` (0 = all). Stops at the first gap (a region not reported yet): the caller must not
 /// take a gap for an empty range.
+const ROUTE_PAGE: usize = 1024;
+
 pub async fn scan_routes(
     client: &Client,
     start: &[u8],
@@ -359,8 +361,9 @@ pub async fn scan_routes(
     let mut from = route_seek(start);
     let to = routes_end();
     loop {
-        let batch = client.scan(&from, &to, 64).await?;
-        let done = batch.len() < 64;
+        // Large pages: the scheduler reads the whole table, 10,000 rows at scale.
+        let batch = client.scan(&from, &to, ROUTE_PAGE).await?;
+        let done = batch.len() < ROUTE_PAGE;
         for kv in &batch {
             let route = decode_route(&kv.value)?;
             let Some(r) = route.region.as_ref() else {

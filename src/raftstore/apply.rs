@@ -32,6 +32,9 @@ pub struct ApplyCtx {
     /// command.
     pub delta_keys: i64,
     pub delta_bytes: i64,
+    /// Peers of regions created by splits applied this round, with whether to campaign at
+    /// once. The worker starts them after the batch holding their state is written.
+    pub new_peers: Vec<(super::peer::Peer, bool)>,
 }
 
 impl ApplyCtx {
@@ -165,5 +168,41 @@ pub fn exec(
             }
             ApplyResult::Batch { revision }
         }
+        // Admin commands change the region, not its data: the peer applies them.
+        Command::Split { .. } => crate::fatal("invariant: a split reached the data apply path"),
     }
+}
+
+/// Live keys and bytes of the data keys in `[start, end)` as this round's apply sees them:
+/// the engine's contents with the round's unwritten changes laid over them. Used to divide
+/// a region's statistics at a split, identically on every replica.
+pub fn range_stats(engine: &Engine, ctx: &ApplyCtx, start: &[u8], end: &[u8]) -> (u64, u64) {
+    let size = |k: &[u8], v_len: usize| ApplyCtx::stored_size(k.len(), v_len) as i64;
+    let (mut keys, mut bytes) = (0i64, 0i64);
+    let scanned = engine.scan(Cf::Data, start, end, |k, v| {
+        keys += 1;
+        bytes += size(k, v.len());
+        Ok(true)
+    });
+    if let Err(e) = scanned {
+        crate::fatal(&format!("split cannot scan its range: {e}"));
+    }
+    for (k, new) in ctx.overlay.iter() {
+        if k.as_slice() < start || (!end.is_empty() && k.as_slice() >= end) {
+            continue;
+        }
+        let old = match engine.get(Cf::Data, k) {
+            Ok(v) => v,
+            Err(e) => crate::fatal(&format!("split cannot read {k:02x?}: {e}")),
+        };
+        if let Some(o) = old {
+            keys -= 1;
+            bytes -= size(k, o.len());
+        }
+        if let Some(n) = new {
+            keys += 1;
+            bytes += size(k, n.encoded_len());
+        }
+    }
+    (keys.max(0) as u64, bytes.max(0) as u64)
 }

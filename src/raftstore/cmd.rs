@@ -43,6 +43,15 @@ pub enum Command {
     /// Puts (`Some(value)`) and deletes (`None`) of keys of one region, applied together at
     /// one revision.
     Batch(Vec<(Vec<u8>, Option<Vec<u8>>)>),
+    /// Splits the region at `split_key`: the region keeps `[start, split_key)`, a new region
+    /// `new_region_id` takes `[split_key, end)` with peers `new_peer_ids` on the same nodes,
+    /// in the order of the region's peers. An admin command: the peer applies it, not
+    /// [`super::apply::exec`].
+    Split {
+        split_key: Vec<u8>,
+        new_region_id: u64,
+        new_peer_ids: Vec<u64>,
+    },
 }
 
 impl Command {
@@ -53,6 +62,7 @@ impl Command {
             | Command::Delete { key }
             | Command::CompareAndSwap { key, .. } => vec![key],
             Command::Batch(ops) => ops.iter().map(|(k, _)| k.as_slice()).collect(),
+            Command::Split { split_key, .. } => vec![split_key],
         }
     }
 }
@@ -75,6 +85,14 @@ pub enum ApplyResult {
     },
     Batch {
         revision: u64,
+    },
+    /// The regions covering the split region's old range, in key order.
+    Split {
+        regions: Vec<proto::Region>,
+    },
+    /// The region after a membership change applied.
+    ChangePeers {
+        region: proto::Region,
     },
 }
 
@@ -151,6 +169,15 @@ pub fn encode(cmd: &Command, epoch: proto::RegionEpoch) -> Vec<u8> {
                 })
                 .collect(),
         }),
+        Command::Split {
+            split_key,
+            new_region_id,
+            new_peer_ids,
+        } => Cmd::Split(proto::SplitCmd {
+            split_key: split_key.clone(),
+            new_region_id: *new_region_id,
+            new_peer_ids: new_peer_ids.clone(),
+        }),
     };
     prost::Message::encode_to_vec(&proto::RaftCommand {
         region_epoch: Some(epoch),
@@ -178,6 +205,11 @@ pub fn decode(data: &[u8]) -> Result<(Command, proto::RegionEpoch), DecodeError>
             key: c.key,
         },
         Cmd::Batch(b) => Command::Batch(b.ops.into_iter().map(|o| (o.key, o.value)).collect()),
+        Cmd::Split(s) => Command::Split {
+            split_key: s.split_key,
+            new_region_id: s.new_region_id,
+            new_peer_ids: s.new_peer_ids,
+        },
     };
     Ok((cmd, epoch))
 }
@@ -209,8 +241,18 @@ mod tests {
                     action,
                 }
             }),
-            proptest::collection::vec((bytes.clone(), proptest::option::of(bytes)), 0..4)
+            proptest::collection::vec((bytes.clone(), proptest::option::of(bytes.clone())), 0..4)
                 .prop_map(Command::Batch),
+            (
+                bytes,
+                any::<u64>(),
+                proptest::collection::vec(any::<u64>(), 0..4)
+            )
+                .prop_map(|(split_key, new_region_id, new_peer_ids)| Command::Split {
+                    split_key,
+                    new_region_id,
+                    new_peer_ids,
+                }),
         ]
     }
 

@@ -14,7 +14,8 @@
 //! - [`apply`]: the KV state machine;
 //! - [`cmd`]: commands in the raft log and their results;
 //! - [`msg`]: what reaches a worker and the errors that go back;
-//! - [`bootstrap`]: first start and restart of a store.
+//! - [`bootstrap`]: first start and restart of a store;
+//! - [`store`]: what a node's peers share (settings, engine, the ranges they own).
 
 pub mod apply;
 pub mod bootstrap;
@@ -22,4 +23,5 @@ pub mod cmd;
 pub mod msg;
 pub mod peer;
 pub mod router;
+pub mod store;
 pub mod worker;

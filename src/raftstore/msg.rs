@@ -155,6 +155,28 @@ pub enum PeerMsg {
     /// Hand leadership to the region's peer on `to_node` (answered once raft started the
     /// transfer; the transfer itself completes, or is abandoned, within an election timeout).
     TransferLeader { to_node: u64, reply: Reply<()> },
+    /// Change the region's membership (answered once the change applied).
+    ChangePeers {
+        changes: Vec<(proto::PeerChangeKind, proto::Peer)>,
+        epoch: proto::RegionEpoch,
+        reply: Reply<ApplyResult>,
+    },
+    /// The region's leader removed `peer` at membership `epoch`.
+    Tombstone {
+        peer: u64,
+        epoch: proto::RegionEpoch,
+    },
+    /// The leader's view of replication (for waiting until a new learner caught up).
+    Progress(oneshot::Sender<Progress>),
+}
+
+/// Replication progress as a region's leader sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    pub commit: u64,
+    /// Each peer's matched index (leaders only).
+    pub matched: Vec<(u64, u64)>,
+    pub in_joint: bool,
 }
 
 /// What a peer knows of its region, for routing RPCs and placement reports.
@@ -179,6 +201,8 @@ pub enum WorkerMsg {
     },
     /// Take ownership of a peer (at start-up, or when a region is created here).
     AddPeer(Box<super::peer::Peer>),
+    /// Placement shows this node down: wake the sleeping regions it leads, so they elect.
+    NodeDown(u64),
     /// Finish the round, then stop.
     Shutdown,
 }

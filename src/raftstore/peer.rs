@@ -20,8 +20,9 @@ use raft::{RawNode, Ready, StateRole};
 use super::apply::{self, ApplyCtx};
 use super::cmd::{self, ApplyResult, Command};
 use super::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, RegionInfo, Reply};
+use super::store::StoreCtx;
 use crate::config::RaftConfig;
-use crate::ids::{NodeId, PeerId, RegionId};
+use crate::ids::{PeerId, RegionId};
 use crate::proto::{self, KvRecord, RegionEpoch};
 use crate::storage::{keys, Cf, PeerStorage, WriteBatch};
 use crate::transport::Transport;
@@ -34,6 +35,9 @@ struct Proposal {
 
 struct PendingRead {
     req: ReadRequest,
+    /// The epoch the client routed with: checked again when the read is served, since the
+    /// region may have split while the read waited for its index.
+    epoch: RegionEpoch,
     reply: Reply<ReadResult>,
 }
 
@@ -54,15 +58,25 @@ pub struct Peer {
     writes_applied: u64,
     /// Leadership or the descriptor changed: placement should hear about it now.
     changed: bool,
+    /// Regions this one's last split created, sent with `EpochNotMatch` so a client with a
+    /// stale route learns the whole new layout from one error.
+    siblings: Vec<proto::Region>,
+    /// Ticks since the last activity (anything but heartbeats), and whether the peer sleeps:
+    /// a sleeping peer is not ticked (no heartbeats, no election timer) until activity.
+    idle_ticks: usize,
+    asleep: bool,
+    /// Set when this peer was removed from its region: the worker destroys it after the
+    /// round's write.
+    pending_destroy: bool,
+    /// Peers this leader removed, to be told so (they may not learn it from the log).
+    tombstones: Vec<proto::Peer>,
+    ctx: StoreCtx,
+    cfg: RaftConfig,
 }
 
 impl Peer {
-    pub fn new(
-        storage: PeerStorage,
-        node: NodeId,
-        cfg: &RaftConfig,
-        logger: &slog::Logger,
-    ) -> Result<Self, String> {
+    pub fn new(storage: PeerStorage, ctx: &StoreCtx) -> Result<Self, String> {
+        let (node, cfg, logger) = (ctx.node, &ctx.cfg, &ctx.logger);
         let region = storage.region().clone();
         let me = region
             .peers
@@ -82,8 +96,8 @@ impl Peer {
             ..Default::default()
         };
         rc.validate().map_err(|e| format!("raft config: {e}"))?;
-        let logger = logger.new(slog::o!("region" => region.id, "peer" => me.id));
-        let raw = RawNode::new(&rc, storage, &logger).map_err(|e| e.to_string())?;
+        let peer_logger = logger.new(slog::o!("region" => region.id, "peer" => me.id));
+        let raw = RawNode::new(&rc, storage, &peer_logger).map_err(|e| e.to_string())?;
         Ok(Self {
             region_id: RegionId(region.id),
             peer_id,
@@ -96,6 +110,13 @@ impl Peer {
             log_gc_threshold: cfg.log_gc_threshold,
             writes_applied: 0,
             changed: false,
+            siblings: Vec::new(),
+            idle_ticks: 0,
+            asleep: false,
+            pending_destroy: false,
+            tombstones: Vec::new(),
+            ctx: ctx.clone(),
+            cfg: cfg.clone(),
         })
     }
 
@@ -134,10 +155,15 @@ impl Peer {
 
     /// Checks a client request's epoch and key against the region as it is now.
     fn check_route(&self, epoch: &RegionEpoch, key: &[u8]) -> Result<(), RegionError> {
+        if !self.raw.store().is_initialized() {
+            return Err(RegionError::RegionNotFound(self.region_id));
+        }
         let region = self.region();
         if epoch.version != self.epoch().version {
             return Err(RegionError::EpochNotMatch {
-                current: vec![region.clone()],
+                current: std::iter::once(region.clone())
+                    .chain(self.siblings.iter().cloned())
+                    .collect(),
             });
         }
         if !keys::in_range(key, &region.start_key, &region.end_key) {
@@ -151,11 +177,99 @@ impl Peer {
         Ok(())
     }
 
-    pub fn tick(&mut self) {
+    /// One raft tick, unless the region hibernates. Returns whether raft ticked.
+    pub fn tick(&mut self) -> bool {
+        if self.asleep {
+            return false;
+        }
+        self.idle_ticks += 1;
+        if self.cfg.hibernate_regions && self.may_sleep() {
+            self.asleep = true;
+            metrics::counter!("tessera_region_hibernations_total").increment(1);
+            return false;
+        }
         self.raw.tick();
+        self.maybe_leave_joint();
+        true
+    }
+
+    /// raft-rs leaves a joint configuration by itself only if the leader that entered it
+    /// stays leader until it applied; a new leader finishes the job.
+    fn maybe_leave_joint(&mut self) {
+        let raft = &self.raw.raft;
+        if self.is_leader()
+            && self.raw.store().in_joint_config()
+            && raft.pending_conf_index <= raft.raft_log.applied
+        {
+            if let Err(e) = self
+                .raw
+                .propose_conf_change(vec![], ConfChangeV2::default())
+            {
+                tracing::debug!(region = %self.region_id, error = %e, "leave joint not proposed");
+            }
+        }
+    }
+
+    pub fn is_asleep(&self) -> bool {
+        self.asleep
+    }
+
+    /// Something other than a heartbeat happened: tick again (if asleep) and start counting
+    /// idle ticks anew.
+    pub fn wake(&mut self) {
+        self.idle_ticks = 0;
+        if self.asleep {
+            self.asleep = false;
+            // A leader's quorum check restarts from a full interval: it heard nothing while
+            // asleep because it sent nothing.
+            self.raw.raft.election_elapsed = 0;
+        }
+    }
+
+    /// The node hosting this region's leader is down: wake so the election timer runs.
+    pub fn leader_node_down(&mut self, node: u64) {
+        if self.asleep && self.leader().is_none_or(|l| l.node_id == node) {
+            self.wake();
+        }
+    }
+
+    /// Whether this idle peer may stop ticking. A follower sleeps early — after half the
+    /// time its election timer could run past its last heartbeat — so that the leader's last
+    /// heartbeats reach it before the leader itself sleeps. The leader sleeps only when every
+    /// follower has its whole log and nothing is pending, so a sleeping region is consistent.
+    fn may_sleep(&self) -> bool {
+        if !self.proposals.is_empty() || self.has_waiting_reads() || !self.reads_inflight.is_empty()
+        {
+            return false;
+        }
+        let raft = &self.raw.raft;
+        let (e, h) = (self.cfg.election_ticks, self.cfg.heartbeat_ticks);
+        match raft.state {
+            StateRole::Leader => {
+                let last = raft.raft_log.last_index();
+                self.idle_ticks >= 2 * e
+                    && raft.lead_transferee.is_none()
+                    && raft.raft_log.committed == last
+                    && !self.raw.store().in_joint_config()
+                    && raft.prs().iter().all(|(_, pr)| pr.matched == last)
+            }
+            StateRole::Follower => {
+                self.idle_ticks >= ((e - h) / 2).max(1)
+                    && raft.leader_id != raft::INVALID_ID
+                    && raft.election_elapsed <= h
+            }
+            _ => false,
+        }
     }
 
     pub fn on_msg(&mut self, msg: PeerMsg) {
+        let heartbeat = matches!(&msg, PeerMsg::Raft(m) if matches!(
+            m.get_msg_type(),
+            MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse
+        ));
+        if !heartbeat && !matches!(msg, PeerMsg::Describe(_)) {
+            self.wake();
+        }
         match msg {
             PeerMsg::Raft(m) => self.on_raft_message(*m),
             PeerMsg::Propose { cmd, epoch, reply } => self.propose(cmd, epoch, reply),
@@ -190,6 +304,145 @@ impl Peer {
             PeerMsg::TransferLeader { to_node, reply } => {
                 let _ = reply.send(self.transfer_leader(to_node));
             }
+            PeerMsg::ChangePeers {
+                changes,
+                epoch,
+                reply,
+            } => self.propose_change_peers(changes, epoch, reply),
+            PeerMsg::Tombstone { peer, epoch } => {
+                let ours = self.epoch();
+                if peer == self.peer_id.0 && epoch.conf_ver > ours.conf_ver && !self.is_leader() {
+                    tracing::info!(region = %self.region_id, "told by the leader that this peer was removed");
+                    self.pending_destroy = true;
+                }
+            }
+            PeerMsg::Progress(tx) => {
+                let raft = &self.raw.raft;
+                let matched = if self.is_leader() {
+                    raft.prs()
+                        .iter()
+                        .map(|(id, pr)| (*id, pr.matched))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let _ = tx.send(super::msg::Progress {
+                    commit: raft.raft_log.committed,
+                    matched,
+                    in_joint: self.raw.store().in_joint_config(),
+                });
+            }
+        }
+    }
+
+    /// Proposes a membership change (one change simply, several through joint consensus
+    /// that raft leaves by itself once applied).
+    fn propose_change_peers(
+        &mut self,
+        changes: Vec<(proto::PeerChangeKind, proto::Peer)>,
+        epoch: RegionEpoch,
+        reply: Reply<ApplyResult>,
+    ) {
+        use eraftpb::{ConfChangeSingle, ConfChangeType};
+        use proto::PeerChangeKind as K;
+        let refuse = |reply: Reply<ApplyResult>, reason: String| {
+            let _ = reply.send(Err(RegionError::ServerBusy { reason }));
+        };
+        if !self.is_leader() {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        if epoch.conf_ver != self.epoch().conf_ver || epoch.version != self.epoch().version {
+            let _ = reply.send(Err(RegionError::EpochNotMatch {
+                current: vec![self.region().clone()],
+            }));
+            return;
+        }
+        if changes.is_empty() {
+            return refuse(reply, "no membership change given".into());
+        }
+        if self.raw.store().in_joint_config() {
+            return refuse(reply, "a membership change is still in progress".into());
+        }
+        let mut cc = ConfChangeV2::default();
+        let mut added = Vec::new();
+        for (kind, p) in &changes {
+            if p.id == self.peer_id.0 && *kind != K::AddVoter {
+                return refuse(
+                    reply,
+                    "the leader cannot remove or demote itself: transfer leadership first".into(),
+                );
+            }
+            let single = ConfChangeSingle {
+                node_id: p.id,
+                change_type: match kind {
+                    K::AddVoter => ConfChangeType::AddNode,
+                    K::AddLearner => ConfChangeType::AddLearnerNode,
+                    K::Remove => ConfChangeType::RemoveNode,
+                },
+                ..Default::default()
+            };
+            if *kind != K::Remove {
+                added.push(*p);
+            }
+            cc.changes.push(single);
+        }
+        let ctx = proto::ChangePeersContext {
+            region_epoch: Some(epoch),
+            peers: added,
+        };
+        cc.context = prost::Message::encode_to_vec(&ctx).into();
+        if let Err(e) = self.raw.propose_conf_change(vec![], cc) {
+            return refuse(reply, format!("membership change not proposed: {e}"));
+        }
+        let last = self.raw.raft.raft_log.last_index();
+        if self.proposals.back().is_some_and(|p| p.index >= last) {
+            // raft dropped it silently (another change pending): nothing was appended.
+            return refuse(reply, "another membership change is pending".into());
+        }
+        self.proposals.push_back(Proposal {
+            index: last,
+            term: self.raw.raft.term,
+            reply,
+        });
+    }
+
+    /// Whether this peer was removed from its region and must be destroyed.
+    pub fn should_destroy(&self) -> bool {
+        self.pending_destroy
+    }
+
+    /// Removes this peer from the node, in `wb`: its raft log and states go, a tombstone
+    /// with the last descriptor stays (so stale messages cannot recreate it), and its data
+    /// range is deleted unless another local region owns part of it.
+    pub fn destroy(mut self, wb: &mut WriteBatch<'_>) {
+        let region = self.region().clone();
+        let initialized = self.raw.store().is_initialized();
+        self.ctx.remove_range(self.region_id);
+        let keep_data = !initialized
+            || self
+                .ctx
+                .overlapping(self.region_id, &region.start_key, &region.end_key)
+                .is_some();
+        self.raw.mut_store().destroy(wb, !keep_data);
+        let err = RegionError::RegionNotFound(self.region_id);
+        for p in self.proposals.drain(..) {
+            let _ = p.reply.send(Err(err.clone()));
+        }
+        self.on_role_change();
+        metrics::counter!("tessera_peers_destroyed_total").increment(1);
+        tracing::info!(region = %self.region_id, peer = %self.peer_id, "peer destroyed");
+    }
+
+    /// Tells peers this leader removed that they are gone (best effort: a peer that misses
+    /// it learns it from the log if it catches up, or stays harmless behind prevote).
+    fn send_tombstones(&mut self, transport: &Transport) {
+        if self.tombstones.is_empty() {
+            return;
+        }
+        let region = self.region().clone();
+        for p in std::mem::take(&mut self.tombstones) {
+            transport.send_tombstone(&region, self.peer_id, p);
         }
     }
 
@@ -236,6 +489,12 @@ impl Peer {
                     && d.kvs
                         .iter()
                         .all(|kv| keys::in_range(&kv.key, &r.start_key, &r.end_key))
+                    // Another local region still owns part of the range (it has not applied
+                    // a split yet): refused until it has shrunk.
+                    && self
+                        .ctx
+                        .claim_range(self.region_id, &r.start_key, &r.end_key)
+                        .is_ok()
             }),
             Err(_) => false,
         }
@@ -266,6 +525,18 @@ impl Peer {
         });
     }
 
+    fn check_read(&self, req: &ReadRequest, epoch: &RegionEpoch) -> Result<(), RegionError> {
+        let keys: Vec<&Vec<u8>> = match req {
+            ReadRequest::Get { key } => vec![key],
+            ReadRequest::BatchGet { keys } => keys.iter().collect(),
+            ReadRequest::Scan { start, .. } => vec![start],
+        };
+        for key in keys {
+            self.check_route(epoch, key)?;
+        }
+        Ok(())
+    }
+
     fn read(
         &mut self,
         req: ReadRequest,
@@ -273,16 +544,9 @@ impl Peer {
         linearizable: bool,
         reply: Reply<ReadResult>,
     ) {
-        let keys: Vec<&Vec<u8>> = match &req {
-            ReadRequest::Get { key } => vec![key],
-            ReadRequest::BatchGet { keys } => keys.iter().collect(),
-            ReadRequest::Scan { start, .. } => vec![start],
-        };
-        for key in keys {
-            if let Err(e) = self.check_route(&epoch, key) {
-                let _ = reply.send(Err(e));
-                return;
-            }
+        if let Err(e) = self.check_read(&req, &epoch) {
+            let _ = reply.send(Err(e));
+            return;
         }
         if !linearizable {
             let _ = reply.send(self.serve_read(&req));
@@ -292,7 +556,7 @@ impl Peer {
             let _ = reply.send(Err(self.not_leader()));
             return;
         }
-        self.reads_unsent.push(PendingRead { req, reply });
+        self.reads_unsent.push(PendingRead { req, epoch, reply });
     }
 
     /// Sends one ReadIndex request for every read that arrived this round.
@@ -326,7 +590,11 @@ impl Peer {
         while self.reads_ready.front().is_some_and(|(i, _)| *i <= applied) {
             let (_, reads) = self.reads_ready.pop_front().expect("checked front");
             for r in reads {
-                let res = self.serve_read(&r.req);
+                // A split applied while the read waited moves keys to another region, whose
+                // newer writes this replica may not have applied yet: refuse, don't serve.
+                let res = self
+                    .check_read(&r.req, &r.epoch)
+                    .and_then(|()| self.serve_read(&r.req));
                 let _ = r.reply.send(res);
             }
         }
@@ -427,6 +695,8 @@ impl Peer {
             }
             // Proposals at or below the snapshot can no longer be matched: their outcome is
             // unknown, so their senders are dropped (the client sees "result unknown").
+            let r = self.region();
+            self.ctx.set_range(self.region_id, &r.start_key, &r.end_key);
             let idx = snap.get_metadata().index;
             while self.proposals.front().is_some_and(|p| p.index <= idx) {
                 self.proposals.pop_front();
@@ -434,6 +704,7 @@ impl Peer {
         }
         let committed = rd.take_committed_entries();
         self.apply_entries(committed, wb, actx);
+        self.send_tombstones(transport);
         if !rd.entries().is_empty() {
             if let Err(e) = self.raw.mut_store().append(rd.entries(), wb) {
                 crate::fatal(&format!("{}: append: {e}", self.region_id));
@@ -482,6 +753,7 @@ impl Peer {
         }
         let committed = light.take_committed_entries();
         self.apply_entries(committed, wb, actx);
+        self.send_tombstones(transport);
         self.raw.advance_apply();
     }
 
@@ -505,7 +777,17 @@ impl Peer {
     fn send(&self, msgs: Vec<eraftpb::Message>, transport: &Transport) {
         let region = self.region();
         for m in msgs {
-            transport.send(region, self.peer_id, m);
+            if region.peers.iter().any(|p| p.id == m.to) {
+                transport.send(region, self.peer_id, m);
+            } else if let Some(p) = self.ctx.known_peer(m.to) {
+                // A peer not yet filled by a snapshot knows its leader only from its messages.
+                let mut r = region.clone();
+                r.peers.push(p);
+                transport.send(&r, self.peer_id, m);
+            } else {
+                metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "unknown_peer")
+                    .increment(1);
+            }
         }
     }
 
@@ -523,8 +805,11 @@ impl Peer {
                 EntryType::EntryNormal if e.data.is_empty() => None,
                 EntryType::EntryNormal => Some(self.apply_command(&e, wb, actx)),
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    self.apply_conf_change(&e, wb);
-                    None
+                    let r = self.apply_conf_change(&e, wb);
+                    if let Err(err) = &r {
+                        tracing::info!(region = %self.region_id, index = e.index, error = %err, "conf change not applied");
+                    }
+                    Some(r)
                 }
             };
             actx.applied_entries += 1;
@@ -551,6 +836,14 @@ impl Peer {
         for key in cmd.keys() {
             self.check_route(&epoch, key)?;
         }
+        if let Command::Split {
+            split_key,
+            new_region_id,
+            new_peer_ids,
+        } = cmd
+        {
+            return self.apply_split(split_key, new_region_id, new_peer_ids, e, wb, actx);
+        }
         actx.delta_keys = 0;
         actx.delta_bytes = 0;
         let res = apply::exec(cmd, e.index, self.raw.store().engine(), wb, actx);
@@ -560,31 +853,184 @@ impl Peer {
         Ok(res)
     }
 
-    fn apply_conf_change(&mut self, e: &eraftpb::Entry, wb: &mut WriteBatch<'_>) {
-        let cc: ConfChangeV2 = if e.get_entry_type() == EntryType::EntryConfChange {
-            match ConfChange::parse_from_bytes(&e.data) {
-                Ok(cc) => raft_proto::ConfChangeI::into_v2(cc),
-                Err(err) => {
-                    tracing::warn!(region = %self.region_id, error = %err, "bad conf change");
-                    return;
-                }
-            }
-        } else {
-            match ConfChangeV2::parse_from_bytes(&e.data) {
-                Ok(cc) => cc,
-                Err(err) => {
-                    tracing::warn!(region = %self.region_id, error = %err, "bad conf change");
-                    return;
-                }
-            }
+    /// Applies a split (see [`Command::Split`]). Every check is on replicated state, so every
+    /// replica reaches the same outcome; no data moves, the region's range just shrinks and
+    /// the new region's peer on this node is created with its own raft state, in `wb`.
+    fn apply_split(
+        &mut self,
+        split_key: Vec<u8>,
+        new_region_id: u64,
+        new_peer_ids: Vec<u64>,
+        e: &eraftpb::Entry,
+        wb: &mut WriteBatch<'_>,
+        actx: &mut ApplyCtx,
+    ) -> Result<ApplyResult, RegionError> {
+        let region = self.region().clone();
+        let refuse = |reason: &str| {
+            Err(RegionError::ServerBusy {
+                reason: format!("split of region {} refused: {reason}", region.id),
+            })
         };
+        if split_key == region.start_key {
+            return refuse("the split key is the region's start");
+        }
+        if keys::is_system_key(&region.start_key) {
+            return refuse("the placement region does not split");
+        }
+        if new_region_id == 0
+            || new_peer_ids.len() != region.peers.len()
+            || new_peer_ids.contains(&0)
+        {
+            return refuse("malformed split command");
+        }
+        if self.raw.store().in_joint_config() {
+            return refuse("a membership change is in progress");
+        }
+        let mut epoch = region.epoch.unwrap_or_default();
+        epoch.version += 1;
+        let mut left = region.clone();
+        left.end_key = split_key.clone();
+        left.epoch = Some(epoch);
+        let right = proto::Region {
+            id: new_region_id,
+            start_key: split_key,
+            end_key: region.end_key.clone(),
+            epoch: Some(epoch),
+            peers: region
+                .peers
+                .iter()
+                .zip(&new_peer_ids)
+                .map(|(p, id)| proto::Peer { id: *id, ..*p })
+                .collect(),
+        };
+        let engine = self.raw.store().engine().clone();
+        let (rk, rb) = apply::range_stats(
+            &engine,
+            actx,
+            &keys::data_key(&right.start_key),
+            &keys::data_end_key(&right.end_key),
+        );
+        let (tk, tb) = self.raw.store().data_stats();
+        let store = self.raw.mut_store();
+        store.set_data_stats(tk.saturating_sub(rk), tb.saturating_sub(rb));
+        store.set_region(left.clone(), wb);
+        let storage = PeerStorage::create_split(engine, &right, e.index, e.term, (rk, rb), wb);
+        self.ctx
+            .set_range(self.region_id, &left.start_key, &left.end_key);
+        self.ctx
+            .set_range(RegionId(right.id), &right.start_key, &right.end_key);
+        match Peer::new(storage, &self.ctx) {
+            Ok(p) => actx.new_peers.push((p, self.is_leader())),
+            Err(err) => crate::fatal(&format!(
+                "cannot create split region {new_region_id}: {err}"
+            )),
+        }
+        self.siblings = vec![right.clone()];
         self.changed = true;
-        match self.raw.apply_conf_change(&cc) {
-            Ok(cs) => self.raw.mut_store().set_conf_state(&cs, wb),
-            Err(err) => {
-                tracing::warn!(region = %self.region_id, error = %err, "conf change refused")
+        metrics::counter!("tessera_region_splits_total").increment(1);
+        tracing::info!(region = %self.region_id, new_region = new_region_id, index = e.index, "region split");
+        Ok(ApplyResult::Split {
+            regions: vec![left, right],
+        })
+    }
+
+    /// Starts an election at once (the peer of a split region on the parent's leader node).
+    pub fn campaign(&mut self) {
+        if let Err(e) = self.raw.campaign() {
+            tracing::debug!(region = %self.region_id, error = %e, "campaign failed");
+        }
+    }
+
+    /// Applies a membership change. A change proposed under an older membership (the
+    /// context's conf_ver) is refused identically on every replica and raft never sees it;
+    /// the leave-joint entry raft proposes itself has no context and always applies. The
+    /// descriptor's peers are rebuilt from raft's resulting configuration, so they always
+    /// match it: during a joint change both the incoming and the outgoing voters are listed.
+    fn apply_conf_change(
+        &mut self,
+        e: &eraftpb::Entry,
+        wb: &mut WriteBatch<'_>,
+    ) -> Result<ApplyResult, RegionError> {
+        let busy = |reason: String| RegionError::ServerBusy { reason };
+        let cc: ConfChangeV2 = if e.get_entry_type() == EntryType::EntryConfChange {
+            ConfChange::parse_from_bytes(&e.data)
+                .map(raft_proto::ConfChangeI::into_v2)
+                .map_err(|err| busy(format!("bad conf change: {err}")))?
+        } else {
+            ConfChangeV2::parse_from_bytes(&e.data)
+                .map_err(|err| busy(format!("bad conf change: {err}")))?
+        };
+        let region = self.region().clone();
+        let mut epoch = region.epoch.unwrap_or_default();
+        let mut added = Vec::new();
+        if !cc.changes.is_empty() {
+            let ctx = <proto::ChangePeersContext as prost::Message>::decode(&cc.context[..])
+                .map_err(|err| busy(format!("conf change context: {err}")))?;
+            if ctx.region_epoch.unwrap_or_default().conf_ver != epoch.conf_ver {
+                return Err(RegionError::EpochNotMatch {
+                    current: vec![region],
+                });
+            }
+            added = ctx.peers;
+        }
+        let cs = self
+            .raw
+            .apply_conf_change(&cc)
+            .map_err(|err| busy(format!("conf change refused: {err}")))?;
+        let node_of = |id: u64| {
+            region
+                .peers
+                .iter()
+                .chain(added.iter())
+                .find(|p| p.id == id)
+                .map(|p| p.node_id)
+        };
+        let mut peers = Vec::new();
+        let voters = cs.voters.iter().chain(cs.voters_outgoing.iter());
+        let learners = cs.learners.iter().chain(cs.learners_next.iter());
+        for (id, role) in voters
+            .map(|id| (*id, proto::PeerRole::Voter))
+            .chain(learners.map(|id| (*id, proto::PeerRole::Learner)))
+        {
+            if peers.iter().any(|p: &proto::Peer| p.id == id) {
+                continue;
+            }
+            match node_of(id) {
+                Some(node_id) => peers.push(proto::Peer {
+                    id,
+                    node_id,
+                    role: role as i32,
+                }),
+                None => crate::fatal(&format!(
+                    "{}: conf change names peer {id} of no known node",
+                    self.region_id
+                )),
             }
         }
+        epoch.conf_ver += 1;
+        let removed: Vec<proto::Peer> = region
+            .peers
+            .iter()
+            .filter(|p| !peers.iter().any(|n| n.id == p.id))
+            .copied()
+            .collect();
+        let new_region = proto::Region {
+            epoch: Some(epoch),
+            peers,
+            ..region
+        };
+        let store = self.raw.mut_store();
+        store.set_region(new_region.clone(), wb);
+        store.set_conf_state(&cs, wb);
+        self.changed = true;
+        if !new_region.peers.iter().any(|p| p.id == self.peer_id.0) {
+            self.pending_destroy = true;
+        } else if self.is_leader() {
+            self.tombstones.extend(removed.iter().copied());
+        }
+        metrics::counter!("tessera_conf_changes_total").increment(1);
+        tracing::info!(region = %self.region_id, conf_ver = epoch.conf_ver, peers = ?new_region.peers, "membership changed");
+        Ok(ApplyResult::ChangePeers { region: new_region })
     }
 
     fn answer_proposal(

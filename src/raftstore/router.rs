@@ -4,7 +4,9 @@
 //! a peer. A message for a region this node does not host is handed back to the caller, which
 //! takes the node's control path (today: count and drop, or answer `RegionNotFound`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use dashmap::DashMap;
@@ -24,6 +26,20 @@ pub struct Router {
 struct Inner {
     regions: DashMap<RegionId, usize>,
     workers: Vec<Sender<WorkerMsg>>,
+    /// Raft messages for regions not (yet) here, kept briefly: the peers of a region just
+    /// split off start on the parent's leader node first and campaign at once, and their vote
+    /// requests must not be lost on a node that applies the split a moment later.
+    stash: Mutex<Stash>,
+}
+
+/// Most raft messages stashed for unknown regions, and how long one is kept.
+const STASH_MAX: usize = 4096;
+const STASH_TTL: Duration = Duration::from_secs(3);
+
+#[derive(Default)]
+struct Stash {
+    msgs: HashMap<RegionId, Vec<(Instant, PeerMsg)>>,
+    len: usize,
 }
 
 /// Why a message could not be routed. It is handed back so the caller can answer it.
@@ -41,6 +57,7 @@ impl Router {
             inner: Arc::new(Inner {
                 regions: DashMap::new(),
                 workers,
+                stash: Mutex::default(),
             }),
         }
     }
@@ -50,8 +67,49 @@ impl Router {
         (region.0 % self.inner.workers.len() as u64) as usize
     }
 
+    /// Routes `region` to `worker` from now on, and delivers the messages stashed for it.
     pub fn register(&self, region: RegionId, worker: usize) {
         self.inner.regions.insert(region, worker);
+        let stashed = {
+            let mut st = self.inner.stash.lock().unwrap_or_else(|e| e.into_inner());
+            let v = st.msgs.remove(&region).unwrap_or_default();
+            st.len -= v.len();
+            v
+        };
+        for (at, msg) in stashed {
+            if at.elapsed() < STASH_TTL {
+                let _ = self.send(region, msg);
+            }
+        }
+    }
+
+    /// Keeps a raft message for a region this node does not host (yet); delivered if the
+    /// region registers within a few seconds, dropped otherwise. Returns false when dropped.
+    pub fn stash(&self, region: RegionId, msg: PeerMsg) -> bool {
+        let mut st = self.inner.stash.lock().unwrap_or_else(|e| e.into_inner());
+        if st.len >= STASH_MAX {
+            let Stash { msgs, len } = &mut *st;
+            msgs.retain(|_, v| {
+                let before = v.len();
+                v.retain(|(at, _)| at.elapsed() < STASH_TTL);
+                *len -= before - v.len();
+                !v.is_empty()
+            });
+            if st.len >= STASH_MAX {
+                return false;
+            }
+        }
+        // A region that registered meanwhile gets it directly.
+        if self.contains(region) {
+            drop(st);
+            return self.send(region, msg).is_ok();
+        }
+        st.msgs
+            .entry(region)
+            .or_default()
+            .push((Instant::now(), msg));
+        st.len += 1;
+        true
     }
 
     pub fn unregister(&self, region: RegionId) {

@@ -21,6 +21,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use super::apply::ApplyCtx;
 use super::msg::{PeerMsg, RegionError, WorkerMsg};
 use super::peer::Peer;
+use super::router::Router;
 use crate::ids::RegionId;
 use crate::storage::Engine;
 use crate::transport::Transport;
@@ -35,6 +36,7 @@ pub struct Worker {
     inbox: Receiver<WorkerMsg>,
     engine: Engine,
     transport: Transport,
+    router: Router,
     peers: HashMap<RegionId, Peer>,
     tick_interval: Duration,
     sync_writes: bool,
@@ -47,16 +49,20 @@ pub struct Worker {
 pub struct WorkerHooks {
     /// Regions this worker leads, read by the node's heartbeat.
     pub leaders: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Regions of this worker that hibernate.
+    pub asleep: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Regions whose leadership or descriptor changed, for the placement reporter.
     pub changes: tokio::sync::mpsc::UnboundedSender<RegionId>,
 }
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         index: usize,
         inbox: Receiver<WorkerMsg>,
         engine: Engine,
         transport: Transport,
+        router: Router,
         tick_interval: Duration,
         sync_writes: bool,
         hooks: WorkerHooks,
@@ -66,6 +72,7 @@ impl Worker {
             inbox,
             engine,
             transport,
+            router,
             peers: HashMap::new(),
             tick_interval,
             sync_writes,
@@ -107,8 +114,9 @@ impl Worker {
             if tick_due {
                 self.ticks += 1;
                 for (id, p) in self.peers.iter_mut() {
-                    p.tick();
-                    touched.insert(*id);
+                    if p.tick() {
+                        touched.insert(*id);
+                    }
                 }
                 next_tick = Instant::now() + self.tick_interval;
             }
@@ -129,10 +137,16 @@ impl Worker {
     /// `tessera_leaders` gauge and the node's placement heartbeat.
     fn publish_leader_count(&self) {
         let leaders = self.peers.values().filter(|p| p.is_leader()).count();
+        let asleep = self.peers.values().filter(|p| p.is_asleep()).count();
         metrics::gauge!("tessera_leaders", "worker" => self.index.to_string()).set(leaders as f64);
+        metrics::gauge!("tessera_regions_hibernating", "worker" => self.index.to_string())
+            .set(asleep as f64);
         self.hooks
             .leaders
             .store(leaders, std::sync::atomic::Ordering::Relaxed);
+        self.hooks
+            .asleep
+            .store(asleep, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Returns true on shutdown.
@@ -152,6 +166,11 @@ impl Worker {
                 metrics::gauge!("tessera_regions", "worker" => self.index.to_string())
                     .set(self.peers.len() as f64);
             }
+            WorkerMsg::NodeDown(node) => {
+                for p in self.peers.values_mut() {
+                    p.leader_node_down(node);
+                }
+            }
             WorkerMsg::Shutdown => return true,
         }
         false
@@ -165,14 +184,18 @@ impl Worker {
         let mut readies = Vec::new();
         let mut must_sync = false;
         let mut entries = 0usize;
+        if gc {
+            // Every peer, sleeping ones too: a follower that fell asleep right after a burst
+            // of writes must still drop the log it applied.
+            for p in self.peers.values_mut() {
+                p.maybe_compact_log(&mut wb);
+            }
+        }
         for id in touched.iter() {
             let Some(p) = self.peers.get_mut(id) else {
                 continue;
             };
             p.flush_reads();
-            if gc {
-                p.maybe_compact_log(&mut wb);
-            }
             if let Some(rd) = p.collect_ready(&mut wb, &mut actx, &self.transport) {
                 must_sync |= rd.must_sync();
                 entries += rd.entries().len();
@@ -195,6 +218,7 @@ impl Worker {
             }
         }
         metrics::counter!("tessera_entries_applied_total").increment(actx.applied_entries);
+        let mut born = self.start_new_peers(&mut actx);
         actx.send_replies();
 
         let mut wb = engine.batch();
@@ -213,12 +237,18 @@ impl Worker {
             }
         }
         metrics::counter!("tessera_entries_applied_total").increment(actx.applied_entries);
+        born.extend(self.start_new_peers(&mut actx));
         actx.send_replies();
 
-        let mut still = HashSet::new();
+        let mut still: HashSet<RegionId> = born.into_iter().collect();
         let mut more_work = false;
+        let mut destroy = Vec::new();
         for id in touched.drain() {
             if let Some(p) = self.peers.get_mut(&id) {
+                if p.should_destroy() {
+                    destroy.push(id);
+                    continue;
+                }
                 p.serve_ready_reads();
                 if p.take_changed() {
                     let _ = self.hooks.changes.send(id);
@@ -232,7 +262,48 @@ impl Worker {
             }
         }
         *touched = still;
+        for id in destroy {
+            self.destroy(id);
+        }
         more_work
+    }
+
+    /// Destroys a removed peer: its raft state goes, a tombstone stays (synced, so a restart
+    /// never brings the peer back), and the router forgets the region.
+    fn destroy(&mut self, id: RegionId) {
+        let Some(p) = self.peers.remove(&id) else {
+            return;
+        };
+        self.router.unregister(id);
+        let mut wb = self.engine.batch();
+        p.destroy(&mut wb);
+        if let Err(e) = self.engine.write(wb, true) {
+            crate::fatal(&format!("destroying {id}: {e}"));
+        }
+        metrics::gauge!("tessera_regions", "worker" => self.index.to_string())
+            .set(self.peers.len() as f64);
+    }
+}
+
+impl Worker {
+    /// Takes over the peers of regions that splits created this round. Call after the batch
+    /// holding their state is written, before the split is acknowledged.
+    fn start_new_peers(&mut self, actx: &mut ApplyCtx) -> Vec<RegionId> {
+        let mut ids = Vec::new();
+        for (mut p, campaign) in actx.new_peers.drain(..) {
+            let id = p.region_id();
+            if campaign {
+                p.campaign();
+            }
+            self.peers.insert(id, p);
+            self.router.register(id, self.index);
+            ids.push(id);
+        }
+        if !ids.is_empty() {
+            metrics::gauge!("tessera_regions", "worker" => self.index.to_string())
+                .set(self.peers.len() as f64);
+        }
+        ids
     }
 }
 
@@ -247,6 +318,9 @@ fn answer_missing(region: RegionId, msg: PeerMsg) {
             let _ = reply.send(Err(err));
         }
         PeerMsg::TransferLeader { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        PeerMsg::ChangePeers { reply, .. } => {
             let _ = reply.send(Err(err));
         }
         _ => {

@@ -6,8 +6,11 @@
 //! each worker finish its round, flush and close the DB.
 
 pub mod kv_service;
+pub mod membership;
 pub mod node_service;
 pub mod reporter;
+pub mod scheduler;
+pub mod split;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,7 +69,9 @@ pub struct Node {
     stopping: tokio::sync::watch::Sender<bool>,
     heartbeat: tokio::task::JoinHandle<()>,
     reporter: tokio::task::JoinHandle<()>,
+    scheduler: tokio::task::JoinHandle<()>,
     removed: tokio::sync::watch::Receiver<bool>,
+    asleep: Vec<Arc<AtomicUsize>>,
     server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
@@ -117,18 +122,25 @@ impl Node {
             transport.set_address(m.id, m.addr.to_string());
         }
 
-        let logger = crate::logging::raft_logger();
+        let store = crate::raftstore::store::StoreCtx::new(
+            cfg.node_id(),
+            cfg.raft.clone(),
+            crate::logging::raft_logger(),
+            engine.clone(),
+        );
         for id in &region_ids {
             let storage =
                 PeerStorage::open(engine.clone(), *id).map_err(|e| StartError::Region {
                     region: *id,
                     reason: e.to_string(),
                 })?;
-            let peer = Peer::new(storage, cfg.node_id(), &cfg.raft, &logger).map_err(|reason| {
-                StartError::Region {
-                    region: *id,
-                    reason,
-                }
+            if storage.is_initialized() {
+                let r = storage.region();
+                store.set_range(*id, &r.start_key, &r.end_key);
+            }
+            let peer = Peer::new(storage, &store).map_err(|reason| StartError::Region {
+                region: *id,
+                reason,
             })?;
             let w = router.worker_for(*id);
             router.register(*id, w);
@@ -137,6 +149,7 @@ impl Node {
         let mut workers = Vec::new();
         let leaders: Vec<Arc<AtomicUsize>> =
             (0..cfg.raft.workers).map(|_| Arc::default()).collect();
+        let asleep: Vec<Arc<AtomicUsize>> = (0..cfg.raft.workers).map(|_| Arc::default()).collect();
         let (changes_tx, changes_rx) = tokio::sync::mpsc::unbounded_channel();
         for (i, inbox) in inboxes.into_iter().enumerate() {
             let w = Worker::new(
@@ -144,10 +157,12 @@ impl Node {
                 inbox,
                 engine.clone(),
                 transport.clone(),
+                router.clone(),
                 Duration::from_millis(cfg.raft.tick_interval_ms),
                 cfg.storage.sync_writes,
                 WorkerHooks {
                     leaders: leaders[i].clone(),
+                    asleep: asleep[i].clone(),
                     changes: changes_tx.clone(),
                 },
             );
@@ -170,12 +185,10 @@ impl Node {
         })?;
         let max_msg = cfg.server.max_value_size * 2 + cfg.server.max_key_size + (64 << 10);
         let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
-        let raft = RaftTransportServer::new(RaftService::new(
-            cfg.cluster_id(),
-            cfg.node_id(),
-            router.clone(),
-            stopping_rx,
-        ))
+        let raft = RaftTransportServer::new(
+            RaftService::new(cfg.cluster_id(), cfg.node_id(), router.clone(), stopping_rx)
+                .with_store(store.clone()),
+        )
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
         let kv = KvServer::new(kv_service::KvService::new(
             router.clone(),
@@ -229,11 +242,29 @@ impl Node {
                 ..Default::default()
             },
             Duration::from_millis(cfg.placement.heartbeat_interval_ms),
+            Duration::from_millis(cfg.placement.node_down_after_ms),
             removed_tx,
+        ));
+        let scheduler = tokio::spawn(scheduler::schedule_loop(
+            placement.clone(),
+            cfg.node_id(),
+            scheduler::SchedulerConfig {
+                enabled: cfg.placement.schedule,
+                interval: Duration::from_millis(cfg.placement.schedule_interval_ms),
+                replicas: cfg.cluster.replicas as usize,
+                down_after: Duration::from_millis(cfg.placement.node_down_after_ms),
+                replace_after: Duration::from_millis(cfg.placement.replace_down_after_ms),
+                max_moves: cfg.placement.max_concurrent_moves,
+            },
         ));
         let reporter = tokio::spawn(reporter::report_loop(
             placement,
             router.clone(),
+            engine.clone(),
+            split::SplitLimits {
+                max_keys: cfg.region.max_keys,
+                max_bytes: cfg.region.max_bytes,
+            },
             changes_rx,
             Duration::from_millis(cfg.placement.region_report_interval_ms),
         ));
@@ -248,7 +279,9 @@ impl Node {
             stopping,
             heartbeat,
             reporter,
+            scheduler,
             removed,
+            asleep,
             server: Some(server),
         })
     }
@@ -269,6 +302,11 @@ impl Node {
         &self.engine
     }
 
+    /// Regions of this node that hibernate (as of the workers' last tick).
+    pub fn hibernating_regions(&self) -> usize {
+        self.asleep.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+
     /// Resolves once the placement registry says this node was removed from the cluster;
     /// the node must then stop (its data may never serve again).
     pub async fn wait_removed(&self) {
@@ -280,6 +318,7 @@ impl Node {
     pub async fn shutdown(mut self) {
         self.heartbeat.abort();
         self.reporter.abort();
+        self.scheduler.abort();
         let _ = self.stopping.send(true);
         if let Some(tx) = self.stop_server.take() {
             let _ = tx.send(());
@@ -405,6 +444,7 @@ async fn heartbeat_loop(
     leaders: Vec<Arc<AtomicUsize>>,
     mut record: NodeRecord,
     interval: Duration,
+    down_after: Duration,
     removed: tokio::sync::watch::Sender<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -437,8 +477,19 @@ async fn heartbeat_loop(
             Err(e) => tracing::debug!(error = %e, "heartbeat not written"),
         }
         if let Ok(nodes) = crate::placement::node_records(&client).await {
-            for n in nodes.into_iter().filter(|n| !n.removed) {
-                transport.set_address(crate::ids::NodeId(n.node_id), n.addr);
+            let now = crate::placement::now_ms();
+            for n in nodes {
+                let down = n.removed
+                    || now.saturating_sub(n.last_heartbeat_ms) > down_after.as_millis() as u64;
+                if down && n.node_id != record.node_id {
+                    // Sleeping regions led from there do not notice by themselves.
+                    for w in 0..router.worker_count() {
+                        router.send_worker(w, WorkerMsg::NodeDown(n.node_id));
+                    }
+                }
+                if !n.removed {
+                    transport.set_address(crate::ids::NodeId(n.node_id), n.addr);
+                }
             }
         }
     }

@@ -13,10 +13,12 @@ use crate::ids::{ClusterId, NodeId};
 use crate::placement;
 use crate::proto::node_server;
 use crate::proto::{
-    ClusterStatusRequest, ClusterStatusResponse, JoinRequest, JoinResponse, ListNodesRequest,
-    ListNodesResponse, LocateKeyRequest, LocateKeyResponse, NodeAddress, NodeState, RegionInfo,
+    ChangePeersRequest, ChangePeersResponse, ClusterStatusRequest, ClusterStatusResponse,
+    JoinRequest, JoinResponse, ListNodesRequest, ListNodesResponse, LocateKeyRequest,
+    LocateKeyResponse, MoveReplicaRequest, MoveReplicaResponse, NodeAddress, NodeState, RegionInfo,
     RegionLoad, RegionsRequest, RegionsResponse, RemoveNodeRequest, RemoveNodeResponse,
-    ScanRegionsRequest, ScanRegionsResponse, TransferLeaderRequest, TransferLeaderResponse,
+    ScanRegionsRequest, ScanRegionsResponse, SplitRegionRequest, SplitRegionResponse,
+    TransferLeaderRequest, TransferLeaderResponse,
 };
 use crate::raftstore::msg::{self, PeerMsg};
 use crate::raftstore::router::Router;
@@ -128,7 +130,10 @@ pub async fn describe_some(router: &Router, ids: &[RegionId]) -> Vec<msg::Region
     let mut out = Vec::with_capacity(waits.len());
     for rx in waits {
         if let Ok(Ok(info)) = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await {
-            out.push(info);
+            // A peer not yet filled by a snapshot knows nothing worth showing.
+            if info.applied_index > 0 {
+                out.push(info);
+            }
         }
     }
     out.sort_by(|a, b| a.region.start_key.cmp(&b.region.start_key));
@@ -321,6 +326,109 @@ impl node_server::Node for NodeService {
             }),
         }))
     }
+
+    async fn split_region(
+        &self,
+        request: Request<SplitRegionRequest>,
+    ) -> Result<Response<SplitRegionResponse>, Status> {
+        let req = request.into_inner();
+        let header = req
+            .header
+            .ok_or_else(|| Status::invalid_argument("request has no header"))?;
+        if req.split_key.is_empty() {
+            return Err(Status::invalid_argument("split key must not be empty"));
+        }
+        let res = super::split::split_region(
+            &self.router,
+            &self.placement,
+            RegionId(header.region_id),
+            header.region_epoch,
+            req.split_key,
+        )
+        .await;
+        let transport = self.transport.clone();
+        let addr = |n| transport.address(crate::ids::NodeId(n)).unwrap_or_default();
+        match res {
+            Ok(regions) => Ok(Response::new(SplitRegionResponse {
+                region_error: None,
+                regions,
+            })),
+            Err(super::split::SplitError::Region(e)) => Ok(Response::new(SplitRegionResponse {
+                region_error: Some(e.to_proto(addr)),
+                regions: Vec::new(),
+            })),
+            Err(e @ super::split::SplitError::Placement(_)) => {
+                Err(Status::unavailable(e.to_string()))
+            }
+            Err(e @ super::split::SplitError::Unknown(_)) => {
+                Err(Status::deadline_exceeded(e.to_string()))
+            }
+        }
+    }
+
+    async fn change_peers(
+        &self,
+        request: Request<ChangePeersRequest>,
+    ) -> Result<Response<ChangePeersResponse>, Status> {
+        let req = request.into_inner();
+        let header = req
+            .header
+            .ok_or_else(|| Status::invalid_argument("request has no header"))?;
+        if req.changes.is_empty() {
+            return Err(Status::invalid_argument("no membership change given"));
+        }
+        let mut changes = Vec::new();
+        for c in &req.changes {
+            let kind = crate::proto::PeerChangeKind::try_from(c.kind)
+                .map_err(|_| Status::invalid_argument(format!("unknown change kind {}", c.kind)))?;
+            if c.node_id == 0 {
+                return Err(Status::invalid_argument("node id 0"));
+            }
+            changes.push((kind, c.node_id));
+        }
+        let res = super::membership::change_peers(
+            &self.router,
+            &self.placement,
+            RegionId(header.region_id),
+            header.region_epoch,
+            &changes,
+        )
+        .await;
+        let (region_error, region) = self.answer(res)?;
+        Ok(Response::new(ChangePeersResponse {
+            region_error,
+            region,
+        }))
+    }
+
+    async fn move_replica(
+        &self,
+        request: Request<MoveReplicaRequest>,
+    ) -> Result<Response<MoveReplicaResponse>, Status> {
+        let req = request.into_inner();
+        let header = req
+            .header
+            .ok_or_else(|| Status::invalid_argument("request has no header"))?;
+        let res = super::membership::move_replica(
+            &self.router,
+            &self.placement,
+            RegionId(header.region_id),
+            req.from_node,
+            req.to_node,
+        )
+        .await;
+        let (done, res) = match res {
+            Ok(super::membership::MoveStep::Done(r)) => (true, Ok(r)),
+            Ok(super::membership::MoveStep::InProgress(r)) => (false, Ok(r)),
+            Err(e) => (false, Err(e)),
+        };
+        let (region_error, region) = self.answer(res)?;
+        Ok(Response::new(MoveReplicaResponse {
+            region_error,
+            region,
+            done,
+        }))
+    }
 }
 
 fn placement_failed(e: crate::client::Error) -> Status {
@@ -347,5 +455,30 @@ impl NodeService {
             .collect();
         nodes.sort_by_key(|n| n.node_id);
         nodes
+    }
+}
+
+impl NodeService {
+    /// A lifecycle operation's outcome as (region error, region) or a gRPC status.
+    #[allow(clippy::result_large_err)]
+    fn answer(
+        &self,
+        res: Result<crate::proto::Region, super::split::SplitError>,
+    ) -> Result<
+        (
+            Option<crate::proto::RegionError>,
+            Option<crate::proto::Region>,
+        ),
+        Status,
+    > {
+        use super::split::SplitError;
+        let transport = self.transport.clone();
+        let addr = |n| transport.address(crate::ids::NodeId(n)).unwrap_or_default();
+        match res {
+            Ok(r) => Ok((None, Some(r))),
+            Err(SplitError::Region(e)) => Ok((Some(e.to_proto(addr)), None)),
+            Err(e @ SplitError::Placement(_)) => Err(Status::unavailable(e.to_string())),
+            Err(e @ SplitError::Unknown(_)) => Err(Status::deadline_exceeded(e.to_string())),
+        }
     }
 }

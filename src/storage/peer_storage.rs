@@ -82,6 +82,103 @@ impl PeerStorage {
         batch.put_msg(Cf::Raft, &keys::region_state_key(id), &region_state);
     }
 
+    /// Creates the storage of a region born from a split applied at raft `index` (of `term`)
+    /// and puts its states into `batch`. Its log starts at `index`, so the revisions of its
+    /// keys (raft indexes) keep growing past the ones the parent gave them; every replica
+    /// applies the split at the same index, so every replica starts identically.
+    pub fn create_split(
+        engine: Engine,
+        region: &Region,
+        index: u64,
+        term: u64,
+        (data_keys, data_bytes): (u64, u64),
+        batch: &mut WriteBatch<'_>,
+    ) -> Self {
+        let s = Self {
+            engine,
+            region_id: RegionId(region.id),
+            raft_state: RaftLocalState {
+                term,
+                vote: 0,
+                commit: index,
+                last_index: index,
+            },
+            apply_state: RaftApplyState {
+                applied_index: index,
+                truncated_index: index,
+                truncated_term: term,
+                data_keys,
+                data_bytes,
+            },
+            region_state: RegionLocalState {
+                state: PeerState::Normal as i32,
+                region: Some(region.clone()),
+                conf_state: Some(conf_state_of_region(region)),
+            },
+            last_term: term,
+            snap_gen: RefCell::new(SnapGen::Idle),
+        };
+        s.put_raft_state(batch);
+        batch.put_msg(
+            Cf::Raft,
+            &keys::apply_state_key(s.region_id),
+            &s.apply_state,
+        );
+        s.put_region_state(batch);
+        s
+    }
+
+    /// Creates the storage of a peer that a message proved belongs here (added to a region
+    /// this node does not have yet): no log, no data, no range, only its own descriptor
+    /// entry, until a snapshot fills it.
+    pub fn create_uninitialized(
+        engine: Engine,
+        region_id: RegionId,
+        me: crate::proto::Peer,
+        epoch: crate::proto::RegionEpoch,
+        batch: &mut WriteBatch<'_>,
+    ) -> Self {
+        let s = Self {
+            engine,
+            region_id,
+            raft_state: RaftLocalState::default(),
+            apply_state: RaftApplyState::default(),
+            region_state: RegionLocalState {
+                state: PeerState::Normal as i32,
+                region: Some(Region {
+                    id: region_id.0,
+                    epoch: Some(epoch),
+                    peers: vec![me],
+                    ..Default::default()
+                }),
+                conf_state: Some(ConfStateRecord::default()),
+            },
+            last_term: 0,
+            snap_gen: RefCell::new(SnapGen::Idle),
+        };
+        s.put_raft_state(batch);
+        batch.put_msg(Cf::Raft, &keys::apply_state_key(region_id), &s.apply_state);
+        s.put_region_state(batch);
+        s
+    }
+
+    /// Deletes the peer's raft log and states and leaves a tombstone with its last
+    /// descriptor; with `delete_data` also its data range.
+    pub fn destroy(&mut self, batch: &mut WriteBatch<'_>, delete_data: bool) {
+        let (start, end) = keys::region_raft_range(self.region_id);
+        batch.delete_range(Cf::Raft, &start, &end);
+        if delete_data {
+            let r = self.region();
+            batch.delete_range(
+                Cf::Data,
+                &keys::data_key(&r.start_key),
+                &keys::data_end_key(&r.end_key),
+            );
+        }
+        self.region_state.state = PeerState::Tombstone as i32;
+        self.put_region_state(batch);
+    }
+
     /// Loads a region's state. `RegionNotFound` if the region has never been written.
     pub fn open(engine: Engine, region_id: RegionId) -> Result<Self, Error> {
         let region_state: RegionLocalState = engine
@@ -134,6 +231,20 @@ impl PeerStorage {
 
     pub fn peer_state(&self) -> PeerState {
         PeerState::try_from(self.region_state.state).unwrap_or(PeerState::Normal)
+    }
+
+    /// Whether the peer has the region's data: false for a peer created by a message and not
+    /// yet filled by a snapshot (it owns no range and serves nothing).
+    pub fn is_initialized(&self) -> bool {
+        self.apply_state.applied_index > 0
+    }
+
+    /// Whether the region's membership is in a joint configuration (a change half done).
+    pub fn in_joint_config(&self) -> bool {
+        self.region_state
+            .conf_state
+            .as_ref()
+            .is_some_and(|c| !c.voters_outgoing.is_empty())
     }
 
     pub fn engine(&self) -> &Engine {
@@ -239,6 +350,13 @@ impl PeerStorage {
     /// Live user keys and their bytes in this region, as of the applied index.
     pub fn data_stats(&self) -> (u64, u64) {
         (self.apply_state.data_keys, self.apply_state.data_bytes)
+    }
+
+    /// Replaces the data statistics (a split divided them); stored by the next
+    /// `set_applied_index`.
+    pub fn set_data_stats(&mut self, keys: u64, bytes: u64) {
+        self.apply_state.data_keys = keys;
+        self.apply_state.data_bytes = bytes;
     }
 
     /// Adjusts the data statistics; stored by the next `set_applied_index`, which the same

@@ -55,6 +55,8 @@ struct Inner {
     channels: DashMap<NodeId, Channel>,
     router: Router,
     rt: tokio::runtime::Handle,
+    /// Snapshot bytes delivered to other nodes since start.
+    snapshot_bytes: std::sync::atomic::AtomicU64,
 }
 
 fn dropped(reason: &'static str) {
@@ -77,8 +79,16 @@ impl Transport {
                 channels: DashMap::new(),
                 router,
                 rt,
+                snapshot_bytes: Default::default(),
             }),
         }
+    }
+
+    /// Snapshot bytes this node delivered to others since it started.
+    pub fn snapshot_bytes_sent(&self) -> u64 {
+        self.inner
+            .snapshot_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn set_address(&self, node: NodeId, addr: String) {
@@ -113,12 +123,25 @@ impl Transport {
             Ok(b) => b,
             Err(_) => return dropped("encode"),
         };
+        // Heartbeats carry the range, so a node that lacks the peer can create it.
+        let with_range = m.get_msg_type() == MessageType::MsgHeartbeat;
         let rm = RaftMessage {
             region_id: region.id,
             from_peer,
             to_peer: Some(to),
             region_epoch: region.epoch,
             message: bytes,
+            start_key: if with_range {
+                region.start_key.clone()
+            } else {
+                Vec::new()
+            },
+            end_key: if with_range {
+                region.end_key.clone()
+            } else {
+                Vec::new()
+            },
+            tombstone: false,
         };
         if is_snapshot {
             self.send_snapshot(rm);
@@ -133,6 +156,22 @@ impl Transport {
                 self.report_unreachable(&[rm]);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => dropped("closed"),
+        }
+    }
+
+    /// Tells `to` (no longer in `region`, whose epoch records its removal) that it was
+    /// removed, so its node destroys it.
+    pub fn send_tombstone(&self, region: &proto::Region, from: PeerId, to: proto::Peer) {
+        let rm = RaftMessage {
+            region_id: region.id,
+            from_peer: region.peers.iter().find(|p| p.id == from.0).cloned(),
+            to_peer: Some(to),
+            region_epoch: region.epoch,
+            tombstone: true,
+            ..Default::default()
+        };
+        if self.queue(NodeId(to.node_id)).try_send(rm).is_err() {
+            dropped("queue_full");
         }
     }
 
@@ -342,6 +381,9 @@ impl Transport {
             if delivered {
                 metrics::counter!("tessera_snapshots_sent_total").increment(1);
                 metrics::counter!("tessera_snapshot_bytes_sent_total").increment(bytes as u64);
+                t.inner
+                    .snapshot_bytes
+                    .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
             } else {
                 metrics::counter!("tessera_snapshots_failed_total").increment(1);
             }

@@ -25,6 +25,8 @@ pub struct RaftService {
     /// Flips to true when the node stops: open streams end, so peers reconnect to whatever
     /// serves this address next instead of talking into a stopped node.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// The node's control path for messages to regions it does not host.
+    store: Option<crate::raftstore::store::StoreCtx>,
 }
 
 fn dropped(reason: &'static str, n: u64) {
@@ -43,7 +45,14 @@ impl RaftService {
             node_id,
             router,
             stopping,
+            store: None,
         }
+    }
+
+    /// Lets heartbeats of regions this node lacks create their peers here.
+    pub fn with_store(mut self, store: crate::raftstore::store::StoreCtx) -> Self {
+        self.store = Some(store);
+        self
     }
 
     fn check_envelope(&self, b: &RaftMessageBatch) -> bool {
@@ -81,7 +90,32 @@ impl RaftService {
         Some(msg)
     }
 
-    fn route(&self, region: u64, msg: eraftpb::Message) {
+    fn route(&self, m: &RaftMessage, msg: eraftpb::Message) {
+        let region = m.region_id;
+        if msg.get_msg_type() == eraftpb::MessageType::MsgHeartbeat {
+            if let (Some(store), Some(from)) = (&self.store, m.from_peer) {
+                store.learn_peer(from);
+            }
+        }
+        let msg = if msg.get_msg_type() == eraftpb::MessageType::MsgHeartbeat
+            && !self.router.contains(RegionId(region))
+        {
+            // The control path: a heartbeat from a region's leader proves this node holds
+            // one of its peers (just added); create it unless a local region overlaps.
+            if let (Some(store), Some(to)) = (&self.store, m.to_peer) {
+                store.maybe_create_peer(
+                    &self.router,
+                    RegionId(region),
+                    to,
+                    m.region_epoch.unwrap_or_default(),
+                    &m.start_key,
+                    &m.end_key,
+                );
+            }
+            msg
+        } else {
+            msg
+        };
         match self
             .router
             .send(RegionId(region), PeerMsg::Raft(Box::new(msg)))
@@ -89,7 +123,13 @@ impl RaftService {
             Ok(()) => metrics::counter!("tessera_raft_messages_received_total").increment(1),
             // The control path: a peer that would prove it belongs here (added by a
             // membership change, created by a split) is created by the region lifecycle code.
-            Err(RouteError::RegionNotFound(_)) => dropped("region_not_found", 1),
+            Err(RouteError::RegionNotFound(msg)) => {
+                if self.router.stash(RegionId(region), msg) {
+                    metrics::counter!("tessera_raft_messages_stashed_total").increment(1);
+                } else {
+                    dropped("region_not_found", 1);
+                }
+            }
             Err(RouteError::Closed(_)) | Err(RouteError::Busy(_)) => dropped("closed", 1),
         }
     }
@@ -99,9 +139,27 @@ impl RaftService {
             return;
         }
         for m in &b.messages {
-            if let Some(msg) = self.decode(m) {
-                self.route(m.region_id, msg);
+            if m.tombstone {
+                self.tombstone(m);
+                continue;
             }
+            if let Some(msg) = self.decode(m) {
+                self.route(m, msg);
+            }
+        }
+    }
+
+    fn tombstone(&self, m: &RaftMessage) {
+        let Some(to) = m.to_peer.filter(|t| t.node_id == self.node_id.0) else {
+            dropped("malformed", 1);
+            return;
+        };
+        let msg = PeerMsg::Tombstone {
+            peer: to.id,
+            epoch: m.region_epoch.unwrap_or_default(),
+        };
+        if self.router.send(RegionId(m.region_id), msg).is_err() {
+            dropped("region_not_found", 1);
         }
     }
 }
@@ -172,7 +230,7 @@ impl RaftTransport for RaftService {
         }
         metrics::counter!("tessera_snapshots_received_total").increment(1);
         msg.mut_snapshot().set_data(data.into());
-        self.route(m.region_id, msg);
+        self.route(m, msg);
         Ok(Response::new(Done {}))
     }
 }
@@ -228,6 +286,7 @@ mod tests {
                     to_peer: to_peer.map(|(id, node_id)| crate::proto::Peer { id, node_id, role: 0 }),
                     region_epoch: None,
                     message,
+                    ..Default::default()
                 }],
             };
             svc.handle_batch(batch);

@@ -197,6 +197,7 @@ async fn garbage_from_the_network_is_dropped_and_the_node_keeps_serving() {
         to_peer: to,
         region_epoch: None,
         message: bytes,
+        ..Default::default()
     };
     let batches = vec![
         // Another cluster.

@@ -6,6 +6,7 @@ mod common;
 
 mod errors;
 mod kv;
+mod lifecycle;
 mod placement;
 mod routing;
 mod snapshot;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tessera::client::{Client, ClientOptions};
+use tessera::client::Client;
 use tessera::proto::node_client::NodeClient;
 use tessera::proto::{LocateKeyRequest, RegionRoute};
 
@@ -122,16 +122,7 @@ async fn client_rides_through_leader_transfers_and_a_dead_node() {
     let mut cluster = TestCluster::start(3, REGIONS, fast).await;
     let eps = cluster.endpoints();
     wait_for_leaders(&eps, REGIONS as usize + 1, Duration::from_secs(60)).await;
-    let client = Client::connect(
-        &eps,
-        ClientOptions {
-            deadline: Duration::from_secs(30),
-            rpc_timeout: Duration::from_secs(3),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let client = super::common::patient_client(&eps).await;
     let routes = wait_for_table(&client, REGIONS as u64 + 1, Duration::from_secs(20)).await;
 
     // Writers: one per region, each overwriting its own key with a counter.

@@ -163,6 +163,20 @@ pub async fn node_regions(addr: &str) -> Option<Vec<RegionInfo>> {
     )
 }
 
+/// A client that rides out leader changes and dead nodes: 30 s per call, 3 s per RPC.
+pub async fn patient_client(eps: &[String]) -> tessera::client::Client {
+    tessera::client::Client::connect(
+        eps,
+        tessera::client::ClientOptions {
+            deadline: Duration::from_secs(30),
+            rpc_timeout: Duration::from_secs(3),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("client connects")
+}
+
 /// Reads `key` from `addr`'s own replica of `region` (serializable: no leader involved).
 /// `None` when the node does not answer within a few seconds or refuses the route.
 pub async fn local_get(

@@ -292,6 +292,9 @@ async fn cli_end_to_end_including_error_exits() {
     let procs = start_process_cluster(dir.path(), 3, 4, |c| {
         c.placement.heartbeat_interval_ms = 200;
         c.placement.node_down_after_ms = 2000;
+        c.placement.replace_down_after_ms = 2000;
+        // Replicas move only by command here, so the CLI's move is deterministic.
+        c.placement.schedule = false;
     });
     let addrs = endpoints(&procs);
     wait_serving(&addrs).await;
@@ -390,6 +393,29 @@ async fn cli_end_to_end_including_error_exits() {
     assert_eq!(code, 2);
     assert!(err.contains("no peer on node 99"), "{err}");
 
+    // Split through the CLI: the region holding "/topics/" splits there, data stays put
+    // (/topics/a was deleted above).
+    let (code, out, err) = cli(&["regions", "-e", ep, "split", "/topics/"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(
+        out.lines().nth(1).unwrap().contains("[2f746f706963732f, "),
+        "{out}"
+    );
+    let (code, out, _) = cli(&["kv", "-e", ep, "scan", "/topics/", "/topics0"]);
+    assert_eq!((code, out.as_str()), (0, "/topics/b\ttwo\n"));
+    let (_, out, err) = cli(&["regions", "-e", ep, "split", "--hex", "zz"]);
+    assert!(err.contains("hex digits"), "{out}{err}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, out, _) = cli(&["regions", "-e", ep]);
+        if out.contains("6 regions") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "split never reported: {out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // A fourth node joins through the real binary and shows up in `tessera nodes`.
     let addr4 = common::free_addrs(1)[0].to_string();
     let log4 = std::fs::File::create(dir.path().join("node4.log")).unwrap();
@@ -417,6 +443,17 @@ async fn cli_end_to_end_including_error_exits() {
     let (code, out, _) = cli(&["nodes", "-e", ep]);
     assert_eq!(code, 0);
     assert_eq!(out.matches(" up ").count(), 4, "{out}");
+
+    // Move region 1's replica from node 3 to the new node, then back by add/remove.
+    let (code, out, err) = cli(&["regions", "-e", ep, "move", "1", "3", &id4]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("now on nodes") && out.contains(&id4), "{out}");
+    assert!(!out.contains(" 3,") && !out.contains(" 3 ("), "{out}");
+    let (code, out, err) = cli(&["regions", "-e", ep, "add-peer", "1", "3", "--learner"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("3(learner)"), "{out}");
+    let (code, _, err) = cli(&["regions", "-e", ep, "move", "1", "3", "3"]);
+    assert_eq!(code, 2, "{err}");
 
     // Removing it stops the process with an error exit.
     let (code, out, _) = cli(&["nodes", "-e", ep, "remove", &id4]);

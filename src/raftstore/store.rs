@@ -1,0 +1,182 @@
+//! What every peer of a node shares: the node's id, raft settings, logger, engine, and the
+//! key ranges of the node's initialized regions.
+//!
+//! The range map keeps two regions of one node from ever owning overlapping data: a
+//! snapshot, or a peer created from a message, whose range overlaps another local region is
+//! refused (that region is stale and will shrink by applying a split or a snapshot first).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::msg::WorkerMsg;
+use super::peer::Peer;
+use super::router::Router;
+use crate::config::RaftConfig;
+use crate::ids::{NodeId, RegionId};
+use crate::proto::{self, PeerState, RegionLocalState};
+use crate::storage::{keys, Cf, Engine, PeerStorage};
+
+/// Region → the `[start, end)` it owns on this node.
+type Ranges = HashMap<RegionId, (Vec<u8>, Vec<u8>)>;
+
+#[derive(Clone)]
+pub struct StoreCtx {
+    pub node: NodeId,
+    pub cfg: RaftConfig,
+    pub logger: slog::Logger,
+    pub engine: Engine,
+    ranges: Arc<Mutex<Ranges>>,
+    /// Serializes peer creation from messages (several streams may deliver at once).
+    creating: Arc<Mutex<()>>,
+    /// Peers of other nodes seen sending heartbeats: a peer that does not know its region's
+    /// members yet (created empty, waiting for a snapshot) answers its leader through this.
+    known_peers: Arc<Mutex<HashMap<u64, proto::Peer>>>,
+}
+
+/// Whether `[s1, e1)` and `[s2, e2)` overlap (empty end = +infinity).
+pub fn overlaps(s1: &[u8], e1: &[u8], s2: &[u8], e2: &[u8]) -> bool {
+    (e2.is_empty() || s1 < e2) && (e1.is_empty() || s2 < e1)
+}
+
+impl StoreCtx {
+    pub fn new(node: NodeId, cfg: RaftConfig, logger: slog::Logger, engine: Engine) -> Self {
+        Self {
+            node,
+            cfg,
+            logger,
+            engine,
+            ranges: Arc::default(),
+            creating: Arc::default(),
+            known_peers: Arc::default(),
+        }
+    }
+
+    /// Remembers the sender of a heartbeat.
+    pub fn learn_peer(&self, p: proto::Peer) {
+        let mut known = self.known_peers.lock().unwrap_or_else(|e| e.into_inner());
+        if known.get(&p.id) != Some(&p) {
+            known.insert(p.id, p);
+        }
+    }
+
+    pub fn known_peer(&self, id: u64) -> Option<proto::Peer> {
+        self.known_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .copied()
+    }
+
+    /// Creates an empty peer `to` of `region` on this node, on a leader's heartbeat, when
+    /// the node has no state of that region, or only a tombstone of an older membership
+    /// that did not include `to` (re-added with a new peer id) — and no local region
+    /// overlaps the range. Returns whether the region is now hosted here.
+    pub fn maybe_create_peer(
+        &self,
+        router: &Router,
+        region: RegionId,
+        to: proto::Peer,
+        epoch: proto::RegionEpoch,
+        start: &[u8],
+        end: &[u8],
+    ) -> bool {
+        let _one_at_a_time = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+        if router.contains(region) {
+            return true;
+        }
+        if to.node_id != self.node.0 || to.id == 0 {
+            return false;
+        }
+        match self
+            .engine
+            .get_msg::<RegionLocalState>(Cf::Raft, &keys::region_state_key(region))
+        {
+            Ok(None) => {}
+            Ok(Some(st)) if st.state == PeerState::Tombstone as i32 => {
+                let old = st.region.unwrap_or_default();
+                let old_conf = old.epoch.unwrap_or_default().conf_ver;
+                if old_conf >= epoch.conf_ver || old.peers.iter().any(|p| p.id == to.id) {
+                    metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "tombstone")
+                        .increment(1);
+                    return false;
+                }
+            }
+            Ok(Some(_)) | Err(_) => return false,
+        }
+        if let Some(other) = self.overlapping(region, start, end) {
+            tracing::debug!(%region, %other, "not creating a peer over a local region's range");
+            return false;
+        }
+        let mut wb = self.engine.batch();
+        let storage =
+            PeerStorage::create_uninitialized(self.engine.clone(), region, to, epoch, &mut wb);
+        if let Err(e) = self.engine.write(wb, false) {
+            tracing::warn!(%region, error = %e, "cannot create peer");
+            return false;
+        }
+        let peer = match Peer::new(storage, self) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%region, error = %e, "cannot create peer");
+                return false;
+            }
+        };
+        let w = router.worker_for(region);
+        router.send_worker(w, WorkerMsg::AddPeer(Box::new(peer)));
+        router.register(region, w);
+        metrics::counter!("tessera_peers_created_total").increment(1);
+        tracing::info!(%region, peer = to.id, "created a peer for a region added to this node");
+        true
+    }
+
+    fn ranges(&self) -> MutexGuard<'_, Ranges> {
+        self.ranges.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the range `region` owns on this node.
+    pub fn set_range(&self, region: RegionId, start: &[u8], end: &[u8]) {
+        self.ranges().insert(region, (start.to_vec(), end.to_vec()));
+    }
+
+    pub fn remove_range(&self, region: RegionId) {
+        self.ranges().remove(&region);
+    }
+
+    /// Another local region whose range overlaps `[start, end)`, if any.
+    pub fn overlapping(&self, region: RegionId, start: &[u8], end: &[u8]) -> Option<RegionId> {
+        self.ranges()
+            .iter()
+            .find(|(id, (s, e))| **id != region && overlaps(s, e, start, end))
+            .map(|(id, _)| *id)
+    }
+
+    /// Claims `[start, end)` for `region` unless another local region overlaps it.
+    pub fn claim_range(&self, region: RegionId, start: &[u8], end: &[u8]) -> Result<(), RegionId> {
+        let mut ranges = self.ranges();
+        if let Some((id, _)) = ranges
+            .iter()
+            .find(|(id, (s, e))| **id != region && overlaps(s, e, start, end))
+        {
+            return Err(*id);
+        }
+        ranges.insert(region, (start.to_vec(), end.to_vec()));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overlaps;
+
+    #[test]
+    fn range_overlap() {
+        assert!(overlaps(b"a", b"c", b"b", b"d"));
+        assert!(
+            !overlaps(b"a", b"b", b"b", b"c"),
+            "touching ranges do not overlap"
+        );
+        assert!(overlaps(b"", b"", b"x", b"y"));
+        assert!(overlaps(b"m", b"", b"a", b"n"));
+        assert!(!overlaps(b"m", b"", b"a", b"m"));
+    }
+}

@@ -1,0 +1,420 @@
+//! The scheduler: run by the node that leads the placement region, it keeps every region at
+//! its replica count on distinct live nodes, replaces the replicas of nodes that stay down
+//! (or were removed), and balances replicas and then leaders across nodes — at most
+//! `max_moves` replica moves (each a snapshot) at a time, so a joining node never causes a
+//! snapshot storm.
+//!
+//! Each round reads the node registry and the routing table, plans with the pure function
+//! [`plan`], and hands the operations to the regions' leaders through the client library
+//! (`MoveReplica`, `TransferLeader`), which follows leaders and retries. A region touched by
+//! an operation is left alone for a cool-down, so a routing table that has not caught up
+//! yet never causes a second, contradicting move.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::node_service::SystemClient;
+use crate::ids::NodeId;
+use crate::proto::{NodeRecord, PeerRole, RegionRoute};
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub enabled: bool,
+    pub interval: Duration,
+    pub replicas: usize,
+    /// A node without heartbeat for this long is down (not a target, leaders move off it).
+    pub down_after: Duration,
+    /// A node down for this long (or removed) has its replicas replaced.
+    pub replace_after: Duration,
+    pub max_moves: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Move the replica on `from` to `to` (`from` 0: add a replica on `to`).
+    Move {
+        region: u64,
+        from: u64,
+        to: u64,
+    },
+    TransferLeader {
+        region: u64,
+        to: u64,
+    },
+}
+
+impl Op {
+    fn region(&self) -> u64 {
+        match self {
+            Op::Move { region, .. } | Op::TransferLeader { region, .. } => *region,
+        }
+    }
+}
+
+/// Node states as the scheduler sees them.
+#[derive(Clone, Debug, Default)]
+pub struct Nodes {
+    /// Up: may receive replicas and leaders.
+    pub live: Vec<u64>,
+    /// Down for longer than `replace_after`, or removed: their replicas are replaced.
+    pub dead: Vec<u64>,
+}
+
+pub fn classify(records: &[NodeRecord], now_ms: u64, cfg: &SchedulerConfig) -> Nodes {
+    let mut n = Nodes::default();
+    for r in records {
+        let age = now_ms.saturating_sub(r.last_heartbeat_ms);
+        if r.removed || (r.last_heartbeat_ms > 0 && age > cfg.replace_after.as_millis() as u64) {
+            n.dead.push(r.node_id);
+        } else if r.last_heartbeat_ms > 0 && age <= cfg.down_after.as_millis() as u64 {
+            n.live.push(r.node_id);
+        }
+    }
+    n.live.sort();
+    n.dead.sort();
+    n
+}
+
+/// Plans at most `budget` replica moves and a few leader transfers. Regions in `skip` are
+/// busy (an operation in flight or just finished).
+pub fn plan(
+    routes: &[RegionRoute],
+    nodes: &Nodes,
+    replicas: usize,
+    skip: &HashSet<u64>,
+    budget: usize,
+) -> Vec<Op> {
+    let mut ops = Vec::new();
+    if nodes.live.is_empty() {
+        return ops;
+    }
+    let mut count: BTreeMap<u64, usize> = nodes.live.iter().map(|n| (*n, 0)).collect();
+    let mut leaders: BTreeMap<u64, usize> = count.clone();
+    for r in routes {
+        let Some(region) = &r.region else { continue };
+        for p in &region.peers {
+            if let Some(c) = count.get_mut(&p.node_id) {
+                *c += 1;
+            }
+        }
+        if let Some(c) = r.leader.and_then(|l| leaders.get_mut(&l.node_id)) {
+            *c += 1;
+        }
+    }
+    let least_loaded = |count: &BTreeMap<u64, usize>, exclude: &[u64]| {
+        count
+            .iter()
+            .filter(|(n, _)| !exclude.contains(n))
+            .min_by_key(|(n, c)| (**c, **n))
+            .map(|(n, _)| *n)
+    };
+    let want = replicas.min(nodes.live.len() + nodes.dead.len()).max(1);
+    // 1. Repairs: replicas on dead nodes, and regions with too few replicas.
+    for r in routes {
+        if ops.len() >= budget {
+            return ops;
+        }
+        let Some(region) = &r.region else { continue };
+        if skip.contains(&region.id) {
+            continue;
+        }
+        let on: Vec<u64> = region.peers.iter().map(|p| p.node_id).collect();
+        let voters = region
+            .peers
+            .iter()
+            .filter(|p| p.role == PeerRole::Voter as i32)
+            .count();
+        let from = on.iter().find(|n| nodes.dead.contains(n)).copied();
+        let from = match from {
+            Some(f) => f,
+            None if voters < want && on.len() < nodes.live.len() => 0,
+            None => continue,
+        };
+        if let Some(to) = least_loaded(&count, &on) {
+            *count.entry(to).or_default() += 1;
+            ops.push(Op::Move {
+                region: region.id,
+                from,
+                to,
+            });
+        }
+    }
+    if !ops.is_empty() {
+        return ops;
+    }
+    // 2. Replica balance: one move from the fullest to the emptiest node, if they differ
+    // by more than one.
+    if budget > 0 {
+        let max = count
+            .iter()
+            .max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n)));
+        let min = count.iter().min_by_key(|(n, c)| (**c, **n));
+        if let (Some((&hi, &hc)), Some((&lo, &lc))) = (max, min) {
+            if hc > lc + 1 {
+                let pick = routes
+                    .iter()
+                    .filter_map(|r| r.region.as_ref())
+                    .find(|region| {
+                        !skip.contains(&region.id)
+                            && region.peers.iter().any(|p| p.node_id == hi)
+                            && !region.peers.iter().any(|p| p.node_id == lo)
+                    });
+                if let Some(region) = pick {
+                    ops.push(Op::Move {
+                        region: region.id,
+                        from: hi,
+                        to: lo,
+                    });
+                    return ops;
+                }
+            }
+        }
+    }
+    // 3. Leader balance: up to 4 transfers per round, each from the node leading most to a
+    // voter on the node leading fewest.
+    for _ in 0..4 {
+        let max = leaders
+            .iter()
+            .max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n)));
+        let min = leaders.iter().min_by_key(|(n, c)| (**c, **n));
+        let (Some((&hi, &hc)), Some((&lo, &lc))) = (max, min) else {
+            break;
+        };
+        if hc <= lc + 1 {
+            break;
+        }
+        let pick = routes.iter().find(|r| {
+            r.leader.is_some_and(|l| l.node_id == hi)
+                && r.region.as_ref().is_some_and(|region| {
+                    !skip.contains(&region.id)
+                        && !ops.iter().any(|o: &Op| o.region() == region.id)
+                        && region
+                            .peers
+                            .iter()
+                            .any(|p| p.node_id == lo && p.role == PeerRole::Voter as i32)
+                })
+        });
+        let Some(r) = pick else { break };
+        ops.push(Op::TransferLeader {
+            region: r.region.as_ref().map_or(0, |x| x.id),
+            to: lo,
+        });
+        *leaders.entry(hi).or_default() -= 1;
+        *leaders.entry(lo).or_default() += 1;
+    }
+    ops
+}
+
+pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerConfig) {
+    if !cfg.enabled {
+        return;
+    }
+    let busy: Arc<Mutex<HashMap<u64, Option<Instant>>>> = Arc::default();
+    let cooldown = Duration::from_secs(3).max(cfg.interval * 3);
+    let mut ticker = tokio::time::interval(cfg.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A balanced cluster is looked at less and less often (up to every 32 rounds): the
+    // routing table is 10,000 rows at scale. A change of node states looks at once.
+    let mut quiet_rounds = 0u32;
+    let mut skip_rounds = 0u32;
+    let mut last_nodes: Option<(Vec<u64>, Vec<u64>)> = None;
+    loop {
+        ticker.tick().await;
+        let Ok(client) = placement.get().await else {
+            continue;
+        };
+        let leads_placement = matches!(
+            crate::placement::locate_key(&client, &[crate::storage::keys::SYSTEM_KEY_PREFIX]).await,
+            Ok(Some(r)) if r.leader.is_some_and(|l| l.node_id == me.0)
+        );
+        if !leads_placement {
+            continue;
+        }
+        let Ok(records) = crate::placement::node_records(&client).await else {
+            continue;
+        };
+        let nodes = classify(&records, crate::placement::now_ms(), &cfg);
+        let node_states = Some((nodes.live.clone(), nodes.dead.clone()));
+        if node_states != last_nodes {
+            last_nodes = node_states;
+            skip_rounds = 0;
+        } else if skip_rounds > 0 {
+            skip_rounds -= 1;
+            continue;
+        }
+        let Ok(routes) = crate::placement::scan_routes(&client, b"", b"", 0).await else {
+            continue;
+        };
+        let (skip, in_flight) = {
+            let mut b = busy.lock().unwrap_or_else(|e| e.into_inner());
+            b.retain(|_, done| done.is_none_or(|t| t.elapsed() < cooldown));
+            let in_flight = b.values().filter(|d| d.is_none()).count();
+            (b.keys().copied().collect::<HashSet<u64>>(), in_flight)
+        };
+        let budget = cfg.max_moves.saturating_sub(in_flight);
+        let ops = plan(&routes, &nodes, cfg.replicas, &skip, budget);
+        if ops.is_empty() && skip.is_empty() {
+            quiet_rounds = (quiet_rounds + 1).min(5);
+            skip_rounds = (1 << quiet_rounds) - 1;
+        } else {
+            quiet_rounds = 0;
+        }
+        for op in ops {
+            busy.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(op.region(), None);
+            let (client, busy) = (client.clone(), busy.clone());
+            tokio::spawn(async move {
+                let res = match &op {
+                    Op::Move { region, from, to } => client
+                        .move_replica(*region, *from, *to, Duration::from_secs(300))
+                        .await
+                        .map(|_| ()),
+                    Op::TransferLeader { region, to } => client.transfer_leader(*region, *to).await,
+                };
+                match res {
+                    Ok(()) => {
+                        metrics::counter!("tessera_scheduler_ops_total").increment(1);
+                        tracing::info!(?op, "scheduled operation done");
+                    }
+                    Err(e) => tracing::warn!(?op, error = %e, "scheduled operation failed"),
+                }
+                busy.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(op.region(), Some(Instant::now()));
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Peer, Region};
+
+    fn route(id: u64, nodes: &[u64], leader: u64) -> RegionRoute {
+        let peers: Vec<Peer> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Peer {
+                id: id * 10 + i as u64,
+                node_id: *n,
+                role: 0,
+            })
+            .collect();
+        RegionRoute {
+            leader: peers.iter().find(|p| p.node_id == leader).copied(),
+            region: Some(Region {
+                id,
+                peers,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn nodes(live: &[u64], dead: &[u64]) -> Nodes {
+        Nodes {
+            live: live.to_vec(),
+            dead: dead.to_vec(),
+        }
+    }
+
+    #[test]
+    fn dead_node_replicas_are_replaced_within_budget() {
+        let routes: Vec<_> = (1..=4).map(|i| route(i, &[1, 2, 3], 1)).collect();
+        let ops = plan(&routes, &nodes(&[1, 2, 4], &[3]), 3, &HashSet::new(), 2);
+        assert_eq!(
+            ops,
+            vec![
+                Op::Move {
+                    region: 1,
+                    from: 3,
+                    to: 4
+                },
+                Op::Move {
+                    region: 2,
+                    from: 3,
+                    to: 4
+                },
+            ]
+        );
+        // Busy regions are skipped.
+        let skip: HashSet<u64> = [1, 2].into();
+        let ops = plan(&routes, &nodes(&[1, 2, 4], &[3]), 3, &skip, 2);
+        assert_eq!(
+            ops[0],
+            Op::Move {
+                region: 3,
+                from: 3,
+                to: 4
+            }
+        );
+    }
+
+    #[test]
+    fn under_replicated_regions_get_replicas() {
+        let routes = vec![route(1, &[1], 1)];
+        let ops = plan(&routes, &nodes(&[1, 2, 3], &[]), 3, &HashSet::new(), 4);
+        assert_eq!(
+            ops,
+            vec![Op::Move {
+                region: 1,
+                from: 0,
+                to: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn a_joined_node_gets_replicas_then_leaders() {
+        let routes: Vec<_> = (1..=6).map(|i| route(i, &[1, 2, 3], 1 + i % 3)).collect();
+        let ops = plan(&routes, &nodes(&[1, 2, 3, 4], &[]), 3, &HashSet::new(), 2);
+        assert_eq!(ops.len(), 1, "{ops:?}");
+        assert!(matches!(ops[0], Op::Move { to: 4, .. }), "{ops:?}");
+        // Balanced replicas, unbalanced leaders: transfers.
+        let routes: Vec<_> = (1..=6).map(|i| route(i, &[1, 2, 3], 1)).collect();
+        let ops = plan(&routes, &nodes(&[1, 2, 3], &[]), 3, &HashSet::new(), 2);
+        assert!(!ops.is_empty());
+        assert!(
+            ops.iter().all(|o| matches!(o, Op::TransferLeader { .. })),
+            "{ops:?}"
+        );
+        // Balanced: nothing to do.
+        let routes: Vec<_> = (1..=6).map(|i| route(i, &[1, 2, 3], 1 + i % 3)).collect();
+        assert!(plan(&routes, &nodes(&[1, 2, 3], &[]), 3, &HashSet::new(), 2).is_empty());
+    }
+
+    #[test]
+    fn node_states() {
+        let cfg = SchedulerConfig {
+            enabled: true,
+            interval: Duration::from_secs(1),
+            replicas: 3,
+            down_after: Duration::from_secs(10),
+            replace_after: Duration::from_secs(60),
+            max_moves: 2,
+        };
+        let rec = |id, hb, removed| NodeRecord {
+            node_id: id,
+            last_heartbeat_ms: hb,
+            removed,
+            ..Default::default()
+        };
+        let now = 1_000_000;
+        let n = classify(
+            &[
+                rec(1, now - 1_000, false),
+                rec(2, now - 20_000, false),
+                rec(3, now - 100_000, false),
+                rec(4, now, true),
+                rec(5, 0, false),
+            ],
+            now,
+            &cfg,
+        );
+        assert_eq!(n.live, vec![1]);
+        assert_eq!(n.dead, vec![3, 4], "down too long, or removed");
+    }
+}

@@ -1,0 +1,177 @@
+//! Region splits: by request (`Node.SplitRegion`, `tessera regions split KEY`) and by size.
+//!
+//! A split is decided on the region's leader node: it takes ids for the new region and its
+//! peers from placement, then proposes [`Command::Split`] through the region's log, so every
+//! replica applies it at the same index. The size check runs with the node's region reports:
+//! a led region above `split.region_max_keys` or `split.region_max_bytes` is split at the key
+//! where the first half of its bytes ends.
+
+use tokio::sync::oneshot;
+
+use super::node_service::SystemClient;
+use crate::ids::RegionId;
+use crate::proto::{self, Region, RegionEpoch};
+use crate::raftstore::cmd::{ApplyResult, Command};
+use crate::raftstore::msg::{PeerMsg, RegionError, RegionInfo};
+use crate::raftstore::router::{RouteError, Router};
+use crate::storage::{keys, Cf, Engine};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SplitError {
+    #[error("{0}")]
+    Region(RegionError),
+    #[error("placement: {0}")]
+    Placement(String),
+    #[error("split result unknown: {0}")]
+    Unknown(String),
+}
+
+/// Splits `region` at `split_key`. `epoch` is the one the caller routed with (`None` = the
+/// region's current one). A key that already starts the region is a no-op.
+pub async fn split_region(
+    router: &Router,
+    placement: &SystemClient,
+    region: RegionId,
+    epoch: Option<RegionEpoch>,
+    split_key: Vec<u8>,
+) -> Result<Vec<Region>, SplitError> {
+    let info = super::membership::led_region(router, region).await?;
+    let epoch = epoch.unwrap_or_else(|| info.region.epoch.unwrap_or_default());
+    if split_key == info.region.start_key
+        && epoch.version == info.region.epoch.unwrap_or_default().version
+    {
+        return Ok(vec![info.region]);
+    }
+    let client = placement
+        .get()
+        .await
+        .map_err(|e| SplitError::Placement(e.to_string()))?;
+    let n = info.region.peers.len() as u64;
+    let ids = crate::placement::alloc_ids(&client, 1 + n)
+        .await
+        .map_err(|e| SplitError::Placement(e.to_string()))?;
+    let mut ids = ids.into_iter();
+    let new_region_id = ids
+        .next()
+        .ok_or_else(|| SplitError::Placement("id allocation returned an empty range".into()))?;
+    let cmd = Command::Split {
+        split_key,
+        new_region_id,
+        new_peer_ids: ids.collect(),
+    };
+    let (tx, rx) = oneshot::channel();
+    let msg = PeerMsg::Propose {
+        cmd,
+        epoch,
+        reply: tx,
+    };
+    match router.send_client(region, msg) {
+        Ok(()) => {}
+        Err(RouteError::RegionNotFound(_)) => {
+            return Err(SplitError::Region(RegionError::RegionNotFound(region)))
+        }
+        Err(_) => return Err(SplitError::Unknown("raft worker busy or stopping".into())),
+    }
+    match tokio::time::timeout(super::REQUEST_TIMEOUT, rx).await {
+        Ok(Ok(Ok(ApplyResult::Split { regions }))) => Ok(regions),
+        Ok(Ok(Ok(other))) => Err(SplitError::Unknown(format!("unexpected result {other:?}"))),
+        Ok(Ok(Err(e))) => Err(SplitError::Region(e)),
+        Ok(Err(_)) => Err(SplitError::Unknown(
+            "the region dropped the proposal".into(),
+        )),
+        Err(_) => Err(SplitError::Unknown("timed out".into())),
+    }
+}
+
+/// Size limits above which a region splits (0 = no limit).
+#[derive(Clone, Copy, Debug)]
+pub struct SplitLimits {
+    pub max_keys: u64,
+    pub max_bytes: u64,
+}
+
+impl SplitLimits {
+    pub fn exceeded_by(&self, info: &RegionInfo) -> bool {
+        !keys::is_system_key(&info.region.start_key)
+            && ((self.max_keys > 0 && info.keys > self.max_keys)
+                || (self.max_bytes > 0 && info.bytes > self.max_bytes))
+    }
+}
+
+/// The key where the first half of the region's bytes ends (scanned from this node's data,
+/// off the raft threads), or `None` when the region has fewer than two keys.
+pub fn middle_key(engine: &Engine, region: &proto::Region) -> Result<Option<Vec<u8>>, String> {
+    let start = keys::data_key(&region.start_key);
+    let end = keys::data_end_key(&region.end_key);
+    let mut total = 0u64;
+    engine
+        .scan(Cf::Data, &start, &end, |k, v| {
+            total += (k.len() + v.len()) as u64;
+            Ok(true)
+        })
+        .map_err(|e| e.to_string())?;
+    let mut seen = 0u64;
+    let mut found = None;
+    engine
+        .scan(Cf::Data, &start, &end, |k, v| {
+            seen += (k.len() + v.len()) as u64;
+            if seen * 2 >= total {
+                found = Some(k.to_vec());
+                return Ok(false);
+            }
+            Ok(true)
+        })
+        .map_err(|e| e.to_string())?;
+    // Split just after the middle key so that the left half holds it.
+    let Some(mid) = found else { return Ok(None) };
+    let mut after = None;
+    engine
+        .scan(Cf::Data, &mid, &end, |k, _| {
+            if k != mid.as_slice() {
+                after = Some(k.to_vec());
+                return Ok(false);
+            }
+            Ok(true)
+        })
+        .map_err(|e| e.to_string())?;
+    match after {
+        Some(k) => Ok(Some(
+            keys::origin_key(&k).map_err(|e| e.to_string())?.to_vec(),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Splits each of `infos` (led regions over the limits), one at a time. Failures are logged;
+/// the next size check tries again.
+pub async fn split_oversized(
+    router: &Router,
+    placement: &SystemClient,
+    engine: &Engine,
+    infos: Vec<RegionInfo>,
+) {
+    for info in infos {
+        let id = RegionId(info.region.id);
+        let e = engine.clone();
+        let region = info.region.clone();
+        let key = match tokio::task::spawn_blocking(move || middle_key(&e, &region)).await {
+            Ok(Ok(Some(k))) => k,
+            Ok(Ok(None)) => continue,
+            Ok(Err(err)) => {
+                tracing::warn!(region = %id, error = %err, "split check failed");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        match split_region(router, placement, id, info.region.epoch, key).await {
+            Ok(regions) => tracing::info!(
+                region = %id,
+                keys = info.keys,
+                bytes = info.bytes,
+                into = regions.len(),
+                "split an oversized region"
+            ),
+            Err(err) => tracing::debug!(region = %id, error = %err, "size split failed"),
+        }
+    }
+}
