@@ -255,6 +255,7 @@ impl Transport {
                     metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "unreachable")
                         .increment(lost.len() as u64);
                     self.report_unreachable(&lost);
+                    self.wake_regions_led_by(node);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
@@ -327,8 +328,20 @@ impl Transport {
             }
             call.abort();
             self.inner.channels.remove(&node);
+            self.wake_regions_led_by(node);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// The stream to `node` broke (a killed process closes its connections at once): wake
+    /// the sleeping regions it leads so they elect now rather than when placement shows
+    /// the node down. A false alarm only wakes regions, which fall asleep again.
+    fn wake_regions_led_by(&self, node: NodeId) {
+        for w in 0..self.inner.router.worker_count() {
+            self.inner
+                .router
+                .send_worker(w, crate::raftstore::msg::WorkerMsg::NodeDown(node.0));
         }
     }
 

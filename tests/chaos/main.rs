@@ -208,6 +208,9 @@ enum Fault {
     CrashAroundLogWrite,
     /// The leader-heavy node's disk turns slow: a fifth of its synced writes stall 50 ms.
     SlowDisk,
+    /// The regions holding the test's keys are split (at each key) one after another while
+    /// random nodes are killed and restarted.
+    SplitsUnderKills,
 }
 
 fn signal(p: &Proc, sig: &str) {
@@ -248,7 +251,7 @@ async fn leadership_recovered(
                 None => ok = false,
             }
         }
-        if ok && leaders.len() == REGIONS as usize + 1 {
+        if ok && leaders.len() > REGIONS as usize {
             return Some(t.elapsed());
         }
         if t.elapsed() + Duration::from_millis(60) >= timeout {
@@ -306,6 +309,8 @@ struct Outcome {
     snapshots_received: u64,
     /// Crashes at a fail point (CrashAroundLogWrite).
     crashes: u32,
+    /// Splits that completed (SplitsUnderKills).
+    splits: u32,
     verdict: Verdict,
     ok: usize,
     failed_reads: usize,
@@ -362,6 +367,27 @@ fn lost_and_stale(h: &History, final_from: u64) -> (usize, usize) {
     (lost, stale)
 }
 
+/// kill -9 of a random node and a restart a sixth of the run later, twice; the time until
+/// every region had a leader again goes into `recoveries`.
+async fn kill_random_twice(
+    procs: &mut [Proc],
+    addrs: &[String],
+    rng: &mut StdRng,
+    secs: u64,
+    dir: &std::path::Path,
+    recoveries: &mut Vec<Duration>,
+) {
+    for _ in 0..2 {
+        let victim = rng.random_range(0..3);
+        procs[victim].kill9();
+        let live: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+        recoveries.extend(leadership_recovered(addrs, &live, Duration::from_secs(30)).await);
+        tokio::time::sleep(Duration::from_secs(secs / 6)).await;
+        procs[victim].restart(&dir.join(format!("node{}.log", victim + 1)));
+        tokio::time::sleep(Duration::from_secs(secs / 6)).await;
+    }
+}
+
 async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     // TESSERA_CHAOS_KEEP=1 keeps the nodes' data and logs for a post-mortem.
@@ -379,6 +405,7 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
     });
     let mut snapshot_victim = None;
     let mut crashes = 0u32;
+    let mut splits = 0u32;
     let addrs: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
     assert!(
         leadership_recovered(&addrs, &[0, 1, 2], Duration::from_secs(60))
@@ -440,16 +467,15 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
             tokio::time::sleep(Duration::from_secs(secs / 3)).await;
         }
         Fault::KillRandom => {
-            for _ in 0..2 {
-                let victim = rng.random_range(0..3);
-                procs[victim].kill9();
-                let live: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
-                recoveries
-                    .extend(leadership_recovered(&addrs, &live, Duration::from_secs(30)).await);
-                tokio::time::sleep(Duration::from_secs(secs / 6)).await;
-                procs[victim].restart(&dir.path().join(format!("node{}.log", victim + 1)));
-                tokio::time::sleep(Duration::from_secs(secs / 6)).await;
-            }
+            kill_random_twice(
+                &mut procs,
+                &addrs,
+                &mut rng,
+                secs,
+                dir.path(),
+                &mut recoveries,
+            )
+            .await;
         }
         Fault::CutOffFollower => {
             let rs = regions_of(&addrs[0]).await;
@@ -516,6 +542,34 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
             tokio::time::sleep(Duration::from_secs(secs.saturating_sub(2))).await;
             procs[victim].restart(&log);
             tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        Fault::SplitsUnderKills => {
+            let (keys, split_addrs) = (env.keys.clone(), addrs.clone());
+            let splitter = tokio::spawn(async move {
+                let admin = Client::connect(&split_addrs, harness_client_opts())
+                    .await
+                    .unwrap();
+                let mut done = 0u32;
+                for k in keys {
+                    // A split cut off by a kill is just not counted; the client retries
+                    // the rest, and a replayed split of a key already split is a no-op.
+                    if matches!(admin.split(&k).await, Ok(r) if r.len() == 2) {
+                        done += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                done
+            });
+            kill_random_twice(
+                &mut procs,
+                &addrs,
+                &mut rng,
+                secs,
+                dir.path(),
+                &mut recoveries,
+            )
+            .await;
+            splits = splitter.await.unwrap();
         }
         Fault::PauseLeaderHeavy => {
             let victim = leader_heavy(&regions_of(&addrs[0]).await);
@@ -648,6 +702,7 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
     Outcome {
         snapshots_received,
         crashes,
+        splits,
         verdict,
         ok,
         failed_reads,
@@ -667,11 +722,16 @@ async fn local_scan_all(addr: &str, env: &Env) -> Option<Vec<(Vec<u8>, Vec<u8>, 
     .await
     .ok()?
     .ok()?;
-    let mut regions: Vec<&Region> = env.region_of.values().collect();
-    regions.sort_by_key(|r| r.id);
-    regions.dedup_by_key(|r| r.id);
+    // The node's own regions as they are now (they may have split since the start).
+    let mut regions: Vec<Region> = regions_of(addr)
+        .await?
+        .into_iter()
+        .filter_map(|i| i.region)
+        .filter(|r| !tessera::storage::keys::is_system_key(&r.start_key))
+        .collect();
+    regions.sort_by(|a, b| a.start_key.cmp(&b.start_key));
     let mut out = Vec::new();
-    for r in regions {
+    for r in &regions {
         let resp = kv
             .scan(ScanRequest {
                 header: Some(RequestHeader {
@@ -694,6 +754,7 @@ async fn local_scan_all(addr: &str, env: &Env) -> Option<Vec<(Vec<u8>, Vec<u8>, 
         out.extend(
             resp.kvs
                 .into_iter()
+                .filter(|kv| env.keys.contains(&kv.key))
                 .map(|kv| (kv.key, kv.value, kv.mod_revision)),
         );
     }
@@ -739,6 +800,14 @@ async fn run_scenario(name: &str, fault: Fault) {
             );
             assert!(o.crashes > 0, "{name}: the fail points never fired");
         }
+        if matches!(fault, Fault::SplitsUnderKills) {
+            eprintln!("chaos {name} seed {seed}: splits completed: {}", o.splits);
+            assert!(
+                o.splits >= 4,
+                "{name}: too few splits happened ({})",
+                o.splits
+            );
+        }
         if matches!(fault, Fault::CutOffFollower) {
             eprintln!(
                 "chaos {name} seed {seed}: snapshots received by the cut-off node: {}",
@@ -776,6 +845,11 @@ async fn kill9_leader_heavy_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_random_nodes() {
     run_scenario("kill9-random", Fault::KillRandom).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splits_while_nodes_are_killed() {
+    run_scenario("splits-under-kill9", Fault::SplitsUnderKills).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
