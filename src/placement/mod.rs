@@ -306,17 +306,27 @@ pub async fn report_region(client: &Client, route: &RegionRoute) -> Result<bool,
         .ok_or_else(|| Error::InvalidArgument("route without region".into()))?;
     let key = route_key(&region.end_key);
     let value = prost::Message::encode_to_vec(route);
+    // Some(true): written, and the range may cover older rows; Some(false): written over
+    // a row of the same region and range (a leader or load report), nothing to clean up.
     let written = update(client, &key, 10, "route report", |cur| {
-        Ok(match cur {
-            Some(kv) if route_rank(&decode_route(&kv.value)?) > route_rank(route) => {
-                Update::Keep(false)
+        let prev = cur.map(|kv| decode_route(&kv.value)).transpose()?;
+        Ok(match prev {
+            Some(p) if route_rank(&p) > route_rank(route) => Update::Keep(None),
+            Some(p)
+                if p.region
+                    .as_ref()
+                    .is_some_and(|r| r.id == region.id && r.start_key == region.start_key) =>
+            {
+                Update::Write(value.clone(), Some(false))
             }
-            _ => Update::Write(value.clone(), true),
+            _ => Update::Write(value.clone(), Some(true)),
         })
     })
     .await?;
-    if !written {
-        return Ok(false);
+    match written {
+        None => return Ok(false),
+        Some(false) => return Ok(true),
+        Some(true) => {}
     }
     // Rows ending inside (start, end) describe ranges this region now covers.
     let from = route_seek(&region.start_key);

@@ -216,9 +216,10 @@ impl Peer {
 
     /// Something other than a heartbeat happened: tick again (if asleep) and start counting
     /// idle ticks anew.
-    pub fn wake(&mut self) {
+    pub fn wake(&mut self, why: &'static str) {
         self.idle_ticks = 0;
         if self.asleep {
+            metrics::counter!("tessera_region_wakeups_total", "reason" => why).increment(1);
             self.asleep = false;
             // A leader's quorum check restarts from a full interval: it heard nothing while
             // asleep because it sent nothing.
@@ -229,7 +230,7 @@ impl Peer {
     /// The node hosting this region's leader is down: wake so the election timer runs.
     pub fn leader_node_down(&mut self, node: u64) {
         if self.asleep && self.leader().is_none_or(|l| l.node_id == node) {
-            self.wake();
+            self.wake("leader_node_down");
         }
     }
 
@@ -263,12 +264,19 @@ impl Peer {
     }
 
     pub fn on_msg(&mut self, msg: PeerMsg) {
-        let heartbeat = matches!(&msg, PeerMsg::Raft(m) if matches!(
-            m.get_msg_type(),
-            MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse
-        ));
-        if !heartbeat && !matches!(msg, PeerMsg::Describe(_)) {
-            self.wake();
+        let why = match &msg {
+            PeerMsg::Raft(m) => match m.get_msg_type() {
+                MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse => None,
+                MessageType::MsgAppend | MessageType::MsgAppendResponse => Some("append"),
+                MessageType::MsgRequestPreVote | MessageType::MsgRequestVote => Some("vote"),
+                _ => Some("raft_other"),
+            },
+            PeerMsg::Describe(_) | PeerMsg::Progress(_) => None,
+            PeerMsg::Propose { .. } | PeerMsg::Read { .. } => Some("request"),
+            _ => Some("admin"),
+        };
+        if let Some(why) = why {
+            self.wake(why);
         }
         match msg {
             PeerMsg::Raft(m) => self.on_raft_message(*m),
@@ -466,6 +474,21 @@ impl Peer {
             metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "wrong_peer")
                 .increment(1);
             return;
+        }
+        // A vote from a peer that is not a member: one removed while its node was down,
+        // which never learned it. Tell it (it checks that our membership is newer than
+        // its own, so a member we have not heard of yet is left alone).
+        if matches!(
+            m.get_msg_type(),
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        ) && self.raw.store().is_initialized()
+            && !self.region().peers.iter().any(|p| p.id == m.from)
+        {
+            if let Some(p) = self.ctx.known_peer(m.from) {
+                if !self.tombstones.contains(&p) {
+                    self.tombstones.push(p);
+                }
+            }
         }
         if m.get_msg_type() == MessageType::MsgSnapshot && !self.snapshot_is_valid(&m) {
             metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "bad_snapshot")

@@ -481,8 +481,13 @@ async fn heartbeat_loop(
             for n in nodes {
                 let down = n.removed
                     || now.saturating_sub(n.last_heartbeat_ms) > down_after.as_millis() as u64;
-                if down && n.node_id != record.node_id {
-                    // Sleeping regions led from there do not notice by themselves.
+                // Sleeping regions led from there do not notice by themselves. A loaded
+                // placement region can delay heartbeats past the limit, and every false
+                // alarm would wake thousands of regions into elections: confirm first.
+                if down
+                    && n.node_id != record.node_id
+                    && !transport.probe(crate::ids::NodeId(n.node_id)).await
+                {
                     for w in 0..router.worker_count() {
                         router.send_worker(w, WorkerMsg::NodeDown(n.node_id));
                     }

@@ -206,6 +206,23 @@ impl Transport {
         }
     }
 
+    /// Whether a fresh connection to `node` can be opened now (a killed process refuses it;
+    /// a busy one accepts). Used before acting on "node down" from placement, which a
+    /// heavily loaded cluster can report falsely.
+    pub async fn probe(&self, node: NodeId) -> bool {
+        let Some(addr) = self.address(node) else {
+            return false;
+        };
+        match Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(1))
+                .connect()
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    }
+
     async fn channel(&self, node: NodeId) -> Result<Channel, String> {
         if let Some(c) = self.inner.channels.get(&node) {
             return Ok(c.clone());
@@ -269,6 +286,7 @@ impl Transport {
                     .await
             });
             let mut next = Some(first);
+            let mut stalled = false;
             loop {
                 let first = match next.take() {
                     Some(m) => m,
@@ -310,7 +328,11 @@ impl Transport {
                     r = tokio::time::timeout(STREAM_SEND_TIMEOUT, tx.send(batch)) => match r {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(mpsc::error::SendError(b))) => Err(b.messages),
-                        Err(_) => Err(Vec::new()),
+                        Err(_) => {
+                            // Slow, not necessarily gone (a busy machine): no wake-up.
+                            stalled = true;
+                            Err(Vec::new())
+                        }
                     },
                     res = &mut call => {
                         tracing::debug!(%node, ?res, "raft stream ended while sending");
@@ -328,13 +350,17 @@ impl Transport {
             }
             call.abort();
             self.inner.channels.remove(&node);
-            self.wake_regions_led_by(node);
+            // A broken stream alone proves little (a busy peer misses keep-alive pings); a
+            // refused reconnect does: the process is gone.
+            if !stalled && self.channel(node).await.is_err() {
+                self.wake_regions_led_by(node);
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 
-    /// The stream to `node` broke (a killed process closes its connections at once): wake
+    /// `node` refuses connections (a killed process): wake
     /// the sleeping regions it leads so they elect now rather than when placement shows
     /// the node down. A false alarm only wakes regions, which fall asleep again.
     fn wake_regions_led_by(&self, node: NodeId) {

@@ -92,7 +92,14 @@ impl RaftService {
 
     fn route(&self, m: &RaftMessage, msg: eraftpb::Message) {
         let region = m.region_id;
-        if msg.get_msg_type() == eraftpb::MessageType::MsgHeartbeat {
+        // Senders of heartbeats (leaders) and votes (perhaps a peer removed while its node was
+        // down, which must be told so): the peer may need to answer one not in its list.
+        if matches!(
+            msg.get_msg_type(),
+            eraftpb::MessageType::MsgHeartbeat
+                | eraftpb::MessageType::MsgRequestVote
+                | eraftpb::MessageType::MsgRequestPreVote
+        ) {
             if let (Some(store), Some(from)) = (&self.store, m.from_peer) {
                 store.learn_peer(from);
             }

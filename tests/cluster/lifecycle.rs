@@ -512,6 +512,48 @@ async fn membership_changes_under_load() {
         .node(a_from as usize - 1)
         .router()
         .contains(tessera::ids::RegionId(a.id)));
+
+    // A replica removed while its node was down learns it when the node comes back (its
+    // vote requests are answered with a tombstone) and is destroyed.
+    let d = user[3].region.clone().unwrap();
+    let d_leader = client
+        .routes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.region.as_ref().unwrap().id == d.id)
+        .and_then(|r| r.leader)
+        .unwrap()
+        .node_id;
+    let d_from = d
+        .peers
+        .iter()
+        .map(|p| p.node_id)
+        .find(|n| *n != d_leader && *n != four_id)
+        .unwrap();
+    cluster.stop(d_from as usize - 1).await;
+    let r = client
+        .change_peers(d.id, &[(K::Remove, d_from)])
+        .await
+        .unwrap();
+    assert_eq!(r.peers.len(), 2);
+    cluster.restart(d_from as usize - 1).await;
+    let t = Instant::now();
+    while cluster
+        .node(d_from as usize - 1)
+        .router()
+        .contains(tessera::ids::RegionId(d.id))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "replica removed while down still on node {d_from}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "replica removed while its node was down destroyed {:?} after restart",
+        t.elapsed()
+    );
     cluster.shutdown().await;
 }
 
