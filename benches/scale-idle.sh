@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 REGIONS=${1:-10000}
+# Seconds to wait after every region is led before measuring (start-up reports, RocksDB
+# flushes and compactions settle).
+SETTLE=${SETTLE:-60}
 cargo build --release --bin tessera -q
 BIN="$CARGO_TARGET_DIR/$CARGO_BUILD_TARGET/release/tessera"
 DIR=$(mktemp -d /tmp/tessera-scale.XXXXXX)
@@ -31,7 +34,7 @@ for _ in $(seq 1 600); do
 done
 t1=$(date +%s%N)
 echo "$REGIONS user regions + placement on 3 nodes: every region led after $(( (t1 - t0) / 1000000 )) ms (leaders reported: $total)"
-sleep 10
+sleep "$SETTLE"
 declare -A c0
 for p in "${PIDS[@]}"; do c0[$p]=$(awk '{print $14 + $15}' "/proc/$p/stat"); done
 sleep 30
