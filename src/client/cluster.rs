@@ -160,18 +160,7 @@ impl Client {
             if asked && region.leader.is_some_and(|l| l.node_id == to_node) {
                 return Ok(());
             }
-            let key = region.region.start_key.clone();
-            self.execute(&key, true, |ch, header| async move {
-                let r = NodeClient::new(ch)
-                    .transfer_leader(proto::TransferLeaderRequest {
-                        header: Some(header),
-                        to_node,
-                    })
-                    .await?
-                    .into_inner();
-                Ok((r.region_error, ()))
-            })
-            .await?;
+            self.start_transfer_leader(&region, to_node).await?;
             asked = true;
             tokio::time::sleep(Duration::from_millis(100)).await;
             // Ask the leader it named (it answers NotLeader naming the new one once done).
@@ -298,6 +287,29 @@ impl Client {
             .expect("region cache lock poisoned")
             .insert(r.clone(), None);
         Ok(r)
+    }
+
+    /// Asks the leader of `region_id` to hand leadership to its peer on `to_node`, without
+    /// waiting for the transfer to complete (the scheduler's way: it sees the result in the
+    /// routing table).
+    pub async fn request_transfer_leader(&self, region_id: u64, to_node: u64) -> Result<()> {
+        let region = self.cached_region(region_id).await?;
+        self.start_transfer_leader(&region, to_node).await
+    }
+
+    async fn start_transfer_leader(&self, region: &CachedRegion, to_node: u64) -> Result<()> {
+        let key = region.region.start_key.clone();
+        self.execute(&key, true, |ch, header| async move {
+            let r = NodeClient::new(ch)
+                .transfer_leader(proto::TransferLeaderRequest {
+                    header: Some(header),
+                    to_node,
+                })
+                .await?
+                .into_inner();
+            Ok((r.region_error, ()))
+        })
+        .await
     }
 
     async fn cached_region(&self, region_id: u64) -> Result<CachedRegion> {

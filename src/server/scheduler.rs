@@ -179,9 +179,9 @@ pub fn plan(
             }
         }
     }
-    // 3. Leader balance: up to 4 transfers per round, each from the node leading most to a
-    // voter on the node leading fewest.
-    for _ in 0..4 {
+    // 3. Leader balance: up to 16 transfers per round (each is one message to a region's
+    // leader), each from the node leading most to a voter on the node leading fewest.
+    for _ in 0..16 {
         let max = leaders
             .iter()
             .max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n)));
@@ -279,7 +279,11 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
                         .move_replica(*region, *from, *to, Duration::from_secs(300))
                         .await
                         .map(|_| ()),
-                    Op::TransferLeader { region, to } => client.transfer_leader(*region, *to).await,
+                    // Fire and forget: waiting would poll (and refresh) per transfer; the
+                    // next rounds see the outcome in the routing table.
+                    Op::TransferLeader { region, to } => {
+                        client.request_transfer_leader(*region, *to).await
+                    }
                 };
                 match res {
                     Ok(()) => {
