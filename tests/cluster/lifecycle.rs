@@ -637,39 +637,10 @@ async fn scheduler_balances_a_join_and_replaces_a_dead_node() {
 
     // Node 2 dies for good: its replicas are replaced on the three others.
     cluster.stop(1).await;
-    let t = Instant::now();
-    loop {
-        let routes = client.routes().await.unwrap_or_default();
-        let healed = routes.len() == REGIONS as usize + 1
-            && routes.iter().all(|r| {
-                let region = r.region.as_ref().unwrap();
-                region.peers.len() == 3
-                    && region.peers.iter().all(|p| p.node_id != 2 && p.role == 0)
-            });
-        if healed {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "regions not repaired: {:?}",
-            routes
-                .iter()
-                .map(|r| r
-                    .region
-                    .as_ref()
-                    .unwrap()
-                    .peers
-                    .iter()
-                    .map(|p| p.node_id)
-                    .collect::<Vec<_>>())
-                .collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    eprintln!(
-        "replicas of the dead node replaced {:?} after it stopped",
-        t.elapsed()
-    );
+    let took =
+        super::common::wait_replaced(&client, REGIONS as usize + 1, 2, Duration::from_secs(60))
+            .await;
+    eprintln!("replicas of the dead node replaced {took:?} after it stopped");
 
     writers.finish(&client).await;
     let all = client.scan(b"", b"", 0).await.unwrap();

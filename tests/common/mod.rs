@@ -177,6 +177,37 @@ pub async fn patient_client(eps: &[String]) -> tessera::client::Client {
     .expect("client connects")
 }
 
+/// Waits until the routing table shows all `regions` regions with three voters each and
+/// none on `dead` (the scheduler replaced its replicas); returns how long that took.
+pub async fn wait_replaced(
+    client: &tessera::client::Client,
+    regions: usize,
+    dead: u64,
+    timeout: Duration,
+) -> Duration {
+    let t = Instant::now();
+    loop {
+        let routes = client.routes().await.unwrap_or_default();
+        let layout: Vec<Vec<(u64, i32)>> = routes
+            .iter()
+            .filter_map(|r| r.region.as_ref())
+            .map(|r| r.peers.iter().map(|p| (p.node_id, p.role)).collect())
+            .collect();
+        let healed = layout.len() == regions
+            && layout.iter().all(|peers| {
+                peers.len() == 3 && peers.iter().all(|(n, role)| *n != dead && *role == 0)
+            });
+        if healed {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "replicas of node {dead} not replaced: {layout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Reads `key` from `addr`'s own replica of `region` (serializable: no leader involved).
 /// `None` when the node does not answer within a few seconds or refuses the route.
 pub async fn local_get(

@@ -538,28 +538,9 @@ async fn a_node_killed_for_good_is_replaced() {
     }
     // Node 4 holds replicas of the user regions (round-robin), not of placement.
     procs[3].kill9();
-    let t = Instant::now();
-    loop {
-        let routes = client.routes().await.unwrap_or_default();
-        let healed = routes.len() == REGIONS as usize + 1
-            && routes.iter().all(|r| {
-                let region = r.region.as_ref().unwrap();
-                region.peers.len() == 3
-                    && region.peers.iter().all(|p| p.node_id != 4 && p.role == 0)
-            });
-        if healed {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "replicas of the killed node never replaced"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    eprintln!(
-        "replicas of a kill -9'd node replaced after {:?}",
-        t.elapsed()
-    );
+    let took =
+        common::wait_replaced(&client, REGIONS as usize + 1, 4, Duration::from_secs(60)).await;
+    eprintln!("replicas of a kill -9'd node replaced after {took:?}");
     for (key, value) in &written {
         let kv = client
             .get(key)
