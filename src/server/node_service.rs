@@ -332,9 +332,7 @@ impl node_server::Node for NodeService {
         request: Request<SplitRegionRequest>,
     ) -> Result<Response<SplitRegionResponse>, Status> {
         let req = request.into_inner();
-        let header = req
-            .header
-            .ok_or_else(|| Status::invalid_argument("request has no header"))?;
+        let header = required_header(req.header)?;
         if req.split_key.is_empty() {
             return Err(Status::invalid_argument("split key must not be empty"));
         }
@@ -371,9 +369,7 @@ impl node_server::Node for NodeService {
         request: Request<ChangePeersRequest>,
     ) -> Result<Response<ChangePeersResponse>, Status> {
         let req = request.into_inner();
-        let header = req
-            .header
-            .ok_or_else(|| Status::invalid_argument("request has no header"))?;
+        let header = required_header(req.header)?;
         if req.changes.is_empty() {
             return Err(Status::invalid_argument("no membership change given"));
         }
@@ -406,9 +402,7 @@ impl node_server::Node for NodeService {
         request: Request<MoveReplicaRequest>,
     ) -> Result<Response<MoveReplicaResponse>, Status> {
         let req = request.into_inner();
-        let header = req
-            .header
-            .ok_or_else(|| Status::invalid_argument("request has no header"))?;
+        let header = required_header(req.header)?;
         let res = super::membership::move_replica(
             &self.router,
             &self.placement,
@@ -429,6 +423,13 @@ impl node_server::Node for NodeService {
             done,
         }))
     }
+}
+
+#[allow(clippy::result_large_err)]
+fn required_header(
+    h: Option<crate::proto::RequestHeader>,
+) -> Result<crate::proto::RequestHeader, Status> {
+    h.ok_or_else(|| Status::invalid_argument("request has no header"))
 }
 
 fn placement_failed(e: crate::client::Error) -> Status {

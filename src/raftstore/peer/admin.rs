@@ -1,0 +1,320 @@
+//! Admin commands of a peer: split, membership change (proposal and apply), leaving a
+//! joint configuration, and the destruction of a removed peer. A child module of `peer`, so
+//! it works on the peer's private state directly.
+
+use protobuf::Message as _;
+use raft::eraftpb::{self, ConfChange, ConfChangeV2, EntryType};
+
+use super::super::apply::{self, ApplyCtx};
+use super::super::cmd::ApplyResult;
+use super::super::msg::{RegionError, Reply};
+use super::{Peer, Proposal};
+use crate::ids::RegionId;
+use crate::proto::{self, RegionEpoch};
+use crate::storage::{keys, PeerStorage, WriteBatch};
+use crate::transport::Transport;
+
+impl Peer {
+    /// Proposes a membership change (one change simply, several through joint consensus
+    /// that raft leaves by itself once applied).
+    pub(super) fn propose_change_peers(
+        &mut self,
+        changes: Vec<(proto::PeerChangeKind, proto::Peer)>,
+        epoch: RegionEpoch,
+        reply: Reply<ApplyResult>,
+    ) {
+        use eraftpb::{ConfChangeSingle, ConfChangeType};
+        use proto::PeerChangeKind as K;
+        let refuse = |reply: Reply<ApplyResult>, reason: String| {
+            let _ = reply.send(Err(RegionError::ServerBusy { reason }));
+        };
+        if !self.is_leader() {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        if epoch.conf_ver != self.epoch().conf_ver || epoch.version != self.epoch().version {
+            let _ = reply.send(Err(RegionError::EpochNotMatch {
+                current: vec![self.region().clone()],
+            }));
+            return;
+        }
+        if changes.is_empty() {
+            return refuse(reply, "no membership change given".into());
+        }
+        if self.raw.store().in_joint_config() {
+            return refuse(reply, "a membership change is still in progress".into());
+        }
+        let mut cc = ConfChangeV2::default();
+        let mut added = Vec::new();
+        for (kind, p) in &changes {
+            if p.id == self.peer_id.0 && *kind != K::AddVoter {
+                return refuse(
+                    reply,
+                    "the leader cannot remove or demote itself: transfer leadership first".into(),
+                );
+            }
+            let single = ConfChangeSingle {
+                node_id: p.id,
+                change_type: match kind {
+                    K::AddVoter => ConfChangeType::AddNode,
+                    K::AddLearner => ConfChangeType::AddLearnerNode,
+                    K::Remove => ConfChangeType::RemoveNode,
+                },
+                ..Default::default()
+            };
+            if *kind != K::Remove {
+                added.push(*p);
+            }
+            cc.changes.push(single);
+        }
+        let ctx = proto::ChangePeersContext {
+            region_epoch: Some(epoch),
+            peers: added,
+        };
+        cc.context = prost::Message::encode_to_vec(&ctx).into();
+        if let Err(e) = self.raw.propose_conf_change(vec![], cc) {
+            return refuse(reply, format!("membership change not proposed: {e}"));
+        }
+        self.proposals.push_back(Proposal {
+            index: self.raw.raft.raft_log.last_index(),
+            term: self.raw.raft.term,
+            reply,
+        });
+    }
+
+    /// Whether this peer was removed from its region and must be destroyed.
+    pub fn should_destroy(&self) -> bool {
+        self.pending_destroy
+    }
+
+    /// Removes this peer from the node, in `wb`: its raft log and states go, a tombstone
+    /// with the last descriptor stays (so stale messages cannot recreate it), and its data
+    /// range is deleted unless another local region owns part of it.
+    pub fn destroy(mut self, wb: &mut WriteBatch<'_>) {
+        let region = self.region().clone();
+        let initialized = self.raw.store().is_initialized();
+        self.ctx.remove_range(self.region_id);
+        let keep_data = !initialized
+            || self
+                .ctx
+                .overlapping(self.region_id, &region.start_key, &region.end_key)
+                .is_some();
+        self.raw.mut_store().destroy(wb, !keep_data);
+        let err = RegionError::RegionNotFound(self.region_id);
+        for p in self.proposals.drain(..) {
+            let _ = p.reply.send(Err(err.clone()));
+        }
+        self.on_role_change();
+        metrics::counter!("tessera_peers_destroyed_total").increment(1);
+        tracing::info!(region = %self.region_id, peer = %self.peer_id, "peer destroyed");
+    }
+
+    /// Tells peers this leader removed that they are gone (best effort: a peer that misses
+    /// it learns it from the log if it catches up, or stays harmless behind prevote).
+    pub(super) fn send_tombstones(&mut self, transport: &Transport) {
+        if self.tombstones.is_empty() {
+            return;
+        }
+        let region = self.region().clone();
+        for p in std::mem::take(&mut self.tombstones) {
+            transport.send_tombstone(&region, self.peer_id, p);
+        }
+    }
+
+    /// Applies a split (see [`Command::Split`]). Every check is on replicated state, so every
+    /// replica reaches the same outcome; no data moves, the region's range just shrinks and
+    /// the new region's peer on this node is created with its own raft state, in `wb`.
+    pub(super) fn apply_split(
+        &mut self,
+        split_key: Vec<u8>,
+        new_region_id: u64,
+        new_peer_ids: Vec<u64>,
+        e: &eraftpb::Entry,
+        wb: &mut WriteBatch<'_>,
+        actx: &mut ApplyCtx,
+    ) -> Result<ApplyResult, RegionError> {
+        let region = self.region().clone();
+        let refuse = |reason: &str| {
+            Err(RegionError::ServerBusy {
+                reason: format!("split of region {} refused: {reason}", region.id),
+            })
+        };
+        if split_key == region.start_key {
+            return refuse("the split key is the region's start");
+        }
+        if keys::is_system_key(&region.start_key) {
+            return refuse("the placement region does not split");
+        }
+        if new_region_id == 0
+            || new_peer_ids.len() != region.peers.len()
+            || new_peer_ids.contains(&0)
+        {
+            return refuse("malformed split command");
+        }
+        if self.raw.store().in_joint_config() {
+            return refuse("a membership change is in progress");
+        }
+        let mut epoch = region.epoch.unwrap_or_default();
+        epoch.version += 1;
+        let mut left = region.clone();
+        left.end_key = split_key.clone();
+        left.epoch = Some(epoch);
+        let right = proto::Region {
+            id: new_region_id,
+            start_key: split_key,
+            end_key: region.end_key.clone(),
+            epoch: Some(epoch),
+            peers: region
+                .peers
+                .iter()
+                .zip(&new_peer_ids)
+                .map(|(p, id)| proto::Peer { id: *id, ..*p })
+                .collect(),
+        };
+        let engine = self.raw.store().engine().clone();
+        let (rk, rb) = apply::range_stats(
+            &engine,
+            actx,
+            &keys::data_key(&right.start_key),
+            &keys::data_end_key(&right.end_key),
+        );
+        let (tk, tb) = self.raw.store().data_stats();
+        let store = self.raw.mut_store();
+        store.set_data_stats(tk.saturating_sub(rk), tb.saturating_sub(rb));
+        store.set_region(left.clone(), wb);
+        let storage = PeerStorage::create_split(engine, &right, e.index, e.term, (rk, rb), wb);
+        self.ctx
+            .set_range(self.region_id, &left.start_key, &left.end_key);
+        self.ctx
+            .set_range(RegionId(right.id), &right.start_key, &right.end_key);
+        match Peer::new(storage, &self.ctx) {
+            Ok(p) => actx.new_peers.push((p, self.is_leader())),
+            Err(err) => crate::fatal(&format!(
+                "cannot create split region {new_region_id}: {err}"
+            )),
+        }
+        self.siblings = vec![right.clone()];
+        self.changed = true;
+        metrics::counter!("tessera_region_splits_total").increment(1);
+        tracing::info!(region = %self.region_id, new_region = new_region_id, index = e.index, "region split");
+        Ok(ApplyResult::Split {
+            regions: vec![left, right],
+        })
+    }
+
+    /// Starts an election at once (the peer of a split region on the parent's leader node).
+    pub fn campaign(&mut self) {
+        if let Err(e) = self.raw.campaign() {
+            tracing::debug!(region = %self.region_id, error = %e, "campaign failed");
+        }
+    }
+
+    /// Applies a membership change. A change proposed under an older membership (the
+    /// context's conf_ver) is refused identically on every replica and raft never sees it;
+    /// the leave-joint entry raft proposes itself has no context and always applies. The
+    /// descriptor's peers are rebuilt from raft's resulting configuration, so they always
+    /// match it: during a joint change both the incoming and the outgoing voters are listed.
+    pub(super) fn apply_conf_change(
+        &mut self,
+        e: &eraftpb::Entry,
+        wb: &mut WriteBatch<'_>,
+    ) -> Result<ApplyResult, RegionError> {
+        let busy = |reason: String| RegionError::ServerBusy { reason };
+        let cc: ConfChangeV2 = if e.get_entry_type() == EntryType::EntryConfChange {
+            ConfChange::parse_from_bytes(&e.data)
+                .map(raft_proto::ConfChangeI::into_v2)
+                .map_err(|err| busy(format!("bad conf change: {err}")))?
+        } else {
+            ConfChangeV2::parse_from_bytes(&e.data)
+                .map_err(|err| busy(format!("bad conf change: {err}")))?
+        };
+        let region = self.region().clone();
+        let mut epoch = region.epoch.unwrap_or_default();
+        let mut added = Vec::new();
+        if !cc.changes.is_empty() {
+            let ctx = <proto::ChangePeersContext as prost::Message>::decode(&cc.context[..])
+                .map_err(|err| busy(format!("conf change context: {err}")))?;
+            if ctx.region_epoch.unwrap_or_default().conf_ver != epoch.conf_ver {
+                return Err(RegionError::EpochNotMatch {
+                    current: vec![region],
+                });
+            }
+            added = ctx.peers;
+        }
+        let cs = self
+            .raw
+            .apply_conf_change(&cc)
+            .map_err(|err| busy(format!("conf change refused: {err}")))?;
+        let node_of = |id: u64| {
+            region
+                .peers
+                .iter()
+                .chain(added.iter())
+                .find(|p| p.id == id)
+                .map(|p| p.node_id)
+        };
+        let mut peers = Vec::new();
+        let voters = cs.voters.iter().chain(cs.voters_outgoing.iter());
+        let learners = cs.learners.iter().chain(cs.learners_next.iter());
+        for (id, role) in voters
+            .map(|id| (*id, proto::PeerRole::Voter))
+            .chain(learners.map(|id| (*id, proto::PeerRole::Learner)))
+        {
+            if peers.iter().any(|p: &proto::Peer| p.id == id) {
+                continue;
+            }
+            match node_of(id) {
+                Some(node_id) => peers.push(proto::Peer {
+                    id,
+                    node_id,
+                    role: role as i32,
+                }),
+                None => crate::fatal(&format!(
+                    "{}: conf change names peer {id} of no known node",
+                    self.region_id
+                )),
+            }
+        }
+        epoch.conf_ver += 1;
+        let removed: Vec<proto::Peer> = region
+            .peers
+            .iter()
+            .filter(|p| !peers.iter().any(|n| n.id == p.id))
+            .copied()
+            .collect();
+        let new_region = proto::Region {
+            epoch: Some(epoch),
+            peers,
+            ..region
+        };
+        let store = self.raw.mut_store();
+        store.set_region(new_region.clone(), wb);
+        store.set_conf_state(&cs, wb);
+        self.changed = true;
+        if !new_region.peers.iter().any(|p| p.id == self.peer_id.0) {
+            self.pending_destroy = true;
+        } else if self.is_leader() {
+            self.tombstones.extend(removed.iter().copied());
+        }
+        metrics::counter!("tessera_conf_changes_total").increment(1);
+        tracing::info!(region = %self.region_id, conf_ver = epoch.conf_ver, peers = ?new_region.peers, "membership changed");
+        Ok(ApplyResult::ChangePeers { region: new_region })
+    }
+
+    /// raft-rs leaves a joint configuration by itself only if the leader that entered it
+    /// stays leader until it applied; a new leader finishes the job.
+    pub(super) fn maybe_leave_joint(&mut self) {
+        let raft = &self.raw.raft;
+        if self.is_leader()
+            && self.raw.store().in_joint_config()
+            && raft.pending_conf_index <= raft.raft_log.applied
+        {
+            if let Err(e) = self
+                .raw
+                .propose_conf_change(vec![], ConfChangeV2::default())
+            {
+                tracing::debug!(region = %self.region_id, error = %e, "leave joint not proposed");
+            }
+        }
+    }
+}
