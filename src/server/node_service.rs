@@ -17,8 +17,8 @@ use crate::proto::{
     JoinRequest, JoinResponse, ListNodesRequest, ListNodesResponse, LocateKeyRequest,
     LocateKeyResponse, MoveReplicaRequest, MoveReplicaResponse, NodeAddress, NodeState, RegionInfo,
     RegionLoad, RegionsRequest, RegionsResponse, RemoveNodeRequest, RemoveNodeResponse,
-    ScanRegionsRequest, ScanRegionsResponse, SplitRegionRequest, SplitRegionResponse,
-    TransferLeaderRequest, TransferLeaderResponse,
+    ScanRegionsRequest, ScanRegionsResponse, SetFailpointRequest, SetFailpointResponse,
+    SplitRegionRequest, SplitRegionResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use crate::raftstore::msg::{self, PeerMsg};
 use crate::raftstore::router::Router;
@@ -423,6 +423,40 @@ impl node_server::Node for NodeService {
             done,
         }))
     }
+
+    async fn set_failpoint(
+        &self,
+        request: Request<SetFailpointRequest>,
+    ) -> Result<Response<SetFailpointResponse>, Status> {
+        let req = request.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument(
+                "fail point name must not be empty",
+            ));
+        }
+        set_failpoint(&req.name, &req.actions)?;
+        Ok(Response::new(SetFailpointResponse {}))
+    }
+}
+
+#[cfg(feature = "failpoints")]
+#[allow(clippy::result_large_err)]
+fn set_failpoint(name: &str, actions: &str) -> Result<(), Status> {
+    if actions.is_empty() {
+        fail::remove(name);
+        return Ok(());
+    }
+    tracing::warn!(name, actions, "fail point set");
+    fail::cfg(name, actions)
+        .map_err(|e| Status::invalid_argument(format!("fail point {name}: {e}")))
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[allow(clippy::result_large_err)]
+fn set_failpoint(_name: &str, _actions: &str) -> Result<(), Status> {
+    Err(Status::unimplemented(
+        "this build has no fail points (build with the `failpoints` feature)",
+    ))
 }
 
 #[allow(clippy::result_large_err)]

@@ -12,6 +12,9 @@
 //! - The receiving side ([`service`]) validates every batch and drops, with a counted reason,
 //!   anything that does not decode or is not for this cluster, node or a known region.
 
+// Only the chaos tests' builds set link faults; elsewhere the parser is unused.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+pub mod fault;
 pub mod service;
 
 use std::collections::HashSet;
@@ -213,6 +216,9 @@ impl Transport {
         let Some(addr) = self.address(node) else {
             return false;
         };
+        if fault::link(node).is_some_and(|f| f.drop_all) {
+            return false;
+        }
         match Endpoint::from_shared(format!("http://{addr}")) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(1))
@@ -315,6 +321,16 @@ impl Transport {
                         Err(_) => break,
                     }
                 }
+                if let Some(f) = fault::link(node) {
+                    let before = msgs.len();
+                    msgs.retain(|_| !f.lose());
+                    metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "injected_fault")
+                        .increment((before - msgs.len()) as u64);
+                    tokio::time::sleep(f.delay()).await;
+                    if msgs.is_empty() {
+                        continue;
+                    }
+                }
                 let n = msgs.len();
                 let batch = RaftMessageBatch {
                     cluster_id: self.inner.cluster_id.0,
@@ -410,7 +426,12 @@ impl Transport {
                     data: c.to_vec(),
                 });
             }
+            let fault = fault::link(node);
+            if let Some(f) = &fault {
+                tokio::time::sleep(f.delay()).await;
+            }
             let delivered = match t.channel(node).await {
+                _ if fault.is_some_and(|f| f.drop_all) => false,
                 Ok(ch) => Self::client(ch)
                     .snapshot(futures::stream::iter(chunks))
                     .await

@@ -211,6 +211,68 @@ enum Fault {
     /// The regions holding the test's keys are split (at each key) one after another while
     /// random nodes are killed and restarted.
     SplitsUnderKills,
+    /// Network partition: the leader-heavy node is cut off from both others (clients still
+    /// reach it), healed, then a random node is; each for a third of the run.
+    IsolateNode,
+    /// Majority ring (Jepsen's "majorities-ring" on three nodes): the link between the
+    /// leader-heavy node and one other is cut both ways; the third still talks to both, so
+    /// each node sees a majority, but a different one.
+    MajorityRing,
+    /// Asymmetric partition: nothing the leader-heavy node sends reaches the others, while
+    /// it still hears them.
+    OneWay,
+    /// Every link between nodes loses 10% of the raft messages and delays each batch by
+    /// 2–25 ms, for the whole run.
+    SlowLossyLinks,
+}
+
+/// Sets the fault on the link from node `from` to node `to` (0-based), or clears it with
+/// an empty `spec` (see src/transport/fault.rs for the syntax).
+async fn set_link(addrs: &[String], from: usize, to: usize, spec: &str) {
+    use tessera::proto::node_client::NodeClient;
+    let actions = if spec.is_empty() {
+        String::new()
+    } else {
+        format!("return({spec})")
+    };
+    let req = tessera::proto::SetFailpointRequest {
+        name: format!("net_to_{}", to + 1),
+        actions,
+    };
+    // The node may be busy; a few tries. A fault that could not be set (or cleared) makes
+    // the scenario meaningless, so it fails loudly.
+    for attempt in 0..10 {
+        let res = async {
+            let mut c = NodeClient::connect(format!("http://{}", addrs[from]))
+                .await
+                .map_err(|e| e.to_string())?;
+            c.set_failpoint(req.clone())
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), res).await {
+            Ok(Ok(_)) => return,
+            r if attempt == 9 => panic!("cannot set link fault on {}: {r:?}", addrs[from]),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Cuts `a` and `b` apart (both directions).
+async fn cut(addrs: &[String], a: usize, b: usize) {
+    set_link(addrs, a, b, "drop").await;
+    set_link(addrs, b, a, "drop").await;
+}
+
+/// Clears every link fault.
+async fn heal_links(addrs: &[String]) {
+    for a in 0..addrs.len() {
+        for b in 0..addrs.len() {
+            if a != b {
+                set_link(addrs, a, b, "").await;
+            }
+        }
+    }
 }
 
 fn signal(p: &Proc, sig: &str) {
@@ -229,9 +291,19 @@ async fn leadership_recovered(
     live: &[usize],
     timeout: Duration,
 ) -> Option<Duration> {
+    leadership_seen_by(addrs, live, live, timeout).await
+}
+
+/// Until every region has a leader on one of `leaders`, as each of `observers` sees it.
+async fn leadership_seen_by(
+    addrs: &[String],
+    observers: &[usize],
+    leaders: &[usize],
+    timeout: Duration,
+) -> Option<Duration> {
     let t = Instant::now();
-    let live_ids: Vec<u64> = live.iter().map(|i| *i as u64 + 1).collect();
-    let live: Vec<String> = live.iter().map(|i| addrs[*i].clone()).collect();
+    let live_ids: Vec<u64> = leaders.iter().map(|i| *i as u64 + 1).collect();
+    let live: Vec<String> = observers.iter().map(|i| addrs[*i].clone()).collect();
     while t.elapsed() < timeout {
         let mut leaders: BTreeMap<u64, u64> = BTreeMap::new();
         let mut ok = true;
@@ -311,6 +383,8 @@ struct Outcome {
     crashes: u32,
     /// Splits that completed (SplitsUnderKills).
     splits: u32,
+    /// Raft messages lost to injected link faults, all nodes.
+    injected_drops: u64,
     verdict: Verdict,
     ok: usize,
     failed_reads: usize,
@@ -571,6 +645,57 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
             .await;
             splits = splitter.await.unwrap();
         }
+        Fault::IsolateNode => {
+            let first = leader_heavy(&regions_of(&addrs[0]).await);
+            let second = rng.random_range(0..3);
+            for victim in [first, second] {
+                let live: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+                for &o in &live {
+                    cut(&addrs, victim, o).await;
+                }
+                recoveries
+                    .extend(leadership_recovered(&addrs, &live, Duration::from_secs(30)).await);
+                tokio::time::sleep(Duration::from_secs(secs / 4)).await;
+                heal_links(&addrs).await;
+                tokio::time::sleep(Duration::from_secs(secs / 6)).await;
+            }
+        }
+        Fault::MajorityRing => {
+            let v = leader_heavy(&regions_of(&addrs[0]).await);
+            let w = (v + 1 + rng.random_range(0..2)) % 3;
+            let bridge = 3 - v - w;
+            cut(&addrs, v, w).await;
+            // The bridge node sees every region led, by someone it can reach.
+            recoveries.extend(
+                leadership_seen_by(&addrs, &[bridge], &[0, 1, 2], Duration::from_secs(30)).await,
+            );
+            tokio::time::sleep(Duration::from_secs(secs / 2)).await;
+            heal_links(&addrs).await;
+            tokio::time::sleep(Duration::from_secs(secs / 4)).await;
+        }
+        Fault::OneWay => {
+            let v = leader_heavy(&regions_of(&addrs[0]).await);
+            let live: Vec<usize> = (0..3).filter(|i| *i != v).collect();
+            for &o in &live {
+                set_link(&addrs, v, o, "drop").await;
+            }
+            recoveries.extend(leadership_recovered(&addrs, &live, Duration::from_secs(30)).await);
+            tokio::time::sleep(Duration::from_secs(secs / 2)).await;
+            heal_links(&addrs).await;
+            tokio::time::sleep(Duration::from_secs(secs / 4)).await;
+        }
+        Fault::SlowLossyLinks => {
+            for a in 0..3 {
+                for b in 0..3 {
+                    if a != b {
+                        set_link(&addrs, a, b, "loss=0.1,delay=2-25").await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(secs.saturating_sub(4).max(4))).await;
+            heal_links(&addrs).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
         Fault::PauseLeaderHeavy => {
             let victim = leader_heavy(&regions_of(&addrs[0]).await);
             signal(&procs[victim], "STOP");
@@ -695,11 +820,21 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
             );
         }
     }
+    let injected_drops = metrics
+        .iter()
+        .map(|m| {
+            metric(
+                m,
+                "tessera_raft_messages_dropped_total{reason=\"injected_fault\"}",
+            )
+        })
+        .sum();
     drop(procs);
     if std::env::var("TESSERA_CHAOS_KEEP").is_ok() {
         std::mem::forget(dir);
     }
     Outcome {
+        injected_drops,
         snapshots_received,
         crashes,
         splits,
@@ -808,6 +943,16 @@ async fn run_scenario(name: &str, fault: Fault) {
                 o.splits
             );
         }
+        if matches!(
+            fault,
+            Fault::IsolateNode | Fault::MajorityRing | Fault::OneWay | Fault::SlowLossyLinks
+        ) {
+            eprintln!(
+                "chaos {name} seed {seed}: raft messages lost to the injected faults: {}",
+                o.injected_drops
+            );
+            assert!(o.injected_drops > 0, "{name}: the link faults never fired");
+        }
         if matches!(fault, Fault::CutOffFollower) {
             eprintln!(
                 "chaos {name} seed {seed}: snapshots received by the cut-off node: {}",
@@ -820,13 +965,14 @@ async fn run_scenario(name: &str, fault: Fault) {
         }
         let lin = matches!(o.verdict, Verdict::Linearizable);
         eprintln!(
-            "chaos {name} seed {seed}: ops ok {} / failed reads {} / unknown writes {}, lost acknowledged writes {}, stale reads {}, linearizable {}, leadership recovered p50 {:?} p99 {:?}",
+            "chaos {name} seed {seed}: ops ok {} / failed reads {} / unknown writes {}, lost acknowledged writes {}, stale reads {}, linearizable {}, leadership recovered ({} times) p50 {:?} p99 {:?}",
             o.ok,
             o.failed_reads,
             o.unknown,
             o.lost,
             o.stale,
             if lin { "yes" } else { "NO" },
+            o.recoveries.len(),
             percentile(&o.recoveries, 0.5),
             percentile(&o.recoveries, 0.99),
         );
@@ -874,6 +1020,32 @@ async fn crash_just_before_or_after_the_log_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_disk_on_the_leader_heavy_node() {
     run_scenario("slow-disk", Fault::SlowDisk).await;
+}
+
+/// Network faults are injected where raft messages leave a node (fail points
+/// `net_to_<node>`, src/transport/fault.rs), so these need the `failpoints` feature.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_one_node_from_the_others() {
+    run_scenario("partition-isolate", Fault::IsolateNode).await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_majority_ring() {
+    run_scenario("partition-majority-ring", Fault::MajorityRing).await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_one_way_from_the_leader_heavy_node() {
+    run_scenario("partition-one-way", Fault::OneWay).await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_lossy_links_between_all_nodes() {
+    run_scenario("slow-lossy-links", Fault::SlowLossyLinks).await;
 }
 
 /// The checker is not a rubber stamp: reads served from any replica's local state (not
