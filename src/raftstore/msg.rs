@@ -168,6 +168,9 @@ pub enum PeerMsg {
     },
     /// The leader's view of replication (for waiting until a new learner caught up).
     Progress(oneshot::Sender<Progress>),
+    /// An admin request found this peer not leading: start ticking again, so that a
+    /// sleeping follower of a leader that is gone notices and elects one.
+    Wake,
 }
 
 /// Replication progress as a region's leader sees it.

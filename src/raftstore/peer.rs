@@ -277,6 +277,7 @@ impl Peer {
                 };
                 self.raw.report_snapshot(to.0, status);
             }
+            PeerMsg::Wake => {}
             PeerMsg::Describe(tx) => {
                 let (keys, bytes) = self.raw.store().data_stats();
                 let _ = tx.send(RegionInfo {

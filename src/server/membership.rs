@@ -41,6 +41,10 @@ pub(super) async fn led_region(
 ) -> Result<RegionInfo, SplitError> {
     let info = describe(router, region).await?;
     if !info.is_leader {
+        // Describe does not wake a sleeping peer (region listings send it to every region);
+        // a request that needs the leader does, or a follower that still names a dead
+        // leader would send the caller there for as long as the region sleeps.
+        let _ = router.send(region, PeerMsg::Wake);
         return Err(SplitError::Region(RegionError::NotLeader {
             region,
             leader: info.leader,

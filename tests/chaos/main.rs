@@ -224,6 +224,10 @@ enum Fault {
     /// Every link between nodes loses 10% of the raft messages and delays each batch by
     /// 2–25 ms, for the whole run.
     SlowLossyLinks,
+    /// Four nodes: replicas of random regions are moved between nodes (learner, catch-up,
+    /// joint promote + remove) one after another while random nodes are killed and
+    /// restarted; the scheduler may move replicas too.
+    MovesUnderKills,
 }
 
 /// Sets the fault on the link from node `from` to node `to` (0-based), or clears it with
@@ -383,6 +387,8 @@ struct Outcome {
     crashes: u32,
     /// Splits that completed (SplitsUnderKills).
     splits: u32,
+    /// Replica moves that completed (MovesUnderKills).
+    moves: u32,
     /// Raft messages lost to injected link faults, all nodes.
     injected_drops: u64,
     verdict: Verdict,
@@ -451,10 +457,11 @@ async fn kill_random_twice(
     dir: &std::path::Path,
     recoveries: &mut Vec<Duration>,
 ) {
+    let n = procs.len();
     for _ in 0..2 {
-        let victim = rng.random_range(0..3);
+        let victim = rng.random_range(0..n);
         procs[victim].kill9();
-        let live: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+        let live: Vec<usize> = (0..n).filter(|i| *i != victim).collect();
         recoveries.extend(leadership_recovered(addrs, &live, Duration::from_secs(30)).await);
         tokio::time::sleep(Duration::from_secs(secs / 6)).await;
         procs[victim].restart(&dir.join(format!("node{}.log", victim + 1)));
@@ -468,27 +475,39 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
     if std::env::var("TESSERA_CHAOS_KEEP").is_ok() {
         eprintln!("{name}: keeping {}", dir.path().display());
     }
-    let metrics: Vec<String> = common::free_addrs(3)
+    // Moves need a node that does not hold every region.
+    let n = if matches!(fault, Fault::MovesUnderKills) {
+        4
+    } else {
+        3
+    };
+    let all: Vec<usize> = (0..n).collect();
+    let metrics: Vec<String> = common::free_addrs(n)
         .iter()
         .map(|a| a.to_string())
         .collect();
     let m = metrics.clone();
-    let mut procs = start_process_cluster(dir.path(), 3, REGIONS, move |c| {
+    let mut procs = start_process_cluster(dir.path(), n, REGIONS, move |c| {
         c.raft.log_gc_threshold = 50;
         c.node.metrics_addr = m[c.node.id as usize - 1].clone();
     });
     let mut snapshot_victim = None;
     let mut crashes = 0u32;
     let mut splits = 0u32;
+    let mut moves = 0u32;
     let addrs: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
     assert!(
-        leadership_recovered(&addrs, &[0, 1, 2], Duration::from_secs(60))
+        leadership_recovered(&addrs, &all, Duration::from_secs(60))
             .await
             .is_some(),
         "{name}: cluster never elected"
     );
     let mut region_of = HashMap::new();
-    let regions = regions_of(&addrs[0]).await.expect("regions");
+    // With four nodes, no node hosts every region: the union of their views.
+    let mut regions = Vec::new();
+    for a in &addrs {
+        regions.extend(regions_of(a).await.expect("regions"));
+    }
     let keys: Vec<Vec<u8>> = (0..KEYS)
         .map(|i| key_in_region(i % REGIONS, REGIONS, &format!("chaos{i}")))
         .collect();
@@ -521,13 +540,13 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
     let mut recoveries = Vec::new();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let leader_heavy = |rs: &Option<Vec<RegionInfo>>| -> usize {
-        let mut counts = [0usize; 3];
+        let mut counts = vec![0usize; n];
         for r in rs.iter().flatten() {
             if let Some(l) = r.leader {
-                counts[(l.node_id as usize - 1).min(2)] += 1;
+                counts[(l.node_id as usize - 1).min(n - 1)] += 1;
             }
         }
-        (0..3).max_by_key(|i| counts[*i]).unwrap_or(0)
+        (0..n).max_by_key(|i| counts[*i]).unwrap_or(0)
     };
     match fault {
         Fault::None => tokio::time::sleep(Duration::from_secs(secs - 2)).await,
@@ -696,6 +715,61 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
             heal_links(&addrs).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
+        Fault::MovesUnderKills => {
+            let (mover_addrs, stop) = (addrs.clone(), Arc::new(AtomicBool::new(false)));
+            let stop_moves = stop.clone();
+            let mut mrng = StdRng::seed_from_u64(seed.wrapping_mul(7919));
+            let mover = tokio::spawn(async move {
+                let admin = Client::connect(&mover_addrs, harness_client_opts())
+                    .await
+                    .unwrap();
+                let (mut done, t) = (0u32, Instant::now());
+                while !stop_moves.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(120)
+                {
+                    let user: Vec<Region> = admin
+                        .routes()
+                        .await
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|r| r.region)
+                        .filter(|r| !tessera::storage::keys::is_system_key(&r.start_key))
+                        .collect();
+                    if !user.is_empty() {
+                        let r = &user[mrng.random_range(0..user.len())];
+                        let on: Vec<u64> = r.peers.iter().map(|p| p.node_id).collect();
+                        let spare: Vec<u64> = (1..=4).filter(|x| !on.contains(x)).collect();
+                        if !on.is_empty() && !spare.is_empty() {
+                            let from = on[mrng.random_range(0..on.len())];
+                            let to = spare[mrng.random_range(0..spare.len())];
+                            // A move cut short by a kill is not counted; the region stays
+                            // valid at every step (learner, joint, final).
+                            let res = admin
+                                .move_replica(r.id, from, to, Duration::from_secs(8))
+                                .await;
+                            match res {
+                                Ok(_) => done += 1,
+                                Err(e) => eprintln!("move of region {} {from}->{to}: {e}", r.id),
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                done
+            });
+            // A move takes a few round trips and a catch-up: give the kills room for a
+            // handful of them even in the short CI run.
+            kill_random_twice(
+                &mut procs,
+                &addrs,
+                &mut rng,
+                secs.max(18),
+                dir.path(),
+                &mut recoveries,
+            )
+            .await;
+            stop.store(true, Ordering::Relaxed);
+            moves = mover.await.unwrap();
+        }
         Fault::PauseLeaderHeavy => {
             let victim = leader_heavy(&regions_of(&addrs[0]).await);
             signal(&procs[victim], "STOP");
@@ -712,7 +786,7 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
     for c in clients {
         let _ = tokio::time::timeout(Duration::from_secs(30), c).await;
     }
-    if leadership_recovered(&addrs, &[0, 1, 2], Duration::from_secs(60))
+    if leadership_recovered(&addrs, &all, Duration::from_secs(60))
         .await
         .is_none()
     {
@@ -755,15 +829,20 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
         leaders_seen.unwrap_err()
     );
 
-    // Replicas converge: once writes stop, every replica of every region holds the same
-    // data (read from each node's local state).
+    // Replicas converge: once writes stop, every replica of every key's region holds the
+    // same data (read from each node's local state), and every key has at least three.
     let mut converged = false;
-    for _ in 0..50 {
+    for _ in 0..100 {
         let mut views = Vec::new();
         for a in &addrs {
-            views.push(local_scan_all(a, &env).await);
+            views.extend(local_scan_all(a, &env).await);
         }
-        if views.iter().all(|v| v.is_some() && *v == views[0]) {
+        if views.len() == addrs.len()
+            && env.keys.iter().all(|k| {
+                let held: Vec<_> = views.iter().filter_map(|v| v.get(k)).collect();
+                held.len() >= 3 && held.iter().all(|h| *h == held[0])
+            })
+        {
             converged = true;
             break;
         }
@@ -838,6 +917,7 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
         snapshots_received,
         crashes,
         splits,
+        moves,
         verdict,
         ok,
         failed_reads,
@@ -848,8 +928,11 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
     }
 }
 
-/// Every key of the test's key set as one node's replicas hold them, in key order.
-async fn local_scan_all(addr: &str, env: &Env) -> Option<Vec<(Vec<u8>, Vec<u8>, u64)>> {
+/// The test's keys that fall in one node's regions, with the value and revision its
+/// replicas hold (`None`: absent there).
+type LocalView = BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>;
+
+async fn local_scan_all(addr: &str, env: &Env) -> Option<LocalView> {
     let mut kv = tokio::time::timeout(
         Duration::from_secs(1),
         KvClient::connect(format!("http://{addr}")),
@@ -865,7 +948,7 @@ async fn local_scan_all(addr: &str, env: &Env) -> Option<Vec<(Vec<u8>, Vec<u8>, 
         .filter(|r| !tessera::storage::keys::is_system_key(&r.start_key))
         .collect();
     regions.sort_by(|a, b| a.start_key.cmp(&b.start_key));
-    let mut out = Vec::new();
+    let mut out = LocalView::new();
     for r in &regions {
         let resp = kv
             .scan(ScanRequest {
@@ -886,12 +969,16 @@ async fn local_scan_all(addr: &str, env: &Env) -> Option<Vec<(Vec<u8>, Vec<u8>, 
         if resp.region_error.is_some() {
             return None;
         }
-        out.extend(
-            resp.kvs
-                .into_iter()
-                .filter(|kv| env.keys.contains(&kv.key))
-                .map(|kv| (kv.key, kv.value, kv.mod_revision)),
-        );
+        for k in &env.keys {
+            if tessera::storage::keys::in_range(k, &r.start_key, &r.end_key) {
+                out.insert(k.clone(), None);
+            }
+        }
+        for kv in resp.kvs {
+            if env.keys.contains(&kv.key) {
+                out.insert(kv.key, Some((kv.value, kv.mod_revision)));
+            }
+        }
     }
     Some(out)
 }
@@ -953,6 +1040,13 @@ async fn run_scenario(name: &str, fault: Fault) {
             );
             assert!(o.injected_drops > 0, "{name}: the link faults never fired");
         }
+        if matches!(fault, Fault::MovesUnderKills) {
+            eprintln!(
+                "chaos {name} seed {seed}: replica moves completed: {}",
+                o.moves
+            );
+            assert!(o.moves >= 2, "{name}: too few moves happened ({})", o.moves);
+        }
         if matches!(fault, Fault::CutOffFollower) {
             eprintln!(
                 "chaos {name} seed {seed}: snapshots received by the cut-off node: {}",
@@ -996,6 +1090,11 @@ async fn kill9_random_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn splits_while_nodes_are_killed() {
     run_scenario("splits-under-kill9", Fault::SplitsUnderKills).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_moves_while_nodes_are_killed() {
+    run_scenario("moves-under-kill9", Fault::MovesUnderKills).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
