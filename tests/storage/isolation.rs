@@ -175,3 +175,80 @@ fn corrupt_state_records_are_errors_not_panics() {
         )
         .unwrap();
 }
+
+/// Snapshot data comes from the network: arbitrary bytes, and well-formed snapshots of the
+/// wrong region or with keys outside the region, are refused with an error and leave the
+/// batch empty — nothing stored (this region's data and log, a neighbour's data) changes.
+#[test]
+fn garbage_snapshots_are_refused_and_change_nothing() {
+    use proptest::prelude::*;
+    use raft::eraftpb::Snapshot;
+    use tessera::proto::{RegionSnapshotData, SnapshotKv};
+
+    let (_d, engine) = open_engine();
+    let reg = region(1, b"m", b"t");
+    storage_with(&engine, &reg, 3, &[entry(4, 4), entry(5, 5)]);
+    let mut b = engine.batch();
+    for k in [&b"a"[..], b"n", b"p", b"z"] {
+        b.put(Cf::Data, &keys::data_key(k), b"kept");
+    }
+    engine.write(b, true).unwrap();
+    let everything = |e: &Engine| {
+        let mut out = Vec::new();
+        for cf in [Cf::Data, Cf::Raft] {
+            e.scan(cf, &[], &[0xff; 16], |k, v| {
+                out.push((k.to_vec(), v.to_vec()));
+                Ok(true)
+            })
+            .unwrap();
+        }
+        out
+    };
+    let before = everything(&engine);
+    let kv = (
+        proptest::collection::vec(any::<u8>(), 0..4),
+        proptest::collection::vec(any::<u8>(), 0..4),
+    );
+    let garbage = prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..256),
+        // Decodes, but names another region or carries a key outside [m, t).
+        (0u64..3, proptest::collection::vec(kv, 1..4)).prop_map(|(id, kvs)| {
+            let data = RegionSnapshotData {
+                region: (id > 0).then(|| region(id, b"m", b"t")),
+                kvs: kvs
+                    .into_iter()
+                    .map(|(k, v)| SnapshotKv {
+                        key: if k.first().is_some_and(|b| (b'm'..b't').contains(b)) {
+                            [b"z".as_slice(), &k].concat()
+                        } else {
+                            k
+                        },
+                        value: v,
+                    })
+                    .collect(),
+            };
+            prost::Message::encode_to_vec(&data)
+        }),
+    ];
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases: 256,
+        ..Default::default()
+    });
+    runner
+        .run(&(garbage, 6u64..100), |(data, index)| {
+            let mut snap = Snapshot::default();
+            snap.mut_metadata().index = index;
+            snap.mut_metadata().term = 6;
+            snap.set_data(data.into());
+            let mut ps = PeerStorage::open(engine.clone(), RegionId(1)).unwrap();
+            let mut b = engine.batch();
+            let res = ps.apply_snapshot(&snap, &mut b);
+            prop_assert!(res.is_err(), "garbage snapshot accepted");
+            prop_assert!(b.is_empty(), "a refused snapshot wrote to the batch");
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(everything(&engine), before);
+    let ps = PeerStorage::open(engine.clone(), RegionId(1)).unwrap();
+    assert_eq!(ps.applied_index(), 5);
+}
