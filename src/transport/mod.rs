@@ -44,6 +44,8 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
 /// A stream that cannot take a batch for this long is treated as broken.
 const STREAM_SEND_TIMEOUT: Duration = Duration::from_secs(3);
+/// A node that does not answer a round trip within this is treated as gone.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct Transport {
@@ -209,9 +211,12 @@ impl Transport {
         }
     }
 
-    /// Whether a fresh connection to `node` can be opened now (a killed process refuses it;
-    /// a busy one accepts). Used before acting on "node down" from placement, which a
-    /// heavily loaded cluster can report falsely.
+    /// Whether `node` answers a round trip now: a fresh connection and an empty raft
+    /// stream, within [`PROBE_TIMEOUT`]. A killed process refuses the connection; a hung
+    /// one (SIGSTOP, stuck runtime) accepts it in the kernel but never answers; a busy one
+    /// answers, since the RPC is served by its network threads, not its raft workers. Used
+    /// before acting on "node down" from placement (which a loaded cluster can report
+    /// falsely) and after a stream to the node broke.
     pub async fn probe(&self, node: NodeId) -> bool {
         let Some(addr) = self.address(node) else {
             return false;
@@ -219,14 +224,28 @@ impl Transport {
         if fault::link(node).is_some_and(|f| f.drop_all) {
             return false;
         }
-        match Endpoint::from_shared(format!("http://{addr}")) {
-            Ok(e) => e
-                .connect_timeout(Duration::from_secs(1))
+        let batch = RaftMessageBatch {
+            cluster_id: self.inner.cluster_id.0,
+            from_node: self.inner.node_id.0,
+            to_node: node.0,
+            messages: Vec::new(),
+        };
+        let round_trip = async {
+            let ch = Endpoint::from_shared(format!("http://{addr}"))
+                .ok()?
+                .connect_timeout(PROBE_TIMEOUT)
                 .connect()
                 .await
-                .is_ok(),
-            Err(_) => false,
-        }
+                .ok()?;
+            Self::client(ch)
+                .raft(futures::stream::iter([batch]))
+                .await
+                .ok()
+        };
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, round_trip).await,
+            Ok(Some(_))
+        )
     }
 
     async fn channel(&self, node: NodeId) -> Result<Channel, String> {
@@ -240,8 +259,12 @@ impl Transport {
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(2))
-            .keep_alive_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(1))
+            // Idle too: when every region shared with that node sleeps, a hung (not dead)
+            // node is noticed only by a missed ping; the probe that follows fails, and the
+            // regions it led wake and elect (see run_node_stream).
+            .keep_alive_while_idle(true)
             .connect()
             .await
             .map_err(|e| e.to_string())?;
@@ -292,7 +315,6 @@ impl Transport {
                     .await
             });
             let mut next = Some(first);
-            let mut stalled = false;
             loop {
                 let first = match next.take() {
                     Some(m) => m,
@@ -344,11 +366,8 @@ impl Transport {
                     r = tokio::time::timeout(STREAM_SEND_TIMEOUT, tx.send(batch)) => match r {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(mpsc::error::SendError(b))) => Err(b.messages),
-                        Err(_) => {
-                            // Slow, not necessarily gone (a busy machine): no wake-up.
-                            stalled = true;
-                            Err(Vec::new())
-                        }
+                        // Slow, or gone: the probe after the loop tells which.
+                        Err(_) => Err(Vec::new()),
                     },
                     res = &mut call => {
                         tracing::debug!(%node, ?res, "raft stream ended while sending");
@@ -366,9 +385,10 @@ impl Transport {
             }
             call.abort();
             self.inner.channels.remove(&node);
-            // A broken stream alone proves little (a busy peer misses keep-alive pings); a
-            // refused reconnect does: the process is gone.
-            if !stalled && self.channel(node).await.is_err() {
+            // A broken or stalled stream alone proves little (a busy peer misses keep-alive
+            // pings and drains slowly); an unanswered round trip does: the process is gone
+            // or hung, and the sleeping regions it led must elect without it.
+            if !self.probe(node).await {
                 self.wake_regions_led_by(node);
             }
             tokio::time::sleep(backoff).await;

@@ -308,6 +308,7 @@ async fn leadership_seen_by(
     let t = Instant::now();
     let live_ids: Vec<u64> = leaders.iter().map(|i| *i as u64 + 1).collect();
     let live: Vec<String> = observers.iter().map(|i| addrs[*i].clone()).collect();
+    let mut reported_slow = false;
     while t.elapsed() < timeout {
         let mut leaders: BTreeMap<u64, u64> = BTreeMap::new();
         let mut ok = true;
@@ -330,7 +331,10 @@ async fn leadership_seen_by(
         if ok && leaders.len() > REGIONS as usize {
             return Some(t.elapsed());
         }
-        if t.elapsed() + Duration::from_millis(60) >= timeout {
+        // Slow recoveries say which regions they waited for: once after 5 s, and at the end.
+        let slow_once = !reported_slow && t.elapsed() > Duration::from_secs(5);
+        reported_slow |= slow_once;
+        if slow_once || t.elapsed() + Duration::from_millis(60) >= timeout {
             for a in &live {
                 let view: Vec<String> = regions_of(a)
                     .await
@@ -345,7 +349,10 @@ async fn leadership_seen_by(
                         )
                     })
                     .collect();
-                eprintln!("leadership not recovered; {a} sees {view:?}");
+                eprintln!(
+                    "leadership not recovered after {:?}; {a} sees {view:?}",
+                    t.elapsed()
+                );
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1065,7 +1072,11 @@ async fn run_scenario(name: &str, fault: Fault) {
             o.unknown,
             o.lost,
             o.stale,
-            if lin { "yes" } else { "NO" },
+            match o.verdict {
+                Verdict::Linearizable => "yes",
+                Verdict::Inconclusive { .. } => "INCONCLUSIVE (search budget exhausted)",
+                _ => "NO",
+            },
             o.recoveries.len(),
             percentile(&o.recoveries, 0.5),
             percentile(&o.recoveries, 0.99),
