@@ -5,7 +5,8 @@
 #
 #   benches/cluster-load.sh [REGIONS] [CONCURRENCY] [SECONDS] [WORKLOAD]
 # Environment: WORKERS (raft workers per node, default 1), PROFILE (debug|release),
-# EXTRA_BENCH_ARGS (more `tessera bench` flags).
+# EXTRA_BENCH_ARGS (more `tessera bench` flags), BIN (a tessera binary to use instead of
+# building one — for A/B runs of two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -17,8 +18,10 @@ WORKLOAD=${4:-put}
 PROFILE=${PROFILE:-debug}
 
 # --all-targets: the same feature set as the test build, so RocksDB is not compiled again.
-if [ "$PROFILE" = release ]; then cargo build --release --bin tessera -q; else cargo build --all-targets -q; fi
-BIN="$CARGO_TARGET_DIR/$CARGO_BUILD_TARGET/$PROFILE/tessera"
+if [ -z "${BIN:-}" ]; then
+  if [ "$PROFILE" = release ]; then cargo build --release --bin tessera -q; else cargo build --all-targets -q; fi
+  BIN="$CARGO_TARGET_DIR/$CARGO_BUILD_TARGET/$PROFILE/tessera"
+fi
 DIR=$(mktemp -d /tmp/tessera-load.XXXXXX)
 source benches/lib.sh
 cleanup() {
