@@ -76,6 +76,26 @@ pub fn classify(records: &[NodeRecord], now_ms: u64, cfg: &SchedulerConfig) -> N
     n
 }
 
+/// A node that never heartbeated (a member of the initial cluster that died before its first
+/// heartbeat landed — it may not even have a record — or a joiner that crashed) would be
+/// neither live nor dead forever, and its replicas never replaced: count its life from when
+/// this scheduler first saw it.
+fn assume_alive_from_first_sight(
+    mut records: Vec<NodeRecord>,
+    first_seen: &mut HashMap<u64, u64>,
+    now_ms: u64,
+) -> Vec<NodeRecord> {
+    first_seen.retain(|id, _| {
+        records
+            .iter()
+            .any(|r| r.node_id == *id && r.last_heartbeat_ms == 0)
+    });
+    for r in records.iter_mut().filter(|r| r.last_heartbeat_ms == 0) {
+        r.last_heartbeat_ms = *first_seen.entry(r.node_id).or_insert(now_ms);
+    }
+    records
+}
+
 /// How far apart two nodes' counts may be before balancing moves something: one, or 5% of
 /// the average at scale (10,000 regions never split exactly evenly, and every transfer
 /// wakes a sleeping region).
@@ -227,22 +247,52 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
     let mut quiet_rounds = 0u32;
     let mut skip_rounds = 0u32;
     let mut last_nodes: Option<(Vec<u64>, Vec<u64>)> = None;
+    let mut was_leading = false;
+    let mut first_seen: HashMap<u64, u64> = HashMap::new();
+    // Nodes holding replicas, as of the last routing-table read.
+    let mut hosts: HashSet<u64> = HashSet::new();
     loop {
         ticker.tick().await;
         let Ok(client) = placement.get().await else {
             continue;
         };
+        let placement_route =
+            crate::placement::locate_key(&client, &[crate::storage::keys::SYSTEM_KEY_PREFIX]).await;
         let leads_placement = matches!(
-            crate::placement::locate_key(&client, &[crate::storage::keys::SYSTEM_KEY_PREFIX]).await,
+            &placement_route,
             Ok(Some(r)) if r.leader.is_some_and(|l| l.node_id == me.0)
         );
+        if leads_placement != was_leading {
+            tracing::info!(
+                active = leads_placement,
+                route = ?placement_route.as_ref().map(|r| r.as_ref().map(|r| r.leader)),
+                "scheduler"
+            );
+            was_leading = leads_placement;
+        }
         if !leads_placement {
             continue;
         }
-        let Ok(records) = crate::placement::node_records(&client).await else {
-            continue;
+        let records = match crate::placement::node_records(&client).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "scheduler: node registry read failed");
+                continue;
+            }
         };
-        let nodes = classify(&records, crate::placement::now_ms(), &cfg);
+        let now = crate::placement::now_ms();
+        // Nodes that host replicas but have no record yet (they died before registering).
+        let mut records = records;
+        for id in &hosts {
+            if !records.iter().any(|r| r.node_id == *id) {
+                records.push(NodeRecord {
+                    node_id: *id,
+                    ..Default::default()
+                });
+            }
+        }
+        let records = assume_alive_from_first_sight(records, &mut first_seen, now);
+        let nodes = classify(&records, now, &cfg);
         let node_states = Some((nodes.live.clone(), nodes.dead.clone()));
         if node_states != last_nodes {
             last_nodes = node_states;
@@ -251,9 +301,23 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
             skip_rounds -= 1;
             continue;
         }
-        let Ok(routes) = crate::placement::scan_routes(&client, b"", b"", 0).await else {
-            continue;
+        let routes = match crate::placement::scan_routes(&client, b"", b"", 0).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "scheduler: routing table read failed");
+                continue;
+            }
         };
+        let now_hosting: HashSet<u64> = routes
+            .iter()
+            .filter_map(|r| r.region.as_ref())
+            .flat_map(|r| r.peers.iter().map(|p| p.node_id))
+            .collect();
+        if now_hosting != hosts {
+            hosts = now_hosting;
+            // A node seen for the first time must be classified at once.
+            skip_rounds = 0;
+        }
         let (skip, in_flight) = {
             let mut b = busy.lock().unwrap_or_else(|e| e.into_inner());
             b.retain(|_, done| done.is_none_or(|t| t.elapsed() < cooldown));
@@ -262,6 +326,10 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
         };
         let budget = cfg.max_moves.saturating_sub(in_flight);
         let ops = plan(&routes, &nodes, cfg.replicas, &skip, budget);
+        tracing::debug!(
+            live = ?nodes.live, dead = ?nodes.dead, regions = routes.len(), busy = skip.len(),
+            ops = ops.len(), "scheduler round"
+        );
         if ops.is_empty() && skip.is_empty() {
             quiet_rounds = (quiet_rounds + 1).min(5);
             skip_rounds = (1 << quiet_rounds) - 1;
@@ -363,6 +431,41 @@ mod tests {
                 to: 4
             }
         );
+    }
+
+    #[test]
+    fn a_node_that_never_heartbeated_is_dead_after_the_limit() {
+        let cfg = SchedulerConfig {
+            enabled: true,
+            interval: Duration::from_millis(300),
+            down_after: Duration::from_secs(1),
+            replace_after: Duration::from_secs(2),
+            replicas: 3,
+            max_moves: 2,
+        };
+        let rec = |id, hb| NodeRecord {
+            node_id: id,
+            last_heartbeat_ms: hb,
+            ..Default::default()
+        };
+        let mut seen = HashMap::new();
+        let at = |t: u64, seen: &mut HashMap<u64, u64>| {
+            let recs = vec![rec(1, t), rec(4, 0)];
+            classify(&assume_alive_from_first_sight(recs, seen, t), t, &cfg)
+        };
+        let n = at(10_000, &mut seen);
+        assert_eq!((n.live.clone(), n.dead.clone()), (vec![1, 4], vec![]));
+        let n = at(12_001, &mut seen);
+        assert_eq!((n.live.clone(), n.dead.clone()), (vec![1], vec![4]));
+        // Once it heartbeats, its own time counts and the first sight is forgotten.
+        let recs = vec![rec(1, 12_100), rec(4, 12_100)];
+        let n = classify(
+            &assume_alive_from_first_sight(recs, &mut seen, 12_100),
+            12_100,
+            &cfg,
+        );
+        assert_eq!(n.live, vec![1, 4]);
+        assert!(seen.is_empty());
     }
 
     #[test]
