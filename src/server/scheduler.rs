@@ -77,14 +77,23 @@ pub fn classify(records: &[NodeRecord], now_ms: u64, cfg: &SchedulerConfig) -> N
 }
 
 /// A node that never heartbeated (a member of the initial cluster that died before its first
-/// heartbeat landed — it may not even have a record — or a joiner that crashed) would be
-/// neither live nor dead forever, and its replicas never replaced: count its life from when
-/// this scheduler first saw it.
+/// heartbeat landed — it may not even have a record among `hosts`, the nodes holding
+/// replicas — or a joiner that crashed) would be neither live nor dead forever, and its
+/// replicas never replaced: count its life from when this scheduler first saw it.
 fn assume_alive_from_first_sight(
     mut records: Vec<NodeRecord>,
+    hosts: &HashSet<u64>,
     first_seen: &mut HashMap<u64, u64>,
     now_ms: u64,
 ) -> Vec<NodeRecord> {
+    for id in hosts {
+        if !records.iter().any(|r| r.node_id == *id) {
+            records.push(NodeRecord {
+                node_id: *id,
+                ..Default::default()
+            });
+        }
+    }
     first_seen.retain(|id, _| {
         records
             .iter()
@@ -281,17 +290,7 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
             }
         };
         let now = crate::placement::now_ms();
-        // Nodes that host replicas but have no record yet (they died before registering).
-        let mut records = records;
-        for id in &hosts {
-            if !records.iter().any(|r| r.node_id == *id) {
-                records.push(NodeRecord {
-                    node_id: *id,
-                    ..Default::default()
-                });
-            }
-        }
-        let records = assume_alive_from_first_sight(records, &mut first_seen, now);
+        let records = assume_alive_from_first_sight(records, &hosts, &mut first_seen, now);
         let nodes = classify(&records, now, &cfg);
         let node_states = Some((nodes.live.clone(), nodes.dead.clone()));
         if node_states != last_nodes {
@@ -451,7 +450,11 @@ mod tests {
         let mut seen = HashMap::new();
         let at = |t: u64, seen: &mut HashMap<u64, u64>| {
             let recs = vec![rec(1, t), rec(4, 0)];
-            classify(&assume_alive_from_first_sight(recs, seen, t), t, &cfg)
+            classify(
+                &assume_alive_from_first_sight(recs, &HashSet::new(), seen, t),
+                t,
+                &cfg,
+            )
         };
         let n = at(10_000, &mut seen);
         assert_eq!((n.live.clone(), n.dead.clone()), (vec![1, 4], vec![]));
@@ -460,7 +463,7 @@ mod tests {
         // Once it heartbeats, its own time counts and the first sight is forgotten.
         let recs = vec![rec(1, 12_100), rec(4, 12_100)];
         let n = classify(
-            &assume_alive_from_first_sight(recs, &mut seen, 12_100),
+            &assume_alive_from_first_sight(recs, &HashSet::new(), &mut seen, 12_100),
             12_100,
             &cfg,
         );

@@ -450,8 +450,9 @@ impl Transport {
             if let Some(f) = &fault {
                 tokio::time::sleep(f.delay()).await;
             }
+            let cut_off = fault.is_some_and(|f| f.drop_all);
             let delivered = match t.channel(node).await {
-                _ if fault.is_some_and(|f| f.drop_all) => false,
+                _ if cut_off => false,
                 Ok(ch) => Self::client(ch)
                     .snapshot(futures::stream::iter(chunks))
                     .await

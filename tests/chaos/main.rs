@@ -268,15 +268,20 @@ async fn cut(addrs: &[String], a: usize, b: usize) {
     set_link(addrs, b, a, "drop").await;
 }
 
-/// Clears every link fault.
-async fn heal_links(addrs: &[String]) {
+/// Sets `spec` on every link between nodes, both directions ("" clears).
+async fn set_all_links(addrs: &[String], spec: &str) {
     for a in 0..addrs.len() {
         for b in 0..addrs.len() {
             if a != b {
-                set_link(addrs, a, b, "").await;
+                set_link(addrs, a, b, spec).await;
             }
         }
     }
+}
+
+/// Clears every link fault.
+async fn heal_links(addrs: &[String]) {
+    set_all_links(addrs, "").await;
 }
 
 fn signal(p: &Proc, sig: &str) {
@@ -711,13 +716,7 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
             tokio::time::sleep(Duration::from_secs(secs / 4)).await;
         }
         Fault::SlowLossyLinks => {
-            for a in 0..3 {
-                for b in 0..3 {
-                    if a != b {
-                        set_link(&addrs, a, b, "loss=0.1,delay=2-25").await;
-                    }
-                }
-            }
+            set_all_links(&addrs, "loss=0.1,delay=2-25").await;
             tokio::time::sleep(Duration::from_secs(secs.saturating_sub(4).max(4))).await;
             heal_links(&addrs).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
