@@ -184,6 +184,14 @@ impl PeerStorage {
         let region_state: RegionLocalState = engine
             .get_msg(Cf::Raft, &keys::region_state_key(region_id))?
             .ok_or(Error::RegionNotFound(region_id))?;
+        // Every state this code writes carries the descriptor; one without it is damage, and
+        // `region()` relies on it being there.
+        if region_state.region.is_none() {
+            return Err(Error::corrupt(
+                &keys::region_state_key(region_id),
+                "region state has no region descriptor",
+            ));
+        }
         let raft_state: RaftLocalState = engine
             .get_msg(Cf::Raft, &keys::raft_state_key(region_id))?
             .unwrap_or_default();

@@ -158,6 +158,7 @@ fn corrupt_state_records_are_errors_not_panics() {
                 match PeerStorage::open(engine.clone(), id) {
                     Ok(ps) => {
                         // Whatever decoded, reads answer with entries or an error.
+                        let _ = ps.region();
                         let _ = ps.entries(4, 6, u64::MAX, GetEntriesContext::empty(false));
                         let _ = ps.term(5);
                     }
@@ -251,4 +252,23 @@ fn garbage_snapshots_are_refused_and_change_nothing() {
     assert_eq!(everything(&engine), before);
     let ps = PeerStorage::open(engine.clone(), RegionId(1)).unwrap();
     assert_eq!(ps.applied_index(), 5);
+}
+
+/// A region state that decodes but carries no descriptor (an empty record decodes to the
+/// default message) is damage: opening the region says so instead of panicking later.
+#[test]
+fn region_state_without_descriptor_is_corrupt() {
+    let (_d, engine) = open_engine();
+    let reg = region(1, b"a", b"b");
+    storage_with(&engine, &reg, 3, &[entry(4, 4)]);
+    let mut b = engine.batch();
+    b.put(Cf::Raft, &keys::region_state_key(RegionId(1)), &[]);
+    engine.write(b, false).unwrap();
+    match PeerStorage::open(engine.clone(), RegionId(1)) {
+        Err(tessera::storage::Error::Corrupt { key, .. }) => {
+            assert_eq!(key, keys::region_state_key(RegionId(1)).to_vec())
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("a region state without its region was accepted"),
+    }
 }
