@@ -599,14 +599,9 @@ impl Peer {
         let committed = rd.take_committed_entries();
         self.apply_entries(committed, wb, actx);
         self.send_tombstones(transport);
-        if !rd.entries().is_empty() {
-            if let Err(e) = self.raw.mut_store().append(rd.entries(), wb) {
-                crate::fatal(&format!("{}: append: {e}", self.region_id));
-            }
-        }
-        if let Some(hs) = rd.hs() {
-            let hs = hs.clone();
-            self.raw.mut_store().set_hard_state(&hs, wb);
+        let hs = rd.hs().cloned();
+        if let Err(e) = self.raw.mut_store().persist(rd.entries(), hs.as_ref(), wb) {
+            crate::fatal(&format!("{}: append: {e}", self.region_id));
         }
         for rs in rd.take_read_states() {
             let ctx = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
@@ -640,7 +635,7 @@ impl Peer {
         }
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
-            self.raw.mut_store().set_commit(commit, wb);
+            self.raw.mut_store().set_commit(commit);
         }
         if !light.messages().is_empty() {
             self.send(light.take_messages(), transport);

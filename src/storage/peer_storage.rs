@@ -1,7 +1,8 @@
 //! `raft::Storage` for one region over the node's shared RocksDB.
 //!
 //! A `PeerStorage` caches the region's three small state records in memory (raft state, apply
-//! state, region state) and reads log entries from the engine on demand. Writes never go to
+//! state, region state) and the log entries not yet applied (see [`EntryCache`]); older
+//! entries are read from the engine on demand. Writes never go to
 //! the engine directly: each mutating method puts its changes into the caller's
 //! [`WriteBatch`] and updates the cache, so a raft worker can persist every region of a round
 //! with one synced write.
@@ -10,6 +11,9 @@
 //! - `truncated_index <= applied_index <= commit <= last_index` once initialized;
 //! - the log holds exactly the entries `truncated_index + 1 ..= last_index`;
 //! - the term of `truncated_index` is kept (`truncated_term`) so raft can match against it;
+//! - the stored commit index may lag the true one (a commit-only change is not written on its
+//!   own, it rides with the next raft state write); it is raised to the applied index on
+//!   load, since an applied entry was committed;
 //! - no method panics on an index raft may ask for: out-of-range requests are
 //!   `Compacted` / `Unavailable` errors.
 //!
@@ -18,6 +22,7 @@
 //! the node.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::mpsc;
 
 use protobuf::Message as _;
@@ -52,7 +57,81 @@ pub struct PeerStorage {
     region_state: RegionLocalState,
     /// Term of the entry at `raft_state.last_index`.
     last_term: u64,
+    cache: EntryCache,
     snap_gen: RefCell<SnapGen>,
+}
+
+/// Most bytes of entries one region keeps in memory; past it the oldest are dropped (and read
+/// from the engine if needed). Normally the cache holds only entries in flight.
+const ENTRY_CACHE_MAX_BYTES: usize = 512 << 10;
+
+/// The newest log entries, from some index up to `last_index`, kept from append until they are
+/// applied. Apply and the leader's appends to its followers read them here instead of from
+/// RocksDB, which costs an iterator seek and a decode per read. Empty, or ends at
+/// `last_index`.
+#[derive(Default)]
+struct EntryCache {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+}
+
+impl EntryCache {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.index)
+    }
+
+    fn get(&self, index: u64) -> Option<&Entry> {
+        let first = self.first_index()?;
+        self.entries
+            .get(usize::try_from(index.checked_sub(first)?).ok()?)
+    }
+
+    /// Appends `entries` (contiguous, starting no later than one past the cached ones),
+    /// replacing any cached suffix they conflict with.
+    fn append(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first().map(|e| e.index) else {
+            return;
+        };
+        match (self.first_index(), self.entries.back().map(|e| e.index)) {
+            (Some(lo), Some(hi)) if lo < first && first <= hi + 1 => {
+                while self.entries.back().is_some_and(|e| e.index >= first) {
+                    self.pop_back();
+                }
+            }
+            _ => self.clear(),
+        }
+        for e in entries {
+            self.bytes += e.data.len() + e.context.len();
+            self.entries.push_back(e.clone());
+        }
+        while self.bytes > ENTRY_CACHE_MAX_BYTES && self.entries.len() > 1 {
+            self.drop_front();
+        }
+    }
+
+    /// Forgets entries up to and including `index` (applied, or compacted away).
+    fn drop_to(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|e| e.index <= index) {
+            self.drop_front();
+        }
+    }
+
+    fn drop_front(&mut self) {
+        if let Some(e) = self.entries.pop_front() {
+            self.bytes -= e.data.len() + e.context.len();
+        }
+    }
+
+    fn pop_back(&mut self) {
+        if let Some(e) = self.entries.pop_back() {
+            self.bytes -= e.data.len() + e.context.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
 }
 
 impl PeerStorage {
@@ -116,6 +195,7 @@ impl PeerStorage {
                 conf_state: Some(conf_state_of_region(region)),
             },
             last_term: term,
+            cache: EntryCache::default(),
             snap_gen: RefCell::new(SnapGen::Idle),
         };
         s.put_raft_state(batch);
@@ -154,6 +234,7 @@ impl PeerStorage {
                 conf_state: Some(ConfStateRecord::default()),
             },
             last_term: 0,
+            cache: EntryCache::default(),
             snap_gen: RefCell::new(SnapGen::Idle),
         };
         s.put_raft_state(batch);
@@ -167,6 +248,7 @@ impl PeerStorage {
     pub fn destroy(&mut self, batch: &mut WriteBatch<'_>, delete_data: bool) {
         let (start, end) = keys::region_raft_range(self.region_id);
         batch.delete_range(Cf::Raft, &start, &end);
+        self.cache.clear();
         if delete_data {
             let r = self.region();
             batch.delete_range(
@@ -200,6 +282,7 @@ impl PeerStorage {
             .unwrap_or_default();
         if raft_state.last_index < apply_state.truncated_index
             || apply_state.applied_index < apply_state.truncated_index
+            || apply_state.applied_index > raft_state.last_index
         {
             return Err(Error::corrupt(
                 &keys::raft_state_key(region_id),
@@ -209,6 +292,8 @@ impl PeerStorage {
                 ),
             ));
         }
+        let mut raft_state = raft_state;
+        raft_state.commit = raft_state.commit.max(apply_state.applied_index);
         let mut s = Self {
             engine,
             region_id,
@@ -216,6 +301,7 @@ impl PeerStorage {
             apply_state,
             region_state,
             last_term: 0,
+            cache: EntryCache::default(),
             snap_gen: RefCell::new(SnapGen::Idle),
         };
         s.last_term = if s.raft_state.last_index == s.apply_state.truncated_index {
@@ -287,6 +373,36 @@ impl PeerStorage {
     /// Puts `entries` into the batch, replacing any conflicting suffix of the log.
     /// The entries must be contiguous and start no later than `last_index + 1`.
     pub fn append(&mut self, entries: &[Entry], batch: &mut WriteBatch<'_>) -> Result<(), Error> {
+        self.persist(entries, None, batch)
+    }
+
+    /// What one raft `Ready` asks to persist: new entries (as [`Self::append`]) and a changed
+    /// hard state, with the raft state record written once for both.
+    pub fn persist(
+        &mut self,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+        batch: &mut WriteBatch<'_>,
+    ) -> Result<(), Error> {
+        if !entries.is_empty() {
+            self.append_entries(entries, batch)?;
+        }
+        if let Some(hs) = hs {
+            self.raft_state.term = hs.term;
+            self.raft_state.vote = hs.vote;
+            self.raft_state.commit = hs.commit;
+        }
+        if !entries.is_empty() || hs.is_some() {
+            self.put_raft_state(batch);
+        }
+        Ok(())
+    }
+
+    fn append_entries(
+        &mut self,
+        entries: &[Entry],
+        batch: &mut WriteBatch<'_>,
+    ) -> Result<(), Error> {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(());
         };
@@ -325,23 +441,21 @@ impl PeerStorage {
         }
         self.raft_state.last_index = last.index;
         self.last_term = last.term;
-        self.put_raft_state(batch);
+        self.cache.append(entries);
         Ok(())
     }
 
     pub fn set_hard_state(&mut self, hs: &HardState, batch: &mut WriteBatch<'_>) {
-        self.raft_state.term = hs.term;
-        self.raft_state.vote = hs.vote;
-        self.raft_state.commit = hs.commit;
-        self.put_raft_state(batch);
+        // Cannot fail: no entries.
+        let _ = self.persist(&[], Some(hs), batch);
     }
 
-    /// Only the commit index changed (raft-rs's light ready).
-    pub fn set_commit(&mut self, commit: u64, batch: &mut WriteBatch<'_>) {
-        if commit > self.raft_state.commit {
-            self.raft_state.commit = commit;
-            self.put_raft_state(batch);
-        }
+    /// Only the commit index changed (raft-rs's light ready). Not written on its own: the
+    /// commit index is a hint that raft re-learns from its leader, the applied index (stored
+    /// with every apply) bounds it from below on load, and the next raft state write carries
+    /// it. That saves a record per region in most rounds.
+    pub fn set_commit(&mut self, commit: u64) {
+        self.raft_state.commit = self.raft_state.commit.max(commit);
     }
 
     pub fn set_conf_state(&mut self, cs: &ConfState, batch: &mut WriteBatch<'_>) {
@@ -378,6 +492,7 @@ impl PeerStorage {
     /// Marks `index` applied. Must go into the same batch as the data the entry wrote.
     pub fn set_applied_index(&mut self, index: u64, batch: &mut WriteBatch<'_>) {
         self.apply_state.applied_index = index;
+        self.cache.drop_to(index);
         batch.put_msg(
             Cf::Raft,
             &keys::apply_state_key(self.region_id),
@@ -405,6 +520,7 @@ impl PeerStorage {
         );
         self.apply_state.truncated_index = index;
         self.apply_state.truncated_term = term;
+        self.cache.drop_to(index);
         batch.put_msg(
             Cf::Raft,
             &keys::apply_state_key(self.region_id),
@@ -453,6 +569,7 @@ impl PeerStorage {
         }
         let (log_start, log_end) = keys::raft_log_range(self.region_id);
         batch.delete_range(Cf::Raft, &log_start, &log_end);
+        self.cache.clear();
 
         self.raft_state.last_index = meta.index;
         self.raft_state.commit = self.raft_state.commit.max(meta.index);
@@ -629,6 +746,22 @@ impl raft::Storage for PeerStorage {
             return Ok(Vec::new());
         }
         let max_size = max_size.into().unwrap_or(u64::MAX);
+        if self.cache.first_index().is_some_and(|first| first <= low) {
+            // The cache ends at last_index, so it holds all of [low, high).
+            let mut out = Vec::with_capacity((high - low).min(1024) as usize);
+            let mut size = 0u64;
+            for i in low..high {
+                let Some(e) = self.cache.get(i) else { break };
+                size += u64::from(e.compute_size());
+                if !out.is_empty() && size > max_size {
+                    break;
+                }
+                out.push(e.clone());
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
         let mut out = Vec::with_capacity((high - low).min(1024) as usize);
         let mut size = 0u64;
         let mut expect = low;
@@ -674,6 +807,9 @@ impl raft::Storage for PeerStorage {
         }
         if idx == self.raft_state.last_index {
             return Ok(self.last_term);
+        }
+        if let Some(e) = self.cache.get(idx) {
+            return Ok(e.term);
         }
         Ok(self.read_entry(idx)?.term)
     }

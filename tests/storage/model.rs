@@ -1,9 +1,12 @@
-//! A property test: random appends (with conflicts), compactions and reopens over several
-//! regions in one RocksDB behave exactly like a simple in-memory model of their logs.
+//! A property test: random appends (with conflicts), applies, compactions and reopens over
+//! several regions in one RocksDB behave exactly like a simple in-memory model of their logs.
+//! Reads cover every suffix of the log, so they come from the in-memory entry cache (entries
+//! not yet applied), from the engine, and from both sides of the cache's start.
 
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
+use protobuf::Message as _;
 use raft::{GetEntriesContext, Storage};
 use tessera::ids::RegionId;
 use tessera::storage::{Engine, EngineOptions, PeerStorage};
@@ -19,6 +22,11 @@ enum Op {
         len: u64,
         term: u64,
     },
+    /// Mark applied up to `frac` of the way from the first to the last index (never back).
+    Apply {
+        region: u64,
+        frac: u8,
+    },
     /// Compact to `frac` of the way from the first to the last index.
     Compact {
         region: u64,
@@ -31,6 +39,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (1..=3u64, 0..4u64, 1..6u64, 0..3u64)
             .prop_map(|(region, back, len, term)| Op::Append { region, back, len, term }),
+        1 => (1..=3u64, 0..=100u8).prop_map(|(region, frac)| Op::Apply { region, frac }),
         1 => (1..=3u64, 0..=100u8).prop_map(|(region, frac)| Op::Compact { region, frac }),
         1 => Just(Op::Reopen),
     ]
@@ -42,6 +51,7 @@ struct ModelLog {
     truncated: (u64, u64),
     terms: Vec<u64>,
     max_term: u64,
+    applied: u64,
 }
 
 impl ModelLog {
@@ -63,19 +73,22 @@ fn check(ps: &PeerStorage, m: &ModelLog) -> Result<(), TestCaseError> {
     for i in m.truncated.0..=m.last() {
         prop_assert_eq!(ps.term(i).unwrap(), m.term(i));
     }
-    if m.last() > m.truncated.0 {
+    for low in m.truncated.0 + 1..=m.last() {
+        let want: Vec<_> = (low..=m.last()).map(|i| entry(i, m.term(i))).collect();
         let got = ps
-            .entries(
-                m.truncated.0 + 1,
-                m.last() + 1,
-                u64::MAX,
-                GetEntriesContext::empty(false),
-            )
+            .entries(low, m.last() + 1, u64::MAX, GetEntriesContext::empty(false))
             .unwrap();
-        let want: Vec<_> = (m.truncated.0 + 1..=m.last())
-            .map(|i| entry(i, m.term(i)))
-            .collect();
-        prop_assert_eq!(got, want);
+        prop_assert_eq!(&got, &want);
+        // A size limit of two entries' worth returns exactly two (or all, if fewer).
+        let two: u64 = want
+            .iter()
+            .take(2)
+            .map(|e| u64::from(e.compute_size()))
+            .sum();
+        let got = ps
+            .entries(low, m.last() + 1, two, GetEntriesContext::empty(false))
+            .unwrap();
+        prop_assert_eq!(&got[..], &want[..want.len().min(2)]);
     }
     Ok(())
 }
@@ -91,14 +104,18 @@ proptest! {
         let mut stores: BTreeMap<u64, PeerStorage> = BTreeMap::new();
         for r in 1..=3u64 {
             stores.insert(r, storage_with(&engine, &region(r, &[r as u8], &[r as u8 + 1]), 3, &[]));
-            model.insert(r, ModelLog { truncated: (3, 3), terms: vec![], max_term: 3 });
+            model.insert(r, ModelLog { truncated: (3, 3), terms: vec![], max_term: 3, applied: 3 });
         }
         for op in ops {
             match op {
                 Op::Append { region, back, len, term } => {
                     let m = model.get_mut(&region).unwrap();
                     let ps = stores.get_mut(&region).unwrap();
-                    let start = (m.last() + 1).saturating_sub(back);
+                    let mut start = (m.last() + 1).saturating_sub(back);
+                    if start > m.truncated.0 {
+                        // Raft never replaces an applied entry.
+                        start = start.max(m.applied + 1);
+                    }
                     // Raft never appends with a term lower than what precedes; keep terms
                     // non-decreasing like a real log.
                     let t = m.max_term + term;
@@ -115,12 +132,24 @@ proptest! {
                     m.terms.extend(std::iter::repeat_n(t, len as usize));
                     m.max_term = t;
                 }
+                Op::Apply { region, frac } => {
+                    let m = model.get_mut(&region).unwrap();
+                    let ps = stores.get_mut(&region).unwrap();
+                    let to = m.truncated.0 + (m.last() - m.truncated.0) * u64::from(frac) / 100;
+                    if to > m.applied {
+                        let mut b = engine.batch();
+                        ps.set_applied_index(to, &mut b);
+                        engine.write(b, true).unwrap();
+                        m.applied = to;
+                    }
+                }
                 Op::Compact { region, frac } => {
                     let m = model.get_mut(&region).unwrap();
                     let ps = stores.get_mut(&region).unwrap();
                     let to = m.truncated.0 + (m.last() - m.truncated.0) * u64::from(frac) / 100;
                     let mut b = engine.batch();
                     ps.set_applied_index(m.last(), &mut b);
+                    m.applied = m.last();
                     ps.compact_to(to, &mut b).unwrap();
                     engine.write(b, true).unwrap();
                     if to > m.truncated.0 {

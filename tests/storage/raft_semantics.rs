@@ -312,3 +312,57 @@ fn apply_snapshot_replaces_range_log_and_state() {
     outside.mut_metadata().index = 100;
     assert!(ps.apply_snapshot(&outside, &mut b).is_err());
 }
+
+/// Entries appended but not applied are served from the in-memory cache; the same reads after
+/// a reopen (cache empty, engine only) must give the same answers, size limits included.
+#[test]
+fn cached_entries_read_like_stored_ones() {
+    let (_d, engine) = open_engine();
+    let mut ps = storage_with(&engine, &region(1, b"", b""), 3, &[entry(4, 4)]);
+    let ents: Vec<_> = (5..=9).map(|i| entry(i, 5 + i / 8)).collect();
+    let mut b = engine.batch();
+    ps.append(&ents, &mut b).unwrap();
+    // A conflicting suffix replaces the cached tail, as it does on disk.
+    ps.append(&[entry(8, 7), entry(9, 7)], &mut b).unwrap();
+    ps.set_applied_index(6, &mut b);
+    engine.write(b, true).unwrap();
+    let reopened = PeerStorage::open(engine.clone(), RegionId(1)).unwrap();
+    let one = u64::from(entry(7, 6).compute_size());
+    for low in 4..=9 {
+        for max in [0, one, 2 * one + 1, u64::MAX] {
+            let cached = ps.entries(low, 10, max, ctx());
+            assert_eq!(
+                cached,
+                reopened.entries(low, 10, max, ctx()),
+                "[{low}, 10) max {max}"
+            );
+            assert!(cached.is_ok_and(|e| e[0].index == low));
+        }
+    }
+    for i in 3..=9 {
+        assert_eq!(ps.term(i), reopened.term(i), "term of {i}");
+    }
+    assert_eq!(ps.term(8), Ok(7));
+    assert_eq!(ps.entries(4, 11, u64::MAX, ctx()), unavailable());
+}
+
+/// A commit-only advance is not written on its own; after a restart the commit index is at
+/// least the applied index, which raft-rs requires (applied <= committed).
+#[test]
+fn commit_reopens_at_least_at_applied() {
+    let (_d, engine) = open_engine();
+    let mut ps = storage_with(&engine, &region(1, b"", b""), 3, &[]);
+    let mut b = engine.batch();
+    ps.append(&[entry(4, 4), entry(5, 4), entry(6, 4)], &mut b)
+        .unwrap();
+    engine.write(b, true).unwrap();
+    ps.set_commit(6);
+    let mut b = engine.batch();
+    ps.set_applied_index(5, &mut b);
+    engine.write(b, true).unwrap();
+    assert_eq!(ps.initial_state().unwrap().hard_state.commit, 6);
+    let reopened = PeerStorage::open(engine.clone(), RegionId(1)).unwrap();
+    let hs = reopened.initial_state().unwrap().hard_state;
+    assert_eq!(hs.commit, 5, "raised from the stored 3 to the applied 5");
+    assert_eq!(reopened.applied_index(), 5);
+}
