@@ -92,6 +92,9 @@ impl Peer {
             max_inflight_msgs: cfg.max_inflight_msgs,
             check_quorum: true,
             pre_vote: true,
+            // Proposals of one round go to each follower as one append, not one each: fewer
+            // messages to encode, send, step and answer.
+            batch_append: true,
             ..Default::default()
         };
         rc.validate().map_err(|e| format!("raft config: {e}"))?;
