@@ -5,10 +5,14 @@
 # tessera cluster on loopback — both fsync every write and keep 3 replicas — then runs every
 # `tessera bench` workload against each in turn with the same load generator and settings.
 # While one system is measured the other one's processes are paused (SIGSTOP), so they do
-# not share the two cores. Writes OUT_DIR/report.md (side-by-side table with ratios) and
-# two SVG charts, and cleans up everything it started.
+# not share the two cores. The workloads at 64 in flight run ROUNDS times, the two systems
+# taking turns, so that a slow spell of the machine does not land on one system only; the
+# report gives the median and the spread. Each run also records the server processes' CPU
+# time (user + system, from /proc) per operation. Writes OUT_DIR/report.md (side-by-side
+# table with ratios) and two SVG charts, and cleans up everything it started.
 # Environment: DURATION (s per run, 10), KEYS (50000), REGIONS (tessera regions, 64),
-#              PROFILE (release|debug, release), WORKLOADS, SWEEP (concurrency list).
+#              PROFILE (release|debug, release), WORKLOADS, SWEEP (concurrency list),
+#              ROUNDS (2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -20,6 +24,7 @@ REGIONS=${REGIONS:-64}
 PROFILE=${PROFILE:-release}
 WORKLOADS=${WORKLOADS:-"put get mixed scan cas metadata"}
 SWEEP=${SWEEP:-"1 8 64 256"}
+ROUNDS=${ROUNDS:-2}
 OUT=${1:-$CARGO_TARGET_DIR/compare-etcd/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 
@@ -80,27 +85,52 @@ focus() { # target: pause the other system
   else resume "${TESSERA_PIDS[@]}"; pause "${ETCD_PIDS[@]}"; fi
 }
 
-declare -A preloaded=()
-run() { # target workload concurrency [extra...]
-  local target=$1 workload=$2 conc=$3; shift 3
-  local ep=$TESSERA_EP; [ "$target" = etcd ] && ep=$ETCD_EP
-  local extra=()
-  case $workload in get|mixed|scan)
-    if [ -z "${preloaded[$target]:-}" ]; then extra+=(--preload); preloaded[$target]=1; fi ;;
-  esac
-  echo "== $target $workload concurrency $conc" >&2
-  "$BIN" bench "$workload" --target "$target" --endpoints "$ep" --concurrency "$conc" \
-    --connections 4 --keys "$KEYS" --value-size 256 --duration "$DURATION" --warmup 2 \
-    "${extra[@]}" "$@" --json "$OUT/$target-$workload-c$conc.json" | tee -a "$OUT/runs.txt"
+endpoints() { if [ "$1" = etcd ]; then echo "$ETCD_EP"; else echo "$TESSERA_EP"; fi; }
+cpu_ticks() { # target → user + system clock ticks of its server processes so far
+  local total=0 p pids
+  if [ "$1" = etcd ]; then pids=("${ETCD_PIDS[@]}"); else pids=("${TESSERA_PIDS[@]}"); fi
+  for p in "${pids[@]}"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  echo "$total"
 }
 
+# Every key the read workloads use is written once, outside any measured run.
+preload() {
+  echo "== $1 preload of $KEYS keys" >&2
+  "$BIN" bench put --target "$1" --endpoints "$(endpoints "$1")" --concurrency 64 \
+    --connections 4 --keys "$KEYS" --value-size 256 --ops "$KEYS" --warmup 0 \
+    --distribution sequential >/dev/null
+}
+
+run() { # target workload concurrency round
+  local target=$1 workload=$2 conc=$3 round=$4
+  local name="$OUT/$target-$workload-c$conc-r$round" c0 c1 bench
+  echo "== $target $workload concurrency $conc (round $round)" >&2
+  "$BIN" bench "$workload" --target "$target" --endpoints "$(endpoints "$target")" \
+    --concurrency "$conc" --connections 4 --keys "$KEYS" --value-size 256 \
+    --duration "$DURATION" --warmup 2 --json "$name.json" >"$name.txt" &
+  bench=$!
+  sleep 2 # the warm-up: CPU is counted over the measured part only
+  c0=$(cpu_ticks "$target")
+  wait "$bench"
+  c1=$(cpu_ticks "$target")
+  cat "$name.txt" | tee -a "$OUT/runs.txt"
+  rm "$name.txt"
+  echo "{\"cpu_seconds\": $(awk -v t=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", t / hz}')}" >"$name.cpu"
+}
+
+for target in etcd tessera; do focus "$target"; preload "$target"; done
+for round in $(seq 1 "$ROUNDS"); do
+  for target in etcd tessera; do
+    focus "$target"
+    for w in $WORKLOADS; do run "$target" "$w" 64 "$round"; done
+  done
+done
 for target in etcd tessera; do
   focus "$target"
-  for w in $WORKLOADS; do run "$target" "$w" 64; done
   for c in $SWEEP; do
     [ "$c" = 64 ] && continue
-    run "$target" put "$c"
-    run "$target" get "$c"
+    run "$target" put "$c" 1
+    run "$target" get "$c" 1
   done
 done
 resume "${ETCD_PIDS[@]}"

@@ -10,11 +10,26 @@ import platform
 import sys
 
 out, regions = sys.argv[1], sys.argv[2]
+# (target, workload, concurrency) -> every run of it (one per round), each with the server
+# CPU seconds of its measured part when recorded (OUT_DIR/<run>.cpu).
 runs = {}
-for path in glob.glob(os.path.join(out, "*.json")):
+for path in sorted(glob.glob(os.path.join(out, "*.json"))):
     with open(path) as f:
         r = json.load(f)
-    runs[(r["target"], r["workload"], r["concurrency"])] = r
+    cpu = path[: -len(".json")] + ".cpu"
+    if os.path.exists(cpu):
+        with open(cpu) as f:
+            r["cpu_seconds"] = json.load(f)["cpu_seconds"]
+        if r["ops"] > 0:
+            r["cpu_us_per_op"] = 1e6 * r["cpu_seconds"] / r["ops"]
+    runs.setdefault((r["target"], r["workload"], r["concurrency"]), []).append(r)
+rounds = max((len(v) for (_, _, c), v in runs.items() if c == 64), default=0)
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return None if n == 0 else (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2)
 
 COLORS = {("tessera", "put"): "#1f77b4", ("tessera", "get"): "#17becf",
           ("etcd", "put"): "#d62728", ("etcd", "get"): "#ff7f0e"}
@@ -66,8 +81,13 @@ def svg_chart(path, title, xlabels, series, ylabel, ylog):
 
 
 def g(t, w, c, k):
-    r = runs.get((t, w, c))
-    return r[k] if r else None
+    """The median over the rounds of one figure of one run."""
+    return median([r[k] for r in runs.get((t, w, c), []) if k in r])
+
+
+def spread(t, w, c):
+    v = [r["ops_per_sec"] for r in runs.get((t, w, c), [])]
+    return f" ({min(v):,.0f}–{max(v):,.0f})" if len(v) > 1 else ""
 
 
 def fmt(v, unit=""):
@@ -86,19 +106,25 @@ print(f"- tessera: 3 nodes, {regions} user regions + placement, 3 replicas, fsyn
       "(`storage.sync_writes = true`), 1 raft worker per node")
 print("- etcd: 3 members (Debian etcd-server), fsync on (always), defaults otherwise")
 print("- load: `tessera bench` for both, same process and settings: 4 connections, 256-byte "
-      "values, uniform keys; the system not under test is paused (SIGSTOP) during each run\n")
+      "values, uniform keys; the system not under test is paused (SIGSTOP) during each run")
+print(f"- workloads at 64 in flight: {rounds} round(s), the systems taking turns; figures are "
+      "medians over the rounds, ops/s with (lowest–highest)")
+print("- server CPU per operation: user + system time of the three server processes during the "
+      "measured part of a run, divided by its operations (the load generator not included)\n")
 print("## Workloads at 64 in flight\n")
-print("| workload | etcd ops/s | tessera ops/s | tessera/etcd | etcd p50 / p99 ms | tessera p50 / p99 ms | errors (etcd / tessera) |")
-print("|---|---|---|---|---|---|---|")
+print("| workload | etcd ops/s | tessera ops/s | tessera/etcd | etcd p50 / p99 ms | tessera p50 / p99 ms | server CPU µs/op (etcd / tessera) | errors (etcd / tessera) |")
+print("|---|---|---|---|---|---|---|---|")
 for w in ["put", "get", "mixed", "scan", "cas", "metadata"]:
     e, t = runs.get(("etcd", w, 64)), runs.get(("tessera", w, 64))
     if not e and not t:
         continue
-    errs = lambda r: sum(r["errors"].values()) if r else "–"
-    print(f"| {w} | {fmt(g('etcd', w, 64, 'ops_per_sec'))} | {fmt(g('tessera', w, 64, 'ops_per_sec'))} "
+    errs = lambda rs: sum(sum(r["errors"].values()) for r in rs) if rs else "–"
+    print(f"| {w} | {fmt(g('etcd', w, 64, 'ops_per_sec'))}{spread('etcd', w, 64)} "
+          f"| {fmt(g('tessera', w, 64, 'ops_per_sec'))}{spread('tessera', w, 64)} "
           f"| {ratio(g('tessera', w, 64, 'ops_per_sec'), g('etcd', w, 64, 'ops_per_sec'))} "
           f"| {fmt(g('etcd', w, 64, 'p50_ms'))} / {fmt(g('etcd', w, 64, 'p99_ms'))} "
           f"| {fmt(g('tessera', w, 64, 'p50_ms'))} / {fmt(g('tessera', w, 64, 'p99_ms'))} "
+          f"| {fmt(g('etcd', w, 64, 'cpu_us_per_op'))} / {fmt(g('tessera', w, 64, 'cpu_us_per_op'))} "
           f"| {errs(e)} / {errs(t)} |")
 
 conc = sorted({c for (_, w, c) in runs if w in ("put", "get")})
@@ -130,9 +156,10 @@ pcts = ["p50", "p75", "p90", "p95", "p99", "p99.5", "p99.9", "p99.99", "max"]
 series = []
 for t in ("etcd", "tessera"):
     for w in ("put", "get"):
-        r = runs.get((t, w, 64))
-        if r:
-            series.append((f"{t} {w}", COLORS[(t, w)], [max(v, 0.001) for _, v in r["percentiles_ms"]]))
+        rs = runs.get((t, w, 64))
+        if rs:
+            per_pct = zip(*[[v for _, v in r["percentiles_ms"]] for r in rs])
+            series.append((f"{t} {w}", COLORS[(t, w)], [max(median(list(v)), 0.001) for v in per_pct]))
 svg_chart(os.path.join(out, "latency.svg"), "Latency at 64 in flight", pcts, series, "ms (log)", True)
 series = []
 for t in ("etcd", "tessera"):
