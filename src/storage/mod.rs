@@ -5,9 +5,10 @@
 //!   snapshots and range scans;
 //! - [`peer_storage`]: `raft::Storage` for one region over the shared engine, plus the write
 //!   side (append, hard state, compaction, snapshots) that a raft worker puts into its round's
-//!   one write batch.
+//!   one write batch; its not-yet-applied entries are kept in an `entry_cache`.
 
 pub mod engine;
+mod entry_cache;
 pub mod keys;
 pub mod peer_storage;
 

@@ -22,13 +22,13 @@
 //! the node.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::sync::mpsc;
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
+use super::entry_cache::EntryCache;
 use super::keys;
 use super::{Cf, Engine, EngineSnapshot, Error, WriteBatch};
 use crate::ids::RegionId;
@@ -59,79 +59,6 @@ pub struct PeerStorage {
     last_term: u64,
     cache: EntryCache,
     snap_gen: RefCell<SnapGen>,
-}
-
-/// Most bytes of entries one region keeps in memory; past it the oldest are dropped (and read
-/// from the engine if needed). Normally the cache holds only entries in flight.
-const ENTRY_CACHE_MAX_BYTES: usize = 512 << 10;
-
-/// The newest log entries, from some index up to `last_index`, kept from append until they are
-/// applied. Apply and the leader's appends to its followers read them here instead of from
-/// RocksDB, which costs an iterator seek and a decode per read. Empty, or ends at
-/// `last_index`.
-#[derive(Default)]
-struct EntryCache {
-    entries: VecDeque<Entry>,
-    bytes: usize,
-}
-
-impl EntryCache {
-    fn first_index(&self) -> Option<u64> {
-        self.entries.front().map(|e| e.index)
-    }
-
-    fn get(&self, index: u64) -> Option<&Entry> {
-        let first = self.first_index()?;
-        self.entries
-            .get(usize::try_from(index.checked_sub(first)?).ok()?)
-    }
-
-    /// Appends `entries` (contiguous, starting no later than one past the cached ones),
-    /// replacing any cached suffix they conflict with.
-    fn append(&mut self, entries: &[Entry]) {
-        let Some(first) = entries.first().map(|e| e.index) else {
-            return;
-        };
-        match (self.first_index(), self.entries.back().map(|e| e.index)) {
-            (Some(lo), Some(hi)) if lo < first && first <= hi + 1 => {
-                while self.entries.back().is_some_and(|e| e.index >= first) {
-                    self.pop_back();
-                }
-            }
-            _ => self.clear(),
-        }
-        for e in entries {
-            self.bytes += e.data.len() + e.context.len();
-            self.entries.push_back(e.clone());
-        }
-        while self.bytes > ENTRY_CACHE_MAX_BYTES && self.entries.len() > 1 {
-            self.drop_front();
-        }
-    }
-
-    /// Forgets entries up to and including `index` (applied, or compacted away).
-    fn drop_to(&mut self, index: u64) {
-        while self.entries.front().is_some_and(|e| e.index <= index) {
-            self.drop_front();
-        }
-    }
-
-    fn drop_front(&mut self) {
-        if let Some(e) = self.entries.pop_front() {
-            self.bytes -= e.data.len() + e.context.len();
-        }
-    }
-
-    fn pop_back(&mut self) {
-        if let Some(e) = self.entries.pop_back() {
-            self.bytes -= e.data.len() + e.context.len();
-        }
-    }
-
-    fn clear(&mut self) {
-        self.entries.clear();
-        self.bytes = 0;
-    }
 }
 
 impl PeerStorage {
