@@ -482,11 +482,8 @@ async fn kill_random_twice(
 }
 
 async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome {
-    let dir = tempfile::tempdir().unwrap();
-    // TESSERA_CHAOS_KEEP=1 keeps the nodes' data and logs for a post-mortem.
-    if std::env::var("TESSERA_CHAOS_KEEP").is_ok() {
-        eprintln!("{name}: keeping {}", dir.path().display());
-    }
+    // TESSERA_CHAOS_KEEP=1 (or TESSERA_TEST_KEEP=1) keeps the nodes' data and logs.
+    let dir = common::test_dir(name);
     // Moves need a node that does not hold every region.
     let n = if matches!(fault, Fault::MovesUnderKills) {
         4
@@ -806,9 +803,6 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
                 eprintln!("{}: {}", p.addr, ps.trim());
             }
         }
-        if std::env::var("TESSERA_CHAOS_KEEP").is_ok() {
-            std::mem::forget(dir);
-        }
         panic!("{name}: no full leadership after healing");
     }
     // Final linearizable reads of every key, recorded like any other read.
@@ -915,9 +909,7 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
         })
         .sum();
     drop(procs);
-    if std::env::var("TESSERA_CHAOS_KEEP").is_ok() {
-        std::mem::forget(dir);
-    }
+    drop(dir);
     Outcome {
         injected_drops,
         snapshots_received,

@@ -34,6 +34,25 @@ pub fn node_config(dir: &Path, id: u64, addrs: &[SocketAddr], regions: u32) -> C
     c
 }
 
+/// Whether test directories are kept after the test: `TESSERA_TEST_KEEP=1` (or the chaos
+/// harness's `TESSERA_CHAOS_KEEP=1`), for a post-mortem of the nodes' data and logs.
+pub fn keep_test_dirs() -> bool {
+    ["TESSERA_TEST_KEEP", "TESSERA_CHAOS_KEEP"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
+/// A temporary directory for one test's nodes; kept (and its path printed) when
+/// [`keep_test_dirs`] says so.
+pub fn test_dir(what: &str) -> TempDir {
+    let mut dir = tempfile::tempdir().expect("tempdir");
+    if keep_test_dirs() {
+        dir.disable_cleanup(true);
+        eprintln!("{what}: keeping {}", dir.path().display());
+    }
+    dir
+}
+
 pub struct TestCluster {
     pub dir: TempDir,
     pub addrs: Vec<SocketAddr>,
@@ -47,7 +66,7 @@ impl TestCluster {
         if let Ok(filter) = std::env::var("TESSERA_TEST_LOG") {
             let _ = tessera::logging::init(&filter, Path::new(""));
         }
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = test_dir("cluster");
         let mut listeners = Vec::new();
         for _ in 0..n {
             listeners.push(

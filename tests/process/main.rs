@@ -52,7 +52,7 @@ fn scrape_metrics(addr: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_a_leader_node_then_it_catches_up() {
     const REGIONS: u32 = 64;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::test_dir("kill9_of_a_leader_node_then_it_catches_up");
     let metrics = common::free_addrs(1)[0].to_string();
     let m = metrics.clone();
     let mut procs = start_process_cluster(dir.path(), 3, REGIONS, move |c| {
@@ -156,7 +156,7 @@ async fn kill9_of_a_leader_node_then_it_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_every_node_mid_load_loses_no_acknowledged_write() {
     const REGIONS: u32 = 16;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::test_dir("kill9_of_every_node_mid_load_loses_no_acknowledged_write");
     let mut procs = start_process_cluster(dir.path(), 3, REGIONS, |_| {});
     let addrs = endpoints(&procs);
     wait_serving(&addrs).await;
@@ -237,7 +237,7 @@ async fn kill9_of_every_node_mid_load_loses_no_acknowledged_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_gracefully_and_data_survives() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::test_dir("sigterm_stops_gracefully_and_data_survives");
     let mut procs = start_process_cluster(dir.path(), 1, 4, |_| {});
     let addrs = endpoints(&procs);
     wait_serving(&addrs).await;
@@ -288,7 +288,7 @@ fn cli(args: &[&str]) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_end_to_end_including_error_exits() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::test_dir("cli_end_to_end_including_error_exits");
     let procs = start_process_cluster(dir.path(), 3, 4, |c| {
         c.placement.heartbeat_interval_ms = 200;
         c.placement.node_down_after_ms = 2000;
@@ -504,7 +504,7 @@ async fn cli_end_to_end_including_error_exits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_for_good_is_replaced() {
     const REGIONS: u32 = 8;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::test_dir("a_node_killed_for_good_is_replaced");
     let mut procs = start_process_cluster(dir.path(), 4, REGIONS, |c| {
         c.placement.heartbeat_interval_ms = 200;
         c.placement.node_down_after_ms = 1000;
