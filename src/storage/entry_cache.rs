@@ -57,6 +57,10 @@ impl EntryCache {
         while self.entries.front().is_some_and(|e| e.index <= index) {
             self.drop_front();
         }
+        if self.entries.is_empty() {
+            // An idle region keeps no buffer: with thousands of regions that adds up.
+            self.clear();
+        }
     }
 
     fn drop_front(&mut self) {
@@ -72,7 +76,7 @@ impl EntryCache {
     }
 
     pub(super) fn clear(&mut self) {
-        self.entries.clear();
+        self.entries = VecDeque::new();
         self.bytes = 0;
     }
 }
@@ -114,9 +118,14 @@ mod tests {
         c.append(&[entry(9, 3, 10)]);
         assert_eq!(indexes(&c), [(9, 3)]);
         assert_eq!(c.bytes, 10);
-        c.clear();
+        c.drop_to(9);
         assert_eq!(c.first_index(), None);
         assert_eq!(c.bytes, 0);
+        assert_eq!(
+            c.entries.capacity(),
+            0,
+            "an applied-out cache frees its buffer"
+        );
     }
 
     #[test]
