@@ -23,7 +23,7 @@ for path in sorted(glob.glob(os.path.join(out, "*.json"))):
         if r["ops"] > 0:
             r["cpu_us_per_op"] = 1e6 * r["cpu_seconds"] / r["ops"]
     runs.setdefault((r["target"], r["workload"], r["concurrency"]), []).append(r)
-rounds = max((len(v) for (_, _, c), v in runs.items() if c == 64), default=0)
+rounds = max((len(v) for v in runs.values()), default=0)
 
 
 def median(xs):
@@ -107,8 +107,9 @@ print(f"- tessera: 3 nodes, {regions} user regions + placement, 3 replicas, fsyn
 print("- etcd: 3 members (Debian etcd-server), fsync on (always), defaults otherwise")
 print("- load: `tessera bench` for both, same process and settings: 4 connections, 256-byte "
       "values, uniform keys; the system not under test is paused (SIGSTOP) during each run")
-print(f"- workloads at 64 in flight: {rounds} round(s), the systems taking turns; figures are "
-      "medians over the rounds, ops/s with (lowest–highest)")
+print(f"- workloads at 64 in flight and the single-client put: {rounds} round(s), the systems "
+      "taking turns; figures are medians over the rounds, ops/s with (lowest–highest); the rest "
+      "of the concurrency sweep runs once")
 print("- server CPU per operation: user + system time of the three server processes during the "
       "measured part of a run, divided by its operations (the load generator not included)\n")
 print("## Workloads at 64 in flight\n")
