@@ -19,8 +19,21 @@ pub(super) struct EntryCache {
 }
 
 impl EntryCache {
-    pub(super) fn first_index(&self) -> Option<u64> {
+    fn first_index(&self) -> Option<u64> {
         self.entries.front().map(|e| e.index)
+    }
+
+    /// The entries `[low, high)`, if the cache holds all of them.
+    pub(super) fn range(&self, low: u64, high: u64) -> Option<impl Iterator<Item = &Entry>> {
+        let first = self.first_index()?;
+        let last = self.entries.back()?.index;
+        if low < first || high > last + 1 || low >= high {
+            return None;
+        }
+        Some(
+            self.entries
+                .range((low - first) as usize..(high - first) as usize),
+        )
     }
 
     pub(super) fn get(&self, index: u64) -> Option<&Entry> {

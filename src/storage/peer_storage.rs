@@ -311,9 +311,7 @@ impl PeerStorage {
         hs: Option<&HardState>,
         batch: &mut WriteBatch<'_>,
     ) -> Result<(), Error> {
-        if !entries.is_empty() {
-            self.append_entries(entries, batch)?;
-        }
+        self.append_entries(entries, batch)?;
         if let Some(hs) = hs {
             self.raft_state.term = hs.term;
             self.raft_state.vote = hs.vote;
@@ -640,6 +638,30 @@ pub fn conf_state_from_record(r: &ConfStateRecord) -> ConfState {
     }
 }
 
+/// raft-rs's `max_size` rule for the entries `entries()` returns: stop before the entry that
+/// takes their total size past the limit, but always return at least one.
+struct SizeLimit {
+    max: u64,
+    used: u64,
+    taken: usize,
+}
+
+impl SizeLimit {
+    fn new(max: u64) -> Self {
+        Self {
+            max,
+            used: 0,
+            taken: 0,
+        }
+    }
+
+    fn admits(&mut self, e: &Entry) -> bool {
+        self.used += u64::from(e.compute_size());
+        self.taken += 1;
+        self.taken == 1 || self.used <= self.max
+    }
+}
+
 fn store_err(e: StorageError) -> raft::Error {
     raft::Error::Store(e)
 }
@@ -672,25 +694,11 @@ impl raft::Storage for PeerStorage {
         if low >= high {
             return Ok(Vec::new());
         }
-        let max_size = max_size.into().unwrap_or(u64::MAX);
-        if self.cache.first_index().is_some_and(|first| first <= low) {
-            // The cache ends at last_index, so it holds all of [low, high).
-            let mut out = Vec::with_capacity((high - low).min(1024) as usize);
-            let mut size = 0u64;
-            for i in low..high {
-                let Some(e) = self.cache.get(i) else { break };
-                size += u64::from(e.compute_size());
-                if !out.is_empty() && size > max_size {
-                    break;
-                }
-                out.push(e.clone());
-            }
-            if !out.is_empty() {
-                return Ok(out);
-            }
+        let mut limit = SizeLimit::new(max_size.into().unwrap_or(u64::MAX));
+        if let Some(cached) = self.cache.range(low, high) {
+            return Ok(cached.take_while(|e| limit.admits(e)).cloned().collect());
         }
         let mut out = Vec::with_capacity((high - low).min(1024) as usize);
-        let mut size = 0u64;
         let mut expect = low;
         self.engine.scan(
             Cf::Raft,
@@ -701,9 +709,7 @@ impl raft::Storage for PeerStorage {
                 if e.index != expect {
                     return Err(Error::corrupt(k, format!("expected entry {expect}")));
                 }
-                size += u64::from(e.compute_size());
-                // Always return at least one entry, as raft-rs requires.
-                if !out.is_empty() && size > max_size {
+                if !limit.admits(&e) {
                     return Ok(false);
                 }
                 out.push(e);

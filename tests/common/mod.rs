@@ -34,19 +34,15 @@ pub fn node_config(dir: &Path, id: u64, addrs: &[SocketAddr], regions: u32) -> C
     c
 }
 
-/// Whether test directories are kept after the test: `TESSERA_TEST_KEEP=1` (or the chaos
-/// harness's `TESSERA_CHAOS_KEEP=1`), for a post-mortem of the nodes' data and logs.
-pub fn keep_test_dirs() -> bool {
-    ["TESSERA_TEST_KEEP", "TESSERA_CHAOS_KEEP"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
-}
-
-/// A temporary directory for one test's nodes; kept (and its path printed) when
-/// [`keep_test_dirs`] says so.
+/// A temporary directory for one test's nodes. `TESSERA_TEST_KEEP=1` (or the chaos
+/// harness's `TESSERA_CHAOS_KEEP=1`) keeps it, and prints its path, for a post-mortem of the
+/// nodes' data and logs.
 pub fn test_dir(what: &str) -> TempDir {
     let mut dir = tempfile::tempdir().expect("tempdir");
-    if keep_test_dirs() {
+    let keep = ["TESSERA_TEST_KEEP", "TESSERA_CHAOS_KEEP"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    if keep {
         dir.disable_cleanup(true);
         eprintln!("{what}: keeping {}", dir.path().display());
     }
