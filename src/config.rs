@@ -154,6 +154,9 @@ pub struct RaftConfig {
     pub log_gc_threshold: u64,
     /// Idle regions stop ticking and heartbeating until the next message or request.
     pub hibernate_regions: bool,
+    /// Leaders serve linearizable reads within a lease of `election_ticks - 2` ticks from
+    /// the last quorum acknowledgement, without a ReadIndex round.
+    pub lease_reads: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +223,7 @@ impl Default for RaftConfig {
             max_size_per_msg: 1 << 20,
             log_gc_threshold: 1024,
             hibernate_regions: true,
+            lease_reads: true,
         }
     }
 }

@@ -6,18 +6,20 @@
 //! - a proposal is answered only after the entry that carries it is applied *and* the batch
 //!   holding that apply is written; it is matched by `(term, index)`, never FIFO, so an entry
 //!   overwritten after a leader change answers `NotLeader` instead of someone else's result;
-//! - a linearizable read is served only by a leader, after a ReadIndex round confirmed the
-//!   leadership and the region applied up to that index;
+//! - a linearizable read is served only by a leader: within its lease (see `lease`), or
+//!   after a ReadIndex round confirmed the leadership and the region applied up to that index;
 //! - the command's epoch and key are checked at propose time and again at apply time, so a
 //!   command never writes outside the range the region has when it applies.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use raft::eraftpb::{self, EntryType, MessageType};
 use raft::{RawNode, Ready, StateRole};
 
 mod admin;
 mod hibernate;
+mod lease;
 
 use super::apply::{self, ApplyCtx};
 use super::cmd::{self, ApplyResult, Command};
@@ -31,6 +33,8 @@ use crate::transport::Transport;
 struct Proposal {
     index: u64,
     term: u64,
+    /// When it was proposed: its commit renews the leader's lease from then.
+    at: Option<Instant>,
     reply: Reply<ApplyResult>,
 }
 
@@ -49,11 +53,19 @@ pub struct Peer {
     proposals: VecDeque<Proposal>,
     /// Reads that arrived this round; they share one ReadIndex request.
     reads_unsent: Vec<PendingRead>,
-    /// ReadIndex requests sent to raft, by context.
-    reads_inflight: VecDeque<(u64, Vec<PendingRead>)>,
+    /// ReadIndex requests sent to raft: context, send time (for the lease), reads.
+    reads_inflight: VecDeque<(u64, Instant, Vec<PendingRead>)>,
     /// Reads whose read index is known, served once the region has applied that far.
     reads_ready: VecDeque<(u64, Vec<PendingRead>)>,
     next_read_ctx: u64,
+    lease: lease::Lease,
+    /// A lease read served this round found the lease past half: send a ReadIndex round
+    /// (with no reads) to renew it.
+    renew_lease: bool,
+    /// The term in which this leader has applied an entry of its own (lease reads need it).
+    applied_own_term: u64,
+    /// Vote requests are dropped until then (a restarted peer, see `lease`).
+    refuse_votes_until: Option<Instant>,
     log_gc_threshold: u64,
     /// Write commands applied since start (load reporting).
     writes_applied: u64,
@@ -110,6 +122,14 @@ impl Peer {
             reads_inflight: VecDeque::new(),
             reads_ready: VecDeque::new(),
             next_read_ctx: 1,
+            lease: lease::Lease::new(
+                cfg.lease_reads,
+                Duration::from_millis(cfg.tick_interval_ms),
+                cfg.election_ticks,
+            ),
+            renew_lease: false,
+            applied_own_term: 0,
+            refuse_votes_until: None,
             log_gc_threshold: cfg.log_gc_threshold,
             writes_applied: 0,
             changed: false,
@@ -271,6 +291,7 @@ impl Peer {
         };
         if to.id != self.peer_id.0 {
             self.raw.transfer_leader(to.id);
+            self.check_transfer(Instant::now());
         }
         Ok(())
     }
@@ -296,6 +317,11 @@ impl Peer {
                 }
             }
         }
+        if self.refuse_votes_until.is_some() && self.refuses_vote(&m) {
+            metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "vote_after_restart")
+                .increment(1);
+            return;
+        }
         if m.get_msg_type() == MessageType::MsgSnapshot && !self.snapshot_is_valid(&m) {
             metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "bad_snapshot")
                 .increment(1);
@@ -306,6 +332,8 @@ impl Peer {
             metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "step_error")
                 .increment(1);
         }
+        // A follower may ask the leader to transfer leadership.
+        self.check_transfer(Instant::now());
     }
 
     /// A snapshot from the network is checked before raft accepts it: once raft has it,
@@ -341,6 +369,7 @@ impl Peer {
             }
         }
         let data = cmd::encode(&cmd, epoch);
+        let at = Instant::now();
         if let Err(e) = self.raw.propose(vec![], data) {
             tracing::debug!(region = %self.region_id, error = %e, "proposal dropped");
             let _ = reply.send(Err(self.not_leader()));
@@ -350,6 +379,7 @@ impl Peer {
         self.proposals.push_back(Proposal {
             index: self.raw.raft.raft_log.last_index(),
             term: self.raw.raft.term,
+            at: Some(at),
             reply,
         });
     }
@@ -385,12 +415,22 @@ impl Peer {
             let _ = reply.send(Err(self.not_leader()));
             return;
         }
+        let now = Instant::now();
+        if self.lease_read_ok(now) {
+            metrics::counter!("tessera_reads_total", "path" => "lease").increment(1);
+            let _ = reply.send(self.serve_read(&req));
+            self.renew_lease |= self.lease.wants_renewal(now);
+            return;
+        }
+        metrics::counter!("tessera_reads_total", "path" => "read_index").increment(1);
         self.reads_unsent.push(PendingRead { req, epoch, reply });
     }
 
-    /// Sends one ReadIndex request for every read that arrived this round.
+    /// Sends one ReadIndex request for every read that arrived this round (or, with none,
+    /// to renew a lease that a lease read found past half).
     pub fn flush_reads(&mut self) {
-        if self.reads_unsent.is_empty() {
+        let renew = std::mem::take(&mut self.renew_lease) && self.reads_inflight.is_empty();
+        if self.reads_unsent.is_empty() && !renew {
             return;
         }
         if !self.is_leader() {
@@ -408,9 +448,10 @@ impl Peer {
         }
         let ctx = self.next_read_ctx;
         self.next_read_ctx += 1;
+        let sent = Instant::now();
         self.raw.read_index(ctx.to_be_bytes().to_vec());
         let reads = std::mem::take(&mut self.reads_unsent);
-        self.reads_inflight.push_back((ctx, reads));
+        self.reads_inflight.push_back((ctx, sent, reads));
     }
 
     /// Serves reads whose read index has been applied. Call after the round's writes.
@@ -538,14 +579,20 @@ impl Peer {
         if let Err(e) = self.raw.mut_store().persist(rd.entries(), hs.as_ref(), wb) {
             crate::fatal(&format!("{}: append: {e}", self.region_id));
         }
-        for rs in rd.take_read_states() {
+        let read_states = rd.take_read_states();
+        if !read_states.is_empty() {
+            self.check_transfer(Instant::now());
+        }
+        for rs in read_states {
             let ctx = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
-            while let Some((c, _)) = self.reads_inflight.front() {
+            while let Some((c, _, _)) = self.reads_inflight.front() {
                 if *c > ctx {
                     break;
                 }
-                let (c, reads) = self.reads_inflight.pop_front().expect("checked front");
+                let (c, sent, reads) = self.reads_inflight.pop_front().expect("checked front");
                 if c == ctx {
+                    // A quorum answered the heartbeat this leader sent at `sent`.
+                    self.lease.renew(sent);
                     self.reads_ready.push_back((rs.index, reads));
                 } else {
                     // An older request raft never answered (it was dropped): retry the reads.
@@ -583,14 +630,16 @@ impl Peer {
 
     fn on_role_change(&mut self) {
         self.changed = true;
+        self.lease.expire(Instant::now());
         if !self.is_leader() {
             // Reads waiting on a leadership that is gone can never be confirmed.
             let err = self.not_leader();
             let waiting = self
                 .reads_inflight
                 .drain(..)
-                .chain(self.reads_ready.drain(..))
-                .flat_map(|(_, r)| r)
+                .map(|(_, _, r)| r)
+                .chain(self.reads_ready.drain(..).map(|(_, r)| r))
+                .flatten()
                 .chain(self.reads_unsent.drain(..));
             for r in waiting {
                 let _ = r.reply.send(Err(err.clone()));
@@ -695,7 +744,17 @@ impl Peer {
                 continue;
             }
             let res = match (&result, p.term == term) {
-                (Some(r), true) => r.clone(),
+                (Some(r), true) => {
+                    // Committed: a quorum took an append this leader sent after `p.at`.
+                    if let Some(at) = p.at.filter(|_| {
+                        self.is_leader()
+                            && self.raw.raft.term == term
+                            && self.raw.raft.lead_transferee.is_none()
+                    }) {
+                        self.lease.renew(at);
+                    }
+                    r.clone()
+                }
                 // Same index, other term: another leader's entry replaced ours.
                 _ => Err(self.not_leader()),
             };

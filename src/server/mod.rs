@@ -92,6 +92,9 @@ impl Node {
             path: db_path.display().to_string(),
             source,
         })?;
+        // Peers of a node that ran before may have acknowledged a leader just before it
+        // died: they refuse votes for a while (see raftstore/peer/lease.rs).
+        let restarted = bootstrap::store_ident(&engine)?.is_some();
         if cfg.joining() {
             members = join_cluster(&mut cfg, &engine).await?;
         }
@@ -128,6 +131,8 @@ impl Node {
             crate::logging::raft_logger(),
             engine.clone(),
         );
+        let election_timeout =
+            Duration::from_millis(cfg.raft.tick_interval_ms) * cfg.raft.election_ticks as u32;
         for id in &region_ids {
             let storage =
                 PeerStorage::open(engine.clone(), *id).map_err(|e| StartError::Region {
@@ -138,10 +143,13 @@ impl Node {
                 let r = storage.region();
                 store.set_range(*id, &r.start_key, &r.end_key);
             }
-            let peer = Peer::new(storage, &store).map_err(|reason| StartError::Region {
+            let mut peer = Peer::new(storage, &store).map_err(|reason| StartError::Region {
                 region: *id,
                 reason,
             })?;
+            if restarted {
+                peer.refuse_votes_for(election_timeout);
+            }
             let w = router.worker_for(*id);
             router.register(*id, w);
             router.send_worker(w, WorkerMsg::AddPeer(Box::new(peer)));

@@ -403,6 +403,10 @@ struct Outcome {
     moves: u32,
     /// Raft messages lost to injected link faults, all nodes.
     injected_drops: u64,
+    /// Linearizable reads served under a leader lease / after a ReadIndex round, all nodes
+    /// (counted since each node's last start).
+    lease_reads: u64,
+    read_index_reads: u64,
     verdict: Verdict,
     ok: usize,
     failed_reads: usize,
@@ -908,10 +912,17 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
             )
         })
         .sum();
+    let reads_by = |path: &str| -> u64 {
+        let name = format!("tessera_reads_total{{path=\"{path}\"}}");
+        metrics.iter().map(|m| metric(m, &name)).sum()
+    };
+    let (lease_reads, read_index_reads) = (reads_by("lease"), reads_by("read_index"));
     drop(procs);
     drop(dir);
     Outcome {
         injected_drops,
+        lease_reads,
+        read_index_reads,
         snapshots_received,
         crashes,
         splits,
@@ -1054,6 +1065,22 @@ async fn run_scenario(name: &str, fault: Fault) {
                 o.snapshots_received > 0,
                 "{name}: the cut-off follower caught up without a snapshot"
             );
+        }
+        eprintln!(
+            "chaos {name} seed {seed}: linearizable reads by lease {}, by ReadIndex {}",
+            o.lease_reads, o.read_index_reads
+        );
+        if matches!(
+            fault,
+            Fault::PauseLeaderHeavy
+                | Fault::IsolateNode
+                | Fault::MajorityRing
+                | Fault::OneWay
+                | Fault::SlowLossyLinks
+        ) {
+            // No node restarts in these, so the counters cover the whole run: the faults
+            // that could make a lease unsafe must have met lease reads.
+            assert!(o.lease_reads > 0, "{name}: no read was served by lease");
         }
         let lin = matches!(o.verdict, Verdict::Linearizable);
         eprintln!(

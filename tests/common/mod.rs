@@ -230,35 +230,52 @@ pub async fn local_get(
     region: &tessera::proto::Region,
     key: &[u8],
 ) -> Option<Option<tessera::proto::KeyValue>> {
+    get_at(addr, region, key, false, Duration::from_secs(3))
+        .await
+        .ok()
+}
+
+/// A get of `key` in `region` sent to `addr` only (no routing, no retry): `Ok` when that
+/// node served it, `Err` for a region error, a failure, or no answer within `wait`.
+pub async fn get_at(
+    addr: &str,
+    region: &tessera::proto::Region,
+    key: &[u8],
+    linearizable: bool,
+    wait: Duration,
+) -> Result<Option<tessera::proto::KeyValue>, String> {
     use tessera::proto::kv_client::KvClient;
     use tessera::proto::{GetRequest, ReadConsistency, RequestHeader};
-    let mut kv = tokio::time::timeout(
-        Duration::from_secs(1),
-        KvClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let r = tokio::time::timeout(
-        Duration::from_secs(2),
-        kv.get(GetRequest {
-            header: Some(RequestHeader {
-                region_id: region.id,
-                region_epoch: region.epoch,
-                consistency: ReadConsistency::Serializable as i32,
-                system: false,
-            }),
-            key: key.to_vec(),
-        }),
-    )
-    .await
-    .ok()?
-    .ok()?
-    .into_inner();
-    if r.region_error.is_some() {
-        return None;
-    }
-    Some(r.kv)
+    let consistency = if linearizable {
+        ReadConsistency::Linearizable
+    } else {
+        ReadConsistency::Serializable
+    };
+    let call = async {
+        let mut kv = KvClient::connect(format!("http://{addr}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let r = kv
+            .get(GetRequest {
+                header: Some(RequestHeader {
+                    region_id: region.id,
+                    region_epoch: region.epoch,
+                    consistency: consistency as i32,
+                    system: false,
+                }),
+                key: key.to_vec(),
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        match r.region_error {
+            Some(e) => Err(format!("{e:?}")),
+            None => Ok(r.kv),
+        }
+    };
+    tokio::time::timeout(wait, call)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {wait:?}")))
 }
 
 /// Waits until every region of the running nodes has a leader known to all of them.

@@ -78,6 +78,8 @@ impl Peer {
         self.proposals.push_back(Proposal {
             index: self.raw.raft.raft_log.last_index(),
             term: self.raw.raft.term,
+            // A membership change's commit does not renew the lease: the quorum changes.
+            at: None,
             reply,
         });
     }

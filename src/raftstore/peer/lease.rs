@@ -1,0 +1,205 @@
+//! Leader lease: a leader that a quorum acknowledged at time `t` serves linearizable reads
+//! from its own applied state until `t + max`, without a ReadIndex round.
+//!
+//! Why it is safe. A follower that accepts a message of the leader (an append, or the
+//! heartbeat of a ReadIndex round) sent at `t` resets its election timer on arrival, after
+//! `t`; with `check_quorum` raft-rs then ignores every vote and pre-vote request until that
+//! timer has run `election_ticks` ticks, which takes at least `(election_ticks - 1)` tick
+//! intervals (a worker never ticks faster than its interval, and a hibernating peer does not
+//! tick at all). A quorum that acknowledged the leader at `t` therefore elects nobody else
+//! before `t + (election_ticks - 1) * tick`; the lease ends one tick before that. Times are
+//! the monotonic clock, which keeps running while a process is stopped, so a leader paused
+//! past its lease (SIGSTOP) finds the lease over when it resumes.
+//!
+//! What the argument needs, and where it is kept:
+//! - a *forced* election (leader transfer: raft-rs's `MsgTimeoutNow`) skips the followers'
+//!   timer: no lease while a transfer is pending and for one election timeout after it;
+//! - a follower that restarts forgets its timer: peers loaded at start refuse (pre-)votes
+//!   for one election timeout ([`Peer::refuse_votes_for`](super::Peer::refuse_votes_for));
+//! - a new leader may not have applied entries that its predecessors acknowledged: lease
+//!   reads start once it has applied an entry of its own term;
+//! - in a joint configuration the quorum is two quorums: no lease reads until it is left.
+
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::{self, MessageType};
+
+use super::Peer;
+
+pub(super) struct Lease {
+    /// How long after the send time of an acknowledged message the lease runs; zero turns
+    /// lease reads off.
+    max: Duration,
+    /// End of the current lease.
+    until: Option<Instant>,
+    /// Acknowledgements of messages sent before this do not count (a leader transfer was
+    /// pending then, or leadership changed).
+    not_before: Option<Instant>,
+    /// How long lease reads stay off after a leader transfer was last seen pending.
+    after_transfer: Duration,
+}
+
+impl Lease {
+    pub(super) fn new(enabled: bool, tick: Duration, election_ticks: usize) -> Self {
+        let ticks = if enabled {
+            election_ticks.saturating_sub(2) as u32
+        } else {
+            0
+        };
+        Self {
+            max: tick * ticks,
+            until: None,
+            not_before: None,
+            after_transfer: tick * (2 * election_ticks as u32),
+        }
+    }
+
+    pub(super) fn enabled(&self) -> bool {
+        !self.max.is_zero()
+    }
+
+    /// A quorum acknowledged a message this leader sent at `sent`.
+    pub(super) fn renew(&mut self, sent: Instant) {
+        if !self.enabled() || self.not_before.is_some_and(|nb| sent < nb) {
+            return;
+        }
+        let until = sent + self.max;
+        if self.until.is_none_or(|u| u < until) {
+            self.until = Some(until);
+        }
+    }
+
+    /// Ends the lease, and ignores acknowledgements of anything sent before now.
+    pub(super) fn expire(&mut self, now: Instant) {
+        self.until = None;
+        self.not_before = Some(self.not_before.map_or(now, |nb| nb.max(now)));
+    }
+
+    /// A leader transfer is pending: no lease now, and none for one election timeout after
+    /// the transfer is over (a late `MsgTimeoutNow` could still start a forced election).
+    pub(super) fn transfer_pending(&mut self, now: Instant) {
+        self.expire(now + self.after_transfer);
+    }
+
+    pub(super) fn valid_at(&self, now: Instant) -> bool {
+        self.until.is_some_and(|u| now < u)
+    }
+
+    /// Whether the lease should be renewed now: it is held but has less than half to run.
+    pub(super) fn wants_renewal(&self, now: Instant) -> bool {
+        self.until
+            .is_some_and(|u| u.saturating_duration_since(now) < self.max / 2)
+    }
+}
+
+impl Peer {
+    /// Drops (pre-)vote requests for `d`: this peer was loaded at start and may have
+    /// acknowledged a leader, whose lease counts on it, just before the process died.
+    pub fn refuse_votes_for(&mut self, d: Duration) {
+        if self.lease.enabled() {
+            self.refuse_votes_until = Some(Instant::now() + d);
+        }
+    }
+
+    pub(super) fn refuses_vote(&mut self, m: &eraftpb::Message) -> bool {
+        let Some(until) = self.refuse_votes_until else {
+            return false;
+        };
+        if Instant::now() >= until {
+            self.refuse_votes_until = None;
+            return false;
+        }
+        matches!(
+            m.get_msg_type(),
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        ) && m.context != raft::CAMPAIGN_TRANSFER
+    }
+
+    /// Keeps the lease off while raft has a leader transfer pending.
+    pub(super) fn check_transfer(&mut self, now: Instant) {
+        if self.raw.raft.lead_transferee.is_some() {
+            self.lease.transfer_pending(now);
+        }
+    }
+
+    /// Whether a linearizable read may be served from the applied state right now.
+    pub(super) fn lease_read_ok(&mut self, now: Instant) -> bool {
+        if !self.lease.enabled() || !self.is_leader() {
+            return false;
+        }
+        self.check_transfer(now);
+        if !self.lease.valid_at(now) || self.raw.store().in_joint_config() {
+            return false;
+        }
+        let term = self.raw.raft.term;
+        if self.applied_own_term != term {
+            let applied = self.raw.store().applied_index();
+            if self.raw.raft.raft_log.term(applied).ok() != Some(term) {
+                return false;
+            }
+            self.applied_own_term = term;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: Duration = Duration::from_millis(100);
+
+    #[test]
+    fn lease_runs_from_the_send_time_and_ends_before_a_follower_may_vote() {
+        let mut l = Lease::new(true, TICK, 10);
+        let t = Instant::now();
+        assert!(!l.valid_at(t));
+        l.renew(t);
+        assert!(l.valid_at(t + Duration::from_millis(799)));
+        assert!(!l.valid_at(t + Duration::from_millis(800)));
+        // A follower may vote (election_ticks - 1) intervals after it heard the leader.
+        assert!(t + l.max < t + TICK * 9);
+        // An older acknowledgement does not shorten the lease.
+        l.renew(t - Duration::from_millis(500));
+        assert!(l.valid_at(t + Duration::from_millis(799)));
+        assert!(l.wants_renewal(t + Duration::from_millis(450)));
+        assert!(!l.wants_renewal(t + Duration::from_millis(350)));
+    }
+
+    #[test]
+    fn acknowledgements_of_messages_sent_before_expiry_do_not_count() {
+        let mut l = Lease::new(true, TICK, 10);
+        let t = Instant::now();
+        l.renew(t);
+        l.expire(t + Duration::from_millis(10));
+        assert!(!l.valid_at(t + Duration::from_millis(20)));
+        l.renew(t + Duration::from_millis(5));
+        assert!(!l.valid_at(t + Duration::from_millis(20)));
+        l.renew(t + Duration::from_millis(10));
+        assert!(l.valid_at(t + Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn a_transfer_keeps_the_lease_off_for_an_election_timeout() {
+        let mut l = Lease::new(true, TICK, 10);
+        let t = Instant::now();
+        l.transfer_pending(t);
+        l.renew(t + Duration::from_millis(1999));
+        assert!(!l.valid_at(t + Duration::from_millis(2000)));
+        l.renew(t + Duration::from_millis(2000));
+        assert!(l.valid_at(t + Duration::from_millis(2001)));
+    }
+
+    #[test]
+    fn disabled_lease_is_never_valid() {
+        let mut l = Lease::new(false, TICK, 10);
+        let t = Instant::now();
+        l.renew(t);
+        assert!(!l.enabled());
+        assert!(!l.valid_at(t));
+        // Too few election ticks leave no room for a lease either.
+        let mut l = Lease::new(true, TICK, 2);
+        l.renew(t);
+        assert!(!l.valid_at(t));
+    }
+}
