@@ -201,13 +201,21 @@ impl PeerStorage {
                 "region state has no region descriptor",
             ));
         }
-        let raft_state: RaftLocalState = engine
+        let mut raft_state: RaftLocalState = engine
             .get_msg(Cf::Raft, &keys::raft_state_key(region_id))?
             .unwrap_or_default();
         let apply_state: RaftApplyState = engine
             .get_msg(Cf::Raft, &keys::apply_state_key(region_id))?
             .unwrap_or_default();
+        // The record is rewritten only when term or vote change (`persist`): the log itself
+        // says where it ends. With no entry past the truncation point, it ends there.
+        let (start, end) = keys::raft_log_range(region_id);
+        raft_state.last_index = match engine.last_key(Cf::Raft, &start, &end)? {
+            Some(k) => keys::decode_raft_log_key(&k)?.1,
+            None => apply_state.truncated_index,
+        };
         if raft_state.last_index < apply_state.truncated_index
+            || raft_state.commit > raft_state.last_index
             || apply_state.applied_index < apply_state.truncated_index
             || apply_state.applied_index > raft_state.last_index
         {
@@ -219,7 +227,6 @@ impl PeerStorage {
                 ),
             ));
         }
-        let mut raft_state = raft_state;
         raft_state.commit = raft_state.commit.max(apply_state.applied_index);
         let mut s = Self {
             engine,
@@ -304,7 +311,11 @@ impl PeerStorage {
     }
 
     /// What one raft `Ready` asks to persist: new entries (as [`Self::append`]) and a changed
-    /// hard state, with the raft state record written once for both.
+    /// hard state. The raft state record is written only when term or vote change: they
+    /// must be durable before this peer sends anything, while the last index is found from
+    /// the log at `open` and the commit index is soft state (raised to the applied index at
+    /// `open`, learned from the leader otherwise). With many regions each taking one entry
+    /// per round, this saves a record write per region and round on every replica.
     pub fn persist(
         &mut self,
         entries: &[Entry],
@@ -313,12 +324,13 @@ impl PeerStorage {
     ) -> Result<(), Error> {
         self.append_entries(entries, batch)?;
         if let Some(hs) = hs {
+            let vote_changed = hs.term != self.raft_state.term || hs.vote != self.raft_state.vote;
             self.raft_state.term = hs.term;
             self.raft_state.vote = hs.vote;
             self.raft_state.commit = hs.commit;
-        }
-        if !entries.is_empty() || hs.is_some() {
-            self.put_raft_state(batch);
+            if vote_changed {
+                self.put_raft_state(batch);
+            }
         }
         Ok(())
     }

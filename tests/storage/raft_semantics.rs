@@ -366,3 +366,62 @@ fn commit_reopens_at_least_at_applied() {
     assert_eq!(hs.commit, 5, "raised from the stored 3 to the applied 5");
     assert_eq!(reopened.applied_index(), 5);
 }
+
+/// The raft state record is rewritten only when term or vote change; on reopen the last
+/// index (and its term) come from the log itself, or from the truncation point once the
+/// log is compacted away.
+#[test]
+fn raft_state_written_for_term_and_vote_last_index_read_from_the_log() {
+    use raft::eraftpb::HardState;
+    use tessera::proto::RaftLocalState;
+    let (dir, engine) = open_engine();
+    let mut ps = storage_with(&engine, &region(1, b"", b""), 3, &[]);
+    let stored = |engine: &tessera::storage::Engine| -> RaftLocalState {
+        engine
+            .get_msg(Cf::Raft, &keys::raft_state_key(RegionId(1)))
+            .unwrap()
+            .unwrap()
+    };
+    let persist = |ps: &mut PeerStorage, ents: &[raft::eraftpb::Entry], hs: Option<HardState>| {
+        let mut b = engine.batch();
+        ps.persist(ents, hs.as_ref(), &mut b).unwrap();
+        engine.write(b, true).unwrap();
+    };
+    // Appends alone leave the record as it was.
+    persist(&mut ps, &[entry(4, 4), entry(5, 4)], None);
+    assert_eq!(stored(&engine).last_index, 3);
+    // A new term and vote are written with the round's entries.
+    let hs = |term, vote, commit| HardState {
+        term,
+        vote,
+        commit,
+        ..Default::default()
+    };
+    persist(&mut ps, &[entry(6, 5)], Some(hs(5, 2, 4)));
+    let st = stored(&engine);
+    assert_eq!((st.term, st.vote, st.commit, st.last_index), (5, 2, 4, 6));
+    // A commit-only change is not.
+    persist(&mut ps, &[entry(7, 5)], Some(hs(5, 2, 6)));
+    assert_eq!(stored(&engine).commit, 4);
+
+    let reopen = |engine: &tessera::storage::Engine| PeerStorage::open(engine.clone(), RegionId(1));
+    let again = reopen(&engine).unwrap();
+    assert_eq!(again.last_index(), Ok(7));
+    assert_eq!(again.term(7), Ok(5));
+    let st = again.initial_state().unwrap().hard_state;
+    assert_eq!((st.term, st.vote, st.commit), (5, 2, 4));
+
+    // Compacted up to the last entry: the log holds no key, it ends at the truncation.
+    let mut b = engine.batch();
+    ps.set_applied_index(7, &mut b);
+    ps.compact_to(7, &mut b).unwrap();
+    engine.write(b, true).unwrap();
+    drop((ps, again));
+    drop(engine);
+    let engine = tessera::storage::Engine::open(dir.path(), &Default::default()).unwrap();
+    let again = reopen(&engine).unwrap();
+    assert_eq!(again.last_index(), Ok(7));
+    assert_eq!(again.first_index(), Ok(8));
+    assert_eq!(again.term(7), Ok(5));
+    assert_eq!(again.initial_state().unwrap().hard_state.commit, 7);
+}
