@@ -72,6 +72,10 @@ impl Engine {
         let mut data_opts = Options::default();
         data_opts.set_block_based_table_factory(&table);
         data_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Apply looks up every written key's previous record; a whole-key bloom filter lets
+        // a key that is not in the memtable skip the skiplist search.
+        data_opts.set_memtable_prefix_bloom_ratio(0.02);
+        data_opts.set_memtable_whole_key_filtering(true);
         let mut raft_opts = Options::default();
         raft_opts.set_block_based_table_factory(&table);
         // Raft log entries are mostly read back from the memtable right after being written
