@@ -11,6 +11,7 @@
 //! - [`router`]: region id → worker mailbox;
 //! - [`worker`]: the thread loop and the group-commit round;
 //! - [`peer`]: one replica: proposals, reads, the two halves of Ready handling;
+//! - [`local_read`]: lease reads served on the gRPC thread, without the worker;
 //! - [`apply`]: the KV state machine;
 //! - [`cmd`]: commands in the raft log and their results;
 //! - [`msg`]: what reaches a worker and the errors that go back;
@@ -20,6 +21,7 @@
 pub mod apply;
 pub mod bootstrap;
 pub mod cmd;
+pub mod local_read;
 pub mod msg;
 pub mod peer;
 pub mod router;

@@ -23,11 +23,12 @@ mod lease;
 
 use super::apply::{self, ApplyCtx};
 use super::cmd::{self, ApplyResult, Command};
+use super::local_read;
 use super::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, RegionInfo, Reply};
 use super::store::StoreCtx;
 use crate::ids::{PeerId, RegionId};
-use crate::proto::{self, KvRecord, RegionEpoch};
-use crate::storage::{keys, Cf, PeerStorage, WriteBatch};
+use crate::proto::{self, RegionEpoch};
+use crate::storage::{keys, PeerStorage, WriteBatch};
 use crate::transport::Transport;
 
 struct Proposal {
@@ -66,6 +67,8 @@ pub struct Peer {
     applied_own_term: u64,
     /// Vote requests are dropped until then (a restarted peer, see `lease`).
     refuse_votes_until: Option<Instant>,
+    /// The lease end and epoch version published to the node's local reader, if any.
+    published: Option<(Instant, u64)>,
     log_gc_threshold: u64,
     /// Write commands applied since start (load reporting).
     writes_applied: u64,
@@ -137,6 +140,7 @@ impl Peer {
             renew_lease: false,
             applied_own_term: 0,
             refuse_votes_until: None,
+            published: None,
             log_gc_threshold: cfg.log_gc_threshold,
             writes_applied: 0,
             changed: false,
@@ -397,12 +401,7 @@ impl Peer {
     }
 
     fn check_read(&self, req: &ReadRequest, epoch: &RegionEpoch) -> Result<(), RegionError> {
-        let keys: Vec<&Vec<u8>> = match req {
-            ReadRequest::Get { key } => vec![key],
-            ReadRequest::BatchGet { keys } => keys.iter().collect(),
-            ReadRequest::Scan { start, .. } => vec![start],
-        };
-        for key in keys {
+        for key in local_read::read_keys(req) {
             self.check_route(epoch, key)?;
         }
         Ok(())
@@ -487,62 +486,7 @@ impl Peer {
     }
 
     fn serve_read(&self, req: &ReadRequest) -> Result<ReadResult, RegionError> {
-        let engine = self.raw.store().engine();
-        let busy = |e: crate::storage::Error| RegionError::ServerBusy {
-            reason: format!("storage read failed: {e}"),
-        };
-        match req {
-            ReadRequest::Get { key } => {
-                let rec: Option<KvRecord> = engine
-                    .get_msg(Cf::Data, &keys::data_key(key))
-                    .map_err(busy)?;
-                Ok(ReadResult::Get(rec.map(|r| apply::key_value(key, r))))
-            }
-            ReadRequest::BatchGet { keys } => {
-                let mut out = Vec::with_capacity(keys.len());
-                for key in keys {
-                    let rec: Option<KvRecord> = engine
-                        .get_msg(Cf::Data, &keys::data_key(key))
-                        .map_err(busy)?;
-                    out.push(rec.map(|r| apply::key_value(key, r)));
-                }
-                Ok(ReadResult::BatchGet(out))
-            }
-            ReadRequest::Scan {
-                start,
-                end,
-                limit,
-                keys_only,
-            } => {
-                let region = self.region();
-                let start = keys::data_key(start.max(&region.start_key));
-                let end = match (end.is_empty(), region.end_key.is_empty()) {
-                    (true, _) => keys::data_end_key(&region.end_key),
-                    (false, true) => keys::data_key(end),
-                    (false, false) => keys::data_key(end.min(&region.end_key)),
-                };
-                let mut kvs = Vec::new();
-                let mut more = false;
-                engine
-                    .scan(Cf::Data, &start, &end, |k, v| {
-                        if kvs.len() >= *limit {
-                            more = true;
-                            return Ok(false);
-                        }
-                        let key = keys::origin_key(k)?;
-                        let rec = <KvRecord as prost::Message>::decode(v)
-                            .map_err(|e| crate::storage::Error::corrupt(k, e))?;
-                        let mut kv = apply::key_value(key, rec);
-                        if *keys_only {
-                            kv.value.clear();
-                        }
-                        kvs.push(kv);
-                        Ok(true)
-                    })
-                    .map_err(busy)?;
-                Ok(ReadResult::Scan { kvs, more })
-            }
-        }
+        local_read::serve_read(self.raw.store().engine(), self.region(), req)
     }
 
     pub fn has_ready(&self) -> bool {
@@ -568,6 +512,7 @@ impl Peer {
             self.send(rd.take_messages(), transport);
         }
         if !rd.snapshot().is_empty() {
+            self.withdraw_lease();
             let snap = rd.snapshot().clone();
             if let Err(e) = self.raw.mut_store().apply_snapshot(&snap, wb) {
                 crate::fatal(&format!(
@@ -643,6 +588,7 @@ impl Peer {
     fn on_role_change(&mut self) {
         self.changed = true;
         self.lease.expire(Instant::now());
+        self.withdraw_lease();
         if !self.is_leader() {
             // Reads waiting on a leadership that is gone can never be confirmed.
             let err = self.not_leader();
@@ -690,6 +636,7 @@ impl Peer {
                 EntryType::EntryNormal if e.data.is_empty() => None,
                 EntryType::EntryNormal => Some(self.apply_command(&e, wb, actx)),
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.withdraw_lease();
                     let r = self.apply_conf_change(&e, wb);
                     if let Err(err) = &r {
                         tracing::info!(region = %self.region_id, index = e.index, error = %err, "conf change not applied");
@@ -728,6 +675,8 @@ impl Peer {
         } = cmd
         {
             self.raw.raft.skip_bcast_commit(true);
+            // The range the published lease vouches for is about to change.
+            self.withdraw_lease();
             return self.apply_split(split_key, new_region_id, new_peer_ids, e, wb, actx);
         }
         actx.delta_keys = 0;

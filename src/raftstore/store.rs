@@ -31,6 +31,8 @@ pub struct StoreCtx {
     /// Peers of other nodes seen sending heartbeats: a peer that does not know its region's
     /// members yet (created empty, waiting for a snapshot) answers its leader through this.
     known_peers: Arc<Mutex<HashMap<u64, proto::Peer>>>,
+    /// Lease views of this node's leaders, for reads served off the workers.
+    pub reader: super::local_read::LocalReader,
 }
 
 /// Whether `[s1, e1)` and `[s2, e2)` overlap (empty end = +infinity).
@@ -48,6 +50,7 @@ impl StoreCtx {
             ranges: Arc::default(),
             creating: Arc::default(),
             known_peers: Arc::default(),
+            reader: Default::default(),
         }
     }
 

@@ -250,6 +250,7 @@ impl Worker {
                     continue;
                 }
                 p.serve_ready_reads();
+                p.publish_lease();
                 if p.take_changed() {
                     let _ = self.hooks.changes.send(id);
                 }

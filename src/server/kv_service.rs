@@ -1,7 +1,8 @@
 //! The client KV API (`proto::Kv`).
 //!
 //! Each request names the region (and epoch) it was routed to. The service validates sizes,
-//! hands the request to the region's worker through the router, and waits for the answer.
+//! hands the request to the region's worker through the router, and waits for the answer —
+//! except a linearizable read that a leader lease vouches for, served here (`local_read`).
 //! Routing problems come back as a structured `RegionError` inside a successful response, so
 //! the client can fix its cache; only malformed requests (`InvalidArgument`) and unknown
 //! outcomes (`Unavailable`, `DeadlineExceeded`) are gRPC errors.
@@ -16,9 +17,11 @@ use crate::ids::{NodeId, RegionId};
 use crate::proto::kv_server::Kv;
 use crate::proto::{self, ReadConsistency, RequestHeader};
 use crate::raftstore::cmd::{ApplyResult, CasAction, Command, Compare};
+use crate::raftstore::local_read::LocalReader;
 use crate::raftstore::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, Reply};
 use crate::raftstore::router::{RouteError, Router};
 use crate::storage::keys::is_system_key;
+use crate::storage::Engine;
 use crate::transport::Transport;
 
 pub struct KvService {
@@ -26,6 +29,8 @@ pub struct KvService {
     transport: Transport,
     limits: ServerConfig,
     timeout: Duration,
+    /// Lease reads served here, without the region's worker.
+    local: (LocalReader, Engine),
 }
 
 /// The answer of a region: a value, or a routing error for the client.
@@ -37,12 +42,14 @@ impl KvService {
         transport: Transport,
         limits: ServerConfig,
         timeout: Duration,
+        local: (LocalReader, Engine),
     ) -> Self {
         Self {
             router,
             transport,
             limits,
             timeout,
+            local,
         }
     }
 
@@ -146,6 +153,16 @@ impl KvService {
         header: Option<RequestHeader>,
         req: ReadRequest,
     ) -> Result<Routed<ReadResult>, Status> {
+        if let Some(h) = header
+            .as_ref()
+            .filter(|h| h.consistency != ReadConsistency::Serializable as i32)
+        {
+            let epoch = h.region_epoch.unwrap_or_default();
+            let (reader, engine) = &self.local;
+            if let Some(res) = reader.try_read(engine, RegionId(h.region_id), &epoch, &req) {
+                return Ok(res.map_err(|e| self.region_error(&e)));
+            }
+        }
         self.call(header, |epoch, linearizable, reply| PeerMsg::Read {
             req,
             epoch,

@@ -912,11 +912,13 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
             )
         })
         .sum();
+    // `metric` sums every series whose line starts with the name: "lease" matches both
+    // lease paths (served by the worker, and `lease_local` on the gRPC thread).
     let reads_by = |path: &str| -> u64 {
-        let name = format!("tessera_reads_total{{path=\"{path}\"}}");
+        let name = format!("tessera_reads_total{{path=\"{path}");
         metrics.iter().map(|m| metric(m, &name)).sum()
     };
-    let (lease_reads, read_index_reads) = (reads_by("lease"), reads_by("read_index"));
+    let (lease_reads, read_index_reads) = (reads_by("lease"), reads_by("read_index\""));
     drop(procs);
     drop(dir);
     Outcome {

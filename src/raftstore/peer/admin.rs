@@ -93,6 +93,7 @@ impl Peer {
     /// with the last descriptor stays (so stale messages cannot recreate it), and its data
     /// range is deleted unless another local region owns part of it.
     pub fn destroy(mut self, wb: &mut WriteBatch<'_>) {
+        self.withdraw_lease();
         let region = self.region().clone();
         let initialized = self.raw.store().is_initialized();
         self.ctx.remove_range(self.region_id);

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use raft::eraftpb::{self, MessageType};
 
 use super::Peer;
+use crate::raftstore::local_read;
 
 pub(super) struct Lease {
     /// How long after the send time of an acknowledged message the lease runs; zero turns
@@ -118,7 +119,44 @@ impl Peer {
     /// Keeps the lease off while raft has a leader transfer pending.
     pub(super) fn check_transfer(&mut self, now: Instant) {
         if self.raw.raft.lead_transferee.is_some() {
+            self.withdraw_lease();
             self.lease.transfer_pending(now);
+        }
+    }
+
+    /// Tells the node's local reader (`local_read`) about the lease, at the end of a round:
+    /// a new view when the lease was renewed by more than a quarter of its length since the
+    /// last one (a view that lags the lease only ends early) or the epoch changed, none when
+    /// lease reads are not allowed now.
+    pub fn publish_lease(&mut self) {
+        let now = Instant::now();
+        if !self.lease_read_ok(now) {
+            self.withdraw_lease();
+            return;
+        }
+        let Some(until) = self.lease.until else {
+            return;
+        };
+        let version = self.epoch().version;
+        let stale = self
+            .published
+            .is_none_or(|(u, v)| v != version || until > u + self.lease.max / 4);
+        if stale {
+            self.ctx.reader.publish(
+                self.region_id,
+                local_read::LeaseView {
+                    region: self.region().clone(),
+                    until,
+                },
+            );
+            self.published = Some((until, version));
+        }
+    }
+
+    /// Withdraws the published lease view, before anything but time ends the lease.
+    pub(super) fn withdraw_lease(&mut self) {
+        if self.published.take().is_some() {
+            self.ctx.reader.withdraw(self.region_id);
         }
     }
 

@@ -1,0 +1,221 @@
+//! Lease reads served on the gRPC thread that received them, without a trip through the
+//! region's raft worker (TiKV's "local reader").
+//!
+//! A leader that may serve lease reads (see `peer/lease.rs`) publishes a [`LeaseView`]: its
+//! region descriptor and when its lease ends. A linearizable read whose epoch and keys match
+//! a view that has not ended is served straight from the engine; anything else — no view,
+//! lease over, another epoch, a key outside the range — goes to the worker as before, which
+//! answers it or says why not.
+//!
+//! Why that is the same read the worker would serve: the engine holds every write this
+//! leader acknowledged (a write is answered only after the batch applying it is written), and
+//! the view is withdrawn *before* anything that ends the lease other than time: a leader
+//! transfer starting, a role change, and a split, membership change or snapshot being
+//! applied (they change the range the view vouches for). Publishing a renewed lease late
+//! only shortens it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+use super::apply;
+use super::msg::{ReadRequest, ReadResult, RegionError};
+use crate::ids::RegionId;
+use crate::proto::{self, KvRecord, RegionEpoch};
+use crate::storage::{keys, Cf, Engine};
+
+/// What a leader vouches for: reads of `region`'s range with its epoch are linearizable
+/// from the engine until `until`.
+pub struct LeaseView {
+    pub region: proto::Region,
+    pub until: Instant,
+}
+
+/// The node's published lease views, shared by the workers (writers) and the gRPC services.
+#[derive(Clone, Default)]
+pub struct LocalReader {
+    views: Arc<DashMap<RegionId, Arc<LeaseView>>>,
+}
+
+impl LocalReader {
+    pub fn publish(&self, region: RegionId, view: LeaseView) {
+        self.views.insert(region, Arc::new(view));
+    }
+
+    pub fn withdraw(&self, region: RegionId) {
+        self.views.remove(&region);
+    }
+
+    /// Serves a linearizable read here if a lease vouches for it; `None` sends it to the
+    /// region's worker.
+    pub fn try_read(
+        &self,
+        engine: &Engine,
+        region: RegionId,
+        epoch: &RegionEpoch,
+        req: &ReadRequest,
+    ) -> Option<Result<ReadResult, RegionError>> {
+        let view = self.views.get(&region)?.value().clone();
+        let r = &view.region;
+        if Instant::now() >= view.until
+            || r.epoch.unwrap_or_default().version != epoch.version
+            || !read_keys(req)
+                .iter()
+                .all(|k| keys::in_range(k, &r.start_key, &r.end_key))
+        {
+            return None;
+        }
+        metrics::counter!("tessera_reads_total", "path" => "lease_local").increment(1);
+        Some(serve_read(engine, r, req))
+    }
+}
+
+/// The keys a read must find inside the region (a scan: its start; its end is clamped).
+pub fn read_keys(req: &ReadRequest) -> Vec<&[u8]> {
+    match req {
+        ReadRequest::Get { key } => vec![key],
+        ReadRequest::BatchGet { keys } => keys.iter().map(Vec::as_slice).collect(),
+        ReadRequest::Scan { start, .. } => vec![start],
+    }
+}
+
+/// Reads from the engine's applied state of `region`.
+pub fn serve_read(
+    engine: &Engine,
+    region: &proto::Region,
+    req: &ReadRequest,
+) -> Result<ReadResult, RegionError> {
+    let busy = |e: crate::storage::Error| RegionError::ServerBusy {
+        reason: format!("storage read failed: {e}"),
+    };
+    let get = |key: &[u8]| -> Result<Option<proto::KeyValue>, RegionError> {
+        let rec: Option<KvRecord> = engine
+            .get_msg(Cf::Data, &keys::data_key(key))
+            .map_err(busy)?;
+        Ok(rec.map(|r| apply::key_value(key, r)))
+    };
+    match req {
+        ReadRequest::Get { key } => Ok(ReadResult::Get(get(key)?)),
+        ReadRequest::BatchGet { keys } => Ok(ReadResult::BatchGet(
+            keys.iter().map(|k| get(k)).collect::<Result<Vec<_>, _>>()?,
+        )),
+        ReadRequest::Scan {
+            start,
+            end,
+            limit,
+            keys_only,
+        } => {
+            let start = keys::data_key(start.max(&region.start_key));
+            let end = match (end.is_empty(), region.end_key.is_empty()) {
+                (true, _) => keys::data_end_key(&region.end_key),
+                (false, true) => keys::data_key(end),
+                (false, false) => keys::data_key(end.min(&region.end_key)),
+            };
+            let mut kvs = Vec::new();
+            let mut more = false;
+            engine
+                .scan(Cf::Data, &start, &end, |k, v| {
+                    if kvs.len() >= *limit {
+                        more = true;
+                        return Ok(false);
+                    }
+                    let key = keys::origin_key(k)?;
+                    let rec = <KvRecord as prost::Message>::decode(v)
+                        .map_err(|e| crate::storage::Error::corrupt(k, e))?;
+                    let mut kv = apply::key_value(key, rec);
+                    if *keys_only {
+                        kv.value.clear();
+                    }
+                    kvs.push(kv);
+                    Ok(true)
+                })
+                .map_err(busy)?;
+            Ok(ReadResult::Scan { kvs, more })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn get(key: &[u8]) -> ReadRequest {
+        ReadRequest::Get { key: key.to_vec() }
+    }
+
+    #[test]
+    fn serves_only_what_a_live_view_vouches_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), &Default::default()).unwrap();
+        let mut wb = engine.batch();
+        let rec = KvRecord {
+            value: b"v".to_vec(),
+            ..Default::default()
+        };
+        wb.put_msg(Cf::Data, &keys::data_key(b"b"), &rec);
+        engine.write(wb, false).unwrap();
+
+        let epoch = RegionEpoch {
+            conf_ver: 1,
+            version: 3,
+        };
+        let region = proto::Region {
+            id: 7,
+            start_key: b"a".to_vec(),
+            end_key: b"m".to_vec(),
+            epoch: Some(epoch),
+            ..Default::default()
+        };
+        let reader = LocalReader::default();
+        let id = RegionId(7);
+        assert!(reader.try_read(&engine, id, &epoch, &get(b"b")).is_none());
+
+        reader.publish(
+            id,
+            LeaseView {
+                region: region.clone(),
+                until: Instant::now() + Duration::from_secs(60),
+            },
+        );
+        match reader.try_read(&engine, id, &epoch, &get(b"b")) {
+            Some(Ok(ReadResult::Get(Some(kv)))) => assert_eq!(kv.value, b"v"),
+            other => panic!("expected the stored value, got {other:?}"),
+        }
+        // Another epoch, a key outside the range, another region: the worker decides.
+        let old = RegionEpoch {
+            version: 2,
+            ..epoch
+        };
+        assert!(reader.try_read(&engine, id, &old, &get(b"b")).is_none());
+        assert!(reader.try_read(&engine, id, &epoch, &get(b"x")).is_none());
+        assert!(reader
+            .try_read(&engine, RegionId(8), &epoch, &get(b"b"))
+            .is_none());
+        let batch = ReadRequest::BatchGet {
+            keys: vec![b"b".to_vec(), b"z".to_vec()],
+        };
+        assert!(reader.try_read(&engine, id, &epoch, &batch).is_none());
+
+        // A lease that has ended, or a withdrawn view, serves nothing.
+        reader.publish(
+            id,
+            LeaseView {
+                region: region.clone(),
+                until: Instant::now(),
+            },
+        );
+        assert!(reader.try_read(&engine, id, &epoch, &get(b"b")).is_none());
+        reader.publish(
+            id,
+            LeaseView {
+                region,
+                until: Instant::now() + Duration::from_secs(60),
+            },
+        );
+        reader.withdraw(id);
+        assert!(reader.try_read(&engine, id, &epoch, &get(b"b")).is_none());
+    }
+}
