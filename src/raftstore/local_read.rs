@@ -32,13 +32,22 @@ pub struct LeaseView {
     pub until: Instant,
 }
 
-/// The node's published lease views, shared by the workers (writers) and the gRPC services.
-#[derive(Clone, Default)]
+/// The node's published lease views, shared by the workers (writers) and the gRPC services,
+/// and the engine the reads they vouch for are served from.
+#[derive(Clone)]
 pub struct LocalReader {
     views: Arc<DashMap<RegionId, Arc<LeaseView>>>,
+    engine: Engine,
 }
 
 impl LocalReader {
+    pub fn new(engine: Engine) -> Self {
+        Self {
+            views: Arc::default(),
+            engine,
+        }
+    }
+
     pub fn publish(&self, region: RegionId, view: LeaseView) {
         self.views.insert(region, Arc::new(view));
     }
@@ -51,7 +60,6 @@ impl LocalReader {
     /// region's worker.
     pub fn try_read(
         &self,
-        engine: &Engine,
         region: RegionId,
         epoch: &RegionEpoch,
         req: &ReadRequest,
@@ -67,7 +75,7 @@ impl LocalReader {
             return None;
         }
         metrics::counter!("tessera_reads_total", "path" => "lease_local").increment(1);
-        Some(serve_read(engine, r, req))
+        Some(serve_read(&self.engine, r, req))
     }
 }
 
@@ -169,9 +177,9 @@ mod tests {
             epoch: Some(epoch),
             ..Default::default()
         };
-        let reader = LocalReader::default();
+        let reader = LocalReader::new(engine);
         let id = RegionId(7);
-        assert!(reader.try_read(&engine, id, &epoch, &get(b"b")).is_none());
+        assert!(reader.try_read(id, &epoch, &get(b"b")).is_none());
 
         reader.publish(
             id,
@@ -180,7 +188,7 @@ mod tests {
                 until: Instant::now() + Duration::from_secs(60),
             },
         );
-        match reader.try_read(&engine, id, &epoch, &get(b"b")) {
+        match reader.try_read(id, &epoch, &get(b"b")) {
             Some(Ok(ReadResult::Get(Some(kv)))) => assert_eq!(kv.value, b"v"),
             other => panic!("expected the stored value, got {other:?}"),
         }
@@ -189,15 +197,13 @@ mod tests {
             version: 2,
             ..epoch
         };
-        assert!(reader.try_read(&engine, id, &old, &get(b"b")).is_none());
-        assert!(reader.try_read(&engine, id, &epoch, &get(b"x")).is_none());
-        assert!(reader
-            .try_read(&engine, RegionId(8), &epoch, &get(b"b"))
-            .is_none());
+        assert!(reader.try_read(id, &old, &get(b"b")).is_none());
+        assert!(reader.try_read(id, &epoch, &get(b"x")).is_none());
+        assert!(reader.try_read(RegionId(8), &epoch, &get(b"b")).is_none());
         let batch = ReadRequest::BatchGet {
             keys: vec![b"b".to_vec(), b"z".to_vec()],
         };
-        assert!(reader.try_read(&engine, id, &epoch, &batch).is_none());
+        assert!(reader.try_read(id, &epoch, &batch).is_none());
 
         // A lease that has ended, or a withdrawn view, serves nothing.
         reader.publish(
@@ -207,7 +213,7 @@ mod tests {
                 until: Instant::now(),
             },
         );
-        assert!(reader.try_read(&engine, id, &epoch, &get(b"b")).is_none());
+        assert!(reader.try_read(id, &epoch, &get(b"b")).is_none());
         reader.publish(
             id,
             LeaseView {
@@ -216,6 +222,6 @@ mod tests {
             },
         );
         reader.withdraw(id);
-        assert!(reader.try_read(&engine, id, &epoch, &get(b"b")).is_none());
+        assert!(reader.try_read(id, &epoch, &get(b"b")).is_none());
     }
 }

@@ -302,7 +302,7 @@ impl Peer {
         };
         if to.id != self.peer_id.0 {
             self.raw.transfer_leader(to.id);
-            self.check_transfer(Instant::now());
+            self.check_transfer();
         }
         Ok(())
     }
@@ -328,7 +328,7 @@ impl Peer {
                 }
             }
         }
-        if self.refuse_votes_until.is_some() && self.refuses_vote(&m) {
+        if self.refuses_vote(&m) {
             metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "vote_after_restart")
                 .increment(1);
             return;
@@ -344,7 +344,7 @@ impl Peer {
                 .increment(1);
         }
         // A follower may ask the leader to transfer leadership.
-        self.check_transfer(Instant::now());
+        self.check_transfer();
     }
 
     /// A snapshot from the network is checked before raft accepts it: once raft has it,
@@ -536,11 +536,7 @@ impl Peer {
         if let Err(e) = self.raw.mut_store().persist(rd.entries(), hs.as_ref(), wb) {
             crate::fatal(&format!("{}: append: {e}", self.region_id));
         }
-        let read_states = rd.take_read_states();
-        if !read_states.is_empty() {
-            self.check_transfer(Instant::now());
-        }
-        for rs in read_states {
+        for rs in rd.take_read_states() {
             let ctx = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
             while let Some((c, _, _)) = self.reads_inflight.front() {
                 if *c > ctx {
@@ -549,7 +545,7 @@ impl Peer {
                 let (c, sent, reads) = self.reads_inflight.pop_front().expect("checked front");
                 if c == ctx {
                     // A quorum answered the heartbeat this leader sent at `sent`.
-                    self.lease.renew(sent);
+                    self.renew_lease(sent);
                     self.reads_ready.push_back((rs.index, reads));
                 } else {
                     // An older request raft never answered (it was dropped): retry the reads.
@@ -708,12 +704,8 @@ impl Peer {
             let res = match (&result, p.term == term) {
                 (Some(r), true) => {
                     // Committed: a quorum took an append this leader sent after `p.at`.
-                    if let Some(at) = p.at.filter(|_| {
-                        self.is_leader()
-                            && self.raw.raft.term == term
-                            && self.raw.raft.lead_transferee.is_none()
-                    }) {
-                        self.lease.renew(at);
+                    if let Some(at) = p.at.filter(|_| self.raw.raft.term == term) {
+                        self.renew_lease(at);
                     }
                     r.clone()
                 }

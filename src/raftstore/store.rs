@@ -46,11 +46,11 @@ impl StoreCtx {
             node,
             cfg,
             logger,
+            reader: super::local_read::LocalReader::new(engine.clone()),
             engine,
             ranges: Arc::default(),
             creating: Arc::default(),
             known_peers: Arc::default(),
-            reader: Default::default(),
         }
     }
 

@@ -21,7 +21,6 @@ use crate::raftstore::local_read::LocalReader;
 use crate::raftstore::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, Reply};
 use crate::raftstore::router::{RouteError, Router};
 use crate::storage::keys::is_system_key;
-use crate::storage::Engine;
 use crate::transport::Transport;
 
 pub struct KvService {
@@ -30,7 +29,7 @@ pub struct KvService {
     limits: ServerConfig,
     timeout: Duration,
     /// Lease reads served here, without the region's worker.
-    local: (LocalReader, Engine),
+    local: LocalReader,
 }
 
 /// The answer of a region: a value, or a routing error for the client.
@@ -42,7 +41,7 @@ impl KvService {
         transport: Transport,
         limits: ServerConfig,
         timeout: Duration,
-        local: (LocalReader, Engine),
+        local: LocalReader,
     ) -> Self {
         Self {
             router,
@@ -158,8 +157,7 @@ impl KvService {
             .filter(|h| h.consistency != ReadConsistency::Serializable as i32)
         {
             let epoch = h.region_epoch.unwrap_or_default();
-            let (reader, engine) = &self.local;
-            if let Some(res) = reader.try_read(engine, RegionId(h.region_id), &epoch, &req) {
+            if let Some(res) = self.local.try_read(RegionId(h.region_id), &epoch, &req) {
                 return Ok(res.map_err(|e| self.region_error(&e)));
             }
         }

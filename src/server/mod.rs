@@ -203,7 +203,7 @@ impl Node {
             transport.clone(),
             cfg.server.clone(),
             REQUEST_TIMEOUT,
-            (store.reader.clone(), engine.clone()),
+            store.reader.clone(),
         ))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);

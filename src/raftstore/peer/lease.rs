@@ -102,25 +102,40 @@ impl Peer {
         }
     }
 
+    /// Whether `m` is a (pre-)vote request this restarted peer must still drop.
     pub(super) fn refuses_vote(&mut self, m: &eraftpb::Message) -> bool {
         let Some(until) = self.refuse_votes_until else {
             return false;
         };
+        if !matches!(
+            m.get_msg_type(),
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        ) || m.context == raft::CAMPAIGN_TRANSFER
+        {
+            return false;
+        }
         if Instant::now() >= until {
             self.refuse_votes_until = None;
             return false;
         }
-        matches!(
-            m.get_msg_type(),
-            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
-        ) && m.context != raft::CAMPAIGN_TRANSFER
+        true
     }
 
     /// Keeps the lease off while raft has a leader transfer pending.
-    pub(super) fn check_transfer(&mut self, now: Instant) {
+    pub(super) fn check_transfer(&mut self) {
         if self.raw.raft.lead_transferee.is_some() {
             self.withdraw_lease();
-            self.lease.transfer_pending(now);
+            self.lease.transfer_pending(Instant::now());
+        }
+    }
+
+    /// A quorum acknowledged something this leader sent at `sent` (a ReadIndex heartbeat, or
+    /// the append of a proposal that committed). Not while a transfer is pending: the
+    /// transfer's target may be elected without waiting for the followers' timers.
+    pub(super) fn renew_lease(&mut self, sent: Instant) {
+        self.check_transfer();
+        if self.is_leader() {
+            self.lease.renew(sent);
         }
     }
 
@@ -165,7 +180,7 @@ impl Peer {
         if !self.lease.enabled() || !self.is_leader() {
             return false;
         }
-        self.check_transfer(now);
+        self.check_transfer();
         if !self.lease.valid_at(now) || self.raw.store().in_joint_config() {
             return false;
         }
