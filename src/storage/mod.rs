@@ -5,12 +5,14 @@
 //!   snapshots and range scans;
 //! - [`peer_storage`]: `raft::Storage` for one region over the shared engine, plus the write
 //!   side (append, hard state, compaction, snapshots) that a raft worker puts into its round's
-//!   one write batch; its not-yet-applied entries are kept in an `entry_cache`.
+//!   one write batch; its not-yet-applied entries are kept in an `entry_cache`;
+//! - [`snapshot`]: building a region's snapshot from one consistent view of the engine.
 
 pub mod engine;
 mod entry_cache;
 pub mod keys;
 pub mod peer_storage;
+pub mod snapshot;
 
 pub use engine::{Cf, Engine, EngineOptions, EngineSnapshot, WriteBatch};
 pub use peer_storage::PeerStorage;

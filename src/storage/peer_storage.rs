@@ -11,9 +11,9 @@
 //! - `truncated_index <= applied_index <= commit <= last_index` once initialized;
 //! - the log holds exactly the entries `truncated_index + 1 ..= last_index`;
 //! - the term of `truncated_index` is kept (`truncated_term`) so raft can match against it;
-//! - the stored commit index may lag the true one (a commit-only change is not written on its
-//!   own, it rides with the next raft state write); it is raised to the applied index on
-//!   load, since an applied entry was committed;
+//! - the raft state record is written only when term or vote change (see [`PeerStorage::persist`]):
+//!   on load the last index comes from the log itself, and the stored commit index, which
+//!   may lag, is raised to the applied index, since an applied entry was committed;
 //! - no method panics on an index raft may ask for: out-of-range requests are
 //!   `Compacted` / `Unavailable` errors.
 //!
@@ -30,11 +30,12 @@ use raft::{GetEntriesContext, RaftState, StorageError};
 
 use super::entry_cache::EntryCache;
 use super::keys;
-use super::{Cf, Engine, EngineSnapshot, Error, WriteBatch};
+pub use super::snapshot::generate_snapshot;
+use super::{Cf, Engine, Error, WriteBatch};
 use crate::ids::RegionId;
 use crate::proto::{
     ConfStateRecord, PeerRole, PeerState, RaftApplyState, RaftLocalState, Region, RegionLocalState,
-    RegionSnapshotData, SnapshotKv,
+    RegionSnapshotData,
 };
 
 /// A freshly bootstrapped region's log starts here rather than at 0, so that a peer created
@@ -382,15 +383,10 @@ impl PeerStorage {
         Ok(())
     }
 
-    pub fn set_hard_state(&mut self, hs: &HardState, batch: &mut WriteBatch<'_>) {
-        // Cannot fail: no entries.
-        let _ = self.persist(&[], Some(hs), batch);
-    }
-
-    /// Only the commit index changed (raft-rs's light ready). Not written on its own: the
-    /// commit index is a hint that raft re-learns from its leader, the applied index (stored
-    /// with every apply) bounds it from below on load, and the next raft state write carries
-    /// it. That saves a record per region in most rounds.
+    /// Only the commit index changed (raft-rs's light ready). Not written: the commit index
+    /// is a hint that raft re-learns from its leader, and the applied index (stored with
+    /// every apply) bounds it from below on load. That saves a record per region in most
+    /// rounds.
     pub fn set_commit(&mut self, commit: u64) {
         self.raft_state.commit = self.raft_state.commit.max(commit);
     }
@@ -558,62 +554,7 @@ impl PeerStorage {
     }
 }
 
-/// Builds a snapshot of `region_id` from one consistent view of the engine: data range,
-/// descriptor, membership and apply state all as of the same applied index.
-pub fn generate_snapshot(engine: &Engine, region_id: RegionId) -> Result<Snapshot, Error> {
-    engine.with_snapshot(|view| generate_snapshot_from(view, region_id))
-}
-
-fn generate_snapshot_from(
-    view: &EngineSnapshot<'_>,
-    region_id: RegionId,
-) -> Result<Snapshot, Error> {
-    let state: RegionLocalState = view
-        .get_msg(Cf::Raft, &keys::region_state_key(region_id))?
-        .ok_or(Error::RegionNotFound(region_id))?;
-    let apply: RaftApplyState = view
-        .get_msg(Cf::Raft, &keys::apply_state_key(region_id))?
-        .ok_or(Error::RegionNotFound(region_id))?;
-    let region = state.region.unwrap_or_default();
-    let index = apply.applied_index;
-    let term = if index == apply.truncated_index {
-        apply.truncated_term
-    } else {
-        let key = keys::raft_log_key(region_id, index);
-        let bytes = view
-            .get(Cf::Raft, &key)?
-            .ok_or_else(|| Error::corrupt(&key, "applied entry missing from the log"))?;
-        decode_entry(&key, &bytes)?.term
-    };
-    let mut kvs = Vec::new();
-    view.scan(
-        Cf::Data,
-        &keys::data_key(&region.start_key),
-        &keys::data_end_key(&region.end_key),
-        |k, v| {
-            kvs.push(SnapshotKv {
-                key: keys::origin_key(k)?.to_vec(),
-                value: v.to_vec(),
-            });
-            Ok(true)
-        },
-    )?;
-    let data = RegionSnapshotData {
-        region: Some(region),
-        kvs,
-    };
-    let mut snap = Snapshot::default();
-    snap.set_data(prost::Message::encode_to_vec(&data).into());
-    let meta = snap.mut_metadata();
-    meta.index = index;
-    meta.term = term;
-    meta.set_conf_state(conf_state_from_record(
-        &state.conf_state.unwrap_or_default(),
-    ));
-    Ok(snap)
-}
-
-fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<Entry, Error> {
+pub(super) fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<Entry, Error> {
     Entry::parse_from_bytes(bytes).map_err(|e| Error::corrupt(key, e))
 }
 

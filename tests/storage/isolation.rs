@@ -115,7 +115,7 @@ fn reopen_returns_exactly_the_same_state() {
                 commit: 3 + r * 5,
                 ..Default::default()
             };
-            ps.set_hard_state(&hs, &mut b);
+            ps.persist(&[], Some(&hs), &mut b).unwrap();
             ps.compact_to(3 + r, &mut b).unwrap();
             engine.write(b, true).unwrap();
         }
