@@ -233,33 +233,7 @@ enum Fault {
 /// Sets the fault on the link from node `from` to node `to` (0-based), or clears it with
 /// an empty `spec` (see src/transport/fault.rs for the syntax).
 async fn set_link(addrs: &[String], from: usize, to: usize, spec: &str) {
-    use tessera::proto::node_client::NodeClient;
-    let actions = if spec.is_empty() {
-        String::new()
-    } else {
-        format!("return({spec})")
-    };
-    let req = tessera::proto::SetFailpointRequest {
-        name: format!("net_to_{}", to + 1),
-        actions,
-    };
-    // The node may be busy; a few tries. A fault that could not be set (or cleared) makes
-    // the scenario meaningless, so it fails loudly.
-    for attempt in 0..10 {
-        let res = async {
-            let mut c = NodeClient::connect(format!("http://{}", addrs[from]))
-                .await
-                .map_err(|e| e.to_string())?;
-            c.set_failpoint(req.clone())
-                .await
-                .map_err(|e| e.to_string())
-        };
-        match tokio::time::timeout(Duration::from_secs(2), res).await {
-            Ok(Ok(_)) => return,
-            r if attempt == 9 => panic!("cannot set link fault on {}: {r:?}", addrs[from]),
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    common::set_link(&addrs[from], to as u64 + 1, spec).await;
 }
 
 /// Cuts `a` and `b` apart (both directions).

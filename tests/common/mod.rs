@@ -445,3 +445,34 @@ pub fn start_process_cluster(
         })
         .collect()
 }
+
+/// Sets the fault on the link from the node at `from` to node id `to`, or clears it with an
+/// empty `spec` (fail point `net_to_<to>`; syntax in src/transport/fault.rs). The node may be
+/// busy, so a few tries; a fault that could not be set (or cleared) makes the calling test
+/// meaningless, so it fails loudly.
+pub async fn set_link(from: &str, to: u64, spec: &str) {
+    let actions = if spec.is_empty() {
+        String::new()
+    } else {
+        format!("return({spec})")
+    };
+    let req = tessera::proto::SetFailpointRequest {
+        name: format!("net_to_{to}"),
+        actions,
+    };
+    for attempt in 0..10 {
+        let res = async {
+            let mut c = NodeClient::connect(format!("http://{from}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            c.set_failpoint(req.clone())
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), res).await {
+            Ok(Ok(_)) => return,
+            r if attempt == 9 => panic!("cannot set link fault on {from}: {r:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}

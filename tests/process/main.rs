@@ -553,6 +553,7 @@ async fn a_node_killed_for_good_is_replaced() {
 }
 
 /// A linearizable read of `key` sent to `addr` only: the value, or why not.
+#[cfg(feature = "failpoints")]
 async fn read_at(
     addr: &str,
     region: &tessera::proto::Region,
@@ -562,25 +563,6 @@ async fn read_at(
     common::get_at(addr, region, key, true, wait)
         .await
         .map(|kv| kv.map(|kv| kv.value))
-}
-
-/// Sets (or with "" clears) the link fault from `from` to node id `to`.
-#[cfg(feature = "failpoints")]
-async fn set_link(from: &str, to: usize, spec: &str) {
-    use tessera::proto::node_client::NodeClient;
-    let mut c = NodeClient::connect(format!("http://{from}"))
-        .await
-        .expect("connect for a fail point");
-    c.set_failpoint(tessera::proto::SetFailpointRequest {
-        name: format!("net_to_{to}"),
-        actions: if spec.is_empty() {
-            String::new()
-        } else {
-            format!("return({spec})")
-        },
-    })
-    .await
-    .expect("set fail point");
 }
 
 /// A put of `key` sent to `addr` only: whether that node took it.
@@ -660,8 +642,8 @@ async fn a_cut_off_leader_serves_from_its_lease_then_stops() {
 
     let cut_at = Instant::now();
     for &n in &others {
-        set_link(&old, n, "drop").await;
-        set_link(&addrs[n - 1], leader, "drop").await;
+        common::set_link(&old, n as u64, "drop").await;
+        common::set_link(&addrs[n - 1], leader as u64, "drop").await;
     }
     let served = read_at(&old, &region, &key, Duration::from_millis(800)).await;
     if cut_at.elapsed() < Duration::from_millis(1500) {
@@ -722,8 +704,8 @@ async fn a_cut_off_leader_serves_from_its_lease_then_stops() {
 
     // Healed, every node agrees on the new value.
     for &n in &others {
-        set_link(&old, n, "").await;
-        set_link(&addrs[n - 1], leader, "").await;
+        common::set_link(&old, n as u64, "").await;
+        common::set_link(&addrs[n - 1], leader as u64, "").await;
     }
     let client = Client::connect(&addrs, ClientOptions::default())
         .await
