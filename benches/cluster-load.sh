@@ -5,7 +5,8 @@
 #
 #   benches/cluster-load.sh [REGIONS] [CONCURRENCY] [SECONDS] [WORKLOAD]
 # Environment: WORKERS (raft workers per node, default 1), PROFILE (debug|release),
-# EXTRA_BENCH_ARGS (more `tessera bench` flags), BIN (a tessera binary to use instead of
+# EXTRA_BENCH_ARGS (more `tessera bench` flags), SERVER_ENV (a command prefix for the servers,
+# e.g. `env TOKIO_WORKER_THREADS=1`), BIN (a tessera binary to use instead of
 # building one — for A/B runs of two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -27,7 +27,7 @@ $extra
 level = "warn"
 file = "$dir/node$i.log"
 TOML
-    "$bin" server --config "$dir/node$i.toml" 2>>"$dir/node$i.err" &
+    ${SERVER_ENV:-} "$bin" server --config "$dir/node$i.toml" 2>>"$dir/node$i.err" &
     TESSERA_PIDS+=($!)
   done
   TESSERA_EP="127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2)),127.0.0.1:$((base + 3))"
