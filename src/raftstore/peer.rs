@@ -29,7 +29,7 @@ use super::store::StoreCtx;
 use crate::ids::{PeerId, RegionId};
 use crate::proto::{self, RegionEpoch};
 use crate::storage::{keys, PeerStorage, WriteBatch};
-use crate::transport::Outbox;
+use crate::transport::Transport;
 
 struct Proposal {
     index: u64,
@@ -499,7 +499,7 @@ impl Peer {
         &mut self,
         wb: &mut WriteBatch<'_>,
         actx: &mut ApplyCtx,
-        out: &mut Outbox,
+        transport: &Transport,
     ) -> Option<Ready> {
         if !self.raw.has_ready() {
             return None;
@@ -509,7 +509,7 @@ impl Peer {
             self.on_role_change();
         }
         if !rd.messages().is_empty() {
-            self.send(rd.take_messages(), out);
+            self.send(rd.take_messages(), transport);
         }
         if !rd.snapshot().is_empty() {
             self.withdraw_lease();
@@ -531,7 +531,7 @@ impl Peer {
         }
         let committed = rd.take_committed_entries();
         self.apply_entries(committed, wb, actx);
-        self.send_tombstones(out);
+        self.send_tombstones(transport);
         let hs = rd.hs().cloned();
         if let Err(e) = self.raw.mut_store().persist(rd.entries(), hs.as_ref(), wb) {
             crate::fatal(&format!("{}: append: {e}", self.region_id));
@@ -563,21 +563,21 @@ impl Peer {
         mut rd: Ready,
         wb: &mut WriteBatch<'_>,
         actx: &mut ApplyCtx,
-        out: &mut Outbox,
+        transport: &Transport,
     ) {
         if !rd.persisted_messages().is_empty() {
-            self.send(rd.take_persisted_messages(), out);
+            self.send(rd.take_persisted_messages(), transport);
         }
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit);
         }
         if !light.messages().is_empty() {
-            self.send(light.take_messages(), out);
+            self.send(light.take_messages(), transport);
         }
         let committed = light.take_committed_entries();
         self.apply_entries(committed, wb, actx);
-        self.send_tombstones(out);
+        self.send_tombstones(transport);
         self.raw.advance_apply();
     }
 
@@ -601,16 +601,16 @@ impl Peer {
         }
     }
 
-    fn send(&self, msgs: Vec<eraftpb::Message>, out: &mut Outbox) {
+    fn send(&self, msgs: Vec<eraftpb::Message>, transport: &Transport) {
         let region = self.region();
         for m in msgs {
             if region.peers.iter().any(|p| p.id == m.to) {
-                out.send(region, self.peer_id, m);
+                transport.send(region, self.peer_id, m);
             } else if let Some(p) = self.ctx.known_peer(m.to) {
                 // A peer not yet filled by a snapshot knows its leader only from its messages.
                 let mut r = region.clone();
                 r.peers.push(p);
-                out.send(&r, self.peer_id, m);
+                transport.send(&r, self.peer_id, m);
             } else {
                 metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "unknown_peer")
                     .increment(1);

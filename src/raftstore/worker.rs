@@ -24,7 +24,7 @@ use super::peer::Peer;
 use super::router::Router;
 use crate::ids::RegionId;
 use crate::storage::Engine;
-use crate::transport::{Outbox, Transport};
+use crate::transport::Transport;
 
 /// Most inbox messages handled before a round writes, so replies never wait too long.
 const MAX_MSGS_PER_ROUND: usize = 4096;
@@ -35,7 +35,7 @@ pub struct Worker {
     index: usize,
     inbox: Receiver<WorkerMsg>,
     engine: Engine,
-    out: Outbox,
+    transport: Transport,
     router: Router,
     peers: HashMap<RegionId, Peer>,
     tick_interval: Duration,
@@ -71,7 +71,7 @@ impl Worker {
             index,
             inbox,
             engine,
-            out: Outbox::new(transport),
+            transport,
             router,
             peers: HashMap::new(),
             tick_interval,
@@ -196,14 +196,12 @@ impl Worker {
                 continue;
             };
             p.flush_reads();
-            if let Some(rd) = p.collect_ready(&mut wb, &mut actx, &mut self.out) {
+            if let Some(rd) = p.collect_ready(&mut wb, &mut actx, &self.transport) {
                 must_sync |= rd.must_sync();
                 entries += rd.entries().len();
                 readies.push((*id, rd));
             }
         }
-        // Leaders' appends go out before the write: followers persist in parallel with us.
-        self.out.flush();
         if !wb.is_empty() {
             let sync = must_sync && self.sync_writes;
             // Chaos tests: crash (exit 75) or stall just before or after the log write.
@@ -227,11 +225,9 @@ impl Worker {
         let mut actx = ApplyCtx::default();
         for (id, rd) in readies {
             if let Some(p) = self.peers.get_mut(&id) {
-                p.after_persist(rd, &mut wb, &mut actx, &mut self.out);
+                p.after_persist(rd, &mut wb, &mut actx, &self.transport);
             }
         }
-        // Answers that had to wait for the write (votes, append acknowledgements).
-        self.out.flush();
         if !wb.is_empty() {
             if let Err(e) = engine.write(wb, false) {
                 crate::fatal(&format!(

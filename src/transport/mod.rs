@@ -1,11 +1,10 @@
 //! Raft messages between nodes: one long-lived gRPC stream per remote node, shared by every
 //! region (DESIGN.md decision 6).
 //!
-//! - Workers hold what they send in an [`Outbox`] and flush it at fixed points of their
-//!   round; a flush never blocks and puts each node's messages on its bounded queue as one
-//!   unit. One tokio task per remote node drains the queue and coalesces whatever is there
-//!   into one `RaftMessageBatch` per stream write.
-//! - A full queue (slow or dead node) drops the messages and reports the peers unreachable:
+//! - Workers call [`Transport::send`] from their threads; it never blocks. Each remote node
+//!   has a bounded queue drained by one tokio task that coalesces whatever is queued into one
+//!   `RaftMessageBatch` per stream write.
+//! - A full queue (slow or dead node) drops the message and reports the peer unreachable:
 //!   raft retransmits, and other nodes' queues are unaffected.
 //! - A broken stream reports the peers of its last batch unreachable and reconnects with
 //!   exponential backoff.
@@ -18,7 +17,7 @@
 pub mod fault;
 pub mod service;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,9 +33,8 @@ use crate::proto::{self, RaftMessage, RaftMessageBatch, SnapshotChunk};
 use crate::raftstore::msg::PeerMsg;
 use crate::raftstore::router::Router;
 
-/// Batches (each one worker flush's messages for the node) queued for one node before new
-/// ones are dropped.
-const NODE_QUEUE_BATCHES: usize = 1024;
+/// Messages queued for one node before new ones are dropped.
+const NODE_QUEUE_LEN: usize = 16_384;
 /// Upper bounds of one coalesced batch.
 const MAX_BATCH_MSGS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 8 << 20;
@@ -49,68 +47,6 @@ const STREAM_SEND_TIMEOUT: Duration = Duration::from_secs(3);
 /// A node that does not answer a round trip within this is treated as gone.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What a raft worker sends during one step of its round, held and grouped by node until
-/// [`Outbox::flush`]: each node's queue then takes one push (one wake-up of its stream task)
-/// per flush, not one per message. With many regions each sending a message or two per
-/// round, this is what keeps the per-region cost of a round from growing with the count
-/// of stream wake-ups.
-pub struct Outbox {
-    transport: Transport,
-    held: HashMap<NodeId, Vec<RaftMessage>>,
-}
-
-impl Outbox {
-    pub fn new(transport: Transport) -> Self {
-        Self {
-            transport,
-            held: HashMap::new(),
-        }
-    }
-
-    /// Holds one raft message of `region` from peer `from` (a snapshot goes at once, on its
-    /// own stream).
-    pub fn send(&mut self, region: &proto::Region, from: PeerId, m: eraftpb::Message) {
-        if let Some((node, rm)) = self.transport.envelope(region, from, m) {
-            self.held.entry(node).or_default().push(rm);
-        }
-    }
-
-    /// Holds a tombstone for `to`, no longer in `region`.
-    pub fn send_tombstone(&mut self, region: &proto::Region, from: PeerId, to: proto::Peer) {
-        let (node, rm) = Transport::tombstone(region, from, to);
-        self.held.entry(node).or_default().push(rm);
-    }
-
-    /// Queues everything held, one push per node, cut to the batch limits.
-    pub fn flush(&mut self) {
-        for (node, held) in self.held.iter_mut() {
-            for batch in cut_batches(std::mem::take(held)) {
-                self.transport.push(*node, batch);
-            }
-        }
-    }
-}
-
-/// Cuts messages, in order, into batches of at most [`MAX_BATCH_MSGS`] messages and
-/// [`MAX_BATCH_BYTES`] bytes (a single bigger message goes alone).
-fn cut_batches(mut msgs: Vec<RaftMessage>) -> Vec<Vec<RaftMessage>> {
-    let mut batches = Vec::new();
-    while !msgs.is_empty() {
-        let (mut cut, mut size) = (0, 0);
-        for m in &msgs {
-            if cut == MAX_BATCH_MSGS || (cut > 0 && size + m.message.len() > MAX_BATCH_BYTES) {
-                break;
-            }
-            size += m.message.len();
-            cut += 1;
-        }
-        let rest = msgs.split_off(cut);
-        batches.push(msgs);
-        msgs = rest;
-    }
-    batches
-}
-
 #[derive(Clone)]
 pub struct Transport {
     inner: Arc<Inner>,
@@ -120,7 +56,7 @@ struct Inner {
     cluster_id: ClusterId,
     node_id: NodeId,
     addrs: DashMap<NodeId, String>,
-    queues: DashMap<NodeId, mpsc::Sender<Vec<RaftMessage>>>,
+    queues: DashMap<NodeId, mpsc::Sender<RaftMessage>>,
     channels: DashMap<NodeId, Channel>,
     router: Router,
     rt: tokio::runtime::Handle,
@@ -181,24 +117,16 @@ impl Transport {
             .collect()
     }
 
-    /// Encodes one raft message of `region` from peer `from` for the wire. A snapshot is
-    /// handed to its own stream at once and gives `None`, as does a message to a peer the
-    /// region does not list.
-    fn envelope(
-        &self,
-        region: &proto::Region,
-        from: PeerId,
-        m: eraftpb::Message,
-    ) -> Option<(NodeId, RaftMessage)> {
+    /// Queues one raft message of `region` from peer `from`. Never blocks.
+    pub fn send(&self, region: &proto::Region, from: PeerId, m: eraftpb::Message) {
         let Some(to) = region.peers.iter().find(|p| p.id == m.to).cloned() else {
-            dropped("unknown_peer");
-            return None;
+            return dropped("unknown_peer");
         };
         let from_peer = region.peers.iter().find(|p| p.id == from.0).cloned();
         let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
-        let Ok(bytes) = m.write_to_bytes() else {
-            dropped("encode");
-            return None;
+        let bytes = match m.write_to_bytes() {
+            Ok(b) => b,
+            Err(_) => return dropped("encode"),
         };
         // Heartbeats carry the range, so a node that lacks the peer can create it.
         let with_range = m.get_msg_type() == MessageType::MsgHeartbeat;
@@ -222,14 +150,23 @@ impl Transport {
         };
         if is_snapshot {
             self.send_snapshot(rm);
-            return None;
+            return;
         }
-        Some((NodeId(to.node_id), rm))
+        let node = NodeId(to.node_id);
+        let queue = self.queue(node);
+        match queue.try_send(rm) {
+            Ok(()) => metrics::counter!("tessera_raft_messages_sent_total").increment(1),
+            Err(mpsc::error::TrySendError::Full(rm)) => {
+                dropped("queue_full");
+                self.report_unreachable(&[rm]);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => dropped("closed"),
+        }
     }
 
-    /// The message telling `to` (no longer in `region`, whose epoch records its removal)
-    /// that it was removed, so its node destroys it.
-    fn tombstone(region: &proto::Region, from: PeerId, to: proto::Peer) -> (NodeId, RaftMessage) {
+    /// Tells `to` (no longer in `region`, whose epoch records its removal) that it was
+    /// removed, so its node destroys it.
+    pub fn send_tombstone(&self, region: &proto::Region, from: PeerId, to: proto::Peer) {
         let rm = RaftMessage {
             region_id: region.id,
             from_peer: region.peers.iter().find(|p| p.id == from.0).cloned(),
@@ -238,28 +175,12 @@ impl Transport {
             tombstone: true,
             ..Default::default()
         };
-        (NodeId(to.node_id), rm)
-    }
-
-    /// Queues messages for `node` as one unit. Never blocks: a full queue drops them and
-    /// reports their peers unreachable, so raft retransmits later.
-    fn push(&self, node: NodeId, msgs: Vec<RaftMessage>) {
-        let n = msgs.len() as u64;
-        match self.queue(node).try_send(msgs) {
-            Ok(()) => metrics::counter!("tessera_raft_messages_sent_total").increment(n),
-            Err(mpsc::error::TrySendError::Full(msgs)) => {
-                metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "queue_full")
-                    .increment(n);
-                self.report_unreachable(&msgs);
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "closed")
-                    .increment(n);
-            }
+        if self.queue(NodeId(to.node_id)).try_send(rm).is_err() {
+            dropped("queue_full");
         }
     }
 
-    fn queue(&self, node: NodeId) -> mpsc::Sender<Vec<RaftMessage>> {
+    fn queue(&self, node: NodeId) -> mpsc::Sender<RaftMessage> {
         if let Some(q) = self.inner.queues.get(&node) {
             return q.clone();
         }
@@ -267,7 +188,7 @@ impl Transport {
             .queues
             .entry(node)
             .or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(NODE_QUEUE_BATCHES);
+                let (tx, rx) = mpsc::channel(NODE_QUEUE_LEN);
                 let t = self.clone();
                 self.inner
                     .rt
@@ -358,19 +279,24 @@ impl Transport {
     }
 
     /// Drains one node's queue into a single long-lived stream, reconnecting on failure.
-    async fn run_node_stream(self, node: NodeId, mut rx: mpsc::Receiver<Vec<RaftMessage>>) {
+    async fn run_node_stream(self, node: NodeId, mut rx: mpsc::Receiver<RaftMessage>) {
         let mut backoff = Duration::from_millis(50);
+        let mut pending: Option<RaftMessage> = None;
         loop {
-            let Some(first) = rx.recv().await else {
-                return;
+            let first = match pending.take() {
+                Some(m) => m,
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => return,
+                },
             };
             let ch = match self.channel(node).await {
                 Ok(ch) => ch,
                 Err(e) => {
                     tracing::debug!(%node, error = %e, "cannot connect");
-                    let mut lost = first;
+                    let mut lost = vec![first];
                     while let Ok(m) = rx.try_recv() {
-                        lost.extend(m);
+                        lost.push(m);
                     }
                     metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "unreachable")
                         .increment(lost.len() as u64);
@@ -406,13 +332,13 @@ impl Transport {
                         }
                     },
                 };
-                let mut size: usize = first.iter().map(|m| m.message.len()).sum();
-                let mut msgs = first;
+                let mut size = first.message.len();
+                let mut msgs = vec![first];
                 while msgs.len() < MAX_BATCH_MSGS && size < MAX_BATCH_BYTES {
                     match rx.try_recv() {
-                        Ok(more) => {
-                            size += more.iter().map(|m| m.message.len()).sum::<usize>();
-                            msgs.extend(more);
+                        Ok(m) => {
+                            size += m.message.len();
+                            msgs.push(m);
                         }
                         Err(_) => break,
                     }
@@ -550,56 +476,5 @@ impl Transport {
                 },
             );
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(id: u64, len: usize) -> RaftMessage {
-        RaftMessage {
-            region_id: id,
-            message: vec![0; len],
-            ..Default::default()
-        }
-    }
-
-    fn ids(batches: &[Vec<RaftMessage>]) -> Vec<u64> {
-        batches.iter().flatten().map(|m| m.region_id).collect()
-    }
-
-    #[test]
-    fn a_flush_is_cut_to_the_batch_limits_in_order() {
-        assert!(cut_batches(Vec::new()).is_empty());
-
-        let many: Vec<_> = (0..MAX_BATCH_MSGS as u64 * 2 + 3)
-            .map(|i| msg(i, 1))
-            .collect();
-        let batches = cut_batches(many);
-        let lens: Vec<_> = batches.iter().map(Vec::len).collect();
-        assert_eq!(lens, vec![MAX_BATCH_MSGS, MAX_BATCH_MSGS, 3]);
-        assert_eq!(
-            ids(&batches),
-            (0..MAX_BATCH_MSGS as u64 * 2 + 3).collect::<Vec<_>>()
-        );
-
-        // By bytes: three messages of 40% of the limit make batches of two and one; a
-        // message above the limit travels alone rather than being lost.
-        let part = MAX_BATCH_BYTES * 2 / 5;
-        let batches = cut_batches(vec![
-            msg(1, part),
-            msg(2, part),
-            msg(3, part),
-            msg(4, MAX_BATCH_BYTES + 1),
-            msg(5, 1),
-        ]);
-        let lens: Vec<_> = batches.iter().map(Vec::len).collect();
-        assert_eq!(lens, vec![2, 1, 1, 1]);
-        assert_eq!(ids(&batches), vec![1, 2, 3, 4, 5]);
-        for b in &batches {
-            let bytes: usize = b.iter().map(|m| m.message.len()).sum();
-            assert!(b.len() == 1 || bytes <= MAX_BATCH_BYTES);
-        }
     }
 }

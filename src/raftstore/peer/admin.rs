@@ -12,7 +12,7 @@ use super::{Peer, Proposal};
 use crate::ids::RegionId;
 use crate::proto::{self, RegionEpoch};
 use crate::storage::{keys, PeerStorage, WriteBatch};
-use crate::transport::Outbox;
+use crate::transport::Transport;
 
 impl Peer {
     /// Proposes a membership change (one change simply, several through joint consensus
@@ -114,13 +114,13 @@ impl Peer {
 
     /// Tells peers this leader removed that they are gone (best effort: a peer that misses
     /// it learns it from the log if it catches up, or stays harmless behind prevote).
-    pub(super) fn send_tombstones(&mut self, out: &mut Outbox) {
+    pub(super) fn send_tombstones(&mut self, transport: &Transport) {
         if self.tombstones.is_empty() {
             return;
         }
         let region = self.region().clone();
         for p in std::mem::take(&mut self.tombstones) {
-            out.send_tombstone(&region, self.peer_id, p);
+            transport.send_tombstone(&region, self.peer_id, p);
         }
     }
 
