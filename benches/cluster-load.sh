@@ -47,6 +47,15 @@ metric_sum() { # name → sum over nodes of the metric's value(s)
   done
   echo "$total"
 }
+thread_cpu_ticks() { # clock ticks of the three servers so far: raft workers, tokio, the rest
+  local p t
+  for p in "${TESSERA_PIDS[@]}"; do
+    for t in /proc/"$p"/task/*; do
+      echo "$(cat "$t/comm" 2>/dev/null) $(awk '{print $14 + $15}' "$t/stat" 2>/dev/null)"
+    done
+  done | awk '$1 ~ /^raft-worker/ {w += $2; next} $1 ~ /^tokio/ {k += $2; next} {o += $2}
+              END {printf "%d %d %d", w, k, o}'
+}
 node_cpu_ticks() { # user + system clock ticks of the three servers so far
   local total=0 p
   for p in "${TESSERA_PIDS[@]}"; do
@@ -66,9 +75,9 @@ f0=$(metric_sum tessera_fsyncs_total); e0=$(metric_sum tessera_raft_entries_pers
   --value-size 256 --keys 100000 --json "$DIR/bench.json" ${EXTRA_BENCH_ARGS:-} &
 bench=$!
 sleep 2 # the warm-up: CPU is counted over the measured part only
-c0=$(node_cpu_ticks)
+c0=$(node_cpu_ticks); t0=$(thread_cpu_ticks)
 wait $bench
-c1=$(node_cpu_ticks)
+c1=$(node_cpu_ticks); t1=$(thread_cpu_ticks)
 f1=$(metric_sum tessera_fsyncs_total); e1=$(metric_sum tessera_raft_entries_persisted_total)
 fs=$((f1 - f0)); es=$((e1 - e0))
 # CPU per operation is steadier than operations/s on a shared, saturated machine: it does not
@@ -76,4 +85,10 @@ fs=$((f1 - f0)); es=$((e1 - e0))
 ops=$(grep -o '"ops":[0-9]*' "$DIR/bench.json" | head -1 | cut -d: -f2)
 echo "server CPU (3 nodes): $(awk -v t=$((c1 - c0)) -v n="${ops:-0}" -v hz="$(getconf CLK_TCK)" \
   'BEGIN {if (n > 0) printf "%.1f s, %.1f us per operation", t / hz, 1e6 * t / hz / n; else print "n/a"}')"
+# Threads that exited during the run (none normally) are missing from the split.
+echo "server CPU by thread: $(awk -v a="$t0" -v b="$t1" -v n="${ops:-0}" -v hz="$(getconf CLK_TCK)" \
+  'BEGIN {split(a, x, " "); split(b, y, " "); if (n == 0) {print "n/a"; exit}
+          f = 1e6 / hz / n
+          printf "raft workers %.1f, tokio %.1f, other %.1f us per operation",
+                 (y[1] - x[1]) * f, (y[2] - x[2]) * f, (y[3] - x[3]) * f}')"
 echo "fsyncs (3 nodes): $fs  raft entries persisted: $es  entries per fsync: $(awk -v e=$es -v f=$fs 'BEGIN {if (f > 0) printf "%.1f", e / f; else print "n/a"}')"

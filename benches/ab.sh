@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Interleaved A/B comparison of two tessera builds (or two server environments) under the
+# same load, for deciding whether a change helps. On this kind of shared 2-core machine one
+# run's writes/s drift by ±15% from minute to minute, so runs alternate A, B, A, B, ... and
+# the figures compared are medians of server CPU per operation, split by thread class.
+#
+#   benches/ab.sh A_BIN B_BIN [ROUNDS] [REGIONS] [WORKLOAD]
+#
+# A_BIN / B_BIN: tessera binaries (the same path twice to compare environments).
+# Environment: A_ENV / B_ENV (command prefixes for each side's servers, e.g.
+# `env TOKIO_WORKER_THREADS=1`), SECS (measured seconds per run, default 10), CONC
+# (in-flight requests, default 64), EXTRA_BENCH_ARGS (passed to `tessera bench`).
+# Each run is `benches/cluster-load.sh`, which starts and cleans up its own cluster.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ $# -lt 2 ]; then
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+A=$1
+B=$2
+ROUNDS=${3:-3}
+REGIONS=${4:-64}
+WORKLOAD=${5:-put}
+SECS=${SECS:-10}
+CONC=${CONC:-64}
+for bin in "$A" "$B"; do
+  [ -x "$bin" ] || { echo "ab.sh: not an executable: $bin" >&2; exit 2; }
+done
+
+OUT=$(mktemp -d /tmp/tessera-ab.XXXXXX)
+trap 'rm -rf "$OUT"' EXIT
+
+# One run → "ops_per_s us_per_op worker_us tokio_us entries_per_fsync" on stdout.
+run() {
+  local bin=$1 env=$2 log=$3
+  SERVER_ENV="$env" BIN="$bin" benches/cluster-load.sh "$REGIONS" "$CONC" "$SECS" "$WORKLOAD" \
+    >"$log" 2>&1 || { echo "ab.sh: run failed, see below" >&2; tail -20 "$log" >&2; exit 1; }
+  awk '
+    / ops in .* = [0-9]+ ops\/s$/ {ops = $(NF - 1)}
+    /^server CPU \(3 nodes\)/ {for (i = 1; i <= NF; i++) if ($i == "us") us = $(i - 1)}
+    /^server CPU by thread/ {w = $7; sub(",", "", w); k = $9; sub(",", "", k)}
+    /entries per fsync/ {epf = $NF}
+    END {printf "%s %s %s %s %s\n", ops, us, w, k, epf}' "$log"
+}
+
+echo "A = ${A_ENV:+$A_ENV }$A"
+echo "B = ${B_ENV:+$B_ENV }$B"
+echo "$ROUNDS rounds of: cluster-load.sh $REGIONS $CONC $SECS $WORKLOAD"
+printf '%-6s %10s %12s %12s %12s %10s\n' run "ops/s" "us/op" "worker us" "tokio us" "ent/fsync"
+for r in $(seq 1 "$ROUNDS"); do
+  for side in A B; do
+    if [ $side = A ]; then bin=$A env=${A_ENV:-}; else bin=$B env=${B_ENV:-}; fi
+    line=$(run "$bin" "$env" "$OUT/$side$r.log")
+    echo "$line" >>"$OUT/$side"
+    # shellcheck disable=SC2086
+    printf '%-6s %10s %12s %12s %12s %10s\n' "$side$r" $line
+  done
+done
+
+median() { # column → median of that column of a side's file
+  sort -g -k"$2" "$1" | awk -v c="$2" '{v[NR] = $c} END {
+    if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+echo
+printf '%-6s %10s %12s %12s %12s %10s\n' median "ops/s" "us/op" "worker us" "tokio us" "ent/fsync"
+for side in A B; do
+  printf '%-6s' "$side"
+  for c in 1 2 3 4 5; do printf ' %*s' $([ $c = 1 ] && echo 10 || ([ $c = 5 ] && echo 10 || echo 12)) "$(median "$OUT/$side" $c)"; done
+  echo
+done
+awk 'FNR == 1 {f++} {us[f] += $2; n[f]++} END {
+  if (n[1] && n[2]) printf "B / A, mean server CPU per operation: %.3f\n", (us[2] / n[2]) / (us[1] / n[1])}' \
+  "$OUT/A" "$OUT/B"
