@@ -281,14 +281,9 @@ impl Transport {
     /// Drains one node's queue into a single long-lived stream, reconnecting on failure.
     async fn run_node_stream(self, node: NodeId, mut rx: mpsc::Receiver<RaftMessage>) {
         let mut backoff = Duration::from_millis(50);
-        let mut pending: Option<RaftMessage> = None;
         loop {
-            let first = match pending.take() {
-                Some(m) => m,
-                None => match rx.recv().await {
-                    Some(m) => m,
-                    None => return,
-                },
+            let Some(first) = rx.recv().await else {
+                return;
             };
             let ch = match self.channel(node).await {
                 Ok(ch) => ch,
