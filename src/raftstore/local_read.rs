@@ -80,11 +80,12 @@ impl LocalReader {
 }
 
 /// The keys a read must find inside the region (a scan: its start; its end is clamped).
-pub fn read_keys(req: &ReadRequest) -> Vec<&[u8]> {
+/// Borrowed, not collected: this runs for every lease read on the gRPC thread.
+pub fn read_keys(req: &ReadRequest) -> &[Vec<u8>] {
     match req {
-        ReadRequest::Get { key } => vec![key],
-        ReadRequest::BatchGet { keys } => keys.iter().map(Vec::as_slice).collect(),
-        ReadRequest::Scan { start, .. } => vec![start],
+        ReadRequest::Get { key } => std::slice::from_ref(key),
+        ReadRequest::BatchGet { keys } => keys,
+        ReadRequest::Scan { start, .. } => std::slice::from_ref(start),
     }
 }
 

@@ -379,17 +379,19 @@ impl Peer {
                 return;
             }
         }
-        if matches!(cmd, Command::Split { .. }) {
-            // Followers create the new region's peers when they apply the split: tell them
-            // it committed at once, so the new region's election finds them.
-            self.raw.raft.skip_bcast_commit(false);
-        }
+        let is_split = matches!(cmd, Command::Split { .. });
         let data = cmd::encode(&cmd, epoch);
         let at = Instant::now();
         if let Err(e) = self.raw.propose(vec![], data) {
             tracing::debug!(region = %self.region_id, error = %e, "proposal dropped");
             let _ = reply.send(Err(self.not_leader()));
             return;
+        }
+        if is_split {
+            // Followers create the new region's peers when they apply the split: tell them
+            // it committed at once, so the new region's election finds them. (Set only for
+            // a split raft took: applying it turns the broadcast off again.)
+            self.raw.raft.skip_bcast_commit(false);
         }
         metrics::counter!("tessera_proposals_total").increment(1);
         self.proposals.push_back(Proposal {
