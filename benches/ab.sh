@@ -48,14 +48,15 @@ run() {
 echo "A = ${A_ENV:+$A_ENV }$A"
 echo "B = ${B_ENV:+$B_ENV }$B"
 echo "$ROUNDS rounds of: cluster-load.sh $REGIONS $CONC $SECS $WORKLOAD"
-printf '%-6s %10s %12s %12s %12s %10s\n' run "ops/s" "us/op" "worker us" "tokio us" "ent/fsync"
+row() { printf '%-6s %10s %12s %12s %12s %10s\n' "$@"; }
+row run "ops/s" "us/op" "worker us" "tokio us" "ent/fsync"
 for r in $(seq 1 "$ROUNDS"); do
   for side in A B; do
     if [ $side = A ]; then bin=$A env=${A_ENV:-}; else bin=$B env=${B_ENV:-}; fi
     line=$(run "$bin" "$env" "$OUT/$side$r.log")
     echo "$line" >>"$OUT/$side"
     # shellcheck disable=SC2086
-    printf '%-6s %10s %12s %12s %12s %10s\n' "$side$r" $line
+    row "$side$r" $line
   done
 done
 
@@ -64,11 +65,9 @@ median() { # column → median of that column of a side's file
     if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2}'
 }
 echo
-printf '%-6s %10s %12s %12s %12s %10s\n' median "ops/s" "us/op" "worker us" "tokio us" "ent/fsync"
+row median "ops/s" "us/op" "worker us" "tokio us" "ent/fsync"
 for side in A B; do
-  printf '%-6s' "$side"
-  for c in 1 2 3 4 5; do printf ' %*s' $([ $c = 1 ] && echo 10 || ([ $c = 5 ] && echo 10 || echo 12)) "$(median "$OUT/$side" $c)"; done
-  echo
+  row "$side" $(for c in 1 2 3 4 5; do median "$OUT/$side" $c; done)
 done
 awk 'FNR == 1 {f++} {us[f] += $2; n[f]++} END {
   if (n[1] && n[2]) printf "B / A, mean server CPU per operation: %.3f\n", (us[2] / n[2]) / (us[1] / n[1])}' \
