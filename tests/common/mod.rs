@@ -413,12 +413,27 @@ impl Drop for Proc {
     }
 }
 
-/// Free loopback ports for process tests (bound then released).
+/// Free loopback ports for process tests (bound then released). A port is never handed
+/// out twice by one test process: the kernel may give a just-released port to the next
+/// bind, so a test asking twice (nodes' ports, then their metrics ports) could otherwise
+/// start two listeners on one port — a node that cannot bind and a cluster that never
+/// elects.
 pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let ls: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    ls.iter().map(|l| l.local_addr().expect("addr")).collect()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut held = Vec::new();
+    let mut addrs = Vec::new();
+    while addrs.len() < n {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let a = l.local_addr().expect("addr");
+        if !handed_out.contains(&a.port()) {
+            handed_out.push(a.port());
+            addrs.push(a);
+        }
+        // Held until all are chosen, so this call cannot get the same port twice either.
+        held.push(l);
+    }
+    addrs
 }
 
 /// Writes configs for a process cluster and starts it.
