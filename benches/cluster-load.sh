@@ -7,7 +7,10 @@
 # Environment: WORKERS (raft workers per node, default 1), PROFILE (debug|release),
 # EXTRA_BENCH_ARGS (more `tessera bench` flags), SERVER_ENV (a command prefix for the servers,
 # e.g. `env TOKIO_WORKER_THREADS=1`), BIN (a tessera binary to use instead of
-# building one — for A/B runs of two builds).
+# building one — for A/B runs of two builds), EXTRA_CONFIG (more node TOML, e.g.
+# "[storage]\nsync_writes = false"), LEADERS_ON (a node id: move every region's leader there
+# before the run, as one region has all its leaders on one node; turns off the scheduler),
+# PRELOAD=1 (write every key once before a put or cas run too, as reads always do).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -33,11 +36,28 @@ cleanup() {
 trap cleanup EXIT
 
 base=$(( 21000 + RANDOM % 2000 ))
-tessera_cluster "$BIN" "$DIR" "$base" "$REGIONS" "[raft]
-workers = ${WORKERS:-1}"
+extra="[raft]
+workers = ${WORKERS:-1}
+$(printf '%b' "${EXTRA_CONFIG:-}")"
+if [ -n "${LEADERS_ON:-}" ]; then
+  # The leader balancer would move them back.
+  extra+="
+[placement]
+schedule = false"
+fi
+tessera_cluster "$BIN" "$DIR" "$base" "$REGIONS" "$extra"
 EP=$TESSERA_EP
 tessera_wait_led "$BIN" "$EP" "$REGIONS"
 echo "cluster up: $REGIONS regions with leaders"
+if [ -n "${LEADERS_ON:-}" ]; then
+  moved=0
+  for r in $("$BIN" regions --endpoints "$EP" --json |
+    grep -o '"id":[0-9]*,[^}]*"leader_node":[0-9]*' |
+    awk -F'[:,]' -v n="$LEADERS_ON" '$NF != n {print $2}'); do
+    "$BIN" regions --endpoints "$EP" transfer-leader "$r" "$LEADERS_ON" >/dev/null && moved=$((moved + 1))
+  done
+  echo "moved $moved leaders to node $LEADERS_ON"
+fi
 
 metric_sum() { # name → sum over nodes of the metric's value(s)
   local total=0
@@ -63,15 +83,16 @@ node_cpu_ticks() { # user + system clock ticks of the three servers so far
   done
   echo "$total"
 }
-case "$WORKLOAD" in
-  get | mixed | scan)
+case "${PRELOAD:-0}:$WORKLOAD" in
+  1:* | *:get | *:mixed | *:scan)
     echo "preloading 100000 keys"
     "$BIN" bench put --endpoints "$EP" --concurrency 64 --ops 100000 --warmup 0 \
       --distribution sequential --value-size 256 --keys 100000 >/dev/null
     ;;
 esac
 f0=$(metric_sum tessera_fsyncs_total); e0=$(metric_sum tessera_raft_entries_persisted_total)
-"$BIN" bench "$WORKLOAD" --endpoints "$EP" --concurrency "$CONC" --duration "$SECS" --warmup 2 \
+/usr/bin/time -f "%U %S" -o "$DIR/bench.time" \
+  "$BIN" bench "$WORKLOAD" --endpoints "$EP" --concurrency "$CONC" --duration "$SECS" --warmup 2 \
   --value-size 256 --keys 100000 --json "$DIR/bench.json" ${EXTRA_BENCH_ARGS:-} &
 bench=$!
 sleep 2 # the warm-up: CPU is counted over the measured part only
@@ -91,4 +112,6 @@ echo "server CPU by thread: $(awk -v a="$t0" -v b="$t1" -v n="${ops:-0}" -v hz="
           f = 1e6 / hz / n
           printf "raft workers %.1f, tokio %.1f, other %.1f us per operation",
                  (y[1] - x[1]) * f, (y[2] - x[2]) * f, (y[3] - x[3]) * f}')"
+# The load generator shares the cores: its CPU per operation is what the servers did not get.
+echo "load generator CPU: $(awk -v n="${ops:-0}" 'NR == 1 && n > 0 {printf "%.1f us per operation (warm-up included)", 1e6 * ($1 + $2) / n}' "$DIR/bench.time")"
 echo "fsyncs (3 nodes): $fs  raft entries persisted: $es  entries per fsync: $(awk -v e=$es -v f=$fs 'BEGIN {if (f > 0) printf "%.1f", e / f; else print "n/a"}')"
