@@ -165,6 +165,8 @@ pub struct StorageConfig {
     /// fsync every round's write batch. Turning it off loses acknowledged writes on a crash.
     pub sync_writes: bool,
     pub block_cache_mb: usize,
+    /// Records of recently written keys each raft worker keeps for apply. 0 = none.
+    pub record_cache_mb: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -233,6 +235,7 @@ impl Default for StorageConfig {
         Self {
             sync_writes: true,
             block_cache_mb: 64,
+            record_cache_mb: 64,
         }
     }
 }

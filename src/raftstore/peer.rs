@@ -525,6 +525,7 @@ impl Peer {
             // Proposals at or below the snapshot can no longer be matched: their outcome is
             // unknown, so their senders are dropped (the client sees "result unknown").
             let r = self.region();
+            actx.forget_range(&r.start_key, &r.end_key);
             self.ctx.set_range(self.region_id, &r.start_key, &r.end_key);
             let idx = snap.get_metadata().index;
             while self.proposals.front().is_some_and(|p| p.index <= idx) {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::apply::ApplyCtx;
+use super::apply::{ApplyCtx, RecordCache};
 use super::msg::{PeerMsg, RegionError, WorkerMsg};
 use super::peer::Peer;
 use super::router::Router;
@@ -42,6 +42,8 @@ pub struct Worker {
     sync_writes: bool,
     ticks: u64,
     hooks: WorkerHooks,
+    /// Records of recently applied keys, lent to each round's apply.
+    cache: RecordCache,
 }
 
 /// What a worker tells the rest of the node.
@@ -65,6 +67,7 @@ impl Worker {
         router: Router,
         tick_interval: Duration,
         sync_writes: bool,
+        record_cache_bytes: usize,
         hooks: WorkerHooks,
     ) -> Self {
         Self {
@@ -78,6 +81,7 @@ impl Worker {
             sync_writes,
             ticks: 0,
             hooks,
+            cache: RecordCache::new(record_cache_bytes),
         }
     }
 
@@ -180,7 +184,7 @@ impl Worker {
     fn round(&mut self, touched: &mut HashSet<RegionId>, gc: bool) -> bool {
         let engine = self.engine.clone();
         let mut wb = engine.batch();
-        let mut actx = ApplyCtx::default();
+        let mut actx = ApplyCtx::with_cache(std::mem::take(&mut self.cache));
         let mut readies = Vec::new();
         let mut must_sync = false;
         let mut entries = 0usize;
@@ -220,9 +224,10 @@ impl Worker {
         metrics::counter!("tessera_entries_applied_total").increment(actx.applied_entries);
         let mut born = self.start_new_peers(&mut actx);
         actx.send_replies();
+        count_cache_reads(&actx);
 
         let mut wb = engine.batch();
-        let mut actx = ApplyCtx::default();
+        let mut actx = ApplyCtx::with_cache(actx.take_cache());
         for (id, rd) in readies {
             if let Some(p) = self.peers.get_mut(&id) {
                 p.after_persist(rd, &mut wb, &mut actx, &self.transport);
@@ -239,6 +244,8 @@ impl Worker {
         metrics::counter!("tessera_entries_applied_total").increment(actx.applied_entries);
         born.extend(self.start_new_peers(&mut actx));
         actx.send_replies();
+        count_cache_reads(&actx);
+        self.cache = actx.take_cache();
 
         let mut still: HashSet<RegionId> = born.into_iter().collect();
         let mut more_work = false;
@@ -276,6 +283,8 @@ impl Worker {
             return;
         };
         self.router.unregister(id);
+        // Its data may be deleted: no cached record of it can be trusted.
+        self.cache.clear();
         let mut wb = self.engine.batch();
         p.destroy(&mut wb);
         if let Err(e) = self.engine.write(wb, true) {
@@ -305,6 +314,17 @@ impl Worker {
                 .set(self.peers.len() as f64);
         }
         ids
+    }
+}
+
+fn count_cache_reads(actx: &ApplyCtx) {
+    if actx.cache_hits > 0 {
+        metrics::counter!("tessera_apply_record_reads_total", "source" => "cache")
+            .increment(actx.cache_hits);
+    }
+    if actx.cache_misses > 0 {
+        metrics::counter!("tessera_apply_record_reads_total", "source" => "engine")
+            .increment(actx.cache_misses);
     }
 }
 

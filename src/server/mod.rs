@@ -168,6 +168,7 @@ impl Node {
                 router.clone(),
                 Duration::from_millis(cfg.raft.tick_interval_ms),
                 cfg.storage.sync_writes,
+                cfg.storage.record_cache_mb << 20,
                 WorkerHooks {
                     leaders: leaders[i].clone(),
                     asleep: asleep[i].clone(),
