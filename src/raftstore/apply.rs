@@ -24,11 +24,10 @@ use prost::Message as _;
 /// Every write apply makes reads the key's current record first (its version, create
 /// revision and size, and the previous value the client gets back). Without this, that read
 /// is a RocksDB `Get`, and a memtable lookup of a random key costs a cache miss per skiplist
-/// level: about 9% of a node's CPU under a put load (docs/benchmarks.md).
+/// level: 12% of the servers' CPU under a one-region put load (docs/benchmarks.md).
 ///
-/// Coherence: the cache only ever holds what is on disk. A record enters it when apply reads
-/// it from the engine (nothing of that key is pending then: pending writes are in the
-/// overlay) and when a round's batch is written (the overlay moves in). Every other writer of
+/// Coherence: the cache only ever holds what is on disk. Records enter it only when a
+/// round's batch has been written (that round's overlay moves in). Every other writer of
 /// the data column family clears it: a snapshot (its range is replaced) and a destroyed peer
 /// (its data deleted). Regions never move between workers without one of those, so a key is
 /// only ever written through its worker's cache.
@@ -126,8 +125,8 @@ pub struct ApplyCtx {
 }
 
 impl ApplyCtx {
-    /// A round's context that reads through (and fills) `cache`; take it back with
-    /// [`Self::take_cache`] after [`Self::send_replies`].
+    /// A round's context that reads through `cache` and adds the round's writes to it once
+    /// they are on disk; take it back with [`Self::take_cache`] after [`Self::send_replies`].
     pub fn with_cache(cache: RecordCache) -> Self {
         Self {
             cache,
