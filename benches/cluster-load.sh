@@ -114,4 +114,6 @@ echo "server CPU by thread: $(awk -v a="$t0" -v b="$t1" -v n="${ops:-0}" -v hz="
                  (y[1] - x[1]) * f, (y[2] - x[2]) * f, (y[3] - x[3]) * f}')"
 # The load generator shares the cores: its CPU per operation is what the servers did not get.
 echo "load generator CPU: $(awk -v n="${ops:-0}" 'NR == 1 && n > 0 {printf "%.1f us per operation (warm-up included)", 1e6 * ($1 + $2) / n}' "$DIR/bench.time")"
+echo "server RSS after the run: $(for p in "${TESSERA_PIDS[@]}"; do
+  awk '/^VmRSS/ {printf "%d MB ", $2 / 1024}' "/proc/$p/status" 2>/dev/null; done)"
 echo "fsyncs (3 nodes): $fs  raft entries persisted: $es  entries per fsync: $(awk -v e=$es -v f=$fs 'BEGIN {if (f > 0) printf "%.1f", e / f; else print "n/a"}')"
