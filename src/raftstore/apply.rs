@@ -48,9 +48,9 @@ impl RecordCache {
         }
     }
 
-    fn cost(key: &[u8], rec: &Option<KvRecord>) -> usize {
+    fn cost(key_len: usize, rec: &Option<KvRecord>) -> usize {
         // Key, value and a fixed share for the map slot, the record's fields and allocations.
-        key.len() + rec.as_ref().map_or(0, |r| r.value.len()) + 96
+        key_len + rec.as_ref().map_or(0, |r| r.value.len()) + 96
     }
 
     fn get(&self, key: &[u8]) -> Option<&Option<KvRecord>> {
@@ -61,12 +61,11 @@ impl RecordCache {
         if self.budget == 0 {
             return;
         }
-        let added = Self::cost(&key, &rec);
         let key_len = key.len();
+        self.bytes += Self::cost(key_len, &rec);
         if let Some(old) = self.map.insert(key, rec) {
-            self.bytes -= Self::cost(&[], &old) + key_len;
+            self.bytes -= Self::cost(key_len, &old);
         }
-        self.bytes += added;
     }
 
     /// Drops about a quarter of the entries once over budget. Which ones is left to the hash
@@ -81,7 +80,7 @@ impl RecordCache {
             if bytes <= target {
                 return true;
             }
-            bytes -= Self::cost(k, v);
+            bytes -= Self::cost(k.len(), v);
             false
         });
         self.bytes = bytes;
@@ -92,11 +91,13 @@ impl RecordCache {
         self.bytes = 0;
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.map.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
 }
