@@ -76,7 +76,16 @@ impl Engine {
         // a key that is not in the memtable skip the skiplist search.
         data_opts.set_memtable_prefix_bloom_ratio(0.02);
         data_opts.set_memtable_whole_key_filtering(true);
-        let mut raft_opts = Options::default();
+        // A region's raft-family records (log tail, raft and apply state) sit together and
+        // are written again and again at the same place. With one region, successive inserts
+        // land next to each other and the skiplist's last-insert position makes each nearly
+        // free; with many regions each insert jumps to another region's run and pays a full
+        // search from the top. A per-region-prefix insert hint keeps one position per region.
+        // Only the C++ option string reaches this setting.
+        let mut raft_opts = Options::default().get_options_from_string(format!(
+            "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{}",
+            super::keys::REGION_PREFIX_LEN
+        ))?;
         raft_opts.set_block_based_table_factory(&table);
         // Raft log entries are mostly read back from the memtable right after being written
         // (or not at all); a bigger memtable keeps them there.

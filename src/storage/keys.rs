@@ -40,8 +40,9 @@ const RAFT_STATE_SUFFIX: u8 = 0x02;
 const APPLY_STATE_SUFFIX: u8 = 0x03;
 const REGION_STATE_SUFFIX: u8 = 0x01;
 
-/// Length of `0x01 0x0? ‖ region_id`.
-const REGION_PREFIX_LEN: usize = 2 + 8;
+/// Length of `0x01 0x0? ‖ region_id`: every raft-family key of one region starts with
+/// the same `REGION_PREFIX_LEN` bytes (the engine's memtable insert hint relies on it).
+pub const REGION_PREFIX_LEN: usize = 2 + 8;
 pub const RAFT_LOG_KEY_LEN: usize = REGION_PREFIX_LEN + 1 + 8;
 
 /// A key that does not have the shape its reader expected: corrupt disk data or a bug.
