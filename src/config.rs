@@ -165,6 +165,8 @@ pub struct StorageConfig {
     /// fsync every round's write batch. Turning it off loses acknowledged writes on a crash.
     pub sync_writes: bool,
     pub block_cache_mb: usize,
+    /// Memtable (write buffer) of the user-data column family.
+    pub data_memtable_mb: usize,
     /// Records of recently written keys each raft worker keeps for apply. 0 = none.
     pub record_cache_mb: usize,
 }
@@ -235,6 +237,7 @@ impl Default for StorageConfig {
         Self {
             sync_writes: true,
             block_cache_mb: 64,
+            data_memtable_mb: 16,
             record_cache_mb: 64,
         }
     }
@@ -481,6 +484,9 @@ impl Config {
         if r.log_gc_threshold == 0 {
             return Err(invalid("raft.log_gc_threshold", "must be positive"));
         }
+        if self.storage.data_memtable_mb == 0 || self.storage.data_memtable_mb > 4096 {
+            return Err(invalid("storage.data_memtable_mb", "must be 1..=4096"));
+        }
         if self.server.max_key_size == 0 {
             return Err(invalid("server.max_key_size", "must be positive"));
         }
@@ -634,6 +640,10 @@ mod tests {
         let mut c = base.clone();
         c.cluster.split_keys = vec!["b".into(), "a".into()];
         assert_eq!(err_field(&c), "cluster.split_keys");
+
+        let mut c = base.clone();
+        c.storage.data_memtable_mb = 0;
+        assert_eq!(err_field(&c), "storage.data_memtable_mb");
 
         let mut c = base.clone();
         c.node.data_dir = PathBuf::new();

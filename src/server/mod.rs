@@ -85,6 +85,7 @@ impl Node {
             &db_path,
             &EngineOptions {
                 block_cache_bytes: cfg.storage.block_cache_mb << 20,
+                data_memtable_bytes: cfg.storage.data_memtable_mb << 20,
                 ..Default::default()
             },
         )
