@@ -81,7 +81,7 @@ impl Engine {
         data_opts.set_memtable_whole_key_filtering(true);
         // Every applied write searches this skiplist for its insert position, at random
         // keys; in a small memtable more of that search stays in the CPU cache. See
-        // docs/benchmarks.md, "Data memtable size".
+        // docs/benchmarks.md, "RocksDB memtables".
         data_opts.set_write_buffer_size(opts.data_memtable_bytes);
         // A region's raft-family records (log tail, raft and apply state) sit together and
         // are written again and again at the same place. With one region, successive inserts

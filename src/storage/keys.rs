@@ -40,8 +40,8 @@ const RAFT_STATE_SUFFIX: u8 = 0x02;
 const APPLY_STATE_SUFFIX: u8 = 0x03;
 const REGION_STATE_SUFFIX: u8 = 0x01;
 
-/// Length of `0x01 0x0? ‖ region_id`: every raft-family key of one region starts with
-/// the same `REGION_PREFIX_LEN` bytes (the engine's memtable insert hint relies on it).
+/// Length of `0x01 0x0? ‖ region_id`. A region's log, raft state and apply state keys share
+/// these first bytes; the engine's memtable insert hint keeps one position per such prefix.
 pub const REGION_PREFIX_LEN: usize = 2 + 8;
 pub const RAFT_LOG_KEY_LEN: usize = REGION_PREFIX_LEN + 1 + 8;
 

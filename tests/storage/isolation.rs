@@ -273,7 +273,7 @@ fn region_state_without_descriptor_is_corrupt() {
     }
 }
 
-/// The raft family inserts with a per-region hint (docs/architecture.md, "Storage"): the
+/// The raft family inserts with a per-region hint (docs/architecture.md, "Storage: one RocksDB per node"): the
 /// option must reach RocksDB, and interleaved writes of many regions, plus keys shorter
 /// than the hint's prefix, must read back exactly as written.
 #[test]
