@@ -180,6 +180,9 @@ pub struct ServerConfig {
     pub max_value_size: usize,
     /// Most keys one scan returns.
     pub max_scan_limit: u32,
+    /// Threads of the async runtime (gRPC server, raft transport, placement loops); 0 = the
+    /// machine's cores minus `raft.workers`, at least 1. See [`Config::grpc_threads`].
+    pub grpc_threads: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -249,6 +252,7 @@ impl Default for ServerConfig {
             max_key_size: 4 << 10,
             max_value_size: 1 << 20,
             max_scan_limit: 10_000,
+            grpc_threads: 0,
         }
     }
 }
@@ -373,6 +377,18 @@ impl Config {
         !self.cluster.join.is_empty()
     }
 
+    /// Threads for the node's async runtime: `server.grpc_threads`, or when that is 0 the
+    /// cores not taken by raft workers (at least one). Raft workers are busy whenever the
+    /// node is; more runtime threads than the cores left over only add wake-ups and
+    /// context switches (docs/benchmarks.md, "Runtime threads").
+    pub fn grpc_threads(&self) -> usize {
+        if self.server.grpc_threads > 0 {
+            return self.server.grpc_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        cores.saturating_sub(self.raft.workers).max(1)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.joining() {
             if self.node.id != 0 {
@@ -495,6 +511,9 @@ impl Config {
         }
         if self.server.max_scan_limit == 0 {
             return Err(invalid("server.max_scan_limit", "must be positive"));
+        }
+        if self.server.grpc_threads > 1024 {
+            return Err(invalid("server.grpc_threads", "must be 0 (auto) ..= 1024"));
         }
         if self.placement.heartbeat_interval_ms == 0 {
             return Err(invalid(
@@ -642,6 +661,10 @@ mod tests {
         assert_eq!(err_field(&c), "cluster.split_keys");
 
         let mut c = base.clone();
+        c.server.grpc_threads = 100_000;
+        assert_eq!(err_field(&c), "server.grpc_threads");
+
+        let mut c = base.clone();
         c.storage.data_memtable_mb = 0;
         assert_eq!(err_field(&c), "storage.data_memtable_mb");
 
@@ -663,6 +686,18 @@ mod tests {
         assert!(e.to_string().contains("workers"), "{e}");
         let e = Config::from_toml_str("\u{0}garbage[[[", "t").unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }));
+    }
+
+    #[test]
+    fn grpc_threads_leave_the_raft_workers_their_cores() {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let mut c = Config::default();
+        c.raft.workers = 1;
+        assert_eq!(c.grpc_threads(), (cores - 1).max(1));
+        c.raft.workers = 64;
+        assert_eq!(c.grpc_threads(), 1, "never zero");
+        c.server.grpc_threads = 3;
+        assert_eq!(c.grpc_threads(), 3, "an explicit count wins");
     }
 
     #[test]

@@ -200,8 +200,12 @@ async fn wait_for_signal() {
     }
 }
 
-async fn run_server(args: ServerArgs) -> Result<(), String> {
-    let cfg = load_config(&args)?;
+/// `cfg`: the configuration `main` already loaded to size the runtime.
+async fn run_server(args: ServerArgs, cfg: Option<Config>) -> Result<(), String> {
+    let cfg = match cfg {
+        Some(cfg) => cfg,
+        None => load_config(&args)?,
+    };
     // Test builds only: fail points from the FAILPOINTS environment variable.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -713,10 +717,22 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A server's runtime is sized by its configuration, so that is read first.
+    let server_cfg = match &cli.command {
+        Command::Server(args) => match load_config(args) {
+            Ok(cfg) => Some(cfg),
+            Err(msg) => {
+                eprintln!("tessera: error: {msg}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(cfg) = &server_cfg {
+        builder.worker_threads(cfg.grpc_threads());
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tessera: error: cannot start runtime: {e}");
@@ -725,7 +741,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Server(args) => run_server(args).await,
+            Command::Server(args) => run_server(args, server_cfg).await,
             Command::DefaultConfig => {
                 print!("{}", tessera::config::DEFAULT_CONFIG_TOML);
                 Ok(())
