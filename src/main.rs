@@ -200,12 +200,8 @@ async fn wait_for_signal() {
     }
 }
 
-/// `cfg`: the configuration `main` already loaded to size the runtime.
-async fn run_server(args: ServerArgs, cfg: Option<Config>) -> Result<(), String> {
-    let cfg = match cfg {
-        Some(cfg) => cfg,
-        None => load_config(&args)?,
-    };
+/// `cfg`: loaded by `main` from `args`, which sized the runtime by it.
+async fn run_server(args: ServerArgs, cfg: Config) -> Result<(), String> {
     // Test builds only: fail points from the FAILPOINTS environment variable.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -704,6 +700,23 @@ async fn run_bench(args: tessera::bench::BenchArgs) -> Result<(), String> {
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Runs `task` on a multi-threaded runtime of `threads` threads (tokio's default: one per
+/// core).
+fn block_on(
+    threads: Option<usize>,
+    task: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<(), String> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    let rt = builder
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start runtime: {e}"))?;
+    rt.block_on(task)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Rust ignores SIGPIPE, so printing into a closed pipe (`tessera regions | head`) would
@@ -717,42 +730,22 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    // A server's runtime is sized by its configuration, so that is read first.
-    let server_cfg = match &cli.command {
-        Command::Server(args) => match load_config(args) {
-            Ok(cfg) => Some(cfg),
-            Err(msg) => {
-                eprintln!("tessera: error: {msg}");
-                return ExitCode::from(2);
-            }
-        },
-        _ => None,
-    };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(cfg) = &server_cfg {
-        builder.worker_threads(cfg.grpc_threads());
-    }
-    let rt = match builder.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tessera: error: cannot start runtime: {e}");
-            return ExitCode::from(2);
+    let result = match cli.command {
+        // A server's runtime is sized by its configuration, so that is read first.
+        Command::Server(args) => load_config(&args).and_then(|cfg| {
+            let threads = cfg.grpc_threads();
+            block_on(Some(threads), run_server(args, cfg))
+        }),
+        Command::DefaultConfig => {
+            print!("{}", tessera::config::DEFAULT_CONFIG_TOML);
+            Ok(())
         }
+        Command::Kv { conn, op } => block_on(None, run_kv(conn, op)),
+        Command::Regions { conn, op } => block_on(None, run_regions(conn, op)),
+        Command::Bench(args) => block_on(None, run_bench(args)),
+        Command::Nodes { conn, op } => block_on(None, run_nodes(conn, op)),
+        Command::Status { conn } => block_on(None, run_status(conn)),
     };
-    let result = rt.block_on(async move {
-        match cli.command {
-            Command::Server(args) => run_server(args, server_cfg).await,
-            Command::DefaultConfig => {
-                print!("{}", tessera::config::DEFAULT_CONFIG_TOML);
-                Ok(())
-            }
-            Command::Kv { conn, op } => run_kv(conn, op).await,
-            Command::Regions { conn, op } => run_regions(conn, op).await,
-            Command::Bench(args) => run_bench(args).await,
-            Command::Nodes { conn, op } => run_nodes(conn, op).await,
-            Command::Status { conn } => run_status(conn).await,
-        }
-    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
