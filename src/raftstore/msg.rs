@@ -204,8 +204,12 @@ pub enum WorkerMsg {
     },
     /// Take ownership of a peer (at start-up, or when a region is created here).
     AddPeer(Box<super::peer::Peer>),
-    /// Placement shows this node down: wake the sleeping regions it leads, so they elect.
-    NodeDown(u64),
+    /// The node `node` looks down: wake the sleeping regions it leads, so they elect.
+    /// `why` says who noticed (the metric label of the wake-ups).
+    NodeDown {
+        node: u64,
+        why: &'static str,
+    },
     /// Finish the round, then stop.
     Shutdown,
 }

@@ -81,6 +81,11 @@ pub struct Peer {
     /// a sleeping peer is not ticked (no heartbeats, no election timer) until activity.
     idle_ticks: usize,
     asleep: bool,
+    /// When this follower last got a message from its leader (the election timer's real
+    /// start, see `hibernate`).
+    leader_heard: Option<Instant>,
+    /// Set by a tick whose election timeout ran out on a follower: the leader's node.
+    leader_silent: Option<u64>,
     /// Set when this peer was removed from its region: the worker destroys it after the
     /// round's write.
     pending_destroy: bool,
@@ -147,6 +152,8 @@ impl Peer {
             siblings: Vec::new(),
             idle_ticks: 0,
             asleep: false,
+            leader_heard: None,
+            leader_silent: None,
             pending_destroy: false,
             tombstones: Vec::new(),
             ctx: ctx.clone(),
@@ -338,10 +345,13 @@ impl Peer {
                 .increment(1);
             return;
         }
+        let from = m.from;
         if let Err(e) = self.raw.step(m) {
             tracing::debug!(region = %self.region_id, error = %e, "step failed");
             metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "step_error")
                 .increment(1);
+        } else if from == self.raw.raft.leader_id && self.raw.raft.state == StateRole::Follower {
+            self.leader_heard = Some(Instant::now());
         }
         // A follower may ask the leader to transfer leadership.
         self.check_transfer();

@@ -39,8 +39,11 @@ pub struct Worker {
     router: Router,
     peers: HashMap<RegionId, Peer>,
     tick_interval: Duration,
+    election_timeout: Duration,
     sync_writes: bool,
     ticks: u64,
+    /// When this worker last woke the regions led from a node whose leader went silent.
+    silent_noticed: HashMap<u64, Instant>,
     hooks: WorkerHooks,
     /// Records of recently applied keys, lent to each round's apply.
     cache: RecordCache,
@@ -65,7 +68,7 @@ impl Worker {
         engine: Engine,
         transport: Transport,
         router: Router,
-        tick_interval: Duration,
+        raft: &crate::config::RaftConfig,
         sync_writes: bool,
         record_cache_bytes: usize,
         hooks: WorkerHooks,
@@ -77,9 +80,12 @@ impl Worker {
             transport,
             router,
             peers: HashMap::new(),
-            tick_interval,
+            tick_interval: Duration::from_millis(raft.tick_interval_ms),
+            election_timeout: Duration::from_millis(raft.tick_interval_ms)
+                * raft.election_ticks as u32,
             sync_writes,
             ticks: 0,
+            silent_noticed: HashMap::new(),
             hooks,
             cache: RecordCache::new(record_cache_bytes),
         }
@@ -117,10 +123,15 @@ impl Worker {
             let tick_due = Instant::now() >= next_tick;
             if tick_due {
                 self.ticks += 1;
+                let mut silent = HashSet::new();
                 for (id, p) in self.peers.iter_mut() {
                     if p.tick() {
                         touched.insert(*id);
                     }
+                    silent.extend(p.take_leader_silent());
+                }
+                for node in silent {
+                    self.leaders_silent(node);
                 }
                 next_tick = Instant::now() + self.tick_interval;
             }
@@ -153,6 +164,40 @@ impl Worker {
             .store(asleep, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// A follower here heard nothing from its leader on `node` for an election timeout: wake
+    /// the sleeping regions led from there, on every worker of this node, so they elect now
+    /// rather than when the transport or placement declares the node down. Once per node and
+    /// election timeout, however many regions noticed; a false alarm only wakes regions
+    /// (their leader, if alive, keeps them in its lease and they fall asleep again).
+    fn leaders_silent(&mut self, node: u64) {
+        if self
+            .silent_noticed
+            .get(&node)
+            .is_some_and(|at| at.elapsed() < self.election_timeout)
+        {
+            return;
+        }
+        self.silent_noticed.insert(node, Instant::now());
+        metrics::counter!("tessera_leader_silent_total").increment(1);
+        tracing::info!(
+            worker = self.index,
+            node,
+            "a leader there went silent: waking the regions it leads here"
+        );
+        for p in self.peers.values_mut() {
+            p.leader_node_down(node, "leader_silent");
+        }
+        for w in (0..self.router.worker_count()).filter(|w| *w != self.index) {
+            self.router.send_worker(
+                w,
+                WorkerMsg::NodeDown {
+                    node,
+                    why: "leader_silent",
+                },
+            );
+        }
+    }
+
     /// Returns true on shutdown.
     fn handle(&mut self, m: WorkerMsg, touched: &mut HashSet<RegionId>) -> bool {
         match m {
@@ -170,9 +215,9 @@ impl Worker {
                 metrics::gauge!("tessera_regions", "worker" => self.index.to_string())
                     .set(self.peers.len() as f64);
             }
-            WorkerMsg::NodeDown(node) => {
+            WorkerMsg::NodeDown { node, why } => {
                 for p in self.peers.values_mut() {
-                    p.leader_node_down(node);
+                    p.leader_node_down(node, why);
                 }
             }
             WorkerMsg::Shutdown => return true,

@@ -167,7 +167,7 @@ impl Node {
                 engine.clone(),
                 transport.clone(),
                 router.clone(),
-                Duration::from_millis(cfg.raft.tick_interval_ms),
+                &cfg.raft,
                 cfg.storage.sync_writes,
                 cfg.storage.record_cache_mb << 20,
                 WorkerHooks {
@@ -500,7 +500,13 @@ async fn heartbeat_loop(
                     && !transport.probe(crate::ids::NodeId(n.node_id)).await
                 {
                     for w in 0..router.worker_count() {
-                        router.send_worker(w, WorkerMsg::NodeDown(n.node_id));
+                        router.send_worker(
+                            w,
+                            WorkerMsg::NodeDown {
+                                node: n.node_id,
+                                why: "placement_node_down",
+                            },
+                        );
                     }
                 }
                 if !n.removed {

@@ -396,9 +396,13 @@ impl Transport {
     /// the node down. A false alarm only wakes regions, which fall asleep again.
     fn wake_regions_led_by(&self, node: NodeId) {
         for w in 0..self.inner.router.worker_count() {
-            self.inner
-                .router
-                .send_worker(w, crate::raftstore::msg::WorkerMsg::NodeDown(node.0));
+            self.inner.router.send_worker(
+                w,
+                crate::raftstore::msg::WorkerMsg::NodeDown {
+                    node: node.0,
+                    why: "transport_node_down",
+                },
+            );
         }
     }
 

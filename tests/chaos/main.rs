@@ -258,15 +258,6 @@ async fn heal_links(addrs: &[String]) {
     set_all_links(addrs, "").await;
 }
 
-fn signal(p: &Proc, sig: &str) {
-    if let Some(c) = &p.child {
-        let _ = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(c.id().to_string())
-            .status();
-    }
-}
-
 /// Until every region has a leader on a live node, as the live nodes see it.
 /// Node `i` (0-based) of the process cluster has id `i + 1` and address `addrs[i]`.
 async fn leadership_recovered(
@@ -580,12 +571,12 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
                     }
                 }
             }
-            signal(&procs[victim], "STOP");
+            procs[victim].signal("STOP");
             let live: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
             recoveries.extend(leadership_recovered(&addrs, &live, Duration::from_secs(30)).await);
             // Long enough for the leaders to write past 4 x log_gc_threshold and compact.
             tokio::time::sleep(Duration::from_secs(8)).await;
-            signal(&procs[victim], "CONT");
+            procs[victim].signal("CONT");
             tokio::time::sleep(Duration::from_secs(secs / 2)).await;
         }
         Fault::CrashAroundLogWrite => {
@@ -753,12 +744,12 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
         }
         Fault::PauseLeaderHeavy => {
             let victim = leader_heavy(&regions_of(&addrs[0]).await);
-            signal(&procs[victim], "STOP");
+            procs[victim].signal("STOP");
             let live: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
             recoveries.extend(leadership_recovered(&addrs, &live, Duration::from_secs(30)).await);
             // Paused well past the election timeout (10 ticks of 50 ms, randomised to 2x).
             tokio::time::sleep(Duration::from_secs(3)).await;
-            signal(&procs[victim], "CONT");
+            procs[victim].signal("CONT");
             tokio::time::sleep(Duration::from_secs(secs / 3)).await;
         }
     }

@@ -369,6 +369,16 @@ impl Proc {
     }
 
     /// SIGKILL: no shutdown code runs, like a power cut for the process.
+    /// Sends `sig` (`STOP`, `CONT`, ...) to the process, if it runs.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

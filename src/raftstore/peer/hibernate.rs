@@ -1,10 +1,39 @@
 //! Hibernation of an idle peer: it stops ticking (no heartbeats, no election timer) once
 //! its region is quiet and consistent, and wakes on any activity or when its leader's node
-//! is down. A child module of `peer`, so it works on the peer's private state directly.
+//! looks down. A child module of `peer`, so it works on the peer's private state directly.
+//!
+//! How a sleeping follower learns that its leader's node is gone, fastest first:
+//! - an awake follower on this node, led from the same node, runs out its election timer
+//!   ([`Peer::take_leader_silent`]); its worker wakes every sleeping region here led from
+//!   there (one election timeout after the node went quiet, if any region shared with it
+//!   is busy);
+//! - a (pre-)vote request from a follower elsewhere that noticed first;
+//! - the transport: the node's raft stream breaks or misses keep-alive pings, and a probe
+//!   gets no answer (about 3 s for a hung node);
+//! - placement: the node's heartbeat is older than `placement.node_down_after_ms`.
+
+use std::time::Duration;
 
 use raft::StateRole;
 
 use super::Peer;
+
+/// The election timer of a follower woken because its leader may be gone: the whole tick
+/// intervals that passed since the leader's last message arrived (`since_heard`), at most
+/// `election_ticks`, and never less than it stood (`frozen`). Never more than the real time
+/// allows, which is what keeps lease reads safe; unknown time means no catching up.
+fn timer_on_waking(
+    frozen: usize,
+    since_heard: Option<Duration>,
+    tick: Duration,
+    election_ticks: usize,
+) -> usize {
+    let Some(since) = since_heard.filter(|_| !tick.is_zero()) else {
+        return frozen;
+    };
+    let passed = (since.as_nanos() / tick.as_nanos()).min(election_ticks as u128) as usize;
+    frozen.max(passed)
+}
 
 impl Peer {
     /// One raft tick, unless the region hibernates. Returns whether raft ticked.
@@ -18,9 +47,29 @@ impl Peer {
             metrics::counter!("tessera_region_hibernations_total").increment(1);
             return false;
         }
+        let followed = match self.raw.raft.state {
+            StateRole::Follower => self.leader().map(|l| l.node_id),
+            _ => None,
+        };
         self.raw.tick();
+        if let Some(node) = followed {
+            if matches!(
+                self.raw.raft.state,
+                StateRole::PreCandidate | StateRole::Candidate
+            ) {
+                // The election timer ran out: nothing came from that node's leader for a
+                // whole election timeout.
+                self.leader_silent = Some(node);
+            }
+        }
         self.maybe_leave_joint();
         true
+    }
+
+    /// The node whose leader this follower stopped hearing from, at its last tick (taken
+    /// once). Its sleeping regions here do not notice by themselves (see [`Self::wake`]).
+    pub fn take_leader_silent(&mut self) -> Option<u64> {
+        self.leader_silent.take()
     }
 
     pub fn is_asleep(&self) -> bool {
@@ -29,21 +78,46 @@ impl Peer {
 
     /// Something other than a heartbeat happened: tick again (if asleep) and start counting
     /// idle ticks anew.
+    ///
+    /// Where the election timer of a waking follower starts. It did not run while the
+    /// follower slept, so it stands at most `heartbeat_ticks` past the leader's last message,
+    /// which may be long ago. Normally it restarts from zero: a client request or an append
+    /// wakes the leader too, which answers well within an election timeout. But when the
+    /// leader itself may be gone — a (pre-)vote request came, or its node looks down — the
+    /// timer is moved on to the ticks that really passed since the leader was last heard,
+    /// at most one election timeout. Then the follower grants votes at once and campaigns
+    /// within one more (randomised) timeout, as an awake follower would by then; it does not
+    /// first sit out a whole timeout of its own. Lease reads stay safe (see `lease`): the
+    /// timer never runs ahead of the real time since the leader's last message arrived.
     pub fn wake(&mut self, why: &'static str) {
         self.idle_ticks = 0;
         if self.asleep {
             metrics::counter!("tessera_region_wakeups_total", "reason" => why).increment(1);
             self.asleep = false;
-            // A leader's quorum check restarts from a full interval: it heard nothing while
-            // asleep because it sent nothing.
-            self.raw.raft.election_elapsed = 0;
+            let raft = &mut self.raw.raft;
+            let leader_may_be_gone = matches!(
+                why,
+                "vote" | "leader_silent" | "transport_node_down" | "placement_node_down"
+            );
+            raft.election_elapsed = match raft.state {
+                StateRole::Follower if leader_may_be_gone => timer_on_waking(
+                    raft.election_elapsed,
+                    self.leader_heard.map(|at| at.elapsed()),
+                    Duration::from_millis(self.ctx.cfg.tick_interval_ms),
+                    self.ctx.cfg.election_ticks,
+                ),
+                // A leader's quorum check restarts from a full interval: it heard nothing
+                // while asleep because it sent nothing.
+                _ => 0,
+            };
         }
     }
 
-    /// The node hosting this region's leader is down: wake so the election timer runs.
-    pub fn leader_node_down(&mut self, node: u64) {
+    /// The node hosting this region's leader looks down (`why` says who noticed): wake so
+    /// the election timer runs, from where it would be had it never slept.
+    pub fn leader_node_down(&mut self, node: u64, why: &'static str) {
         if self.asleep && self.leader().is_none_or(|l| l.node_id == node) {
-            self.wake("leader_node_down");
+            self.wake(why);
         }
     }
 
@@ -74,5 +148,43 @@ impl Peer {
             }
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: Duration = Duration::from_millis(100);
+
+    #[test]
+    fn a_woken_timer_counts_only_the_whole_intervals_that_passed() {
+        // 950 ms since the leader was heard: 9 whole ticks, still inside the lease bound
+        // (raft-rs votes only at 10).
+        assert_eq!(
+            timer_on_waking(1, Some(Duration::from_millis(950)), TICK, 10),
+            9
+        );
+        assert_eq!(
+            timer_on_waking(0, Some(Duration::from_millis(1000)), TICK, 10),
+            10
+        );
+        // Long asleep: one election timeout, not more, so the randomised part still spreads
+        // the campaigns.
+        assert_eq!(
+            timer_on_waking(2, Some(Duration::from_secs(3600)), TICK, 10),
+            10
+        );
+        // Just heard: stays where it was.
+        assert_eq!(
+            timer_on_waking(2, Some(Duration::from_millis(30)), TICK, 10),
+            2
+        );
+        // Nothing heard since start, or no tick length: no catching up.
+        assert_eq!(timer_on_waking(2, None, TICK, 10), 2);
+        assert_eq!(
+            timer_on_waking(2, Some(Duration::from_secs(5)), Duration::ZERO, 10),
+            2
+        );
     }
 }
