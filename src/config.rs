@@ -181,7 +181,7 @@ pub struct ServerConfig {
     /// Most keys one scan returns.
     pub max_scan_limit: u32,
     /// Threads of the async runtime (gRPC server, raft transport, placement loops); 0 = the
-    /// machine's cores minus `raft.workers`, at least 2. See [`Config::grpc_threads`].
+    /// machine's cores minus `raft.workers`, at least 1. See [`Config::grpc_threads`].
     pub grpc_threads: usize,
 }
 
@@ -378,17 +378,15 @@ impl Config {
     }
 
     /// Threads for the node's async runtime: `server.grpc_threads`, or when that is 0 the
-    /// cores not taken by raft workers, but at least two. Raft workers are busy whenever
-    /// the node is, and more runtime threads than the cores left over only add wake-ups and
-    /// context switches; yet with a single thread, failover after a paused leader-heavy
-    /// node took ~3.5 s instead of ~0.8 s in two of three chaos seeds (docs/benchmarks.md,
-    /// "Runtime threads"), so the default never goes below two.
+    /// cores not taken by raft workers, at least one. Raft workers are busy whenever the
+    /// node is, and more runtime threads than the cores left over only add wake-ups and
+    /// context switches (docs/benchmarks.md, "Runtime threads").
     pub fn grpc_threads(&self) -> usize {
         if self.server.grpc_threads > 0 {
             return self.server.grpc_threads;
         }
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        cores.saturating_sub(self.raft.workers).max(2)
+        cores.saturating_sub(self.raft.workers).max(1)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -695,9 +693,9 @@ mod tests {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let mut c = Config::default();
         c.raft.workers = 1;
-        assert_eq!(c.grpc_threads(), (cores - 1).max(2));
+        assert_eq!(c.grpc_threads(), (cores - 1).max(1));
         c.raft.workers = 64;
-        assert_eq!(c.grpc_threads(), 2, "never fewer than two by default");
+        assert_eq!(c.grpc_threads(), 1, "never fewer than one by default");
         c.server.grpc_threads = 3;
         assert_eq!(c.grpc_threads(), 3, "an explicit count wins");
     }
