@@ -92,6 +92,7 @@ case "${PRELOAD:-0}:$WORKLOAD" in
 esac
 f0=$(metric_sum tessera_fsyncs_total); e0=$(metric_sum tessera_raft_entries_persisted_total)
 m0=$(metric_sum tessera_transport_batch_messages_sum); b0=$(metric_sum tessera_transport_batch_messages_count)
+r0=$(metric_sum tessera_worker_round_seconds_count)
 /usr/bin/time -f "%U %S" -o "$DIR/bench.time" \
   "$BIN" bench "$WORKLOAD" --endpoints "$EP" --concurrency "$CONC" --duration "$SECS" --warmup 2 \
   --value-size 256 --keys 100000 --json "$DIR/bench.json" ${EXTRA_BENCH_ARGS:-} &
@@ -102,6 +103,7 @@ wait $bench
 c1=$(node_cpu_ticks); t1=$(thread_cpu_ticks)
 f1=$(metric_sum tessera_fsyncs_total); e1=$(metric_sum tessera_raft_entries_persisted_total)
 m1=$(metric_sum tessera_transport_batch_messages_sum); b1=$(metric_sum tessera_transport_batch_messages_count)
+r1=$(metric_sum tessera_worker_round_seconds_count)
 fs=$((f1 - f0)); es=$((e1 - e0))
 # CPU per operation is steadier than operations/s on a shared, saturated machine: it does not
 # depend on how the cores were shared with the load generator.
@@ -122,3 +124,6 @@ echo "fsyncs (3 nodes): $fs  raft entries persisted: $es  entries per fsync: $(a
 # Raft messages between the nodes, and how many each transport batch (one stream write) carried.
 echo "raft messages (3 nodes): $(awk -v m=$((m1 - m0)) -v b=$((b1 - b0)) -v n="${ops:-0}" \
   'BEGIN {if (n > 0 && b > 0) printf "%.2f per operation, %.1f per transport batch", m / n, m / b; else print "n/a"}')"
+# Worker rounds (each ends in one log write) and the transport batches each round caused.
+echo "worker rounds (3 nodes): $(awk -v r=$((r1 - r0)) -v b=$((b1 - b0)) -v n="${ops:-0}" \
+  'BEGIN {if (n > 0 && r > 0) printf "%.2f per operation, %.2f transport batches per round", r / n, b / r; else print "n/a"}')"
