@@ -8,14 +8,15 @@
 #
 # A_BIN / B_BIN: tessera binaries (the same path twice to compare environments).
 # Environment: A_ENV / B_ENV (command prefixes for each side's servers, e.g.
-# `env TOKIO_WORKER_THREADS=1`), SECS (measured seconds per run, default 10), CONC
+# `env TOKIO_WORKER_THREADS=1`), A_CONFIG / B_CONFIG (more node TOML for each side, as
+# cluster-load.sh's EXTRA_CONFIG, e.g. "[storage]\ndata_memtable_mb = 64"), SECS (measured seconds per run, default 10), CONC
 # (in-flight requests, default 64), EXTRA_BENCH_ARGS (passed to `tessera bench`).
 # Each run is `benches/cluster-load.sh`, which starts and cleans up its own cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ $# -lt 2 ]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"
   exit 2
 fi
 A=$1
@@ -34,8 +35,8 @@ trap 'rm -rf "$OUT"' EXIT
 
 # One run → "ops_per_s us_per_op worker_us tokio_us entries_per_fsync" on stdout.
 run() {
-  local bin=$1 env=$2 log=$3
-  SERVER_ENV="$env" BIN="$bin" benches/cluster-load.sh "$REGIONS" "$CONC" "$SECS" "$WORKLOAD" \
+  local bin=$1 env=$2 cfg=$3 log=$4
+  SERVER_ENV="$env" EXTRA_CONFIG="$cfg" BIN="$bin" benches/cluster-load.sh "$REGIONS" "$CONC" "$SECS" "$WORKLOAD" \
     >"$log" 2>&1 || { echo "ab.sh: run failed, see below" >&2; tail -20 "$log" >&2; exit 1; }
   awk '
     / ops in .* = [0-9]+ ops\/s$/ {ops = $(NF - 1)}
@@ -45,15 +46,15 @@ run() {
     END {printf "%s %s %s %s %s\n", ops, us, w, k, epf}' "$log"
 }
 
-echo "A = ${A_ENV:+$A_ENV }$A"
-echo "B = ${B_ENV:+$B_ENV }$B"
+echo "A = ${A_ENV:+$A_ENV }$A${A_CONFIG:+ with config $A_CONFIG}"
+echo "B = ${B_ENV:+$B_ENV }$B${B_CONFIG:+ with config $B_CONFIG}"
 echo "$ROUNDS rounds of: cluster-load.sh $REGIONS $CONC $SECS $WORKLOAD"
 row() { printf '%-6s %10s %12s %12s %12s %10s\n' "$@"; }
 row run "ops/s" "us/op" "worker us" "tokio us" "ent/fsync"
 for r in $(seq 1 "$ROUNDS"); do
   for side in A B; do
-    if [ $side = A ]; then bin=$A env=${A_ENV:-}; else bin=$B env=${B_ENV:-}; fi
-    line=$(run "$bin" "$env" "$OUT/$side$r.log")
+    if [ $side = A ]; then bin=$A env=${A_ENV:-} cfg=${A_CONFIG:-}; else bin=$B env=${B_ENV:-} cfg=${B_CONFIG:-}; fi
+    line=$(run "$bin" "$env" "$cfg" "$OUT/$side$r.log")
     echo "$line" >>"$OUT/$side"
     # shellcheck disable=SC2086
     row "$side$r" $line
