@@ -197,6 +197,52 @@ pub struct RegionInfo {
     pub writes: u64,
 }
 
+/// Why a sleeping (hibernating) peer woke: the label of `tessera_region_wakeups_total`, and
+/// whether its leader may be gone (see `peer/hibernate.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// An append or its answer.
+    Append,
+    /// A vote or pre-vote request: some follower stopped hearing the leader.
+    Vote,
+    /// Another raft message (not a heartbeat).
+    RaftOther,
+    /// A client write or read.
+    Request,
+    /// An admin request (split, membership, leader transfer, ...).
+    Admin,
+    /// An awake follower here ran out its election timer on a leader at that node.
+    LeaderSilent,
+    /// The transport's stream to that node broke and a probe got no answer.
+    TransportNodeDown,
+    /// Placement shows that node down, and a probe got no answer.
+    PlacementNodeDown,
+}
+
+impl Wake {
+    pub fn label(self) -> &'static str {
+        match self {
+            Wake::Append => "append",
+            Wake::Vote => "vote",
+            Wake::RaftOther => "raft_other",
+            Wake::Request => "request",
+            Wake::Admin => "admin",
+            Wake::LeaderSilent => "leader_silent",
+            Wake::TransportNodeDown => "transport_node_down",
+            Wake::PlacementNodeDown => "placement_node_down",
+        }
+    }
+
+    /// Whether this says the peer's leader may be gone, rather than that the leader or a
+    /// client is active.
+    pub fn leader_may_be_gone(self) -> bool {
+        matches!(
+            self,
+            Wake::Vote | Wake::LeaderSilent | Wake::TransportNodeDown | Wake::PlacementNodeDown
+        )
+    }
+}
+
 pub enum WorkerMsg {
     Peer {
         region: RegionId,
@@ -205,10 +251,10 @@ pub enum WorkerMsg {
     /// Take ownership of a peer (at start-up, or when a region is created here).
     AddPeer(Box<super::peer::Peer>),
     /// The node `node` looks down: wake the sleeping regions it leads, so they elect.
-    /// `why` says who noticed (the metric label of the wake-ups).
+    /// `why` says who noticed.
     NodeDown {
         node: u64,
-        why: &'static str,
+        why: Wake,
     },
     /// Finish the round, then stop.
     Shutdown,

@@ -24,7 +24,7 @@ mod lease;
 use super::apply::{self, ApplyCtx};
 use super::cmd::{self, ApplyResult, Command};
 use super::local_read;
-use super::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, RegionInfo, Reply};
+use super::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, RegionInfo, Reply, Wake};
 use super::store::StoreCtx;
 use crate::ids::{PeerId, RegionId};
 use crate::proto::{self, RegionEpoch};
@@ -221,13 +221,13 @@ impl Peer {
         let why = match &msg {
             PeerMsg::Raft(m) => match m.get_msg_type() {
                 MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse => None,
-                MessageType::MsgAppend | MessageType::MsgAppendResponse => Some("append"),
-                MessageType::MsgRequestPreVote | MessageType::MsgRequestVote => Some("vote"),
-                _ => Some("raft_other"),
+                MessageType::MsgAppend | MessageType::MsgAppendResponse => Some(Wake::Append),
+                MessageType::MsgRequestPreVote | MessageType::MsgRequestVote => Some(Wake::Vote),
+                _ => Some(Wake::RaftOther),
             },
             PeerMsg::Describe(_) | PeerMsg::Progress(_) => None,
-            PeerMsg::Propose { .. } | PeerMsg::Read { .. } => Some("request"),
-            _ => Some("admin"),
+            PeerMsg::Propose { .. } | PeerMsg::Read { .. } => Some(Wake::Request),
+            _ => Some(Wake::Admin),
         };
         if let Some(why) = why {
             self.wake(why);

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::apply::{ApplyCtx, RecordCache};
-use super::msg::{PeerMsg, RegionError, WorkerMsg};
+use super::msg::{PeerMsg, RegionError, Wake, WorkerMsg};
 use super::peer::Peer;
 use super::router::Router;
 use crate::ids::RegionId;
@@ -185,14 +185,14 @@ impl Worker {
             "a leader there went silent: waking the regions it leads here"
         );
         for p in self.peers.values_mut() {
-            p.leader_node_down(node, "leader_silent");
+            p.leader_node_down(node, Wake::LeaderSilent);
         }
         for w in (0..self.router.worker_count()).filter(|w| *w != self.index) {
             self.router.send_worker(
                 w,
                 WorkerMsg::NodeDown {
                     node,
-                    why: "leader_silent",
+                    why: Wake::LeaderSilent,
                 },
             );
         }

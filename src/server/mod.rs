@@ -504,7 +504,7 @@ async fn heartbeat_loop(
                             w,
                             WorkerMsg::NodeDown {
                                 node: n.node_id,
-                                why: "placement_node_down",
+                                why: crate::raftstore::msg::Wake::PlacementNodeDown,
                             },
                         );
                     }

@@ -400,7 +400,7 @@ impl Transport {
                 w,
                 crate::raftstore::msg::WorkerMsg::NodeDown {
                     node: node.0,
-                    why: "transport_node_down",
+                    why: crate::raftstore::msg::Wake::TransportNodeDown,
                 },
             );
         }

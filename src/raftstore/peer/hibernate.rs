@@ -17,6 +17,7 @@ use std::time::Duration;
 use raft::StateRole;
 
 use super::Peer;
+use crate::raftstore::msg::Wake;
 
 /// The election timer of a follower woken because its leader may be gone: the whole tick
 /// intervals that passed since the leader's last message arrived (`since_heard`), at most
@@ -89,18 +90,14 @@ impl Peer {
     /// within one more (randomised) timeout, as an awake follower would by then; it does not
     /// first sit out a whole timeout of its own. Lease reads stay safe (see `lease`): the
     /// timer never runs ahead of the real time since the leader's last message arrived.
-    pub fn wake(&mut self, why: &'static str) {
+    pub fn wake(&mut self, why: Wake) {
         self.idle_ticks = 0;
         if self.asleep {
-            metrics::counter!("tessera_region_wakeups_total", "reason" => why).increment(1);
+            metrics::counter!("tessera_region_wakeups_total", "reason" => why.label()).increment(1);
             self.asleep = false;
             let raft = &mut self.raw.raft;
-            let leader_may_be_gone = matches!(
-                why,
-                "vote" | "leader_silent" | "transport_node_down" | "placement_node_down"
-            );
             raft.election_elapsed = match raft.state {
-                StateRole::Follower if leader_may_be_gone => timer_on_waking(
+                StateRole::Follower if why.leader_may_be_gone() => timer_on_waking(
                     raft.election_elapsed,
                     self.leader_heard.map(|at| at.elapsed()),
                     Duration::from_millis(self.ctx.cfg.tick_interval_ms),
@@ -115,7 +112,7 @@ impl Peer {
 
     /// The node hosting this region's leader looks down (`why` says who noticed): wake so
     /// the election timer runs, from where it would be had it never slept.
-    pub fn leader_node_down(&mut self, node: u64, why: &'static str) {
+    pub fn leader_node_down(&mut self, node: u64, why: Wake) {
         if self.asleep && self.leader().is_none_or(|l| l.node_id == node) {
             self.wake(why);
         }
