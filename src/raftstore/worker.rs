@@ -167,8 +167,8 @@ impl Worker {
     /// A follower here heard nothing from its leader on `node` for an election timeout: wake
     /// the sleeping regions led from there, on every worker of this node, so they elect now
     /// rather than when the transport or placement declares the node down. Once per node and
-    /// election timeout, however many regions noticed; a false alarm only wakes regions
-    /// (their leader, if alive, keeps them in its lease and they fall asleep again).
+    /// election timeout, however many regions noticed. What a false alarm costs is in
+    /// docs/architecture.md, "Hibernation": at most a leader change of an idle region.
     fn leaders_silent(&mut self, node: u64) {
         if self
             .silent_noticed

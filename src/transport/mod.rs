@@ -391,9 +391,10 @@ impl Transport {
         }
     }
 
-    /// `node` refuses connections (a killed process): wake
-    /// the sleeping regions it leads so they elect now rather than when placement shows
-    /// the node down. A false alarm only wakes regions, which fall asleep again.
+    /// `node` refuses connections (a killed process) or does not answer a probe (a hung
+    /// one): wake the sleeping regions it leads so they elect now rather than when placement
+    /// shows the node down. A false alarm costs at most a leader change of an idle region
+    /// (docs/architecture.md, "Hibernation").
     fn wake_regions_led_by(&self, node: NodeId) {
         for w in 0..self.inner.router.worker_count() {
             self.inner.router.send_worker(

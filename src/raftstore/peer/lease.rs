@@ -8,10 +8,10 @@
 //! intervals (a worker never ticks faster than its interval, a hibernating peer does not
 //! tick at all, and a sleeping follower woken because its leader may be gone moves its timer
 //! on by no more than the whole intervals that passed since the leader's last message
-//! arrived: see `hibernate`). A quorum that acknowledged the leader at `t` therefore elects nobody else
-//! before `t + (election_ticks - 1) * tick`; the lease ends one tick before that. Times are
-//! the monotonic clock, which keeps running while a process is stopped, so a leader paused
-//! past its lease (SIGSTOP) finds the lease over when it resumes.
+//! arrived: see `hibernate`). A quorum that acknowledged the leader at `t` therefore elects
+//! nobody else before `t + (election_ticks - 1) * tick`; the lease ends one tick before that.
+//! Times are the monotonic clock, which keeps running while a process is stopped, so a
+//! leader paused past its lease (SIGSTOP) finds the lease over when it resumes.
 //!
 //! What the argument needs, and where it is kept:
 //! - a *forced* election (leader transfer: raft-rs's `MsgTimeoutNow`) skips the followers'
