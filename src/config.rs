@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -216,6 +217,17 @@ impl Default for ClusterConfig {
             replicas: 3,
             join: Vec::new(),
         }
+    }
+}
+
+impl RaftConfig {
+    pub fn tick_interval(&self) -> Duration {
+        Duration::from_millis(self.tick_interval_ms)
+    }
+
+    /// The shortest election timeout (raft-rs randomises it up to twice this).
+    pub fn election_timeout(&self) -> Duration {
+        self.tick_interval() * self.election_ticks as u32
     }
 }
 

@@ -12,7 +12,7 @@
 //!   command never writes outside the range the region has when it applies.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use raft::eraftpb::{self, EntryType, MessageType};
 use raft::{RawNode, Ready, StateRole};
@@ -137,11 +137,7 @@ impl Peer {
             reads_inflight: VecDeque::new(),
             reads_ready: VecDeque::new(),
             next_read_ctx: 1,
-            lease: lease::Lease::new(
-                cfg.lease_reads,
-                Duration::from_millis(cfg.tick_interval_ms),
-                cfg.election_ticks,
-            ),
+            lease: lease::Lease::new(cfg.lease_reads, cfg.tick_interval(), cfg.election_ticks),
             renew_lease: false,
             applied_own_term: 0,
             refuse_votes_until: None,

@@ -163,6 +163,14 @@ impl Router {
         self.inner.workers[worker].send(msg).is_ok()
     }
 
+    /// Tells every worker that `node` looks down (`why` says who noticed), so each wakes
+    /// the sleeping regions led from there.
+    pub fn node_down(&self, node: u64, why: super::msg::Wake) {
+        for w in &self.inner.workers {
+            let _ = w.send(WorkerMsg::NodeDown { node, why });
+        }
+    }
+
     pub fn worker_count(&self) -> usize {
         self.inner.workers.len()
     }

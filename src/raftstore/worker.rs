@@ -80,9 +80,8 @@ impl Worker {
             transport,
             router,
             peers: HashMap::new(),
-            tick_interval: Duration::from_millis(raft.tick_interval_ms),
-            election_timeout: Duration::from_millis(raft.tick_interval_ms)
-                * raft.election_ticks as u32,
+            tick_interval: raft.tick_interval(),
+            election_timeout: raft.election_timeout(),
             sync_writes,
             ticks: 0,
             silent_noticed: HashMap::new(),
@@ -165,7 +164,8 @@ impl Worker {
     }
 
     /// A follower here heard nothing from its leader on `node` for an election timeout: wake
-    /// the sleeping regions led from there, on every worker of this node, so they elect now
+    /// the sleeping regions led from there, on every worker of this node (this one included,
+    /// through its own inbox at the start of the next round), so they elect now
     /// rather than when the transport or placement declares the node down. Once per node and
     /// election timeout, however many regions noticed. What a false alarm costs is in
     /// docs/architecture.md, "Hibernation": at most a leader change of an idle region.
@@ -184,18 +184,7 @@ impl Worker {
             node,
             "a leader there went silent: waking the regions it leads here"
         );
-        for p in self.peers.values_mut() {
-            p.leader_node_down(node, Wake::LeaderSilent);
-        }
-        for w in (0..self.router.worker_count()).filter(|w| *w != self.index) {
-            self.router.send_worker(
-                w,
-                WorkerMsg::NodeDown {
-                    node,
-                    why: Wake::LeaderSilent,
-                },
-            );
-        }
+        self.router.node_down(node, Wake::LeaderSilent);
     }
 
     /// Returns true on shutdown.

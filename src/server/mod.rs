@@ -132,8 +132,7 @@ impl Node {
             crate::logging::raft_logger(),
             engine.clone(),
         );
-        let election_timeout =
-            Duration::from_millis(cfg.raft.tick_interval_ms) * cfg.raft.election_ticks as u32;
+        let election_timeout = cfg.raft.election_timeout();
         for id in &region_ids {
             let storage =
                 PeerStorage::open(engine.clone(), *id).map_err(|e| StartError::Region {
@@ -499,15 +498,7 @@ async fn heartbeat_loop(
                     && n.node_id != record.node_id
                     && !transport.probe(crate::ids::NodeId(n.node_id)).await
                 {
-                    for w in 0..router.worker_count() {
-                        router.send_worker(
-                            w,
-                            WorkerMsg::NodeDown {
-                                node: n.node_id,
-                                why: crate::raftstore::msg::Wake::PlacementNodeDown,
-                            },
-                        );
-                    }
+                    router.node_down(n.node_id, crate::raftstore::msg::Wake::PlacementNodeDown);
                 }
                 if !n.removed {
                     transport.set_address(crate::ids::NodeId(n.node_id), n.addr);

@@ -396,15 +396,9 @@ impl Transport {
     /// shows the node down. A false alarm costs at most a leader change of an idle region
     /// (docs/architecture.md, "Hibernation").
     fn wake_regions_led_by(&self, node: NodeId) {
-        for w in 0..self.inner.router.worker_count() {
-            self.inner.router.send_worker(
-                w,
-                crate::raftstore::msg::WorkerMsg::NodeDown {
-                    node: node.0,
-                    why: crate::raftstore::msg::Wake::TransportNodeDown,
-                },
-            );
-        }
+        self.inner
+            .router
+            .node_down(node.0, crate::raftstore::msg::Wake::TransportNodeDown);
     }
 
     fn send_snapshot(&self, mut rm: RaftMessage) {

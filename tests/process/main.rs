@@ -709,8 +709,8 @@ async fn a_cut_off_leader_serves_from_its_lease_then_stops() {
     }
 }
 
-/// Sum of one counter's samples (every label set matching `labels`) in a Prometheus page.
-fn counter_sum(page: &str, name: &str, labels: &str) -> f64 {
+/// Sum of one metric's samples (every label set containing `labels`) in a Prometheus page.
+fn metric_sum(page: &str, name: &str, labels: &str) -> f64 {
     page.lines()
         .filter(|l| l.starts_with(name) && l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -795,11 +795,11 @@ async fn sleeping_regions_elect_when_a_busy_one_finds_their_leaders_node_hung() 
         let asleep: Vec<f64> = live
             .iter()
             .map(|&i| {
-                let page = scrape_metrics(&metrics[i]);
-                page.lines()
-                    .filter(|l| l.starts_with("tessera_regions_hibernating"))
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum()
+                metric_sum(
+                    &scrape_metrics(&metrics[i]),
+                    "tessera_regions_hibernating",
+                    "",
+                )
             })
             .collect();
         if asleep.iter().all(|a| *a >= f64::from(REGIONS - 1)) {
@@ -843,7 +843,7 @@ async fn sleeping_regions_elect_when_a_busy_one_finds_their_leaders_node_hung() 
         pages
             .iter()
             .map(|p| {
-                counter_sum(
+                metric_sum(
                     p,
                     "tessera_region_wakeups_total",
                     &format!("reason=\"{reason}\""),

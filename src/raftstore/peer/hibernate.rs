@@ -100,7 +100,7 @@ impl Peer {
                 StateRole::Follower if why.leader_may_be_gone() => timer_on_waking(
                     raft.election_elapsed,
                     self.leader_heard.map(|at| at.elapsed()),
-                    Duration::from_millis(self.ctx.cfg.tick_interval_ms),
+                    self.ctx.cfg.tick_interval(),
                     self.ctx.cfg.election_ticks,
                 ),
                 // A leader's quorum check restarts from a full interval: it heard nothing
