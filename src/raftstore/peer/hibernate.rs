@@ -48,20 +48,24 @@ impl Peer {
             metrics::counter!("tessera_region_hibernations_total").increment(1);
             return false;
         }
-        let followed = match self.raw.raft.state {
-            StateRole::Follower => self.leader().map(|l| l.node_id),
-            _ => None,
-        };
+        let was_following = self.raw.raft.state == StateRole::Follower;
+        // Campaigning clears the leader id: keep it to name the silent leader's node.
+        let leader = self.raw.raft.leader_id;
         self.raw.tick();
-        if let Some(node) = followed {
-            if matches!(
+        if was_following
+            && matches!(
                 self.raw.raft.state,
                 StateRole::PreCandidate | StateRole::Candidate
-            ) {
-                // The election timer ran out: nothing came from that node's leader for a
-                // whole election timeout.
-                self.leader_silent = Some(node);
-            }
+            )
+        {
+            // The election timer ran out: nothing came from that node's leader for a whole
+            // election timeout.
+            self.leader_silent = self
+                .region()
+                .peers
+                .iter()
+                .find(|p| p.id == leader)
+                .map(|p| p.node_id);
         }
         self.maybe_leave_joint();
         true
