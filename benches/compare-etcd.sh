@@ -12,7 +12,8 @@
 # table with ratios) and two SVG charts, and cleans up everything it started.
 # Environment: DURATION (s per run, 10), KEYS (50000), REGIONS (tessera regions, 64),
 #              PROFILE (release|debug, release), WORKLOADS, SWEEP (concurrency list),
-#              ROUNDS (2).
+#              ROUNDS (2), TESSERA_ARGS (more `tessera bench` flags for tessera's runs only,
+#              e.g. `--unary` to measure without the client's multiplexed stream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -107,7 +108,8 @@ run() { # target workload concurrency round
   echo "== $target $workload concurrency $conc (round $round)" >&2
   "$BIN" bench "$workload" --target "$target" --endpoints "$(endpoints "$target")" \
     --concurrency "$conc" --connections 4 --keys "$KEYS" --value-size 256 \
-    --duration "$DURATION" --warmup 2 --json "$name.json" >"$name.txt" &
+    --duration "$DURATION" --warmup 2 --json "$name.json" \
+    $([ "$target" = tessera ] && echo "${TESSERA_ARGS:-}") >"$name.txt" &
   bench=$!
   sleep 2 # the warm-up: CPU is counted over the measured part only
   c0=$(cpu_ticks "$target")

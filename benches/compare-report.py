@@ -104,6 +104,13 @@ print("# tessera vs etcd, same machine, same run\n")
 print(f"- machine: {os.cpu_count()} cores, {platform.platform()}")
 print(f"- tessera: 3 nodes, {regions} user regions + placement, 3 replicas, fsync on "
       "(`storage.sync_writes = true`), 1 raft worker per node")
+extra = os.environ.get("TESSERA_ARGS", "").strip()
+if "--unary" in extra.split():
+    print(f"- tessera runs with `{extra}`: one unary gRPC call per request, as on etcd's side")
+else:
+    print("- tessera's client multiplexes the requests to a node on one stream (`Kv.Commands`); "
+          "etcd's side makes one unary gRPC call per request, as etcd's own clients do"
+          + (f"; tessera runs with `{extra}`" if extra else ""))
 print("- etcd: 3 members (Debian etcd-server), fsync on (always), defaults otherwise")
 print("- load: `tessera bench` for both, same process and settings: 4 connections, 256-byte "
       "values, uniform keys; the system not under test is paused (SIGSTOP) during each run")

@@ -92,6 +92,10 @@ pub struct BenchArgs {
     /// Serve reads from any replica's local state (may be stale) instead of linearizably.
     #[arg(long)]
     pub serializable: bool,
+    /// tessera only: one unary gRPC call per request, instead of the client's default of
+    /// multiplexing every request to a node on one stream.
+    #[arg(long)]
+    pub unary: bool,
     /// Keys per scan.
     #[arg(long, default_value_t = 10)]
     pub scan_length: usize,
@@ -135,11 +139,12 @@ impl Report {
     pub fn text(&self) -> String {
         let a = &self.args;
         let mut s = format!(
-            "{} {} ({} in flight, {} connections, {:?} keys of {}, {} B values): {} ops in {:.1}s = {:.0} ops/s\nlatency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\nretries {}",
+            "{} {} ({} in flight, {} connections{}, {:?} keys of {}, {} B values): {} ops in {:.1}s = {:.0} ops/s\nlatency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\nretries {}",
             format!("{:?}", a.target).to_lowercase(),
             self.name(),
             a.concurrency,
             a.connections,
+            if a.unary { " (unary calls)" } else { "" },
             a.distribution,
             a.keys,
             a.value_size,
@@ -177,7 +182,7 @@ impl Report {
             .map(|p| format!("[{p},{:.3}]", self.ms(p / 100.0)))
             .collect();
         format!(
-            "{{\"target\":\"{}\",\"workload\":\"{}\",\"concurrency\":{},\"connections\":{},\"keys\":{},\"value_size\":{},\"distribution\":\"{}\",\"rate\":{},\"serializable\":{},\"ops\":{},\"seconds\":{:.3},\"ops_per_sec\":{:.1},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"percentiles_ms\":[{}],\"retries\":{},\"cas_conflicts\":{},\"errors\":{{{}}}}}",
+            "{{\"target\":\"{}\",\"workload\":\"{}\",\"concurrency\":{},\"connections\":{},\"keys\":{},\"value_size\":{},\"distribution\":\"{}\",\"rate\":{},\"serializable\":{},\"unary\":{},\"ops\":{},\"seconds\":{:.3},\"ops_per_sec\":{:.1},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"percentiles_ms\":[{}],\"retries\":{},\"cas_conflicts\":{},\"errors\":{{{}}}}}",
             format!("{:?}", a.target).to_lowercase(),
             self.name(),
             a.concurrency,
@@ -187,6 +192,7 @@ impl Report {
             format!("{:?}", a.distribution).to_lowercase(),
             a.rate,
             a.serializable,
+            a.unary,
             self.ops,
             self.elapsed.as_secs_f64(),
             self.throughput(),
@@ -431,8 +437,14 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     if endpoints.is_empty() {
         return Err("no endpoints given".into());
     }
-    let target =
-        Target::connect(args.target, &endpoints, args.connections, args.serializable).await?;
+    let target = Target::connect(
+        args.target,
+        &endpoints,
+        args.connections,
+        args.serializable,
+        args.unary,
+    )
+    .await?;
     let value = vec![b'v'; args.value_size];
     if args.preload
         && matches!(

@@ -59,6 +59,7 @@ impl Target {
         endpoints: &[String],
         connections: usize,
         serializable: bool,
+        unary: bool,
     ) -> Result<Target, String> {
         let connections = connections.max(1);
         match kind {
@@ -69,6 +70,7 @@ impl Target {
                     } else {
                         ReadConsistency::Linearizable
                     },
+                    multiplex: !unary,
                     ..Default::default()
                 };
                 let mut clients = Vec::with_capacity(connections);

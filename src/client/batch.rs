@@ -2,10 +2,10 @@
 
 use std::time::Instant;
 
-use tonic::transport::Channel;
 use tonic::Status;
 
 use super::cache::CachedRegion;
+use super::mux::Conn;
 use super::{Attempt, Client, Error, Result};
 use crate::proto::{self, KeyValue, RequestHeader};
 use crate::storage::keys::is_system_key;
@@ -21,7 +21,7 @@ impl Client {
         op: F,
     ) -> Result<Vec<(Vec<usize>, R)>>
     where
-        F: Fn(Channel, RequestHeader, Vec<usize>) -> Fut,
+        F: Fn(Conn, RequestHeader, Vec<usize>) -> Fut,
         Fut: std::future::Future<
             Output = std::result::Result<(Option<proto::RegionError>, R), Status>,
         >,
@@ -54,7 +54,7 @@ impl Client {
             }
             let op = &op;
             let calls = groups.into_values().map(|(region, idx)| async move {
-                let call = |ch: Channel, h: RequestHeader| op(ch, h, idx.clone());
+                let call = |c: Conn, h: RequestHeader| op(c, h, idx.clone());
                 let res = self
                     .attempt(&region, attempts, retry_ambiguous, &call)
                     .await;
@@ -82,7 +82,7 @@ impl Client {
             .per_region(&refs, true, |ch, header, idx| {
                 let keys: Vec<Vec<u8>> = idx.iter().map(|&i| keys[i].clone()).collect();
                 async move {
-                    let r = Self::kv(ch)
+                    let r = Self::kv(ch.ch)
                         .batch_get(proto::BatchGetRequest {
                             header: Some(header),
                             keys,
@@ -138,7 +138,7 @@ impl Client {
                     })
                     .collect();
                 async move {
-                    let r = Self::kv(ch)
+                    let r = Self::kv(ch.ch)
                         .batch_write(proto::BatchWriteRequest {
                             header: Some(header),
                             ops,

@@ -28,7 +28,7 @@ impl Client {
                     continue;
                 }
             };
-            match op(NodeClient::new(ch)).await {
+            match op(NodeClient::new(ch.ch)).await {
                 Ok(v) => return Ok(v),
                 Err(s) => match s.code() {
                     Code::NotFound => return Err(Error::NotFound(s.message().into())),
@@ -182,7 +182,7 @@ impl Client {
         }
         let regions = self
             .execute(key, true, |ch, header| async move {
-                let r = NodeClient::new(ch)
+                let r = NodeClient::new(ch.ch)
                     .split_region(proto::SplitRegionRequest {
                         header: Some(header),
                         split_key: key.to_vec(),
@@ -223,7 +223,7 @@ impl Client {
             .execute(&key, false, |ch, header| {
                 let changes = changes.clone();
                 async move {
-                    let r = NodeClient::new(ch)
+                    let r = NodeClient::new(ch.ch)
                         .change_peers(proto::ChangePeersRequest {
                             header: Some(header),
                             changes,
@@ -253,7 +253,7 @@ impl Client {
             let key = region.region.start_key.clone();
             let (r, done) = self
                 .execute(&key, true, |ch, header| async move {
-                    let r = NodeClient::new(ch)
+                    let r = NodeClient::new(ch.ch)
                         .move_replica(proto::MoveReplicaRequest {
                             header: Some(header),
                             from_node: from,
@@ -300,7 +300,7 @@ impl Client {
     async fn start_transfer_leader(&self, region: &CachedRegion, to_node: u64) -> Result<()> {
         let key = region.region.start_key.clone();
         self.execute(&key, true, |ch, header| async move {
-            let r = NodeClient::new(ch)
+            let r = NodeClient::new(ch.ch)
                 .transfer_leader(proto::TransferLeaderRequest {
                     header: Some(header),
                     to_node,

@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::cache::CachedRegion;
+use super::mux::{Conn, NOT_SENT};
 use super::{Client, Error, Result};
 use crate::proto::{self, region_error, RequestHeader};
 
@@ -21,6 +21,7 @@ fn ambiguous(s: &Status) -> bool {
         s.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
     ) && !s.message().contains("tcp connect error")
+        && !s.message().starts_with(NOT_SENT)
         && !s.message().contains("Connection refused")
 }
 
@@ -130,7 +131,7 @@ impl Client {
         op: F,
     ) -> Result<T>
     where
-        F: Fn(Channel, RequestHeader) -> Fut,
+        F: Fn(Conn, RequestHeader) -> Fut,
         Fut: std::future::Future<
             Output = std::result::Result<(Option<proto::RegionError>, T), Status>,
         >,
@@ -168,7 +169,7 @@ impl Client {
         op: &F,
     ) -> Result<Attempt<T>>
     where
-        F: Fn(Channel, RequestHeader) -> Fut,
+        F: Fn(Conn, RequestHeader) -> Fut,
         Fut: std::future::Future<
             Output = std::result::Result<(Option<proto::RegionError>, T), Status>,
         >,

@@ -6,11 +6,21 @@
 //! Routing problems come back as a structured `RegionError` inside a successful response, so
 //! the client can fix its cache; only malformed requests (`InvalidArgument`) and unknown
 //! outcomes (`Unavailable`, `DeadlineExceeded`) are gRPC errors.
+//!
+//! `Commands` carries the same gets, puts, deletes and compare-and-swaps multiplexed on one
+//! stream per client connection (as TiKV's `BatchCommands`): a message holds whatever the
+//! client had queued, the commands run concurrently, and each answer message holds whatever
+//! had finished. A command's gRPC error travels as a `CommandError` in its own answer and
+//! does not end the stream.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
-use tonic::{Request, Response, Status};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::ServerConfig;
 use crate::ids::{NodeId, RegionId};
@@ -23,13 +33,22 @@ use crate::raftstore::router::{RouteError, Router};
 use crate::storage::keys::is_system_key;
 use crate::transport::Transport;
 
+/// The `Kv` gRPC service; its state is shared with the tasks that serve `Commands` streams.
+#[derive(Clone)]
 pub struct KvService {
+    core: Arc<KvCore>,
+}
+
+pub struct KvCore {
     router: Router,
     transport: Transport,
     limits: ServerConfig,
     timeout: Duration,
     /// Lease reads served here, without the region's worker.
     local: LocalReader,
+    /// Set when the node stops: `Commands` streams end (they would otherwise keep the
+    /// node's state alive for as long as their clients stay connected).
+    stopping: watch::Receiver<bool>,
 }
 
 /// The answer of a region: a value, or a routing error for the client.
@@ -42,16 +61,22 @@ impl KvService {
         limits: ServerConfig,
         timeout: Duration,
         local: LocalReader,
+        stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
-            router,
-            transport,
-            limits,
-            timeout,
-            local,
+            core: Arc::new(KvCore {
+                router,
+                transport,
+                limits,
+                timeout,
+                local,
+                stopping,
+            }),
         }
     }
+}
 
+impl KvCore {
     fn region_error(&self, e: &RegionError) -> proto::RegionError {
         e.to_proto(|node| self.transport.address(NodeId(node)).unwrap_or_default())
     }
@@ -175,13 +200,9 @@ fn unexpected<T>(what: &str) -> Result<T, Status> {
     Err(Status::internal(format!("unexpected {what} result")))
 }
 
-#[tonic::async_trait]
-impl Kv for KvService {
-    async fn get(
-        &self,
-        request: Request<proto::GetRequest>,
-    ) -> Result<Response<proto::GetResponse>, Status> {
-        let r = request.into_inner();
+/// The requests themselves, shared by the unary calls and the `Commands` stream.
+impl KvCore {
+    async fn get(&self, r: proto::GetRequest) -> Result<proto::GetResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
         let resp = match self.read(r.header, ReadRequest::Get { key: r.key }).await? {
             Ok(ReadResult::Get(kv)) => proto::GetResponse {
@@ -194,14 +215,10 @@ impl Kv for KvService {
                 kv: None,
             },
         };
-        Ok(Response::new(resp))
+        Ok(resp)
     }
 
-    async fn put(
-        &self,
-        request: Request<proto::PutRequest>,
-    ) -> Result<Response<proto::PutResponse>, Status> {
-        let r = request.into_inner();
+    async fn put(&self, r: proto::PutRequest) -> Result<proto::PutResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
         self.check_value(&r.value)?;
         let cmd = Command::Put {
@@ -220,14 +237,10 @@ impl Kv for KvService {
                 ..Default::default()
             },
         };
-        Ok(Response::new(resp))
+        Ok(resp)
     }
 
-    async fn delete(
-        &self,
-        request: Request<proto::DeleteRequest>,
-    ) -> Result<Response<proto::DeleteResponse>, Status> {
-        let r = request.into_inner();
+    async fn delete(&self, r: proto::DeleteRequest) -> Result<proto::DeleteResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
         let resp = match self
             .propose(r.header, Command::Delete { key: r.key })
@@ -244,14 +257,10 @@ impl Kv for KvService {
                 ..Default::default()
             },
         };
-        Ok(Response::new(resp))
+        Ok(resp)
     }
 
-    async fn scan(
-        &self,
-        request: Request<proto::ScanRequest>,
-    ) -> Result<Response<proto::ScanResponse>, Status> {
-        let r = request.into_inner();
+    async fn scan(&self, r: proto::ScanRequest) -> Result<proto::ScanResponse, Status> {
         if r.start_key.len() > self.limits.max_key_size
             || r.end_key.len() > self.limits.max_key_size
         {
@@ -288,14 +297,10 @@ impl Kv for KvService {
                 ..Default::default()
             },
         };
-        Ok(Response::new(resp))
+        Ok(resp)
     }
 
-    async fn compare_and_swap(
-        &self,
-        request: Request<proto::CasRequest>,
-    ) -> Result<Response<proto::CasResponse>, Status> {
-        let r = request.into_inner();
+    async fn compare_and_swap(&self, r: proto::CasRequest) -> Result<proto::CasResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
         let compare = Compare::from_proto(r.compare.as_ref())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -332,14 +337,13 @@ impl Kv for KvService {
                 ..Default::default()
             },
         };
-        Ok(Response::new(resp))
+        Ok(resp)
     }
 
     async fn batch_get(
         &self,
-        request: Request<proto::BatchGetRequest>,
-    ) -> Result<Response<proto::BatchGetResponse>, Status> {
-        let r = request.into_inner();
+        r: proto::BatchGetRequest,
+    ) -> Result<proto::BatchGetResponse, Status> {
         self.check_batch_len(r.keys.len())?;
         for k in &r.keys {
             self.check_key(k, r.header.as_ref())?;
@@ -358,14 +362,13 @@ impl Kv for KvService {
                 kvs: Vec::new(),
             },
         };
-        Ok(Response::new(resp))
+        Ok(resp)
     }
 
     async fn batch_write(
         &self,
-        request: Request<proto::BatchWriteRequest>,
-    ) -> Result<Response<proto::BatchWriteResponse>, Status> {
-        let r = request.into_inner();
+        r: proto::BatchWriteRequest,
+    ) -> Result<proto::BatchWriteResponse, Status> {
         self.check_batch_len(r.ops.len())?;
         let mut total = 0usize;
         for op in &r.ops {
@@ -393,6 +396,156 @@ impl Kv for KvService {
                 revision: 0,
             },
         };
-        Ok(Response::new(resp))
+        Ok(resp)
+    }
+}
+
+/// Commands of one `Commands` stream being served at once; beyond this the stream is not
+/// read until some finish (HTTP/2 flow control then holds the client back).
+const MAX_STREAM_COMMANDS: usize = 4096;
+
+impl KvCore {
+    /// Serves one command of a `Commands` stream as its unary call would.
+    async fn execute(self: Arc<Self>, c: proto::KvCommand) -> proto::KvCommandResult {
+        use proto::kv_command::Request as Q;
+        use proto::kv_command_result::Response as A;
+        let answer = match c.request {
+            Some(Q::Get(r)) => self.get(r).await.map(A::Get),
+            Some(Q::Put(r)) => self.put(r).await.map(A::Put),
+            Some(Q::Delete(r)) => self.delete(r).await.map(A::Delete),
+            Some(Q::Cas(r)) => self.compare_and_swap(r).await.map(A::Cas),
+            None => Err(Status::invalid_argument("command carries no request")),
+        };
+        proto::KvCommandResult {
+            id: c.id,
+            response: Some(answer.unwrap_or_else(|s| {
+                A::Error(proto::CommandError {
+                    code: s.code() as i32,
+                    message: s.message().to_string(),
+                })
+            })),
+        }
+    }
+}
+
+/// Reads a `Commands` stream, runs its commands concurrently and answers each batch of
+/// finished ones in one message, until the client closes its side and every command is
+/// answered, the stream breaks, or the node stops.
+async fn serve_commands(
+    core: Arc<KvCore>,
+    mut inbound: Streaming<proto::KvCommands>,
+    out: mpsc::Sender<Result<proto::KvCommandResults, Status>>,
+) {
+    let mut running = FuturesUnordered::new();
+    let mut open = true;
+    let mut stopping = core.stopping.clone();
+    loop {
+        tokio::select! {
+            // The commands still running lose their answers, as when a connection breaks.
+            _ = stopping.wait_for(|s| *s).map(|_| ()) => return,
+            m = inbound.message(), if open && running.len() < MAX_STREAM_COMMANDS => match m {
+                Ok(Some(batch)) => {
+                    metrics::histogram!("tessera_kv_stream_batch_commands")
+                        .record(batch.commands.len() as f64);
+                    running.extend(batch.commands.into_iter().map(|c| core.clone().execute(c)));
+                }
+                Ok(None) => open = false,
+                Err(s) => {
+                    // Undecodable or oversize input: say why, and stop; the client's
+                    // commands still running lose their answers, as with a broken connection.
+                    tracing::debug!(error = %s, "commands stream failed");
+                    let _ = out.send(Err(s)).await;
+                    return;
+                }
+            },
+            Some(first) = running.next() => {
+                let mut results = vec![first];
+                while let Some(Some(r)) = running.next().now_or_never() {
+                    results.push(r);
+                }
+                if out.send(Ok(proto::KvCommandResults { results })).await.is_err() {
+                    return;
+                }
+            }
+            else => return,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    type CommandsStream = ReceiverStream<Result<proto::KvCommandResults, Status>>;
+
+    async fn commands(
+        &self,
+        request: Request<Streaming<proto::KvCommands>>,
+    ) -> Result<Response<Self::CommandsStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(serve_commands(self.core.clone(), request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get(
+        &self,
+        request: Request<proto::GetRequest>,
+    ) -> Result<Response<proto::GetResponse>, Status> {
+        self.core.get(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn put(
+        &self,
+        request: Request<proto::PutRequest>,
+    ) -> Result<Response<proto::PutResponse>, Status> {
+        self.core.put(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn delete(
+        &self,
+        request: Request<proto::DeleteRequest>,
+    ) -> Result<Response<proto::DeleteResponse>, Status> {
+        self.core
+            .delete(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn scan(
+        &self,
+        request: Request<proto::ScanRequest>,
+    ) -> Result<Response<proto::ScanResponse>, Status> {
+        self.core
+            .scan(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        request: Request<proto::CasRequest>,
+    ) -> Result<Response<proto::CasResponse>, Status> {
+        self.core
+            .compare_and_swap(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn batch_get(
+        &self,
+        request: Request<proto::BatchGetRequest>,
+    ) -> Result<Response<proto::BatchGetResponse>, Status> {
+        self.core
+            .batch_get(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn batch_write(
+        &self,
+        request: Request<proto::BatchWriteRequest>,
+    ) -> Result<Response<proto::BatchWriteResponse>, Status> {
+        self.core
+            .batch_write(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

@@ -192,11 +192,19 @@ impl Node {
             addr: cfg.node.listen_addr.clone(),
             reason: e.to_string(),
         })?;
-        let max_msg = cfg.server.max_value_size * 2 + cfg.server.max_key_size + (64 << 10);
+        // One request, or one message of a `Commands` stream carrying many (the client
+        // sends a request too large to share a message on its own, as a unary call).
+        let max_msg = (cfg.server.max_value_size * 2 + cfg.server.max_key_size + (64 << 10))
+            .max(crate::client::MAX_COMMANDS_MESSAGE_BYTES * 2);
         let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
         let raft = RaftTransportServer::new(
-            RaftService::new(cfg.cluster_id(), cfg.node_id(), router.clone(), stopping_rx)
-                .with_store(store.clone()),
+            RaftService::new(
+                cfg.cluster_id(),
+                cfg.node_id(),
+                router.clone(),
+                stopping_rx.clone(),
+            )
+            .with_store(store.clone()),
         )
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
         let kv = KvServer::new(kv_service::KvService::new(
@@ -205,6 +213,7 @@ impl Node {
             cfg.server.clone(),
             REQUEST_TIMEOUT,
             store.reader.clone(),
+            stopping_rx.clone(),
         ))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);

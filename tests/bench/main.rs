@@ -28,6 +28,7 @@ fn args(target: TargetKind, endpoints: String, workload: Workload) -> BenchArgs 
         warmup: 0,
         read_ratio: 0.5,
         serializable: false,
+        unary: false,
         scan_length: 10,
         cas_keys: 4,
         preload: true,
@@ -62,27 +63,32 @@ async fn every_workload_against_tessera() {
     wait_for_leaders(&cluster.endpoints(), 9, Duration::from_secs(60)).await;
     every_workload(TargetKind::Tessera, cluster.endpoints().join(",")).await;
 
-    // The cas workload's counters add up: every counted increment really happened.
-    let mut a = args(
-        TargetKind::Tessera,
-        cluster.endpoints().join(","),
-        Workload::Cas,
-    );
-    a.ops = 200;
-    a.duration = Some(30);
-    a.cas_keys = 2;
-    a.concurrency = 4;
+    // The cas workload's counters add up: every counted increment really happened, with
+    // requests multiplexed on streams (the default) and as unary calls.
     let client = cluster.client().await;
-    let before = counters(&client, 2).await;
-    let r = bench::run(a).await.unwrap();
-    let after = counters(&client, 2).await;
-    assert!(r.ops >= 200);
-    // Increments done during the (untimed) wind-down are not counted in ops.
-    assert!(
-        after - before >= r.ops,
-        "{before} -> {after} for {} ops",
-        r.ops
-    );
+    for unary in [false, true] {
+        let mut a = args(
+            TargetKind::Tessera,
+            cluster.endpoints().join(","),
+            Workload::Cas,
+        );
+        a.ops = 200;
+        a.duration = Some(30);
+        a.cas_keys = 2;
+        a.concurrency = 4;
+        a.unary = unary;
+        let before = counters(&client, 2).await;
+        let r = bench::run(a).await.unwrap();
+        let after = counters(&client, 2).await;
+        assert!(r.ops >= 200);
+        assert!(r.json().contains(&format!("\"unary\":{unary}")));
+        // Increments done during the (untimed) wind-down are not counted in ops.
+        assert!(
+            after - before >= r.ops,
+            "unary {unary}: {before} -> {after} for {} ops",
+            r.ops
+        );
+    }
 
     // --rate holds the offered load, whatever the distribution.
     for dist in [Distribution::Zipfian, Distribution::Sequential] {
@@ -172,7 +178,7 @@ async fn every_workload_against_etcd() {
     every_workload(TargetKind::Etcd, ep.clone()).await;
 
     // The bench really wrote into etcd: a preloaded key reads back with its value.
-    let target = bench::target::Target::connect(TargetKind::Etcd, &[ep], 1, false)
+    let target = bench::target::Target::connect(TargetKind::Etcd, &[ep], 1, false, false)
         .await
         .unwrap();
     let v = target

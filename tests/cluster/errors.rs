@@ -257,3 +257,140 @@ async fn garbage_from_the_network_is_dropped_and_the_node_keeps_serving() {
     assert!(super::common::node_regions(&target).await.is_some());
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_stream_answers_each_command_and_survives_bad_ones() {
+    use proto::kv_command::Request as Q;
+    use proto::kv_command_result::Response as A;
+    use proto::{KvCommand, KvCommands};
+
+    let cluster = TestCluster::start(3, 4, |_| {}).await;
+    let leaders = wait_for_leaders(&cluster.endpoints(), 4, Duration::from_secs(60)).await;
+    let (region_id, leader_node) = leaders[1];
+    let region = node_regions(&cluster.endpoints()[0])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.region.unwrap())
+        .find(|r| r.id == region_id)
+        .unwrap();
+    let leader_addr = cluster.endpoints()[leader_node as usize - 1].clone();
+    let mut kv = KvClient::connect(format!("http://{leader_addr}"))
+        .await
+        .unwrap();
+    let key = key_in_region(1, 4, "/s");
+    let client = cluster.client().await;
+    client.put(&key, b"before").await.unwrap();
+
+    let put = |id, h: Option<RequestHeader>, value: Vec<u8>| KvCommand {
+        id,
+        request: Some(Q::Put(PutRequest {
+            header: h,
+            key: key.clone(),
+            value,
+        })),
+    };
+    let mut unknown = region.clone();
+    unknown.id = 999_999;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = kv
+        .commands(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(KvCommands {
+        commands: vec![
+            KvCommand {
+                id: 1,
+                request: None,
+            },
+            put(2, header(&region), vec![7u8; 1_048_577]),
+            put(3, None, b"v".to_vec()),
+            KvCommand {
+                id: 4,
+                request: Some(Q::Get(GetRequest {
+                    header: header(&unknown),
+                    key: key.clone(),
+                })),
+            },
+            put(5, header(&region), b"streamed".to_vec()),
+        ],
+    })
+    .await
+    .unwrap();
+    let mut got = std::collections::HashMap::new();
+    while got.len() < 5 {
+        let batch = tokio::time::timeout(Duration::from_secs(10), answers.message())
+            .await
+            .expect("answers within 10 s")
+            .unwrap()
+            .expect("stream open");
+        for r in batch.results {
+            assert!(got.insert(r.id, r.response).is_none(), "id {} twice", r.id);
+        }
+    }
+    for id in [1, 2, 3] {
+        match &got[&id] {
+            Some(A::Error(e)) => {
+                assert_eq!(e.code, tonic::Code::InvalidArgument as i32, "{id}: {e:?}")
+            }
+            other => panic!("command {id}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+    match &got[&4] {
+        Some(A::Get(r)) => assert!(matches!(
+            r.region_error.as_ref().and_then(|e| e.error.as_ref()),
+            Some(RE::RegionNotFound(_))
+        )),
+        other => panic!("expected a RegionNotFound answer, got {other:?}"),
+    }
+    match &got[&5] {
+        Some(A::Put(r)) => {
+            assert!(r.region_error.is_none(), "{r:?}");
+            assert_eq!(r.prev_kv.as_ref().unwrap().value, b"before");
+        }
+        other => panic!("expected a put answer, got {other:?}"),
+    }
+
+    // The stream still works after the bad commands.
+    tx.send(KvCommands {
+        commands: vec![KvCommand {
+            id: 6,
+            request: Some(Q::Get(GetRequest {
+                header: header(&region),
+                key: key.clone(),
+            })),
+        }],
+    })
+    .await
+    .unwrap();
+    let batch = answers.message().await.unwrap().unwrap();
+    match &batch.results[..] {
+        [proto::KvCommandResult {
+            id: 6,
+            response: Some(A::Get(r)),
+        }] => assert_eq!(r.kv.as_ref().unwrap().value, b"streamed"),
+        other => panic!("expected the get's answer, got {other:?}"),
+    }
+
+    // A message over the server's limit ends the stream with an error, not the node.
+    let huge: Vec<KvCommand> = (0..40)
+        .map(|i| put(100 + i, header(&region), vec![1u8; 300 << 10]))
+        .collect();
+    tx.send(KvCommands { commands: huge }).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("the stream ends within 10 s");
+    assert!(
+        end.is_err(),
+        "an oversize message must fail the stream: {end:?}"
+    );
+    assert_eq!(
+        client.get(&key).await.unwrap().unwrap().value,
+        b"streamed",
+        "nothing of the oversize message was applied, nothing stored was lost"
+    );
+    client.put(&key, b"after").await.unwrap();
+    assert_eq!(client.get(&key).await.unwrap().unwrap().value, b"after");
+    cluster.shutdown().await;
+}
