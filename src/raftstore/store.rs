@@ -70,7 +70,8 @@ impl StoreCtx {
             .copied()
     }
 
-    /// Creates an empty peer `to` of `region` on this node, on a leader's heartbeat, when
+    /// Creates an empty peer `to` of `region` on this node, on a leader's heartbeat or a
+    /// candidate's vote request (transport/service.rs says why both), when
     /// the node has no state of that region, or only a tombstone of an older membership
     /// that did not include `to` (re-added with a new peer id) — and no local region
     /// overlaps the range. Returns whether the region is now hosted here.

@@ -128,8 +128,14 @@ impl Transport {
             Ok(b) => b,
             Err(_) => return dropped("encode"),
         };
-        // Heartbeats carry the range, so a node that lacks the peer can create it.
-        let with_range = m.get_msg_type() == MessageType::MsgHeartbeat;
+        // Heartbeats and vote requests carry the range, so a node that lacks the peer can
+        // create it (service.rs says when it does).
+        let with_range = matches!(
+            m.get_msg_type(),
+            MessageType::MsgHeartbeat
+                | MessageType::MsgRequestVote
+                | MessageType::MsgRequestPreVote
+        );
         let rm = RaftMessage {
             region_id: region.id,
             from_peer,

@@ -49,7 +49,7 @@ impl RaftService {
         }
     }
 
-    /// Lets heartbeats of regions this node lacks create their peers here.
+    /// Lets heartbeats and vote requests of regions this node lacks create their peers here.
     pub fn with_store(mut self, store: crate::raftstore::store::StoreCtx) -> Self {
         self.store = Some(store);
         self
@@ -104,11 +104,22 @@ impl RaftService {
                 store.learn_peer(from);
             }
         }
-        let msg = if msg.get_msg_type() == eraftpb::MessageType::MsgHeartbeat
-            && !self.router.contains(RegionId(region))
+        let msg = if matches!(
+            msg.get_msg_type(),
+            eraftpb::MessageType::MsgHeartbeat
+                | eraftpb::MessageType::MsgRequestVote
+                | eraftpb::MessageType::MsgRequestPreVote
+        ) && !self.router.contains(RegionId(region))
         {
             // The control path: a heartbeat from a region's leader proves this node holds
             // one of its peers (just added); create it unless a local region overlaps.
+            // A vote request does too, and it matters when a region has no leader to send
+            // heartbeats: a split region whose peer here never came to be (this node's
+            // parent region skipped the split by taking a snapshot past it) while its third
+            // node is down would otherwise never elect. The empty peer has never
+            // acknowledged an entry of the region, so its vote is a new member's; with a
+            // local region still covering the range (the split not yet applied here)
+            // nothing is created and the split creates the peer when it applies.
             if let (Some(store), Some(to)) = (&self.store, m.to_peer) {
                 store.maybe_create_peer(
                     &self.router,
