@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -459,9 +460,18 @@ async fn serve_commands(
                 }
             },
             Some(first) = running.next() => {
+                // Whatever else has finished goes along, up to a size that keeps the message
+                // far below gRPC's limit however large the values (the rest go next).
+                let mut bytes = first.encoded_len();
                 let mut results = vec![first];
-                while let Some(Some(r)) = running.next().now_or_never() {
-                    results.push(r);
+                while bytes < crate::client::MAX_COMMANDS_MESSAGE_BYTES {
+                    match running.next().now_or_never() {
+                        Some(Some(r)) => {
+                            bytes += r.encoded_len();
+                            results.push(r);
+                        }
+                        _ => break,
+                    }
                 }
                 if out.send(Ok(proto::KvCommandResults { results })).await.is_err() {
                     return;

@@ -194,3 +194,32 @@ async fn restart_recovers_regions_and_data_without_rebootstrap() {
     assert!(err.to_string().contains("belongs to cluster 1"), "{err}");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_through_the_multiplexed_client() {
+    let cluster = TestCluster::start(3, 2, |_| {}).await;
+    wait_for_leaders(&cluster.endpoints(), 3, Duration::from_secs(60)).await;
+    let client = cluster.client().await;
+    // Values near the 1 MiB limit: each put is too large for the command stream and goes as
+    // a unary call.
+    let value = |i: u8| vec![i; (1 << 20) - 64];
+    let keys: Vec<Vec<u8>> = (0..8u8).map(|i| format!("/big/{i}").into_bytes()).collect();
+    for (i, k) in keys.iter().enumerate() {
+        client.put(k, &value(i as u8)).await.unwrap();
+    }
+    // Eighty gets at once on one client: small requests on the stream, whose answers (80
+    // MiB together, more than a gRPC message may carry) must come back in several messages.
+    let gets = (0..80usize).map(|n| {
+        let client = client.clone();
+        let key = keys[n % keys.len()].clone();
+        async move { (n, client.get(&key).await) }
+    });
+    for (n, got) in futures::future::join_all(gets).await {
+        let kv = got.unwrap().expect("key written above");
+        assert_eq!(kv.value, value((n % 8) as u8), "get {n}");
+    }
+    let stats = client.stats();
+    let rpc_errors = stats.rpc_errors.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(rpc_errors, 0, "no call failed and was retried");
+    cluster.shutdown().await;
+}
