@@ -35,7 +35,11 @@ const MAX_IN_FLIGHT: usize = 2048;
 /// Commands queued for the task before callers wait.
 const QUEUE_LEN: usize = 1024;
 /// Marks the failure of a command that never left this process: safe to retry anywhere.
-pub(super) const NOT_SENT: &str = "not sent: connection closed";
+pub(super) const NOT_SENT: &str = "not sent:";
+
+pub(super) fn not_sent(why: &str) -> Status {
+    Status::unavailable(format!("{NOT_SENT} {why}"))
+}
 
 type Reply = oneshot::Sender<Result<Answer, Status>>;
 
@@ -92,10 +96,18 @@ impl Conn {
             tx
         });
         let (tx, rx) = oneshot::channel();
-        if mux.send((cmd, tx)).await.is_err() {
-            return Ok(Err(Status::unavailable(NOT_SENT)));
+        // The RPC timeout covers the wait for room in the queue too.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match tokio::time::timeout_at(deadline, mux.send((cmd, tx))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Ok(Err(not_sent("connection closed"))),
+            Err(_) => {
+                return Ok(Err(not_sent(
+                    "the connection's queue stayed full for the RPC timeout",
+                )))
+            }
         }
-        Ok(match tokio::time::timeout(self.timeout, rx).await {
+        Ok(match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(Status::unavailable(
                 "connection lost with the request in flight",
@@ -146,7 +158,7 @@ async fn run(ch: Channel, mut queue: mpsc::Receiver<(Cmd, Reply)>) {
             // Nothing was sent: the callers may try again elsewhere.
             queue.close();
             while let Some((_, reply)) = queue.recv().await {
-                let _ = reply.send(Err(Status::unavailable(NOT_SENT)));
+                let _ = reply.send(Err(not_sent("connection closed")));
             }
             return;
         }
@@ -230,7 +242,7 @@ async fn run(ch: Channel, mut queue: mpsc::Receiver<(Cmd, Reply)>) {
     // What never left is safe to retry; what did may have been applied.
     for c in outgoing.map(|b| b.commands).unwrap_or_default() {
         if let Some(reply) = pending.remove(&c.id) {
-            let _ = reply.send(Err(Status::unavailable(NOT_SENT)));
+            let _ = reply.send(Err(not_sent("connection closed")));
         }
     }
     for (_, reply) in pending.drain() {
@@ -240,6 +252,6 @@ async fn run(ch: Channel, mut queue: mpsc::Receiver<(Cmd, Reply)>) {
     }
     queue.close();
     while let Some((_, reply)) = queue.recv().await {
-        let _ = reply.send(Err(Status::unavailable(NOT_SENT)));
+        let _ = reply.send(Err(not_sent("connection closed")));
     }
 }

@@ -233,3 +233,30 @@ impl Client {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_after_sending_are_ambiguous() {
+        // Never left the client: safe to retry, even a compare-and-swap.
+        assert!(!ambiguous(&super::super::mux::not_sent(
+            "connection closed"
+        )));
+        assert!(!ambiguous(&Status::unavailable(
+            "tcp connect error: Connection refused"
+        )));
+        // Sent, answer lost: may have been applied.
+        assert!(ambiguous(&Status::unavailable(
+            "connection lost with the request in flight: reset"
+        )));
+        assert!(ambiguous(&Status::deadline_exceeded(
+            "no answer within the RPC timeout"
+        )));
+        // A refusal is an answer.
+        assert!(!ambiguous(&Status::invalid_argument(
+            "key must not be empty"
+        )));
+    }
+}
