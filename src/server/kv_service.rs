@@ -16,6 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::Either;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use prost::Message as _;
@@ -437,6 +438,10 @@ async fn serve_commands(
     mut inbound: Streaming<proto::KvCommands>,
     out: mpsc::Sender<Result<proto::KvCommandResults, Status>>,
 ) {
+    // With more than one runtime thread each command runs as its own task, so that one
+    // connection's commands (lease reads above all) spread over the threads as unary calls
+    // do; with one thread they run inside this task, which saves a spawn per command.
+    let spread = tokio::runtime::Handle::current().metrics().num_workers() > 1;
     let mut running = FuturesUnordered::new();
     let mut open = true;
     let mut stopping = core.stopping.clone();
@@ -448,7 +453,15 @@ async fn serve_commands(
                 Ok(Some(batch)) => {
                     metrics::histogram!("tessera_kv_stream_batch_commands")
                         .record(batch.commands.len() as f64);
-                    running.extend(batch.commands.into_iter().map(|c| core.clone().execute(c)));
+                    for c in batch.commands {
+                        let id = c.id;
+                        let run = core.clone().execute(c);
+                        running.push(if spread {
+                            Either::Left(Spawned { id, task: tokio::spawn(run) })
+                        } else {
+                            Either::Right(run)
+                        });
+                    }
                 }
                 Ok(None) => open = false,
                 Err(s) => {
@@ -479,6 +492,45 @@ async fn serve_commands(
             }
             else => return,
         }
+    }
+}
+
+/// A command running as its own task. Dropped with its stream (the stream broke, or the
+/// node stops), it is aborted, so no task outlives the stream holding the node's state.
+struct Spawned {
+    id: u64,
+    task: tokio::task::JoinHandle<proto::KvCommandResult>,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl std::future::Future for Spawned {
+    type Output = proto::KvCommandResult;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let id = self.id;
+        std::pin::Pin::new(&mut self.task).poll(cx).map(|r| {
+            r.unwrap_or_else(|e| {
+                // Only a panic gets here (an aborted task's stream is gone): whether the
+                // command took effect is unknown, and the client will say so.
+                proto::KvCommandResult {
+                    id,
+                    response: Some(proto::kv_command_result::Response::Error(
+                        proto::CommandError {
+                            code: tonic::Code::Unknown as i32,
+                            message: format!("command task failed: {e}"),
+                        },
+                    )),
+                }
+            })
+        })
     }
 }
 
