@@ -11,10 +11,26 @@ RUN=tessera-data/cluster-3
 EP=127.0.0.1:20161,127.0.0.1:20162,127.0.0.1:20163
 
 if [ "${1:-}" = stop ]; then
+  pids=()
   for i in 1 2 3; do
-    [ -f "$RUN/node$i.pid" ] && kill -TERM "$(cat "$RUN/node$i.pid")" 2>/dev/null || true
+    if [ -f "$RUN/node$i.pid" ]; then
+      pid=$(cat "$RUN/node$i.pid")
+      kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+    fi
     rm -f "$RUN/node$i.pid"
   done
+  # A graceful stop flushes the store: wait for it (up to 15 s), so the data directory is
+  # complete, and free to delete, once this returns.
+  for _ in $(seq 1 150); do
+    alive=0
+    for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  if [ "$alive" = 1 ]; then
+    echo "a node is still shutting down after 15 s (see $RUN/node*.log)" >&2
+    exit 1
+  fi
   echo "stopped (data kept in $RUN; delete it for a fresh cluster)"
   exit 0
 fi
