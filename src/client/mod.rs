@@ -239,7 +239,8 @@ impl Client {
     }
 
     fn forget_channel(&self, addr: &str) {
-        self.inner.channels.remove(addr);
+        // A connection kept only for what it learnt: that the server has no command stream.
+        self.inner.channels.remove_if(addr, |_, c| !c.unary_only());
     }
 
     /// Reloads the region map from every reachable node.

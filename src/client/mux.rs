@@ -15,6 +15,7 @@
 //! `DeadlineExceeded`), and the caller drops the connection, which ends the task.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -71,6 +72,9 @@ pub(super) struct Conn {
     /// The stream's task, started by the first command (a connection used only for node
     /// calls never opens one).
     mux: Arc<OnceLock<mpsc::Sender<(Cmd, Reply)>>>,
+    /// Set when the server has no `Commands` stream (a version before it): every request
+    /// then goes as a unary call on this connection.
+    unary_only: Arc<AtomicBool>,
     timeout: Duration,
 }
 
@@ -80,19 +84,25 @@ impl Conn {
             ch,
             multiplex,
             mux: Default::default(),
+            unary_only: Default::default(),
             timeout,
         }
+    }
+
+    /// Whether the server turned out to have no command stream.
+    pub fn unary_only(&self) -> bool {
+        self.unary_only.load(Ordering::Relaxed)
     }
 
     /// Sends `cmd` on the stream and waits for its answer; gives `cmd` back when this
     /// connection has no stream or the request is too large for it.
     async fn stream(&self, cmd: Cmd) -> Result<Result<Answer, Status>, Cmd> {
-        if !self.multiplex || cmd.encoded_len() > MAX_STREAM_COMMAND_BYTES {
+        if !self.multiplex || self.unary_only() || cmd.encoded_len() > MAX_STREAM_COMMAND_BYTES {
             return Err(cmd);
         }
         let mux = self.mux.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE_LEN);
-            tokio::spawn(run(self.ch.clone(), rx));
+            tokio::spawn(run(self.ch.clone(), rx, self.unary_only.clone()));
             tx
         });
         let (tx, rx) = oneshot::channel();
@@ -147,7 +157,7 @@ fn answer(r: proto::KvCommandResult) -> Result<Answer, Status> {
 
 /// Owns one connection's command stream until every `Conn` is dropped or the stream breaks;
 /// then fails whatever is still waiting.
-async fn run(ch: Channel, mut queue: mpsc::Receiver<(Cmd, Reply)>) {
+async fn run(ch: Channel, mut queue: mpsc::Receiver<(Cmd, Reply)>, unary_only: Arc<AtomicBool>) {
     let (out, out_rx) = mpsc::channel::<proto::KvCommands>(8);
     let mut kv = Client::kv(ch);
     let call = kv.commands(tokio_stream::wrappers::ReceiverStream::new(out_rx));
@@ -155,6 +165,10 @@ async fn run(ch: Channel, mut queue: mpsc::Receiver<(Cmd, Reply)>) {
         Ok(r) => r.into_inner(),
         Err(s) => {
             tracing::debug!(error = %s, "cannot open a commands stream");
+            if s.code() == Code::Unimplemented {
+                // An older server: the callers' retries go as unary calls.
+                unary_only.store(true, Ordering::Relaxed);
+            }
             // Nothing was sent: the callers may try again elsewhere.
             queue.close();
             while let Some((_, reply)) = queue.recv().await {
@@ -253,5 +267,95 @@ async fn run(ch: Channel, mut queue: mpsc::Receiver<(Cmd, Reply)>) {
     queue.close();
     while let Some((_, reply)) = queue.recv().await {
         let _ = reply.send(Err(not_sent("connection closed")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::kv_server::{Kv, KvServer};
+    use tonic::{Request, Response, Streaming};
+
+    /// A server from before `Commands`: gets answer, the stream does not exist.
+    struct OldServer;
+
+    type Unary<T> = Result<Response<T>, Status>;
+
+    #[tonic::async_trait]
+    impl Kv for OldServer {
+        type CommandsStream =
+            tokio_stream::wrappers::ReceiverStream<Result<proto::KvCommandResults, Status>>;
+
+        async fn commands(
+            &self,
+            _: Request<Streaming<proto::KvCommands>>,
+        ) -> Unary<Self::CommandsStream> {
+            Err(Status::unimplemented("no such method"))
+        }
+        async fn get(&self, r: Request<proto::GetRequest>) -> Unary<proto::GetResponse> {
+            Ok(Response::new(proto::GetResponse {
+                region_error: None,
+                kv: Some(proto::KeyValue {
+                    key: r.into_inner().key,
+                    value: b"unary".to_vec(),
+                    ..Default::default()
+                }),
+            }))
+        }
+        async fn put(&self, _: Request<proto::PutRequest>) -> Unary<proto::PutResponse> {
+            Err(Status::unimplemented(""))
+        }
+        async fn delete(&self, _: Request<proto::DeleteRequest>) -> Unary<proto::DeleteResponse> {
+            Err(Status::unimplemented(""))
+        }
+        async fn scan(&self, _: Request<proto::ScanRequest>) -> Unary<proto::ScanResponse> {
+            Err(Status::unimplemented(""))
+        }
+        async fn compare_and_swap(
+            &self,
+            _: Request<proto::CasRequest>,
+        ) -> Unary<proto::CasResponse> {
+            Err(Status::unimplemented(""))
+        }
+        async fn batch_get(
+            &self,
+            _: Request<proto::BatchGetRequest>,
+        ) -> Unary<proto::BatchGetResponse> {
+            Err(Status::unimplemented(""))
+        }
+        async fn batch_write(
+            &self,
+            _: Request<proto::BatchWriteRequest>,
+        ) -> Unary<proto::BatchWriteResponse> {
+            Err(Status::unimplemented(""))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_without_the_stream_gets_unary_calls() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(KvServer::new(OldServer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let conn = Conn::new(ch, true, Duration::from_secs(5));
+        let get = || proto::GetRequest {
+            header: None,
+            key: b"k".to_vec(),
+        };
+        // The first command finds out: it was never sent, so the caller may retry it.
+        let first = conn.get(get()).await.unwrap_err();
+        assert!(first.message().starts_with(NOT_SENT), "{first:?}");
+        assert!(conn.unary_only());
+        // From then on, unary calls.
+        let kv = conn.get(get()).await.unwrap().kv.unwrap();
+        assert_eq!(kv.value, b"unary");
     }
 }
