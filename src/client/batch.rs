@@ -79,10 +79,10 @@ impl Client {
     pub async fn batch_get(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<KeyValue>>> {
         let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
         let groups = self
-            .per_region(&refs, true, |ch, header, idx| {
+            .per_region(&refs, true, |conn, header, idx| {
                 let keys: Vec<Vec<u8>> = idx.iter().map(|&i| keys[i].clone()).collect();
                 async move {
-                    let r = Self::kv(ch.ch)
+                    let r = Self::kv(conn.ch)
                         .batch_get(proto::BatchGetRequest {
                             header: Some(header),
                             keys,
@@ -129,7 +129,7 @@ impl Client {
         self.per_region(
             &refs,
             self.inner.opts.retry_ambiguous_writes,
-            |ch, header, idx| {
+            |conn, header, idx| {
                 let ops: Vec<proto::BatchWriteOp> = idx
                     .iter()
                     .map(|&i| proto::BatchWriteOp {
@@ -138,7 +138,7 @@ impl Client {
                     })
                     .collect();
                 async move {
-                    let r = Self::kv(ch.ch)
+                    let r = Self::kv(conn.ch)
                         .batch_write(proto::BatchWriteRequest {
                             header: Some(header),
                             ops,

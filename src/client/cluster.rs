@@ -22,13 +22,13 @@ impl Client {
         let mut last = String::from("no endpoint answered");
         for addr in self.node_addrs() {
             let ch = match self.channel(&addr).await {
-                Ok(ch) => ch,
+                Ok(c) => c.ch,
                 Err(e) => {
                     last = e;
                     continue;
                 }
             };
-            match op(NodeClient::new(ch.ch)).await {
+            match op(NodeClient::new(ch)).await {
                 Ok(v) => return Ok(v),
                 Err(s) => match s.code() {
                     Code::NotFound => return Err(Error::NotFound(s.message().into())),
@@ -181,8 +181,8 @@ impl Client {
             return Err(Error::InvalidArgument("split key must not be empty".into()));
         }
         let regions = self
-            .execute(key, true, |ch, header| async move {
-                let r = NodeClient::new(ch.ch)
+            .execute(key, true, |conn, header| async move {
+                let r = NodeClient::new(conn.ch)
                     .split_region(proto::SplitRegionRequest {
                         header: Some(header),
                         split_key: key.to_vec(),
@@ -220,10 +220,10 @@ impl Client {
             .collect();
         let key = region.region.start_key.clone();
         let r = self
-            .execute(&key, false, |ch, header| {
+            .execute(&key, false, |conn, header| {
                 let changes = changes.clone();
                 async move {
-                    let r = NodeClient::new(ch.ch)
+                    let r = NodeClient::new(conn.ch)
                         .change_peers(proto::ChangePeersRequest {
                             header: Some(header),
                             changes,
@@ -252,8 +252,8 @@ impl Client {
             let region = self.cached_region(region_id).await?;
             let key = region.region.start_key.clone();
             let (r, done) = self
-                .execute(&key, true, |ch, header| async move {
-                    let r = NodeClient::new(ch.ch)
+                .execute(&key, true, |conn, header| async move {
+                    let r = NodeClient::new(conn.ch)
                         .move_replica(proto::MoveReplicaRequest {
                             header: Some(header),
                             from_node: from,
@@ -299,8 +299,8 @@ impl Client {
 
     async fn start_transfer_leader(&self, region: &CachedRegion, to_node: u64) -> Result<()> {
         let key = region.region.start_key.clone();
-        self.execute(&key, true, |ch, header| async move {
-            let r = NodeClient::new(ch.ch)
+        self.execute(&key, true, |conn, header| async move {
+            let r = NodeClient::new(conn.ch)
                 .transfer_leader(proto::TransferLeaderRequest {
                     header: Some(header),
                     to_node,

@@ -255,13 +255,13 @@ impl Client {
         let mut infos = Vec::new();
         for addr in addrs {
             let ch = match self.channel(&addr).await {
-                Ok(ch) => ch,
+                Ok(c) => c.ch,
                 Err(e) => {
                     last_err = e;
                     continue;
                 }
             };
-            match NodeClient::new(ch.ch).regions(RegionsRequest {}).await {
+            match NodeClient::new(ch).regions(RegionsRequest {}).await {
                 Ok(resp) => {
                     any = true;
                     let resp = resp.into_inner();

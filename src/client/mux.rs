@@ -170,10 +170,7 @@ async fn run(ch: Channel, mut queue: mpsc::Receiver<(Cmd, Reply)>, unary_only: A
                 unary_only.store(true, Ordering::Relaxed);
             }
             // Nothing was sent: the callers may try again elsewhere.
-            queue.close();
-            while let Some((_, reply)) = queue.recv().await {
-                let _ = reply.send(Err(not_sent("connection closed")));
-            }
+            refuse_queued(queue).await;
             return;
         }
     };
@@ -264,6 +261,11 @@ async fn run(ch: Channel, mut queue: mpsc::Receiver<(Cmd, Reply)>, unary_only: A
             "connection lost with the request in flight: {why}"
         ))));
     }
+    refuse_queued(queue).await;
+}
+
+/// Closes the queue and fails what is still in it as never sent.
+async fn refuse_queued(mut queue: mpsc::Receiver<(Cmd, Reply)>) {
     queue.close();
     while let Some((_, reply)) = queue.recv().await {
         let _ = reply.send(Err(not_sent("connection closed")));

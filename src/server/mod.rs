@@ -213,7 +213,7 @@ impl Node {
             cfg.server.clone(),
             REQUEST_TIMEOUT,
             store.reader.clone(),
-            stopping_rx.clone(),
+            stopping_rx,
         ))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);

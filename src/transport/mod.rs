@@ -47,6 +47,17 @@ const STREAM_SEND_TIMEOUT: Duration = Duration::from_secs(3);
 /// A node that does not answer a round trip within this is treated as gone.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Messages that may reach a node which does not host the region's peer yet, or does not
+/// know the sender: a leader's heartbeat and (pre-)vote requests. They carry the region's
+/// range, and the receiver learns their sender and may create the peer (service.rs says
+/// when).
+pub(crate) fn introduces_peer(t: MessageType) -> bool {
+    matches!(
+        t,
+        MessageType::MsgHeartbeat | MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+    )
+}
+
 #[derive(Clone)]
 pub struct Transport {
     inner: Arc<Inner>,
@@ -128,14 +139,7 @@ impl Transport {
             Ok(b) => b,
             Err(_) => return dropped("encode"),
         };
-        // Heartbeats and vote requests carry the range, so a node that lacks the peer can
-        // create it (service.rs says when it does).
-        let with_range = matches!(
-            m.get_msg_type(),
-            MessageType::MsgHeartbeat
-                | MessageType::MsgRequestVote
-                | MessageType::MsgRequestPreVote
-        );
+        let with_range = introduces_peer(m.get_msg_type());
         let rm = RaftMessage {
             region_id: region.id,
             from_peer,

@@ -92,25 +92,14 @@ impl RaftService {
 
     fn route(&self, m: &RaftMessage, msg: eraftpb::Message) {
         let region = m.region_id;
-        // Senders of heartbeats (leaders) and votes (perhaps a peer removed while its node was
-        // down, which must be told so): the peer may need to answer one not in its list.
-        if matches!(
-            msg.get_msg_type(),
-            eraftpb::MessageType::MsgHeartbeat
-                | eraftpb::MessageType::MsgRequestVote
-                | eraftpb::MessageType::MsgRequestPreVote
-        ) {
-            if let (Some(store), Some(from)) = (&self.store, m.from_peer) {
+        let introducing = super::introduces_peer(msg.get_msg_type());
+        if let Some(store) = self.store.as_ref().filter(|_| introducing) {
+            // Senders of heartbeats (leaders) and votes (perhaps a peer removed while its
+            // node was down, which must be told so): the peer may need to answer one not in
+            // its list.
+            if let Some(from) = m.from_peer {
                 store.learn_peer(from);
             }
-        }
-        let msg = if matches!(
-            msg.get_msg_type(),
-            eraftpb::MessageType::MsgHeartbeat
-                | eraftpb::MessageType::MsgRequestVote
-                | eraftpb::MessageType::MsgRequestPreVote
-        ) && !self.router.contains(RegionId(region))
-        {
             // The control path: a heartbeat from a region's leader proves this node holds
             // one of its peers (just added); create it unless a local region overlaps.
             // A vote request does too, and it matters when a region has no leader to send
@@ -120,7 +109,10 @@ impl RaftService {
             // acknowledged an entry of the region, so its vote is a new member's; with a
             // local region still covering the range (the split not yet applied here)
             // nothing is created and the split creates the peer when it applies.
-            if let (Some(store), Some(to)) = (&self.store, m.to_peer) {
+            if let Some(to) = m
+                .to_peer
+                .filter(|_| !self.router.contains(RegionId(region)))
+            {
                 store.maybe_create_peer(
                     &self.router,
                     RegionId(region),
@@ -130,10 +122,7 @@ impl RaftService {
                     &m.end_key,
                 );
             }
-            msg
-        } else {
-            msg
-        };
+        }
         match self
             .router
             .send(RegionId(region), PeerMsg::Raft(Box::new(msg)))
