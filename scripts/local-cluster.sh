@@ -45,18 +45,11 @@ for i in 1 2 3; do
   echo $! > "$RUN/node$i.pid"
 done
 
-printf "waiting for every region to elect a leader"
+# Healthy: every node up, every region led and in the routing table (docs/operations.md).
+printf "waiting for the cluster to be healthy"
 for _ in $(seq 1 120); do
-  n=$("$BIN" regions --endpoints "$EP" --json 2>/dev/null | grep -o '"leader_node":[0-9]' | wc -l || true)
-  [ "${n:-0}" -ge 65 ] && break
-  printf "."; sleep 0.5
-done
-echo
-
-printf "waiting for every node to report in"
-for _ in $(seq 1 60); do
-  n=$("$BIN" nodes --endpoints "$EP" --json 2>/dev/null | grep -o '"state":"up"' | wc -l || true)
-  [ "${n:-0}" -ge 3 ] && break
+  st=$("$BIN" status --endpoints "$EP" --json 2>/dev/null || true)
+  case "$st" in *'"nodes_up":3,'*'"regions":65,'*'"health":"healthy"'*) break ;; esac
   printf "."; sleep 0.5
 done
 echo

@@ -651,7 +651,7 @@ async fn run_status(conn: ConnArgs) -> Result<(), String> {
     let (up, down, removed) = (count("up"), count("down"), count("removed"));
     if conn.json {
         println!(
-            "{{\"cluster_id\":{},\"nodes_up\":{up},\"nodes_down\":{down},\"nodes_removed\":{removed},\"regions\":{},\"regions_without_leader\":{},\"regions_unavailable\":{},\"keys\":{},\"bytes\":{},\"placement_leader_node\":{},\"max_id\":{}}}",
+            "{{\"cluster_id\":{},\"nodes_up\":{up},\"nodes_down\":{down},\"nodes_removed\":{removed},\"regions\":{},\"regions_without_leader\":{},\"regions_unavailable\":{},\"keys\":{},\"bytes\":{},\"placement_leader_node\":{},\"max_id\":{},\"health\":\"{}\",\"routing_gaps\":{}}}",
             st.cluster_id,
             st.regions,
             st.regions_without_leader,
@@ -659,25 +659,28 @@ async fn run_status(conn: ConnArgs) -> Result<(), String> {
             st.total_keys,
             st.total_bytes,
             st.placement_leader_node,
-            st.max_id
+            st.max_id,
+            tessera::client::Health::of(&st).as_str(),
+            st.routing_gaps.len()
         );
         return Ok(());
     }
-    let health = if st.regions_unavailable > 0 {
-        "UNAVAILABLE REGIONS"
-    } else if down > 0 || st.regions_without_leader > 0 {
-        "degraded"
-    } else {
-        "healthy"
-    };
-    println!("cluster {}: {health}", st.cluster_id);
+    let health = tessera::client::Health::of(&st);
+    println!("cluster {}: {}", st.cluster_id, health.as_str());
     println!("  nodes:    {up} up, {down} down, {removed} removed");
     println!(
         "  regions:  {} ({} without a leader, {} without a live majority)",
         st.regions, st.regions_without_leader, st.regions_unavailable
     );
+    for g in &st.routing_gaps {
+        println!(
+            "  routing:  no region has reported keys [{}, {}) yet (- = keyspace edge); not counted above",
+            hex(&g.start_key),
+            hex(&g.end_key)
+        );
+    }
     println!(
-        "  data:     {} keys, {} bytes",
+        "  data:     {} keys, {} bytes (from the leaders' periodic load reports: recent writes show later)",
         st.total_keys, st.total_bytes
     );
     println!("  placement leader: node {}", st.placement_leader_node);

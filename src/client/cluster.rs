@@ -11,6 +11,46 @@ use super::{Client, Error, Result};
 use crate::proto::node_client::NodeClient;
 use crate::proto::{self, ClusterStatusResponse, NodeInfo, RegionRoute};
 
+/// How `tessera status` sums up a cluster (from [`Client::status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Every node up, every region led, the routing table covers the keyspace.
+    Healthy,
+    /// Serving, but a node is down, a region has no leader, or some key range has no
+    /// routing-table row yet (a new region that has not reported).
+    Degraded,
+    /// Some region has no live majority: its keys cannot be written.
+    Unavailable,
+}
+
+impl Health {
+    pub fn of(st: &proto::ClusterStatusResponse) -> Self {
+        let down = st
+            .nodes
+            .iter()
+            .any(|n| n.state == proto::NodeState::Down as i32);
+        if st.regions_unavailable > 0 {
+            Health::Unavailable
+        } else if down
+            || st.regions_without_leader > 0
+            || st.regions == 0
+            || !st.routing_gaps.is_empty()
+        {
+            Health::Degraded
+        } else {
+            Health::Healthy
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Degraded => "degraded",
+            Health::Unavailable => "UNAVAILABLE REGIONS",
+        }
+    }
+}
+
 impl Client {
     /// Calls a `Node` RPC on the first node that answers. Only unreachable nodes are skipped;
     /// any other failure is the answer.

@@ -68,6 +68,7 @@ use cache::{CachedRegion, RegionCache};
 use mux::Conn;
 use retry::Attempt;
 
+pub use cluster::Health;
 pub use mux::MAX_COMMANDS_MESSAGE_BYTES;
 
 pub use crate::raftstore::cmd::{CasAction, Compare};

@@ -17,6 +17,7 @@
 //! clock; a reader shows a node down when its last heartbeat is older than
 //! `node_down_after_ms` by the reader's clock (so clocks must agree to well within that).
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -404,6 +405,84 @@ pub async fn scan_routes(
     }
 }
 
+/// The whole routing table: one row per region (the highest-ranked when a split briefly
+/// leaves two rows of one region), in key order, and the key ranges no row covers.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub routes: Vec<RegionRoute>,
+    /// `[start, end)` ranges (empty end = +inf) without a row: a region made by a split or
+    /// a restart whose leader has not reported yet. Normally empty within seconds.
+    pub gaps: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Reads every routing-table row. Unlike [`scan_routes`], which stops at a gap because a
+/// router must not take one for an empty range, this goes on past gaps and lists them, so
+/// that status and the scheduler see every region that reported.
+pub async fn route_table(client: &Client) -> Result<RouteTable, Error> {
+    let mut rows = Vec::new();
+    let mut from = route_seek(b"");
+    let to = routes_end();
+    loop {
+        let batch = client.scan(&from, &to, ROUTE_PAGE).await?;
+        for kv in &batch {
+            rows.push(decode_route(&kv.value)?);
+        }
+        match batch.last() {
+            Some(last) if batch.len() >= ROUTE_PAGE => {
+                from = last.key.clone();
+                from.push(0);
+            }
+            _ => return Ok(table_of(rows)),
+        }
+    }
+}
+
+/// [`RouteTable`] from rows in routing-key (end key) order.
+fn table_of(rows: Vec<RegionRoute>) -> RouteTable {
+    let mut best: HashMap<u64, usize> = HashMap::new();
+    for (i, r) in rows.iter().enumerate() {
+        let Some(id) = r.region.as_ref().map(|g| g.id) else {
+            continue;
+        };
+        match best.get(&id) {
+            Some(&j) if route_rank(&rows[j]) >= route_rank(r) => {}
+            _ => {
+                best.insert(id, i);
+            }
+        }
+    }
+    let routes: Vec<RegionRoute> = rows
+        .into_iter()
+        .enumerate()
+        .filter(|(i, r)| {
+            r.region
+                .as_ref()
+                .is_some_and(|g| best.get(&g.id) == Some(i))
+        })
+        .map(|(_, r)| r)
+        .collect();
+    let mut gaps = Vec::new();
+    // The first key not yet covered; None once a row reached the end of the keyspace.
+    let mut expect: Option<Vec<u8>> = Some(Vec::new());
+    for g in routes.iter().filter_map(|r| r.region.as_ref()) {
+        let Some(want) = expect.as_ref() else {
+            break;
+        };
+        if g.start_key > *want {
+            gaps.push((want.clone(), g.start_key.clone()));
+        }
+        if g.end_key.is_empty() {
+            expect = None;
+        } else if g.end_key > *want {
+            expect = Some(g.end_key.clone());
+        }
+    }
+    if let Some(want) = expect {
+        gaps.push((want, Vec::new()));
+    }
+    RouteTable { routes, gaps }
+}
+
 /// The last id handed out.
 pub async fn max_id(client: &Client) -> Result<u64, Error> {
     match client.get(&ids_key()).await? {
@@ -444,5 +523,71 @@ mod tests {
         assert!(route_rank(&route(2, 1, 1)) > route_rank(&route(1, 5, 9)));
         assert!(route_rank(&route(1, 2, 1)) > route_rank(&route(1, 1, 9)));
         assert!(route_rank(&route(1, 1, 3)) > route_rank(&route(1, 1, 2)));
+    }
+
+    fn row(id: u64, start: &[u8], end: &[u8], version: u64) -> RegionRoute {
+        RegionRoute {
+            region: Some(crate::proto::Region {
+                id,
+                start_key: start.to_vec(),
+                end_key: end.to_vec(),
+                epoch: Some(crate::proto::RegionEpoch {
+                    version,
+                    conf_ver: 1,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn ids(t: &RouteTable) -> Vec<u64> {
+        t.routes
+            .iter()
+            .filter_map(|r| r.region.as_ref())
+            .map(|r| r.id)
+            .collect()
+    }
+
+    #[test]
+    fn a_complete_table_has_no_gaps() {
+        let t = table_of(vec![row(2, b"", b"b", 2), row(1, b"b", b"", 2)]);
+        assert_eq!(ids(&t), [2, 1]);
+        assert!(t.gaps.is_empty(), "{:?}", t.gaps);
+    }
+
+    #[test]
+    fn gaps_are_listed_and_the_rows_past_them_kept() {
+        // Region 1 split at b and then d; the new regions 2 ([b, d)) and 3 (["", b)) have
+        // not reported. The table holds region 1's row for [d, +inf) only.
+        let t = table_of(vec![row(1, b"d", b"", 3)]);
+        assert_eq!(ids(&t), [1]);
+        assert_eq!(t.gaps, [(Vec::new(), b"d".to_vec())]);
+        // A gap in the middle, and one at the end.
+        let t = table_of(vec![row(3, b"", b"b", 3), row(1, b"d", b"f", 3)]);
+        assert_eq!(ids(&t), [3, 1]);
+        assert_eq!(
+            t.gaps,
+            [(b"b".to_vec(), b"d".to_vec()), (b"f".to_vec(), Vec::new())]
+        );
+        assert!(table_of(Vec::new()).gaps == [(Vec::new(), Vec::new())]);
+    }
+
+    #[test]
+    fn a_region_with_two_rows_counts_once_with_its_newer_row() {
+        // Region 1 was [a, +inf) and split at m keeping [a, m): its new row (key m) is in,
+        // its old row (key +inf) is not yet overwritten by region 2's report.
+        let t = table_of(vec![
+            row(9, b"", b"a", 1),
+            row(1, b"a", b"m", 2),
+            row(1, b"a", b"", 1),
+        ]);
+        assert_eq!(ids(&t), [9, 1]);
+        assert_eq!(t.gaps, [(b"m".to_vec(), Vec::new())]);
+        // Overlapping rows of different regions (the old one not yet cleaned up) leave no
+        // gap and count both.
+        let t = table_of(vec![row(2, b"", b"b", 2), row(1, b"", b"", 1)]);
+        assert_eq!(ids(&t), [2, 1]);
+        assert!(t.gaps.is_empty());
     }
 }

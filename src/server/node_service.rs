@@ -14,7 +14,7 @@ use crate::placement;
 use crate::proto::node_server;
 use crate::proto::{
     ChangePeersRequest, ChangePeersResponse, ClusterStatusRequest, ClusterStatusResponse,
-    JoinRequest, JoinResponse, ListNodesRequest, ListNodesResponse, LocateKeyRequest,
+    JoinRequest, JoinResponse, KeyRange, ListNodesRequest, ListNodesResponse, LocateKeyRequest,
     LocateKeyResponse, MoveReplicaRequest, MoveReplicaResponse, NodeAddress, NodeState, RegionInfo,
     RegionLoad, RegionsRequest, RegionsResponse, RemoveNodeRequest, RemoveNodeResponse,
     ScanRegionsRequest, ScanRegionsResponse, SetFailpointRequest, SetFailpointResponse,
@@ -207,9 +207,10 @@ impl node_server::Node for NodeService {
         let nodes = placement::list_nodes(&client, self.down_after)
             .await
             .map_err(placement_failed)?;
-        let routes = placement::scan_routes(&client, &[], &[], 0)
+        let table = placement::route_table(&client)
             .await
             .map_err(placement_failed)?;
+        let routes = table.routes;
         let max_id = placement::max_id(&client).await.map_err(placement_failed)?;
         let up: std::collections::HashSet<u64> = nodes
             .iter()
@@ -220,6 +221,11 @@ impl node_server::Node for NodeService {
             cluster_id: self.cluster_id.0,
             regions: routes.len() as u64,
             max_id,
+            routing_gaps: table
+                .gaps
+                .into_iter()
+                .map(|(start_key, end_key)| KeyRange { start_key, end_key })
+                .collect(),
             ..Default::default()
         };
         for r in &routes {

@@ -300,8 +300,9 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
             skip_rounds -= 1;
             continue;
         }
-        let routes = match crate::placement::scan_routes(&client, b"", b"", 0).await {
-            Ok(r) => r,
+        // Every reported region, also those past a gap (a new region not reported yet).
+        let routes = match crate::placement::route_table(&client).await {
+            Ok(t) => t.routes,
             Err(e) => {
                 tracing::debug!(error = %e, "scheduler: routing table read failed");
                 continue;

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use tessera::client::{Client, ClientOptions};
 use tessera::proto::node_client::NodeClient;
 use tessera::proto::{ListNodesRequest, NodeState};
 
@@ -76,15 +75,7 @@ async fn registry_ids_and_reserved_keys() {
     );
 
     // Ids: concurrent allocations are disjoint and above every bootstrap id.
-    let sys = Client::connect(
-        &eps,
-        ClientOptions {
-            system: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sys = super::common::system_client(&eps).await;
     let max_bootstrap = user
         .regions()
         .await
@@ -125,15 +116,7 @@ async fn registry_ids_and_reserved_keys() {
     wait_for_leaders(&eps, 5, Duration::from_secs(60)).await;
     let states = node_states(&eps[2]).await.expect("registry readable");
     assert_eq!(states.len(), 3);
-    let sys = Client::connect(
-        &eps,
-        ClientOptions {
-            system: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sys = super::common::system_client(&eps).await;
     let c = tessera::placement::alloc_ids(&sys, 1).await.unwrap();
     assert!(c.start >= high, "ids are never reused: {c:?} after {high}");
     // The routing table too: every region's row is still there, and any node serves it.

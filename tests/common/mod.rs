@@ -192,6 +192,19 @@ pub async fn patient_client(eps: &[String]) -> tessera::client::Client {
     .expect("client connects")
 }
 
+/// A client that may read and write the placement (system) keys.
+pub async fn system_client(eps: &[String]) -> tessera::client::Client {
+    tessera::client::Client::connect(
+        eps,
+        tessera::client::ClientOptions {
+            system: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("system client connects")
+}
+
 /// Waits until the routing table shows all `regions` regions with three voters each and
 /// none on `dead` (the scheduler replaced its replicas); returns how long that took.
 pub async fn wait_replaced(
