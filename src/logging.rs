@@ -25,6 +25,20 @@ impl Drain for TracingDrain {
     type Err = slog::Never;
 
     fn log(&self, record: &Record<'_>, values: &OwnedKVList) -> Result<(), slog::Never> {
+        // Formatting costs more than the check: raft-rs logs at debug level on hot paths,
+        // which builds with debug assertions (the tests, the local cluster) do not compile out.
+        let enabled = match record.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::enabled!(target: "raft", tracing::Level::ERROR)
+            }
+            slog::Level::Warning => tracing::enabled!(target: "raft", tracing::Level::WARN),
+            slog::Level::Info => tracing::enabled!(target: "raft", tracing::Level::INFO),
+            slog::Level::Debug => tracing::enabled!(target: "raft", tracing::Level::DEBUG),
+            slog::Level::Trace => tracing::enabled!(target: "raft", tracing::Level::TRACE),
+        };
+        if !enabled {
+            return Ok(());
+        }
         let mut kv = KvText(String::new());
         let _ = record.kv().serialize(record, &mut kv);
         let _ = values.serialize(record, &mut kv);
