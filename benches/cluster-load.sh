@@ -83,6 +83,18 @@ node_cpu_ticks() { # user + system clock ticks of the three servers so far
   done
   echo "$total"
 }
+thread_ticks_each() { # "pid/tid:comm ticks" of every server thread so far
+  local p t
+  for p in "${TESSERA_PIDS[@]}"; do
+    for t in /proc/"$p"/task/*; do
+      echo "$p/${t##*/}:$(tr -d ' ' < "$t/comm" 2>/dev/null) $(awk '{print $14 + $15}' "$t/stat" 2>/dev/null)"
+    done
+  done
+}
+node_cpu_each() { # user + system clock ticks of each server so far, in node order
+  local p
+  for p in "${TESSERA_PIDS[@]}"; do awk '{printf "%d ", $14 + $15}' "/proc/$p/stat"; done
+}
 case "${PRELOAD:-0}:$WORKLOAD" in
   1:* | *:get | *:mixed | *:scan)
     echo "preloading 100000 keys"
@@ -98,9 +110,9 @@ r0=$(metric_sum tessera_worker_round_seconds_count)
   --value-size 256 --keys 100000 --json "$DIR/bench.json" ${EXTRA_BENCH_ARGS:-} &
 bench=$!
 sleep 2 # the warm-up: CPU is counted over the measured part only
-c0=$(node_cpu_ticks); t0=$(thread_cpu_ticks)
+c0=$(node_cpu_ticks); t0=$(thread_cpu_ticks); n0=$(node_cpu_each); thread_ticks_each > "$DIR/threads0"
 wait $bench
-c1=$(node_cpu_ticks); t1=$(thread_cpu_ticks)
+c1=$(node_cpu_ticks); t1=$(thread_cpu_ticks); n1=$(node_cpu_each); thread_ticks_each > "$DIR/threads1"
 f1=$(metric_sum tessera_fsyncs_total); e1=$(metric_sum tessera_raft_entries_persisted_total)
 m1=$(metric_sum tessera_transport_batch_messages_sum); b1=$(metric_sum tessera_transport_batch_messages_count)
 r1=$(metric_sum tessera_worker_round_seconds_count)
@@ -116,6 +128,16 @@ echo "server CPU by thread: $(awk -v a="$t0" -v b="$t1" -v n="${ops:-0}" -v hz="
           f = 1e6 / hz / n
           printf "raft workers %.1f, tokio %.1f, other %.1f us per operation",
                  (y[1] - x[1]) * f, (y[2] - x[2]) * f, (y[3] - x[3]) * f}')"
+# Per node: with a node per machine, the busiest node's CPU per operation bounds throughput.
+echo "server CPU by node: $(awk -v a="$n0" -v b="$n1" -v n="${ops:-0}" -v hz="$(getconf CLK_TCK)" \
+  'BEGIN {k = split(a, x, " "); split(b, y, " "); if (n == 0) {print "n/a"; exit}
+          for (i = 1; i <= k; i++) {v = (y[i] - x[i]) * 1e6 / hz / n; printf "%s%.1f", (i > 1 ? " / " : ""), v; if (v > m) m = v}
+          printf " us per operation (busiest %.1f)", m}')"
+# The busiest single thread bounds throughput however many cores each node gets.
+echo "busiest server thread: $(awk -v n="${ops:-0}" -v hz="$(getconf CLK_TCK)" \
+  'NR == FNR {a[$1] = $2; next} {d = $2 - a[$1]; if (d > m) {m = d; w = $1}}
+   END {if (n > 0) printf "%s %.1f us per operation", w, m * 1e6 / hz / n; else print "n/a"}' \
+  "$DIR/threads0" "$DIR/threads1")"
 # The load generator shares the cores: its CPU per operation is what the servers did not get.
 echo "load generator CPU: $(awk -v n="${ops:-0}" 'NR == 1 && n > 0 {printf "%.1f us per operation (warm-up included)", 1e6 * ($1 + $2) / n}' "$DIR/bench.time")"
 echo "server RSS after the run: $(for p in "${TESSERA_PIDS[@]}"; do
