@@ -680,7 +680,7 @@ async fn run_status(conn: ConnArgs) -> Result<(), String> {
         );
     }
     println!(
-        "  data:     {} keys, {} bytes (from the leaders' periodic load reports: recent writes show later)",
+        "  data:     {} keys, {} bytes in user regions (from periodic load reports: recent writes show later)",
         st.total_keys, st.total_bytes
     );
     println!("  placement leader: node {}", st.placement_leader_node);

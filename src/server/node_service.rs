@@ -243,12 +243,12 @@ impl node_server::Node for NodeService {
             if live * 2 <= region.peers.len() {
                 st.regions_unavailable += 1;
             }
-            if let Some(l) = &r.load {
-                st.total_keys += l.keys;
-                st.total_bytes += l.bytes;
-            }
             if region.start_key == [crate::storage::keys::SYSTEM_KEY_PREFIX] {
                 st.placement_leader_node = r.leader.map_or(0, |l| l.node_id);
+            } else if let Some(l) = &r.load {
+                // User data only: the placement region's own records are not the user's.
+                st.total_keys += l.keys;
+                st.total_bytes += l.bytes;
             }
         }
         st.nodes = nodes;
