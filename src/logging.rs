@@ -20,37 +20,35 @@ impl slog::Serializer for KvText {
     }
 }
 
+/// A record's message and key-values, formatted only if a `tracing` subscriber records the
+/// event: raft-rs logs at debug level on hot paths, which builds with debug assertions (the
+/// tests, the local cluster) do not compile out.
+struct Text<'a, 'b> {
+    record: &'a Record<'b>,
+    values: &'a OwnedKVList,
+}
+
+impl std::fmt::Display for Text<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut kv = KvText(String::new());
+        let _ = self.record.kv().serialize(self.record, &mut kv);
+        let _ = self.values.serialize(self.record, &mut kv);
+        write!(f, "{}{}", self.record.msg(), kv.0)
+    }
+}
+
 impl Drain for TracingDrain {
     type Ok = ();
     type Err = slog::Never;
 
     fn log(&self, record: &Record<'_>, values: &OwnedKVList) -> Result<(), slog::Never> {
-        // Formatting costs more than the check: raft-rs logs at debug level on hot paths,
-        // which builds with debug assertions (the tests, the local cluster) do not compile out.
-        let enabled = match record.level() {
-            slog::Level::Critical | slog::Level::Error => {
-                tracing::enabled!(target: "raft", tracing::Level::ERROR)
-            }
-            slog::Level::Warning => tracing::enabled!(target: "raft", tracing::Level::WARN),
-            slog::Level::Info => tracing::enabled!(target: "raft", tracing::Level::INFO),
-            slog::Level::Debug => tracing::enabled!(target: "raft", tracing::Level::DEBUG),
-            slog::Level::Trace => tracing::enabled!(target: "raft", tracing::Level::TRACE),
-        };
-        if !enabled {
-            return Ok(());
-        }
-        let mut kv = KvText(String::new());
-        let _ = record.kv().serialize(record, &mut kv);
-        let _ = values.serialize(record, &mut kv);
-        let msg = record.msg();
+        let text = Text { record, values };
         match record.level() {
-            slog::Level::Critical | slog::Level::Error => {
-                tracing::error!(target: "raft", "{msg}{}", kv.0)
-            }
-            slog::Level::Warning => tracing::warn!(target: "raft", "{msg}{}", kv.0),
-            slog::Level::Info => tracing::info!(target: "raft", "{msg}{}", kv.0),
-            slog::Level::Debug => tracing::debug!(target: "raft", "{msg}{}", kv.0),
-            slog::Level::Trace => tracing::trace!(target: "raft", "{msg}{}", kv.0),
+            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{text}"),
+            slog::Level::Warning => tracing::warn!(target: "raft", "{text}"),
+            slog::Level::Info => tracing::info!(target: "raft", "{text}"),
+            slog::Level::Debug => tracing::debug!(target: "raft", "{text}"),
+            slog::Level::Trace => tracing::trace!(target: "raft", "{text}"),
         }
         Ok(())
     }
