@@ -649,6 +649,7 @@ async fn run_status(conn: ConnArgs) -> Result<(), String> {
             .count()
     };
     let (up, down, removed) = (count("up"), count("down"), count("removed"));
+    let health = tessera::client::Health::of(&st);
     if conn.json {
         println!(
             "{{\"cluster_id\":{},\"nodes_up\":{up},\"nodes_down\":{down},\"nodes_removed\":{removed},\"regions\":{},\"regions_without_leader\":{},\"regions_unavailable\":{},\"keys\":{},\"bytes\":{},\"placement_leader_node\":{},\"max_id\":{},\"health\":\"{}\",\"routing_gaps\":{}}}",
@@ -660,12 +661,11 @@ async fn run_status(conn: ConnArgs) -> Result<(), String> {
             st.total_bytes,
             st.placement_leader_node,
             st.max_id,
-            tessera::client::Health::of(&st).as_str(),
+            health.as_str(),
             st.routing_gaps.len()
         );
         return Ok(());
     }
-    let health = tessera::client::Health::of(&st);
     println!("cluster {}: {}", st.cluster_id, health.as_str());
     println!("  nodes:    {up} up, {down} down, {removed} removed");
     println!(
