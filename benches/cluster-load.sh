@@ -67,22 +67,6 @@ metric_sum() { # name → sum over nodes of the metric's value(s)
   done
   echo "$total"
 }
-thread_cpu_ticks() { # clock ticks of the three servers so far: raft workers, tokio, the rest
-  local p t
-  for p in "${TESSERA_PIDS[@]}"; do
-    for t in /proc/"$p"/task/*; do
-      echo "$(cat "$t/comm" 2>/dev/null) $(awk '{print $14 + $15}' "$t/stat" 2>/dev/null)"
-    done
-  done | awk '$1 ~ /^raft-worker/ {w += $2; next} $1 ~ /^tokio/ {k += $2; next} {o += $2}
-              END {printf "%d %d %d", w, k, o}'
-}
-node_cpu_ticks() { # user + system clock ticks of the three servers so far
-  local total=0 p
-  for p in "${TESSERA_PIDS[@]}"; do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-  done
-  echo "$total"
-}
 thread_ticks_each() { # "pid/tid:comm ticks" of every server thread so far
   local p t
   for p in "${TESSERA_PIDS[@]}"; do
@@ -90,6 +74,10 @@ thread_ticks_each() { # "pid/tid:comm ticks" of every server thread so far
       echo "$p/${t##*/}:$(tr -d ' ' < "$t/comm" 2>/dev/null) $(awk '{print $14 + $15}' "$t/stat" 2>/dev/null)"
     done
   done
+}
+thread_kinds() { # a thread_ticks_each file → ticks of raft workers, tokio threads, the rest
+  awk '{c = $1; sub(/^[^:]*:/, "", c)} c ~ /^raft-worker/ {w += $2; next} c ~ /^tokio/ {k += $2; next} {o += $2}
+       END {printf "%d %d %d", w, k, o}' "$1"
 }
 node_cpu_each() { # user + system clock ticks of each server so far, in node order
   local p
@@ -110,9 +98,12 @@ r0=$(metric_sum tessera_worker_round_seconds_count)
   --value-size 256 --keys 100000 --json "$DIR/bench.json" ${EXTRA_BENCH_ARGS:-} &
 bench=$!
 sleep 2 # the warm-up: CPU is counted over the measured part only
-c0=$(node_cpu_ticks); t0=$(thread_cpu_ticks); n0=$(node_cpu_each); thread_ticks_each > "$DIR/threads0"
+n0=$(node_cpu_each); thread_ticks_each > "$DIR/threads0"
 wait $bench
-c1=$(node_cpu_ticks); t1=$(thread_cpu_ticks); n1=$(node_cpu_each); thread_ticks_each > "$DIR/threads1"
+n1=$(node_cpu_each); thread_ticks_each > "$DIR/threads1"
+c0=$(echo "$n0" | awk '{for (i = 1; i <= NF; i++) s += $i} END {print s}')
+c1=$(echo "$n1" | awk '{for (i = 1; i <= NF; i++) s += $i} END {print s}')
+t0=$(thread_kinds "$DIR/threads0"); t1=$(thread_kinds "$DIR/threads1")
 f1=$(metric_sum tessera_fsyncs_total); e1=$(metric_sum tessera_raft_entries_persisted_total)
 m1=$(metric_sum tessera_transport_batch_messages_sum); b1=$(metric_sum tessera_transport_batch_messages_count)
 r1=$(metric_sum tessera_worker_round_seconds_count)
