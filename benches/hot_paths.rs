@@ -39,10 +39,11 @@ fn bench_cmd(c: &mut Criterion) {
         conf_ver: 1,
         version: 3,
     };
+    let env = cmd::Envelope::with_epoch(epoch);
     g.bench_function("encode_put_256b", |b| {
-        b.iter(|| cmd::encode(std::hint::black_box(&put), epoch))
+        b.iter(|| cmd::encode(std::hint::black_box(&put), &env))
     });
-    let bytes = cmd::encode(&put, epoch);
+    let bytes = cmd::encode(&put, &env);
     g.bench_function("decode_put_256b", |b| {
         b.iter(|| cmd::decode(std::hint::black_box(&bytes)))
     });

@@ -158,6 +158,10 @@ pub struct RaftConfig {
     /// Leaders serve linearizable reads within a lease of `election_ticks - 2` ticks from
     /// the last quorum acknowledgement, without a ReadIndex round.
     pub lease_reads: bool,
+    /// A region forgets a client's write records once the client has written nothing to it
+    /// for this long, in the log's time (leaders' clocks). Must exceed the longest time a
+    /// client keeps retrying one write plus the clock difference between nodes.
+    pub client_session_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,6 +247,7 @@ impl Default for RaftConfig {
             log_gc_threshold: 1024,
             hibernate_regions: true,
             lease_reads: true,
+            client_session_ttl_secs: 600,
         }
     }
 }
@@ -511,6 +516,14 @@ impl Config {
         }
         if r.log_gc_threshold == 0 {
             return Err(invalid("raft.log_gc_threshold", "must be positive"));
+        }
+        // Well above a client's deadline for one call (30 s by default): a retry that comes
+        // after its client's records were forgotten would apply again.
+        if r.client_session_ttl_secs < 60 || r.client_session_ttl_secs > 7 * 24 * 3600 {
+            return Err(invalid(
+                "raft.client_session_ttl_secs",
+                "must be 60..=604800 (one minute to one week)",
+            ));
         }
         if self.storage.data_memtable_mb == 0 || self.storage.data_memtable_mb > 4096 {
             return Err(invalid("storage.data_memtable_mb", "must be 1..=4096"));

@@ -190,6 +190,62 @@ pub fn check(history: &History) -> Verdict {
     Verdict::Linearizable
 }
 
+/// Writes that took effect other than as reported, found directly from their values (which
+/// must be unique in the history, as the chaos clients' are): a value observed at two
+/// revisions (the write applied twice), a value observed although its compare-and-swap
+/// answered "failed" (it applied and the answer said it did not), or a write acknowledged at
+/// one revision while readers saw its value at another. One line per finding.
+pub fn misreported_writes(history: &History) -> Vec<String> {
+    use std::collections::BTreeSet;
+    // (key, value) → the write's reported outcome: Some(revision) acknowledged, None failed.
+    let mut written: BTreeMap<(&[u8], &[u8]), Option<u64>> = BTreeMap::new();
+    let mut seen: BTreeMap<(&[u8], &[u8]), BTreeSet<u64>> = BTreeMap::new();
+    for op in &history.ops {
+        match (&op.input, &op.ret) {
+            (Input::Put(v), Some((_, Output::Put { revision }))) => {
+                written.insert((&op.key, v), Some(*revision));
+            }
+            (
+                Input::Cas { value, .. },
+                Some((
+                    _,
+                    Output::Cas {
+                        succeeded,
+                        revision,
+                    },
+                )),
+            ) => {
+                written.insert((&op.key, value), succeeded.then_some(*revision));
+            }
+            (Input::Get, Some((_, Output::Get(Some(o))))) => {
+                seen.entry((&op.key, &o.value))
+                    .or_default()
+                    .insert(o.mod_revision);
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for ((key, value), revs) in &seen {
+        let show = String::from_utf8_lossy(value);
+        if revs.len() > 1 {
+            out.push(format!(
+                "{key:02x?} value {show} seen at revisions {revs:?}: applied more than once"
+            ));
+        }
+        match written.get(&(*key, *value)) {
+            Some(None) => out.push(format!(
+                "{key:02x?} value {show} seen at {revs:?}, but its compare-and-swap answered failed"
+            )),
+            Some(Some(r)) if revs.iter().any(|x| x != r) => out.push(format!(
+                "{key:02x?} value {show} acknowledged at revision {r}, seen at {revs:?}"
+            )),
+            _ => {}
+        }
+    }
+    out
+}
+
 #[derive(Clone, Copy)]
 struct Event {
     op: usize,

@@ -4,8 +4,13 @@ use std::time::Instant;
 
 use tonic::Status;
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
 use super::cache::CachedRegion;
 use super::mux::Conn;
+use super::retry::{unknown_if, Mode};
+use super::write_id::WriteTicket;
 use super::{Attempt, Client, Error, Result};
 use crate::proto::{self, KeyValue, RequestHeader};
 use crate::storage::keys::is_system_key;
@@ -14,10 +19,17 @@ impl Client {
     /// Runs `op` once per region for the keys it holds, all regions in parallel; keys whose
     /// region answered with a routing error are grouped again and retried until the deadline.
     /// Returns each group's key indices with its answer.
+    ///
+    /// With `writes`, each group is a write with an id, and a key keeps the id it was first
+    /// sent with until the call ends — also after a refusal, which proves only that *that*
+    /// attempt did not apply, not an earlier ambiguous one. Keys are grouped by region and
+    /// id: sent again in one group, or in several if the region split meanwhile, they carry
+    /// their id, and a region that applied it (before a split, the records were copied to
+    /// both halves) answers from its records. Keys never sent yet share a new id per region.
     async fn per_region<R, F, Fut>(
         &self,
         keys: &[&[u8]],
-        retry_ambiguous: bool,
+        writes: bool,
         op: F,
     ) -> Result<Vec<(Vec<usize>, R)>>
     where
@@ -31,41 +43,68 @@ impl Client {
         let mut out = Vec::new();
         let mut attempts = 0u32;
         let mut last = String::new();
+        // Each key's write id once it has been sent, and whether any attempt was ambiguous.
+        let mut ids: HashMap<usize, Arc<WriteTicket>> = HashMap::new();
+        let mut ambiguous = false;
         while !pending.is_empty() {
             if attempts > 0 {
-                self.backoff(start, attempts, &last).await?;
+                self.backoff(start, attempts, &last)
+                    .await
+                    .map_err(|e| unknown_if(ambiguous && writes, e))?;
             }
             attempts += 1;
-            let mut groups: std::collections::BTreeMap<u64, (CachedRegion, Vec<usize>)> =
-                Default::default();
+            // (region, id of the keys' earlier attempts; 0 = none yet) → keys.
+            type Group = (CachedRegion, Vec<usize>, Option<Arc<WriteTicket>>);
+            let mut groups: BTreeMap<(u64, usize), Group> = BTreeMap::new();
             let mut unrouted = Vec::new();
             for i in pending.drain(..) {
                 match self.locate(keys[i]).await {
-                    Ok(r) => groups
-                        .entry(r.region.id)
-                        .or_insert((r, Vec::new()))
-                        .1
-                        .push(i),
+                    Ok(r) => {
+                        let id = ids.get(&i).cloned();
+                        let tag = id.as_ref().map_or(0, |t| Arc::as_ptr(t) as usize);
+                        groups
+                            .entry((r.region.id, tag))
+                            .or_insert((r, Vec::new(), id))
+                            .1
+                            .push(i)
+                    }
                     Err(e) => {
                         last = e.to_string();
                         unrouted.push(i);
                     }
                 }
             }
-            let op = &op;
-            let calls = groups.into_values().map(|(region, idx)| async move {
-                let call = |c: Conn, h: RequestHeader| op(c, h, idx.clone());
-                let res = self
-                    .attempt(&region, attempts, retry_ambiguous, &call)
-                    .await;
-                (idx, res)
-            });
+            let mut calls = Vec::new();
+            for (region, idx, id) in groups.into_values() {
+                let ticket = match (writes, id) {
+                    (false, _) => None,
+                    (true, Some(t)) => Some(t),
+                    (true, None) => {
+                        let t = Arc::new(self.inner.writes.start());
+                        for i in &idx {
+                            ids.insert(*i, t.clone());
+                        }
+                        Some(t)
+                    }
+                };
+                let op = &op;
+                calls.push(async move {
+                    let call = |c: Conn, h: RequestHeader| op(c, h, idx.clone());
+                    let mode = match &ticket {
+                        Some(t) => Mode::Write(t),
+                        None => Mode::Idempotent,
+                    };
+                    let res = self.attempt(&region, attempts, mode, &call).await;
+                    (idx, res)
+                });
+            }
             pending = unrouted;
             for (idx, res) in futures::future::join_all(calls).await {
-                match res? {
+                match res.map_err(|e| unknown_if(ambiguous && writes, e))? {
                     Attempt::Done(v) => out.push((idx, v)),
-                    Attempt::Retry(why) => {
+                    Attempt::Retry { why, ambiguous: a } => {
                         last = why;
+                        ambiguous |= a;
                         pending.extend(idx);
                     }
                 }
@@ -126,29 +165,25 @@ impl Client {
             }
         }
         let refs: Vec<&[u8]> = ops.iter().map(|(k, _)| k.as_slice()).collect();
-        self.per_region(
-            &refs,
-            self.inner.opts.retry_ambiguous_writes,
-            |conn, header, idx| {
-                let ops: Vec<proto::BatchWriteOp> = idx
-                    .iter()
-                    .map(|&i| proto::BatchWriteOp {
-                        key: ops[i].0.clone(),
-                        value: ops[i].1.clone(),
+        self.per_region(&refs, true, |conn, header, idx| {
+            let ops: Vec<proto::BatchWriteOp> = idx
+                .iter()
+                .map(|&i| proto::BatchWriteOp {
+                    key: ops[i].0.clone(),
+                    value: ops[i].1.clone(),
+                })
+                .collect();
+            async move {
+                let r = Self::kv(conn.ch)
+                    .batch_write(proto::BatchWriteRequest {
+                        header: Some(header),
+                        ops,
                     })
-                    .collect();
-                async move {
-                    let r = Self::kv(conn.ch)
-                        .batch_write(proto::BatchWriteRequest {
-                            header: Some(header),
-                            ops,
-                        })
-                        .await?
-                        .into_inner();
-                    Ok((r.region_error, ()))
-                }
-            },
-        )
+                    .await?
+                    .into_inner();
+                Ok((r.region_error, ()))
+            }
+        })
         .await?;
         Ok(())
     }

@@ -7,6 +7,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::cache::CachedRegion;
+use super::retry::Mode;
 use super::{Client, Error, Result};
 use crate::proto::node_client::NodeClient;
 use crate::proto::{self, ClusterStatusResponse, NodeInfo, RegionRoute};
@@ -221,7 +222,7 @@ impl Client {
             return Err(Error::InvalidArgument("split key must not be empty".into()));
         }
         let regions = self
-            .execute(key, true, |conn, header| async move {
+            .execute(key, Mode::Idempotent, |conn, header| async move {
                 let r = NodeClient::new(conn.ch)
                     .split_region(proto::SplitRegionRequest {
                         header: Some(header),
@@ -260,7 +261,7 @@ impl Client {
             .collect();
         let key = region.region.start_key.clone();
         let r = self
-            .execute(&key, false, |conn, header| {
+            .execute(&key, Mode::AtMostOnce, |conn, header| {
                 let changes = changes.clone();
                 async move {
                     let r = NodeClient::new(conn.ch)
@@ -292,7 +293,7 @@ impl Client {
             let region = self.cached_region(region_id).await?;
             let key = region.region.start_key.clone();
             let (r, done) = self
-                .execute(&key, true, |conn, header| async move {
+                .execute(&key, Mode::Idempotent, |conn, header| async move {
                     let r = NodeClient::new(conn.ch)
                         .move_replica(proto::MoveReplicaRequest {
                             header: Some(header),
@@ -339,7 +340,7 @@ impl Client {
 
     async fn start_transfer_leader(&self, region: &CachedRegion, to_node: u64) -> Result<()> {
         let key = region.region.start_key.clone();
-        self.execute(&key, true, |conn, header| async move {
+        self.execute(&key, Mode::Idempotent, |conn, header| async move {
             let r = NodeClient::new(conn.ch)
                 .transfer_leader(proto::TransferLeaderRequest {
                     header: Some(header),

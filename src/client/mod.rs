@@ -40,19 +40,26 @@
 //! ```
 //!
 //! Errors: [`Error::InvalidArgument`] for requests the cluster refuses as malformed (empty or
-//! oversize key, reserved key), [`Error::Unknown`] when a write's outcome cannot be known,
-//! [`Error::Deadline`] when routing problems outlasted [`ClientOptions::deadline`],
-//! [`Error::Unavailable`] when no node answered.
+//! oversize key, reserved key), [`Error::Unknown`] when a write's deadline passed after an
+//! attempt whose outcome is unknown, [`Error::Deadline`] when routing problems outlasted
+//! [`ClientOptions::deadline`], [`Error::Unavailable`] when no node answered,
+//! [`Error::Server`] for any other error the server answered with.
 //!
-//! Retries: reads, puts and deletes are retried after an ambiguous failure (connection lost
-//! mid-request, timeout) since repeating them leaves the same state; a compare-and-swap is
-//! not, and reports [`Error::Unknown`] instead.
+//! Retries and exactly-once writes: every write (put, delete, compare-and-swap, each
+//! region's part of a batch) carries a write id — this client's random id and the write's
+//! number — that stays the same across its retries, and each region remembers the answers
+//! of the ids it applied. So the client retries every write after any failure, even one
+//! that may have reached the cluster (connection lost mid-request, timeout): a write that
+//! already applied is answered with its first answer and applied nothing more. Writes are
+//! linearizable with retries on, and [`Error::Unknown`] comes only when the deadline runs
+//! out.
 
 mod batch;
 pub mod cache;
 mod cluster;
 mod mux;
 mod retry;
+mod write_id;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -66,7 +73,8 @@ use crate::proto::{self, KeyValue, NodeAddress, ReadConsistency, RegionsRequest,
 use crate::storage::keys::is_system_key;
 use cache::{CachedRegion, RegionCache};
 use mux::Conn;
-use retry::Attempt;
+use retry::{Attempt, Mode};
+use write_id::WriteIds;
 
 pub use cluster::Health;
 pub use mux::MAX_COMMANDS_MESSAGE_BYTES;
@@ -108,10 +116,6 @@ pub struct ClientOptions {
     pub rpc_timeout: Duration,
     /// Consistency of `get` and `scan`.
     pub consistency: ReadConsistency,
-    /// Retry a put or delete whose first attempt may have been applied (connection lost,
-    /// timeout). The final state is the same, but the write may apply twice; turn it off to
-    /// get [`Error::Unknown`] instead, as compare-and-swap always does.
-    pub retry_ambiguous_writes: bool,
     /// Access to the system keyspace (keys starting with 0xFF: placement data). For
     /// tessera's own placement code; user clients leave it off.
     pub system: bool,
@@ -127,7 +131,6 @@ impl Default for ClientOptions {
             deadline: Duration::from_secs(30),
             rpc_timeout: Duration::from_secs(12),
             consistency: ReadConsistency::Linearizable,
-            retry_ambiguous_writes: true,
             system: false,
             multiplex: true,
         }
@@ -172,6 +175,8 @@ struct Inner {
     /// when choosing among a region's peers. A paused or overloaded node still accepts
     /// connections, and each attempt on it costs a whole RPC timeout.
     suspects: DashMap<u64, Instant>,
+    /// This client's write ids (exactly-once writes).
+    writes: WriteIds,
 }
 
 impl Client {
@@ -189,6 +194,7 @@ impl Client {
                 cache: RwLock::new(RegionCache::default()),
                 stats: ClientStats::default(),
                 suspects: DashMap::new(),
+                writes: WriteIds::new(),
             }),
         };
         if c.inner.opts.system || c.load_routes(&[], 0).await.is_err() {
@@ -355,11 +361,12 @@ impl Client {
             region_epoch: r.region.epoch,
             consistency: self.inner.opts.consistency as i32,
             system: self.inner.opts.system,
+            write_id: None,
         }
     }
 
     pub async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>> {
-        self.execute(key, true, |conn, header| async move {
+        self.execute(key, Mode::Idempotent, |conn, header| async move {
             let r = conn
                 .get(proto::GetRequest {
                     header: Some(header),
@@ -372,49 +379,43 @@ impl Client {
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<WriteResult> {
-        self.execute(
-            key,
-            self.inner.opts.retry_ambiguous_writes,
-            |conn, header| async move {
-                let r = conn
-                    .put(proto::PutRequest {
-                        header: Some(header),
-                        key: key.to_vec(),
-                        value: value.to_vec(),
-                    })
-                    .await?;
-                Ok((
-                    r.region_error,
-                    WriteResult {
-                        prev: r.prev_kv,
-                        revision: r.revision,
-                    },
-                ))
-            },
-        )
+        let ticket = self.inner.writes.start();
+        self.execute(key, Mode::Write(&ticket), |conn, header| async move {
+            let r = conn
+                .put(proto::PutRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                })
+                .await?;
+            Ok((
+                r.region_error,
+                WriteResult {
+                    prev: r.prev_kv,
+                    revision: r.revision,
+                },
+            ))
+        })
         .await
     }
 
     pub async fn delete(&self, key: &[u8]) -> Result<WriteResult> {
-        self.execute(
-            key,
-            self.inner.opts.retry_ambiguous_writes,
-            |conn, header| async move {
-                let r = conn
-                    .delete(proto::DeleteRequest {
-                        header: Some(header),
-                        key: key.to_vec(),
-                    })
-                    .await?;
-                Ok((
-                    r.region_error,
-                    WriteResult {
-                        prev: r.prev_kv,
-                        revision: r.revision,
-                    },
-                ))
-            },
-        )
+        let ticket = self.inner.writes.start();
+        self.execute(key, Mode::Write(&ticket), |conn, header| async move {
+            let r = conn
+                .delete(proto::DeleteRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                })
+                .await?;
+            Ok((
+                r.region_error,
+                WriteResult {
+                    prev: r.prev_kv,
+                    revision: r.revision,
+                },
+            ))
+        })
         .await
     }
 
@@ -424,7 +425,8 @@ impl Client {
             CasAction::Put(v) => proto::cas_request::Action::Put(v),
             CasAction::Delete => proto::cas_request::Action::Delete(true),
         };
-        self.execute(key, false, |conn, header| {
+        let ticket = self.inner.writes.start();
+        self.execute(key, Mode::Write(&ticket), |conn, header| {
             let compare = compare.clone();
             let action = action.clone();
             async move {
@@ -503,7 +505,7 @@ impl Client {
         end: &[u8],
         limit: usize,
     ) -> Result<(Vec<KeyValue>, bool, Vec<u8>)> {
-        self.execute(start, true, |conn, header| {
+        self.execute(start, Mode::Idempotent, |conn, header| {
             let region_end = self
                 .inner
                 .cache
@@ -545,6 +547,7 @@ mod tests {
                 cache: RwLock::new(RegionCache::default()),
                 stats: ClientStats::default(),
                 suspects: DashMap::new(),
+                writes: WriteIds::new(),
             }),
         };
         for n in 1..=3 {

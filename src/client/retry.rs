@@ -1,6 +1,13 @@
 //! How a call finds its region's leader and retries: the node to try on each attempt
 //! (leader first, peers in turn, recently failed nodes last), what a region error does to the
-//! cache, which RPC failures are ambiguous, and the backoff until the call's deadline.
+//! cache, what each RPC failure means, and the backoff until the call's deadline.
+//!
+//! An RPC failure is one of three kinds ([`Failure`]): *not sent* (the request never left
+//! the client: an allow list of causes), *ambiguous* (it may have executed: the connection
+//! broke or timed out with it in flight), or *fatal* (any other status: the server answered,
+//! and retrying would get the same answer). Not-sent failures and region errors are always
+//! retried; ambiguous ones are retried by idempotent calls and by writes, whose write id
+//! makes the retry exactly-once; fatal ones end the call.
 
 use std::time::{Duration, Instant};
 
@@ -9,25 +16,73 @@ use tonic::{Code, Status};
 
 use super::cache::CachedRegion;
 use super::mux::{Conn, NOT_SENT};
+use super::write_id::WriteTicket;
 use super::{Client, Error, Result};
 use crate::proto::{self, region_error, RequestHeader};
 
 /// How long a node that failed an RPC is tried last.
 const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
-/// Whether an RPC failure may have happened after the server applied the request.
-fn ambiguous(s: &Status) -> bool {
-    matches!(
+/// What an RPC failure says about the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Failure {
+    /// It never reached the server: safe to send again, whatever it is.
+    NotSent,
+    /// It may have executed (sent, then the connection broke or the answer did not come).
+    Ambiguous,
+    /// The server answered with an error that a retry would get again.
+    Fatal,
+}
+
+/// Classifies an RPC failure. "Not sent" is an allow list of causes that prove the request
+/// did not leave this client; only transport-level codes are ambiguous; every other status
+/// is an answer.
+pub(super) fn classify(s: &Status) -> Failure {
+    let msg = s.message();
+    let transport_code = matches!(
         s.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
-    ) && !s.message().contains("tcp connect error")
-        && !s.message().starts_with(NOT_SENT)
-        && !s.message().contains("Connection refused")
+    );
+    if transport_code
+        && (msg.starts_with(NOT_SENT)
+            || msg.contains("tcp connect error")
+            || msg.contains("Connection refused"))
+    {
+        return Failure::NotSent;
+    }
+    // A broken HTTP/2 stream or connection (a reset with INTERNAL_ERROR among them) is
+    // reported as `Internal` or `Unknown` by tonic: the request may have been executed.
+    let h2_broken = s.code() == Code::Internal
+        && (msg.contains("h2 protocol error")
+            || msg.contains("stream error")
+            || msg.contains("connection error")
+            || msg.contains("error reading a body from connection"));
+    if transport_code || h2_broken {
+        Failure::Ambiguous
+    } else {
+        Failure::Fatal
+    }
+}
+
+/// How a call may be retried after an ambiguous failure.
+#[derive(Clone, Copy)]
+pub(super) enum Mode<'a> {
+    /// Repeating it is harmless (reads, and admin calls that check their own state).
+    Idempotent,
+    /// It must not run twice and has no write id: an ambiguous failure ends the call with
+    /// [`Error::Unknown`].
+    AtMostOnce,
+    /// A write with an id: every retry carries the same id, so the regions apply it once.
+    Write(&'a WriteTicket),
 }
 
 pub(super) enum Attempt<T> {
     Done(T),
-    Retry(String),
+    /// Not done; `ambiguous` = the attempt may have executed.
+    Retry {
+        why: String,
+        ambiguous: bool,
+    },
 }
 
 impl Client {
@@ -124,12 +179,7 @@ impl Client {
 
     /// Runs `op` against the region holding `key`, fixing the route and retrying until it
     /// answers or the deadline passes.
-    pub(super) async fn execute<T, F, Fut>(
-        &self,
-        key: &[u8],
-        retry_ambiguous: bool,
-        op: F,
-    ) -> Result<T>
+    pub(super) async fn execute<T, F, Fut>(&self, key: &[u8], mode: Mode<'_>, op: F) -> Result<T>
     where
         F: Fn(Conn, RequestHeader) -> Fut,
         Fut: std::future::Future<
@@ -139,9 +189,12 @@ impl Client {
         let start = Instant::now();
         let mut attempts = 0u32;
         let mut last = String::new();
+        let mut ambiguous = false;
         loop {
             if attempts > 0 {
-                self.backoff(start, attempts, &last).await?;
+                self.backoff(start, attempts, &last)
+                    .await
+                    .map_err(|e| unknown_if(ambiguous && matches!(mode, Mode::Write(_)), e))?;
             }
             attempts += 1;
             let region = match self.locate(key).await {
@@ -151,12 +204,13 @@ impl Client {
                     continue;
                 }
             };
-            match self
-                .attempt(&region, attempts, retry_ambiguous, &op)
-                .await?
-            {
+            let res = self.attempt(&region, attempts, mode, &op).await;
+            match res.map_err(|e| unknown_if(ambiguous && matches!(mode, Mode::Write(_)), e))? {
                 Attempt::Done(v) => return Ok(v),
-                Attempt::Retry(why) => last = why,
+                Attempt::Retry { why, ambiguous: a } => {
+                    ambiguous |= a;
+                    last = why;
+                }
             }
         }
     }
@@ -165,7 +219,7 @@ impl Client {
         &self,
         region: &CachedRegion,
         n: u32,
-        retry_ambiguous: bool,
+        mode: Mode<'_>,
         op: &F,
     ) -> Result<Attempt<T>>
     where
@@ -176,40 +230,67 @@ impl Client {
     {
         let Some((node, addr)) = self.target(region, n) else {
             let _ = self.refresh().await;
-            return Ok(Attempt::Retry(format!(
-                "no address for region {}",
-                region.region.id
-            )));
+            return Ok(Attempt::Retry {
+                why: format!("no address for region {}", region.region.id),
+                ambiguous: false,
+            });
         };
         let ch = match self.channel(&addr).await {
             Ok(ch) => ch,
             Err(e) => {
                 self.rpc_failed(region, node);
-                return Ok(Attempt::Retry(e));
+                return Ok(Attempt::Retry {
+                    why: e,
+                    ambiguous: false,
+                });
             }
         };
-        let res = op(ch, self.header(region)).await;
+        let mut header = self.header(region);
+        if let Mode::Write(t) = mode {
+            header.write_id = Some(t.id());
+        }
+        let res = op(ch, header).await;
         if res.is_ok() && !self.inner.suspects.is_empty() {
             self.inner.suspects.remove(&node);
         }
         match res {
             Ok((None, v)) => Ok(Attempt::Done(v)),
-            Ok((Some(e), _)) => Ok(Attempt::Retry(self.on_region_error(region, e).await)),
+            Ok((Some(e), _)) => {
+                if let Some(region_error::Error::StaleWrite(w)) = &e.error {
+                    // Only a copy of a finished write gets this; this call is not finished,
+                    // so the server and client disagree on the write's number: give up
+                    // rather than guess.
+                    return Err(Error::Unknown(format!(
+                        "the cluster took write {} as a copy of a finished one",
+                        w.seq
+                    )));
+                }
+                Ok(Attempt::Retry {
+                    why: self.on_region_error(region, e).await,
+                    ambiguous: false,
+                })
+            }
             Err(s) if s.code() == Code::InvalidArgument => {
                 Err(Error::InvalidArgument(s.message().into()))
             }
             Err(s) if s.code() == Code::ResourceExhausted || s.code() == Code::OutOfRange => {
                 Err(Error::InvalidArgument(s.message().into()))
             }
-            Err(s) if ambiguous(&s) && !retry_ambiguous => {
-                self.forget_channel(&addr);
-                self.rpc_failed(region, node);
-                Err(Error::Unknown(s.message().into()))
-            }
             Err(s) => {
+                let failure = classify(&s);
+                if failure == Failure::Fatal {
+                    return Err(Error::Server(format!("{:?}: {}", s.code(), s.message())));
+                }
                 self.forget_channel(&addr);
                 self.rpc_failed(region, node);
-                Ok(Attempt::Retry(format!("{addr}: {}", s.message())))
+                let ambiguous = failure == Failure::Ambiguous;
+                if ambiguous && matches!(mode, Mode::AtMostOnce) {
+                    return Err(Error::Unknown(s.message().into()));
+                }
+                Ok(Attempt::Retry {
+                    why: format!("{addr}: {}", s.message()),
+                    ambiguous,
+                })
             }
         }
     }
@@ -234,29 +315,64 @@ impl Client {
     }
 }
 
+/// The error a write ends with once one of its attempts may have executed: whatever a later
+/// attempt met (the deadline, a refusal, an error answer), the write's outcome is unknown.
+pub(super) fn unknown_if(ambiguous_write: bool, e: Error) -> Error {
+    match e {
+        e if !ambiguous_write => e,
+        Error::Unknown(m) => Error::Unknown(m),
+        Error::Deadline { last, .. } => Error::Unknown(format!(
+            "deadline passed after an ambiguous attempt: {last}"
+        )),
+        e => Error::Unknown(format!("after an ambiguous attempt: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn only_failures_after_sending_are_ambiguous() {
-        // Never left the client: safe to retry, even a compare-and-swap.
-        assert!(!ambiguous(&super::super::mux::not_sent(
-            "connection closed"
-        )));
-        assert!(!ambiguous(&Status::unavailable(
-            "tcp connect error: Connection refused"
-        )));
+    fn failures_are_classified_by_what_they_prove() {
+        // Never left the client: safe to send again, even a compare-and-swap.
+        assert_eq!(
+            classify(&super::super::mux::not_sent("connection closed")),
+            Failure::NotSent
+        );
+        assert_eq!(
+            classify(&Status::unavailable(
+                "tcp connect error: Connection refused"
+            )),
+            Failure::NotSent
+        );
         // Sent, answer lost: may have been applied.
-        assert!(ambiguous(&Status::unavailable(
-            "connection lost with the request in flight: reset"
-        )));
-        assert!(ambiguous(&Status::deadline_exceeded(
-            "no answer within the RPC timeout"
-        )));
-        // A refusal is an answer.
-        assert!(!ambiguous(&Status::invalid_argument(
-            "key must not be empty"
-        )));
+        assert_eq!(
+            classify(&Status::unavailable(
+                "connection lost with the request in flight: reset"
+            )),
+            Failure::Ambiguous
+        );
+        assert_eq!(
+            classify(&Status::deadline_exceeded(
+                "no answer within the RPC timeout"
+            )),
+            Failure::Ambiguous
+        );
+        assert_eq!(
+            classify(&Status::internal(
+                "h2 protocol error: stream error received: unexpected internal error encountered"
+            )),
+            Failure::Ambiguous
+        );
+        // Answers: a retry would get them again.
+        for s in [
+            Status::internal("unexpected put result"),
+            Status::permission_denied("no"),
+            Status::unimplemented("Kv.Frobnicate"),
+            Status::failed_precondition("no"),
+            Status::not_found("no"),
+        ] {
+            assert_eq!(classify(&s), Failure::Fatal, "{s:?}");
+        }
     }
 }

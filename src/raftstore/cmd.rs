@@ -139,8 +139,30 @@ impl Compare {
     }
 }
 
-/// Encodes a command with the epoch it was proposed under, as stored in the raft log.
-pub fn encode(cmd: &Command, epoch: proto::RegionEpoch) -> Vec<u8> {
+/// What a logged command carries besides itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Envelope {
+    /// The epoch it was proposed under (checked again at apply).
+    pub epoch: proto::RegionEpoch,
+    /// The client's id of the write (exactly-once, see `session`).
+    pub write_id: Option<proto::WriteId>,
+    /// The proposing leader's wall clock, ms since the Unix epoch (0 = not stamped).
+    pub proposed_at_ms: u64,
+    /// The proposing leader's write-record TTL in ms (see `session`).
+    pub session_ttl_ms: u64,
+}
+
+impl Envelope {
+    pub fn with_epoch(epoch: proto::RegionEpoch) -> Self {
+        Self {
+            epoch,
+            ..Default::default()
+        }
+    }
+}
+
+/// Encodes a command with its envelope, as stored in the raft log.
+pub fn encode(cmd: &Command, env: &Envelope) -> Vec<u8> {
     use proto::raft_command::Cmd;
     let c = match cmd {
         Command::Put { key, value } => Cmd::Put(proto::PutCmd {
@@ -180,12 +202,15 @@ pub fn encode(cmd: &Command, epoch: proto::RegionEpoch) -> Vec<u8> {
         }),
     };
     prost::Message::encode_to_vec(&proto::RaftCommand {
-        region_epoch: Some(epoch),
+        region_epoch: Some(env.epoch),
         cmd: Some(c),
+        write_id: env.write_id,
+        proposed_at_ms: env.proposed_at_ms,
+        session_ttl_ms: env.session_ttl_ms,
     })
 }
 
-pub fn decode(data: &[u8]) -> Result<(Command, proto::RegionEpoch), DecodeError> {
+pub fn decode(data: &[u8]) -> Result<(Command, Envelope), DecodeError> {
     use proto::raft_command::Cmd;
     let rc = <proto::RaftCommand as prost::Message>::decode(data)
         .map_err(|e| DecodeError::Proto(e.to_string()))?;
@@ -211,7 +236,13 @@ pub fn decode(data: &[u8]) -> Result<(Command, proto::RegionEpoch), DecodeError>
             new_peer_ids: s.new_peer_ids,
         },
     };
-    Ok((cmd, epoch))
+    let env = Envelope {
+        epoch,
+        write_id: rc.write_id,
+        proposed_at_ms: rc.proposed_at_ms,
+        session_ttl_ms: rc.session_ttl_ms,
+    };
+    Ok((cmd, env))
 }
 
 #[cfg(test)]
@@ -258,11 +289,27 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trip(cmd in arb_cmd(), v in any::<u64>(), c in any::<u64>()) {
-            let epoch = proto::RegionEpoch { conf_ver: c, version: v };
-            let (back, e) = decode(&encode(&cmd, epoch)).unwrap();
+        fn round_trip(
+            cmd in arb_cmd(),
+            v in any::<u64>(),
+            c in any::<u64>(),
+            w in proptest::option::of((1..u64::MAX, 1..u64::MAX, any::<u64>())),
+            at in any::<u64>(),
+            ttl in any::<u64>(),
+        ) {
+            let env = Envelope {
+                epoch: proto::RegionEpoch { conf_ver: c, version: v },
+                write_id: w.map(|(client_id, seq, f)| proto::WriteId {
+                    client_id,
+                    seq,
+                    first_incomplete: f % seq,
+                }),
+                proposed_at_ms: at,
+                session_ttl_ms: ttl,
+            };
+            let (back, e) = decode(&encode(&cmd, &env)).unwrap();
             prop_assert_eq!(back, cmd);
-            prop_assert_eq!(e, epoch);
+            prop_assert_eq!(e, env);
         }
 
         /// Garbage never panics; it decodes to an error (or, rarely, a valid command).

@@ -15,11 +15,11 @@
 //! only shortens it.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use dashmap::DashMap;
 
 use super::apply;
+use super::clock::BootInstant;
 use super::msg::{ReadRequest, ReadResult, RegionError};
 use crate::ids::RegionId;
 use crate::proto::{self, KvRecord, RegionEpoch};
@@ -29,7 +29,7 @@ use crate::storage::{keys, Cf, Engine};
 /// from the engine until `until`.
 pub struct LeaseView {
     pub region: proto::Region,
-    pub until: Instant,
+    pub until: BootInstant,
 }
 
 /// The node's published lease views, shared by the workers (writers) and the gRPC services,
@@ -66,7 +66,7 @@ impl LocalReader {
     ) -> Option<Result<ReadResult, RegionError>> {
         let view = self.views.get(&region)?.value().clone();
         let r = &view.region;
-        if Instant::now() >= view.until
+        if BootInstant::now() >= view.until
             || r.epoch.unwrap_or_default().version != epoch.version
             || !read_keys(req)
                 .iter()
@@ -106,9 +106,18 @@ pub fn serve_read(
     };
     match req {
         ReadRequest::Get { key } => Ok(ReadResult::Get(get(key)?)),
-        ReadRequest::BatchGet { keys } => Ok(ReadResult::BatchGet(
-            keys.iter().map(|k| get(k)).collect::<Result<Vec<_>, _>>()?,
-        )),
+        // One point in time for all keys: on the gRPC thread a worker may write a batch
+        // between two gets, and a batch read must not see half of one atomic write.
+        ReadRequest::BatchGet { keys } => engine.with_snapshot(|view| {
+            let get = |key: &Vec<u8>| -> Result<Option<proto::KeyValue>, RegionError> {
+                let rec: Option<KvRecord> =
+                    view.get_msg(Cf::Data, &keys::data_key(key)).map_err(busy)?;
+                Ok(rec.map(|r| apply::key_value(key, r)))
+            };
+            Ok(ReadResult::BatchGet(
+                keys.iter().map(get).collect::<Result<Vec<_>, _>>()?,
+            ))
+        }),
         ReadRequest::Scan {
             start,
             end,
@@ -186,7 +195,7 @@ mod tests {
             id,
             LeaseView {
                 region: region.clone(),
-                until: Instant::now() + Duration::from_secs(60),
+                until: BootInstant::now() + Duration::from_secs(60),
             },
         );
         match reader.try_read(id, &epoch, &get(b"b")) {
@@ -211,7 +220,7 @@ mod tests {
             id,
             LeaseView {
                 region: region.clone(),
-                until: Instant::now(),
+                until: BootInstant::now(),
             },
         );
         assert!(reader.try_read(id, &epoch, &get(b"b")).is_none());
@@ -219,7 +228,7 @@ mod tests {
             id,
             LeaseView {
                 region,
-                until: Instant::now() + Duration::from_secs(60),
+                until: BootInstant::now() + Duration::from_secs(60),
             },
         );
         reader.withdraw(id);

@@ -12,18 +12,22 @@
 //! - [`worker`]: the thread loop and the group-commit round;
 //! - [`peer`]: one replica: proposals, reads, the two halves of Ready handling;
 //! - [`local_read`]: lease reads served on the gRPC thread, without the worker;
+//! - [`clock`]: the lease clock (CLOCK_BOOTTIME, which counts suspend);
 //! - [`apply`]: the KV state machine;
 //! - [`cmd`]: commands in the raft log and their results;
+//! - [`session`]: exactly-once writes — each region's record of the writes it applied;
 //! - [`msg`]: what reaches a worker and the errors that go back;
 //! - [`bootstrap`]: first start and restart of a store;
 //! - [`store`]: what a node's peers share (settings, engine, the ranges they own).
 
 pub mod apply;
 pub mod bootstrap;
+pub mod clock;
 pub mod cmd;
 pub mod local_read;
 pub mod msg;
 pub mod peer;
 pub mod router;
+pub mod session;
 pub mod store;
 pub mod worker;

@@ -33,6 +33,11 @@ pub enum RegionError {
     ServerBusy {
         reason: String,
     },
+    /// A delayed copy of a write the client has already been answered for: not applied.
+    StaleWrite {
+        client_id: u64,
+        seq: u64,
+    },
 }
 
 impl std::fmt::Display for RegionError {
@@ -54,6 +59,10 @@ impl std::fmt::Display for RegionError {
             }
             RegionError::RegionNotFound(r) => write!(f, "{r} is not on this node"),
             RegionError::ServerBusy { reason } => write!(f, "server busy: {reason}"),
+            RegionError::StaleWrite { client_id, seq } => write!(
+                f,
+                "write {seq} of client {client_id:x} is a copy of one already answered"
+            ),
         }
     }
 }
@@ -90,6 +99,10 @@ impl RegionError {
             RegionError::ServerBusy { reason } => E::ServerBusy(proto::ServerBusy {
                 reason: reason.clone(),
                 backoff_ms: 50,
+            }),
+            RegionError::StaleWrite { client_id, seq } => E::StaleWrite(proto::StaleWrite {
+                client_id: *client_id,
+                seq: *seq,
             }),
         };
         proto::RegionError {
@@ -133,10 +146,13 @@ pub enum ReadResult {
 pub enum PeerMsg {
     /// A raft message from another node, already checked to be addressed to this region.
     Raft(Box<raft::eraftpb::Message>),
-    /// A client write. The epoch is the one the client routed with.
+    /// A client write. The epoch is the one the client routed with; `write_id` makes it
+    /// exactly-once (see `session`).
     Propose {
         cmd: Command,
         epoch: proto::RegionEpoch,
+        /// Boxed: most messages are not writes, and every message is as large as the largest.
+        write_id: Option<Box<proto::WriteId>>,
         reply: Reply<ApplyResult>,
     },
     /// A client read.

@@ -14,6 +14,8 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use super::clock::BootInstant;
+
 use raft::eraftpb::{self, EntryType, MessageType};
 use raft::{RawNode, Ready, StateRole};
 
@@ -22,9 +24,10 @@ mod hibernate;
 mod lease;
 
 use super::apply::{self, ApplyCtx};
-use super::cmd::{self, ApplyResult, Command};
+use super::cmd::{self, ApplyResult, Command, Envelope};
 use super::local_read;
 use super::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, RegionInfo, Reply, Wake};
+use super::session::{Seen, Sessions};
 use super::store::StoreCtx;
 use crate::ids::{PeerId, RegionId};
 use crate::proto::{self, RegionEpoch};
@@ -35,7 +38,7 @@ struct Proposal {
     index: u64,
     term: u64,
     /// When it was proposed: its commit renews the leader's lease from then.
-    at: Option<Instant>,
+    at: Option<BootInstant>,
     reply: Reply<ApplyResult>,
 }
 
@@ -55,7 +58,7 @@ pub struct Peer {
     /// Reads that arrived this round; they share one ReadIndex request.
     reads_unsent: Vec<PendingRead>,
     /// ReadIndex requests sent to raft: context, send time (for the lease), reads.
-    reads_inflight: VecDeque<(u64, Instant, Vec<PendingRead>)>,
+    reads_inflight: VecDeque<(u64, BootInstant, Vec<PendingRead>)>,
     /// Reads whose read index is known, served once the region has applied that far.
     reads_ready: VecDeque<(u64, Vec<PendingRead>)>,
     next_read_ctx: u64,
@@ -68,7 +71,7 @@ pub struct Peer {
     /// Vote requests are dropped until then (a restarted peer, see `lease`).
     refuse_votes_until: Option<Instant>,
     /// The lease end and epoch version published to the node's local reader, if any.
-    published: Option<(Instant, u64)>,
+    published: Option<(BootInstant, u64)>,
     log_gc_threshold: u64,
     /// Write commands applied since start (load reporting).
     writes_applied: u64,
@@ -89,8 +92,14 @@ pub struct Peer {
     /// Set when this peer was removed from its region: the worker destroys it after the
     /// round's write.
     pending_destroy: bool,
+    /// Ask the leader (or, not knowing it, every other peer) to wake, at the next round
+    /// (see `hibernate`).
+    wake_others: bool,
     /// Peers this leader removed, to be told so (they may not learn it from the log).
     tombstones: Vec<proto::Peer>,
+    /// The region's exactly-once write records (replicated state, see `session`).
+    sessions: Sessions,
+    session_ttl_ms: u64,
     ctx: StoreCtx,
 }
 
@@ -127,6 +136,13 @@ impl Peer {
         };
         rc.validate().map_err(|e| format!("raft config: {e}"))?;
         let peer_logger = logger.new(slog::o!("region" => region.id, "peer" => me.id));
+        let storage_initialized = storage.is_initialized();
+        let sessions = if storage_initialized {
+            Sessions::load(storage.engine(), RegionId(region.id))
+                .map_err(|e| format!("region {}: {e}", region.id))?
+        } else {
+            Sessions::default()
+        };
         let raw = RawNode::new(&rc, storage, &peer_logger).map_err(|e| e.to_string())?;
         Ok(Self {
             region_id: RegionId(region.id),
@@ -151,7 +167,12 @@ impl Peer {
             leader_heard: None,
             leader_silent: None,
             pending_destroy: false,
+            // A peer loaded at start (a restart) may belong to a sleeping region whose leader
+            // would not heartbeat before this peer's election timer runs out.
+            wake_others: storage_initialized,
             tombstones: Vec::new(),
+            sessions,
+            session_ttl_ms: cfg.client_session_ttl_secs.saturating_mul(1000),
             ctx: ctx.clone(),
         })
     }
@@ -230,7 +251,12 @@ impl Peer {
         }
         match msg {
             PeerMsg::Raft(m) => self.on_raft_message(*m),
-            PeerMsg::Propose { cmd, epoch, reply } => self.propose(cmd, epoch, reply),
+            PeerMsg::Propose {
+                cmd,
+                epoch,
+                write_id,
+                reply,
+            } => self.propose(cmd, epoch, write_id.map(|w| *w), reply),
             PeerMsg::Read {
                 req,
                 epoch,
@@ -336,13 +362,36 @@ impl Peer {
                 .increment(1);
             return;
         }
-        if m.get_msg_type() == MessageType::MsgSnapshot && !self.snapshot_is_valid(&m) {
-            metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "bad_snapshot")
-                .increment(1);
-            return;
+        // A snapshot claims its range while it is validated (so no other local region can
+        // take it meanwhile); the claim is undone below unless raft accepts the snapshot.
+        let mut snapshot_claim = None;
+        if m.get_msg_type() == MessageType::MsgSnapshot {
+            let before = self.ctx.range_of(self.region_id);
+            if !self.snapshot_is_valid(&m) {
+                metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "bad_snapshot")
+                    .increment(1);
+                return;
+            }
+            let meta = m.get_snapshot().get_metadata();
+            snapshot_claim = Some((before, meta.index, meta.term));
         }
         let from = m.from;
-        if let Err(e) = self.raw.step(m) {
+        let stepped = self.raw.step(m);
+        if let Some((before, index, term)) = snapshot_claim {
+            let accepted = self
+                .raw
+                .raft
+                .raft_log
+                .unstable_snapshot()
+                .as_ref()
+                .is_some_and(|s| s.get_metadata().index == index && s.get_metadata().term == term);
+            if !accepted {
+                // Stale or duplicate: raft keeps its state, so the region keeps its range.
+                metrics::counter!("tessera_snapshots_rejected_total").increment(1);
+                self.ctx.restore_range(self.region_id, before);
+            }
+        }
+        if let Err(e) = stepped {
             tracing::debug!(region = %self.region_id, error = %e, "step failed");
             metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "step_error")
                 .increment(1);
@@ -360,6 +409,12 @@ impl Peer {
         match <proto::RegionSnapshotData as prost::Message>::decode(data) {
             Ok(d) => d.region.as_ref().is_some_and(|r| {
                 r.id == self.region_id.0
+                    && Sessions::from_rows(
+                        d.sessions
+                            .iter()
+                            .map(|r| (r.key.as_slice(), r.value.as_slice())),
+                    )
+                    .is_ok()
                     && d.kvs
                         .iter()
                         .all(|kv| keys::in_range(&kv.key, &r.start_key, &r.end_key))
@@ -374,7 +429,13 @@ impl Peer {
         }
     }
 
-    fn propose(&mut self, cmd: Command, epoch: RegionEpoch, reply: Reply<ApplyResult>) {
+    fn propose(
+        &mut self,
+        cmd: Command,
+        epoch: RegionEpoch,
+        write_id: Option<proto::WriteId>,
+        reply: Reply<ApplyResult>,
+    ) {
         if !self.is_leader() {
             let _ = reply.send(Err(self.not_leader()));
             return;
@@ -386,8 +447,14 @@ impl Peer {
             }
         }
         let is_split = matches!(cmd, Command::Split { .. });
-        let data = cmd::encode(&cmd, epoch);
-        let at = Instant::now();
+        let env = Envelope {
+            epoch,
+            write_id,
+            proposed_at_ms: wall_clock_ms(),
+            session_ttl_ms: self.session_ttl_ms,
+        };
+        let data = cmd::encode(&cmd, &env);
+        let at = BootInstant::now();
         if let Err(e) = self.raw.propose(vec![], data) {
             tracing::debug!(region = %self.region_id, error = %e, "proposal dropped");
             let _ = reply.send(Err(self.not_leader()));
@@ -434,7 +501,7 @@ impl Peer {
             let _ = reply.send(Err(self.not_leader()));
             return;
         }
-        let now = Instant::now();
+        let now = BootInstant::now();
         if self.lease_read_ok(now) {
             metrics::counter!("tessera_reads_total", "path" => "lease").increment(1);
             let _ = reply.send(self.serve_read(&req));
@@ -467,7 +534,7 @@ impl Peer {
         }
         let ctx = self.next_read_ctx;
         self.next_read_ctx += 1;
-        let sent = Instant::now();
+        let sent = BootInstant::now();
         self.raw.read_index(ctx.to_be_bytes().to_vec());
         let reads = std::mem::take(&mut self.reads_unsent);
         self.reads_inflight.push_back((ctx, sent, reads));
@@ -509,6 +576,7 @@ impl Peer {
         actx: &mut ApplyCtx,
         transport: &Transport,
     ) -> Option<Ready> {
+        self.send_wake_up(transport);
         if !self.raw.has_ready() {
             return None;
         }
@@ -522,21 +590,29 @@ impl Peer {
         if !rd.snapshot().is_empty() {
             self.withdraw_lease();
             let snap = rd.snapshot().clone();
-            if let Err(e) = self.raw.mut_store().apply_snapshot(&snap, wb) {
-                crate::fatal(&format!(
+            match self.raw.mut_store().apply_snapshot(&snap, wb) {
+                Ok(rows) => match Sessions::from_rows(
+                    rows.iter().map(|r| (r.key.as_slice(), r.value.as_slice())),
+                ) {
+                    Ok(s) => self.sessions = s,
+                    Err(e) => crate::fatal(&format!(
+                        "{}: a validated snapshot's write records: {e}",
+                        self.region_id
+                    )),
+                },
+                Err(e) => crate::fatal(&format!(
                     "{}: applying a validated snapshot: {e}",
                     self.region_id
-                ));
+                )),
             }
             // Proposals at or below the snapshot can no longer be matched: their outcome is
             // unknown, so their senders are dropped (the client sees "result unknown").
             let r = self.region();
             actx.forget_range(&r.start_key, &r.end_key);
             self.ctx.set_range(self.region_id, &r.start_key, &r.end_key);
+            // The queue is in (term, index) order, not index order: look at every entry.
             let idx = snap.get_metadata().index;
-            while self.proposals.front().is_some_and(|p| p.index <= idx) {
-                self.proposals.pop_front();
-            }
+            self.proposals.retain(|p| p.index > idx);
         }
         let committed = rd.take_committed_entries();
         self.apply_entries(committed, wb, actx);
@@ -592,7 +668,7 @@ impl Peer {
 
     fn on_role_change(&mut self) {
         self.changed = true;
-        self.lease.expire(Instant::now());
+        self.lease.expire(BootInstant::now());
         self.withdraw_lease();
         if !self.is_leader() {
             // Reads waiting on a leadership that is gone can never be confirmed.
@@ -661,7 +737,7 @@ impl Peer {
         wb: &mut WriteBatch<'_>,
         actx: &mut ApplyCtx,
     ) -> Result<ApplyResult, RegionError> {
-        let (cmd, epoch) = match cmd::decode(&e.data) {
+        let (cmd, env) = match cmd::decode(&e.data) {
             Ok(v) => v,
             Err(err) => {
                 tracing::warn!(region = %self.region_id, index = e.index, error = %err, "skipping undecodable entry");
@@ -671,7 +747,7 @@ impl Peer {
             }
         };
         for key in cmd.keys() {
-            self.check_route(&epoch, key)?;
+            self.check_route(&env.epoch, key)?;
         }
         if let Command::Split {
             split_key,
@@ -684,9 +760,43 @@ impl Peer {
             self.withdraw_lease();
             return self.apply_split(split_key, new_region_id, new_peer_ids, e, wb, actx);
         }
+        // Time and TTL both from the entry: the same decision on every replica.
+        if env.proposed_at_ms > 0 && env.session_ttl_ms > 0 {
+            let forgotten = self.sessions.maybe_sweep(
+                self.region_id,
+                env.proposed_at_ms,
+                env.session_ttl_ms,
+                wb,
+            );
+            if forgotten > 0 {
+                metrics::counter!("tessera_client_sessions_expired_total")
+                    .increment(forgotten as u64);
+            }
+        }
+        if let Some(w) = &env.write_id {
+            match self.sessions.seen(w) {
+                Seen::New => {}
+                Seen::Applied(res) => {
+                    // A retry of a write that already applied: its first answer, no effect.
+                    metrics::counter!("tessera_writes_deduplicated_total").increment(1);
+                    return Ok(res);
+                }
+                Seen::Stale => {
+                    metrics::counter!("tessera_writes_stale_total").increment(1);
+                    return Err(RegionError::StaleWrite {
+                        client_id: w.client_id,
+                        seq: w.seq,
+                    });
+                }
+            }
+        }
         actx.delta_keys = 0;
         actx.delta_bytes = 0;
         let res = apply::exec(cmd, e.index, self.raw.store().engine(), wb, actx);
+        if let Some(w) = &env.write_id {
+            self.sessions
+                .record(self.region_id, w, env.proposed_at_ms, &res, wb);
+        }
         self.writes_applied += 1;
         let (dk, db) = (actx.delta_keys, actx.delta_bytes);
         self.raw.mut_store().add_data_stats(dk, db);
@@ -700,26 +810,32 @@ impl Peer {
         result: Option<Result<ApplyResult, RegionError>>,
         actx: &mut ApplyCtx,
     ) {
+        // The queue is in proposal order, which is (term, index) order: terms only grow, and
+        // within its term a leader's indexes only grow. It is *not* index order once this
+        // peer leads again with proposals of an earlier term still queued (entries that were
+        // overwritten at indexes the new term reuses), so matching must compare both.
         while let Some(p) = self.proposals.front() {
-            if p.index > index {
+            if (p.term, p.index) > (term, index) {
                 break;
             }
             let p = self.proposals.pop_front().expect("checked front");
-            if p.index < index {
-                // Its entry was never applied at that index: lost in a leader change.
+            if (p.term, p.index) < (term, index) {
+                // The committed log holds another entry at `p.index` (or will, from a later
+                // term): log terms never decrease along the log, so an entry of term
+                // `p.term` cannot commit at or after this one. Definitely not applied.
                 actx.replies.push((p.reply, Err(self.not_leader())));
                 continue;
             }
-            let res = match (&result, p.term == term) {
-                (Some(r), true) => {
+            let res = match &result {
+                Some(r) => {
                     // Committed: a quorum took an append this leader sent after `p.at`.
                     if let Some(at) = p.at.filter(|_| self.raw.raft.term == term) {
                         self.renew_lease(at);
                     }
                     r.clone()
                 }
-                // Same index, other term: another leader's entry replaced ours.
-                _ => Err(self.not_leader()),
+                // An empty entry (a new leader's) never carries a proposal.
+                None => Err(self.not_leader()),
             };
             actx.replies.push((p.reply, res));
         }
@@ -757,3 +873,14 @@ impl Peer {
         }
     }
 }
+
+/// The wall clock in ms since the Unix epoch: the time a leader stamps on the entries it
+/// proposes (the log's time, see `session`). 0 if the clock is before 1970.
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests;

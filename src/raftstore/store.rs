@@ -35,6 +35,24 @@ pub struct StoreCtx {
     pub reader: super::local_read::LocalReader,
 }
 
+/// What keeps a peer from being created from a message: the region itself is already
+/// recorded (`is_self`), or another local region overlaps its range.
+#[derive(Debug)]
+struct Blocker {
+    region: RegionId,
+    is_self: bool,
+}
+
+impl std::fmt::Display for Blocker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_self {
+            write!(f, "{} is already recorded on this node", self.region)
+        } else {
+            write!(f, "local {} overlaps its range", self.region)
+        }
+    }
+}
+
 /// Whether `[s1, e1)` and `[s2, e2)` overlap (empty end = +infinity).
 pub fn overlaps(s1: &[u8], e1: &[u8], s2: &[u8], e2: &[u8]) -> bool {
     (e2.is_empty() || s1 < e2) && (e1.is_empty() || s2 < e1)
@@ -107,8 +125,18 @@ impl StoreCtx {
             }
             Ok(Some(_)) | Err(_) => return false,
         }
-        if let Some(other) = self.overlapping(region, start, end) {
-            tracing::debug!(%region, %other, "not creating a peer over a local region's range");
+        // One look at the range map, under its lock: a split applying on a worker records
+        // both of its halves in one step (`split_range`), so this sees the parent still
+        // covering the range or the new region already present, never neither. A region
+        // with an entry is being created here by its split (its state is in a batch not yet
+        // written, its peer not yet registered): a second, empty peer would replace it or,
+        // on another worker, run beside it with the same peer id.
+        if let Err(why) = self.may_create(region, start, end) {
+            tracing::debug!(%region, %why, "not creating a peer from a message");
+            if why.is_self {
+                metrics::counter!("tessera_peer_creations_refused_total", "reason" => "recorded")
+                    .increment(1);
+            }
             return false;
         }
         let mut wb = self.engine.batch();
@@ -152,6 +180,53 @@ impl StoreCtx {
             .iter()
             .find(|(id, (s, e))| **id != region && overlaps(s, e, start, end))
             .map(|(id, _)| *id)
+    }
+
+    /// Whether a peer of `region` may be created from a message: the region has no entry
+    /// in the range map and no other local region overlaps `[start, end)`.
+    fn may_create(&self, region: RegionId, start: &[u8], end: &[u8]) -> Result<(), Blocker> {
+        let ranges = self.ranges();
+        if ranges.contains_key(&region) {
+            return Err(Blocker {
+                region,
+                is_self: true,
+            });
+        }
+        match ranges.iter().find(|(_, (s, e))| overlaps(s, e, start, end)) {
+            Some((id, _)) => Err(Blocker {
+                region: *id,
+                is_self: false,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A split applied: the parent keeps `left`, the new region `right` takes the rest —
+    /// both recorded under one lock, so no reader sees the range owned by neither.
+    pub fn split_range(
+        &self,
+        parent: RegionId,
+        left: (&[u8], &[u8]),
+        child: RegionId,
+        right: (&[u8], &[u8]),
+    ) {
+        let mut ranges = self.ranges();
+        ranges.insert(parent, (left.0.to_vec(), left.1.to_vec()));
+        ranges.insert(child, (right.0.to_vec(), right.1.to_vec()));
+    }
+
+    /// Restores `region`'s entry to what it was before a tentative [`Self::claim_range`].
+    pub fn restore_range(&self, region: RegionId, before: Option<(Vec<u8>, Vec<u8>)>) {
+        let mut ranges = self.ranges();
+        match before {
+            Some(r) => ranges.insert(region, r),
+            None => ranges.remove(&region),
+        };
+    }
+
+    /// The range `region` owns on this node, if it has an entry.
+    pub fn range_of(&self, region: RegionId) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.ranges().get(&region).cloned()
     }
 
     /// Claims `[start, end)` for `region` unless another local region overlaps it.

@@ -166,9 +166,14 @@ impl KvCore {
         header: Option<RequestHeader>,
         cmd: Command,
     ) -> Result<Routed<ApplyResult>, Status> {
+        let write_id = header.as_ref().and_then(|h| h.write_id).map(Box::new);
+        if let Some(w) = &write_id {
+            check_write_id(w)?;
+        }
         self.call(header, |epoch, _, reply| PeerMsg::Propose {
             cmd,
             epoch,
+            write_id,
             reply,
         })
         .await
@@ -196,6 +201,21 @@ impl KvCore {
         })
         .await
     }
+}
+
+/// A write id the exactly-once records can work with (see `raftstore::session`).
+fn check_write_id(w: &proto::WriteId) -> Result<(), Status> {
+    if w.client_id == 0 || w.seq == 0 {
+        return Err(Status::invalid_argument(
+            "write_id needs a non-zero client_id and seq",
+        ));
+    }
+    if w.first_incomplete > w.seq {
+        return Err(Status::invalid_argument(
+            "write_id.first_incomplete must not exceed seq",
+        ));
+    }
+    Ok(())
 }
 
 fn unexpected<T>(what: &str) -> Result<T, Status> {

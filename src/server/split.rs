@@ -63,6 +63,7 @@ pub async fn split_region(
     let msg = PeerMsg::Propose {
         cmd,
         epoch,
+        write_id: None,
         reply: tx,
     };
     match router.send_client(region, msg) {

@@ -7,6 +7,9 @@
 //! 0x01 0x02 ‖ region_id ‖ 0x01 ‖ index   raft log entry
 //! 0x01 0x02 ‖ region_id ‖ 0x02           raft state (hard state, last index)
 //! 0x01 0x02 ‖ region_id ‖ 0x03           apply state (applied, truncated index/term)
+//! 0x01 0x02 ‖ region_id ‖ 0x04           write records' sweep state
+//! 0x01 0x02 ‖ region_id ‖ 0x04 ‖ client ‖ seq   a client's write record (seq 0: the client's
+//!                                        own record; see raftstore/session.rs)
 //! 0x01 0x03 ‖ region_id ‖ 0x01           region local state (descriptor, peer state)
 //! 'z' ‖ user_key                         user data
 //! ```
@@ -38,6 +41,7 @@ const REGION_META_PREFIX: u8 = 0x03;
 const RAFT_LOG_SUFFIX: u8 = 0x01;
 const RAFT_STATE_SUFFIX: u8 = 0x02;
 const APPLY_STATE_SUFFIX: u8 = 0x03;
+const SESSION_SUFFIX: u8 = 0x04;
 const REGION_STATE_SUFFIX: u8 = 0x01;
 
 /// Length of `0x01 0x0? ‖ region_id`. A region's log, raft state and apply state keys share
@@ -91,6 +95,76 @@ pub fn apply_state_key(region: RegionId) -> [u8; 11] {
 
 pub fn region_state_key(region: RegionId) -> [u8; 11] {
     region_key(REGION_META_PREFIX, region, REGION_STATE_SUFFIX)
+}
+
+/// The key of `region`'s write-record sweep state.
+pub fn session_sweep_key(region: RegionId) -> [u8; 11] {
+    region_key(REGION_RAFT_PREFIX, region, SESSION_SUFFIX)
+}
+
+/// The key of client `client`'s write record `seq` in `region` (seq 0: the client's own
+/// record).
+pub fn session_key(region: RegionId, client: u64, seq: u64) -> [u8; 27] {
+    let mut k = [0u8; 27];
+    k[..11].copy_from_slice(&region_key(REGION_RAFT_PREFIX, region, SESSION_SUFFIX));
+    k[11..19].copy_from_slice(&client.to_be_bytes());
+    k[19..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The bounds `[start, end)` of every write-record key of `region` (sweep state included).
+pub fn session_range(region: RegionId) -> ([u8; 11], [u8; 11]) {
+    (
+        region_key(REGION_RAFT_PREFIX, region, SESSION_SUFFIX),
+        region_key(REGION_RAFT_PREFIX, region, SESSION_SUFFIX + 1),
+    )
+}
+
+/// The bounds of one client's write records in `region`.
+pub fn session_client_range(region: RegionId, client: u64) -> ([u8; 27], [u8; 27]) {
+    let start = session_key(region, client, 0);
+    let end = match client.checked_add(1) {
+        Some(next) => session_key(region, next, 0),
+        None => {
+            let mut e = [0u8; 27];
+            e[..11].copy_from_slice(&region_key(REGION_RAFT_PREFIX, region, SESSION_SUFFIX + 1));
+            e
+        }
+    };
+    (start, end)
+}
+
+/// A write-record key's part after the region prefix (what a snapshot carries, so it can
+/// be stored under another region id); `None` if `key` is not a write-record key.
+pub fn session_suffix(key: &[u8]) -> Option<&[u8]> {
+    let suffix = key.get(REGION_PREFIX_LEN..)?;
+    (key[..2] == [LOCAL_PREFIX, REGION_RAFT_PREFIX]
+        && suffix.first() == Some(&SESSION_SUFFIX)
+        && (suffix.len() == 1 || suffix.len() == 17))
+        .then_some(suffix)
+}
+
+/// The write-record key of `region` with `suffix` (from [`session_suffix`]).
+pub fn session_key_from_suffix(region: RegionId, suffix: &[u8]) -> Vec<u8> {
+    let mut k =
+        region_key(REGION_RAFT_PREFIX, region, SESSION_SUFFIX)[..REGION_PREFIX_LEN].to_vec();
+    k.extend_from_slice(suffix);
+    k
+}
+
+/// Whether a write-record suffix is the sweep state's.
+pub fn is_session_sweep_suffix(suffix: &[u8]) -> bool {
+    suffix == [SESSION_SUFFIX]
+}
+
+/// `(client, seq)` of a write-record suffix; `None` for the sweep state.
+pub fn parse_session_suffix(suffix: &[u8]) -> Option<(u64, u64)> {
+    if suffix.len() != 17 || suffix[0] != SESSION_SUFFIX {
+        return None;
+    }
+    let client = u64::from_be_bytes(suffix[1..9].try_into().ok()?);
+    let seq = u64::from_be_bytes(suffix[9..17].try_into().ok()?);
+    Some((client, seq))
 }
 
 /// The bounds of all region state keys, for finding every region at start-up.

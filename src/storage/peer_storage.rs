@@ -35,7 +35,7 @@ use super::{Cf, Engine, Error, WriteBatch};
 use crate::ids::RegionId;
 use crate::proto::{
     ConfStateRecord, PeerRole, PeerState, RaftApplyState, RaftLocalState, Region, RegionLocalState,
-    RegionSnapshotData,
+    RegionSnapshotData, SnapshotKv,
 };
 
 /// A freshly bootstrapped region's log starts here rather than at 0, so that a peer created
@@ -462,13 +462,14 @@ impl PeerStorage {
         Ok(())
     }
 
-    /// Replaces the region's data range, log and states with a received snapshot, atomically
-    /// within `batch`.
+    /// Replaces the region's data range, log, states and write records with a received
+    /// snapshot, atomically within `batch`. Returns the snapshot's write records (key
+    /// suffixes and values, see `keys::session_suffix`) for the peer to load.
     pub fn apply_snapshot(
         &mut self,
         snap: &Snapshot,
         batch: &mut WriteBatch<'_>,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<SnapshotKv>, Error> {
         let meta = snap.get_metadata();
         if meta.index <= self.apply_state.applied_index {
             return Err(self.invalid(format!(
@@ -492,6 +493,11 @@ impl PeerStorage {
         {
             return Err(self.invalid("snapshot holds a key outside its region".into()));
         }
+        if data.sessions.iter().any(|r| {
+            keys::session_suffix(&keys::session_key_from_suffix(self.region_id, &r.key)).is_none()
+        }) {
+            return Err(self.invalid("snapshot holds a malformed write record key".into()));
+        }
         let start = keys::data_key(&region.start_key);
         let end = keys::data_end_key(&region.end_key);
         batch.delete_range(Cf::Data, &start, &end);
@@ -503,6 +509,15 @@ impl PeerStorage {
         let (log_start, log_end) = keys::raft_log_range(self.region_id);
         batch.delete_range(Cf::Raft, &log_start, &log_end);
         self.cache.clear();
+        let (sess_start, sess_end) = keys::session_range(self.region_id);
+        batch.delete_range(Cf::Raft, &sess_start, &sess_end);
+        for r in &data.sessions {
+            batch.put(
+                Cf::Raft,
+                &keys::session_key_from_suffix(self.region_id, &r.key),
+                &r.value,
+            );
+        }
 
         self.raft_state.last_index = meta.index;
         self.raft_state.commit = self.raft_state.commit.max(meta.index);
@@ -527,7 +542,7 @@ impl PeerStorage {
             &self.apply_state,
         );
         self.put_region_state(batch);
-        Ok(())
+        Ok(data.sessions)
     }
 
     fn put_raft_state(&self, batch: &mut WriteBatch<'_>) {

@@ -1,4 +1,5 @@
-//! Building a region's snapshot: its data range, descriptor, membership and apply state,
+//! Building a region's snapshot: its data range, write records, descriptor, membership and
+//! apply state,
 //! all read from one consistent view of the engine. [`PeerStorage`](super::PeerStorage) runs
 //! this off the raft thread when raft asks for a snapshot.
 
@@ -50,9 +51,21 @@ fn generate_snapshot_from(
             Ok(true)
         },
     )?;
+    let mut sessions = Vec::new();
+    let (start, end) = keys::session_range(region_id);
+    view.scan(Cf::Raft, &start, &end, |k, v| {
+        let suffix =
+            keys::session_suffix(k).ok_or_else(|| Error::corrupt(k, "not a write-record key"))?;
+        sessions.push(SnapshotKv {
+            key: suffix.to_vec(),
+            value: v.to_vec(),
+        });
+        Ok(true)
+    })?;
     let data = RegionSnapshotData {
         region: Some(region),
         kvs,
+        sessions,
     };
     let mut snap = Snapshot::default();
     snap.set_data(prost::Message::encode_to_vec(&data).into());

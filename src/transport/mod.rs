@@ -157,6 +157,7 @@ impl Transport {
                 Vec::new()
             },
             tombstone: false,
+            wake_up: false,
         };
         if is_snapshot {
             self.send_snapshot(rm);
@@ -177,14 +178,30 @@ impl Transport {
     /// Tells `to` (no longer in `region`, whose epoch records its removal) that it was
     /// removed, so its node destroys it.
     pub fn send_tombstone(&self, region: &proto::Region, from: PeerId, to: proto::Peer) {
-        let rm = RaftMessage {
+        self.send_control(region, from, to, |m| m.tombstone = true);
+    }
+
+    /// Asks `to`'s node to wake its peer of `region` (see `RaftMessage.wake_up`).
+    pub fn send_wake_up(&self, region: &proto::Region, from: PeerId, to: proto::Peer) {
+        self.send_control(region, from, to, |m| m.wake_up = true);
+    }
+
+    /// Sends a message of tessera's own (no raft message inside), marked by `mark`.
+    fn send_control(
+        &self,
+        region: &proto::Region,
+        from: PeerId,
+        to: proto::Peer,
+        mark: impl FnOnce(&mut RaftMessage),
+    ) {
+        let mut rm = RaftMessage {
             region_id: region.id,
             from_peer: region.peers.iter().find(|p| p.id == from.0).cloned(),
             to_peer: Some(to),
             region_epoch: region.epoch,
-            tombstone: true,
             ..Default::default()
         };
+        mark(&mut rm);
         if self.queue(NodeId(to.node_id)).try_send(rm).is_err() {
             dropped("queue_full");
         }

@@ -150,6 +150,17 @@ impl RaftService {
                 self.tombstone(m);
                 continue;
             }
+            if m.wake_up {
+                // Best effort: a region this node does not host has nobody to wake.
+                if self
+                    .router
+                    .send(RegionId(m.region_id), PeerMsg::Wake)
+                    .is_err()
+                {
+                    dropped("region_not_found", 1);
+                }
+                continue;
+            }
             if let Some(msg) = self.decode(m) {
                 self.route(m, msg);
             }

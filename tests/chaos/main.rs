@@ -12,6 +12,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod moves;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +31,9 @@ use common::{key_in_region, start_process_cluster, Proc};
 const REGIONS: u32 = 8;
 const KEYS: u32 = 16;
 const CLIENTS: u64 = 6;
+/// The many-writers scenario: 32 clients with default options on 8 keys.
+const MANY_CLIENTS: u64 = 32;
+const FEW_KEYS: u32 = 8;
 
 fn seeds() -> Vec<u64> {
     std::env::var("TESSERA_CHAOS_SEEDS")
@@ -82,15 +86,21 @@ struct Env {
     region_of: HashMap<Vec<u8>, Region>,
     rec: Recorder,
     stop: AtomicBool,
+    /// The recording clients' options.
+    opts: ClientOptions,
+    /// A pause before each operation, drawn from this range (ms): with many clients on
+    /// few keys, a closed loop makes histories too long and too concurrent for the
+    /// linearizability search.
+    think_ms: Option<(u64, u64)>,
 }
 
+/// The recording clients' options: the defaults, retries of every write included (they
+/// are exactly-once), with a shorter deadline so that a call cut off by a fault ends within
+/// the run.
 fn harness_client_opts() -> ClientOptions {
     ClientOptions {
         deadline: Duration::from_secs(6),
         rpc_timeout: Duration::from_secs(2),
-        // A write retried after an ambiguous failure could apply twice, which the register
-        // model would rightly call a violation: report it as unknown instead.
-        retry_ambiguous_writes: false,
         ..Default::default()
     }
 }
@@ -111,7 +121,7 @@ async fn local_get(env: &Env, addr: &str, key: &[u8]) -> Option<Option<Observed>
 /// One recording client: random gets, puts of unique values and CASes on the version it
 /// last saw, until told to stop (or 20,000 operations).
 async fn client_loop(env: Arc<Env>, id: u64, seed: u64, reads: Reads) {
-    let client = match Client::connect(&env.addrs, harness_client_opts()).await {
+    let client = match Client::connect(&env.addrs, env.opts.clone()).await {
         Ok(c) => c,
         Err(e) => panic!("client {id} cannot connect: {e}"),
     };
@@ -120,6 +130,9 @@ async fn client_loop(env: Arc<Env>, id: u64, seed: u64, reads: Reads) {
     for seq in 0..20_000u64 {
         if env.stop.load(Ordering::Relaxed) {
             return;
+        }
+        if let Some((lo, hi)) = env.think_ms {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(lo..=hi))).await;
         }
         let key = env.keys[rng.random_range(0..env.keys.len())].clone();
         let roll: f64 = rng.random();
@@ -228,6 +241,10 @@ enum Fault {
     /// joint promote + remove) one after another while random nodes are killed and
     /// restarted; the scheduler may move replicas too.
     MovesUnderKills,
+    /// 32 clients with the client's default options (exactly-once retries on) on 4 keys
+    /// while leadership moves: the keys' leader is cut off (it takes writes that never
+    /// commit), healed and handed leadership back, in a loop; one kill -9 midway.
+    ManyWritersLeadersMove,
 }
 
 /// Sets the fault on the link from node `from` to node `to` (0-based), or clears it with
@@ -373,6 +390,8 @@ struct Outcome {
     lease_reads: u64,
     read_index_reads: u64,
     verdict: Verdict,
+    /// Writes that applied twice, or applied though answered "failed" (check::misreported_writes).
+    misreported: usize,
     ok: usize,
     failed_reads: usize,
     unknown: usize,
@@ -488,7 +507,13 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
     for a in &addrs {
         regions.extend(regions_of(a).await.expect("regions"));
     }
-    let keys: Vec<Vec<u8>> = (0..KEYS)
+    let many = matches!(fault, Fault::ManyWritersLeadersMove);
+    let (n_clients, n_keys) = if many {
+        (MANY_CLIENTS, FEW_KEYS)
+    } else {
+        (CLIENTS, KEYS)
+    };
+    let keys: Vec<Vec<u8>> = (0..n_keys)
         .map(|i| key_in_region(i % REGIONS, REGIONS, &format!("chaos{i}")))
         .collect();
     for k in &keys {
@@ -508,10 +533,17 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
             ops: Mutex::default(),
         },
         stop: AtomicBool::new(false),
+        // What users get: the defaults, deadline and all, for the many-writers scenario.
+        opts: if many {
+            ClientOptions::default()
+        } else {
+            harness_client_opts()
+        },
+        think_ms: many.then_some((10, 40)),
     });
     let watch_stop = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(watch_leaders(addrs.clone(), watch_stop.clone()));
-    let clients: Vec<_> = (0..CLIENTS)
+    let clients: Vec<_> = (0..n_clients)
         .map(|id| tokio::spawn(client_loop(env.clone(), id, seed, reads)))
         .collect();
 
@@ -743,6 +775,21 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
             stop.store(true, Ordering::Relaxed);
             moves = mover.await.unwrap();
         }
+        Fault::ManyWritersLeadersMove => {
+            let region_of = env.region_of.clone();
+            let cycles = moves::leaders_move(
+                &mut procs,
+                &addrs,
+                &region_of,
+                &mut rng,
+                secs.max(16),
+                dir.path(),
+                &mut recoveries,
+            )
+            .await;
+            eprintln!("{name}: leadership-move cycles: {cycles}");
+            assert!(cycles >= 3, "{name}: too few leadership moves ({cycles})");
+        }
         Fault::PauseLeaderHeavy => {
             let victim = leader_heavy(&regions_of(&addrs[0]).await);
             procs[victim].signal("STOP");
@@ -843,6 +890,10 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
         .filter(|o| o.ret.is_none() && o.input == Input::Get)
         .count();
     let (lost, stale) = lost_and_stale(&history, final_from);
+    let misreported = check::misreported_writes(&history);
+    for m in misreported.iter().take(10) {
+        eprintln!("{name}: write misreported: {m}");
+    }
     let verdict = check::check(&history);
     // Scraped until it shows a snapshot (or 10 s pass): the endpoint of a node that was
     // just resumed may answer slowly.
@@ -896,6 +947,7 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
         splits,
         moves,
         verdict,
+        misreported: misreported.len(),
         ok,
         failed_reads,
         unknown: unknown_writes,
@@ -934,6 +986,7 @@ async fn local_scan_all(addr: &str, env: &Env) -> Option<LocalView> {
                     region_epoch: r.epoch,
                     consistency: ReadConsistency::Serializable as i32,
                     system: false,
+                    write_id: None,
                 }),
                 start_key: r.start_key.clone(),
                 end_key: r.end_key.clone(),
@@ -1009,7 +1062,11 @@ async fn run_scenario(name: &str, fault: Fault) {
         }
         if matches!(
             fault,
-            Fault::IsolateNode | Fault::MajorityRing | Fault::OneWay | Fault::SlowLossyLinks
+            Fault::IsolateNode
+                | Fault::MajorityRing
+                | Fault::OneWay
+                | Fault::SlowLossyLinks
+                | Fault::ManyWritersLeadersMove
         ) {
             eprintln!(
                 "chaos {name} seed {seed}: raft messages lost to the injected faults: {}",
@@ -1078,9 +1135,36 @@ async fn run_scenario(name: &str, fault: Fault) {
         );
         assert!(o.ok > 100, "{name}: too little work done ({})", o.ok);
         assert_eq!(o.lost, 0, "{name}: acknowledged writes lost");
+        assert_eq!(
+            o.misreported, 0,
+            "{name}: writes applied other than answered"
+        );
         assert_eq!(o.stale, 0, "{name}: stale reads");
+        if let Verdict::Violation { key, ops } = &o.verdict {
+            // The key's whole history, in invoke order, for a post-mortem.
+            let mut ops = ops.clone();
+            ops.sort_by_key(|op| op.invoke);
+            let path = std::env::temp_dir().join(format!("chaos-{name}-{seed}-violation.txt"));
+            let text: String = ops.iter().map(|op| format!("{op:?}\n")).collect();
+            let _ = std::fs::write(&path, text);
+            panic!(
+                "{name} seed {seed}: not linearizable on key {key:02x?} ({} ops in {})",
+                ops.len(),
+                path.display()
+            );
+        }
         assert!(lin, "{name} seed {seed}: not linearizable: {:?}", o.verdict);
     }
+}
+
+/// Many writers with the client's default options (retries of every write on, made safe by
+/// write ids) while the keys' leader is cut off, healed and handed leadership back, and a
+/// node is killed: stale proposal tails build up on the returning leader and connections
+/// break with writes in flight.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_writers_while_leaders_move() {
+    run_scenario("many-writers-leaders-move", Fault::ManyWritersLeadersMove).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,7 @@ fn header(r: &proto::Region) -> Option<RequestHeader> {
         region_epoch: r.epoch,
         consistency: 0,
         system: false,
+        write_id: None,
     })
 }
 

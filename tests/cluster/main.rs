@@ -5,8 +5,10 @@
 mod common;
 
 mod errors;
+mod exactly_once;
 mod kv;
 mod lifecycle;
 mod placement;
 mod routing;
 mod snapshot;
+mod wake;

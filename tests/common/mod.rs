@@ -275,6 +275,7 @@ pub async fn get_at(
                     region_epoch: region.epoch,
                     consistency: consistency as i32,
                     system: false,
+                    write_id: None,
                 }),
                 key: key.to_vec(),
             })

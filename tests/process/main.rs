@@ -3,6 +3,10 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+// Every test there needs fail points (link faults, a slow log write).
+#[cfg(feature = "failpoints")]
+mod answers;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
@@ -162,7 +166,6 @@ async fn kill9_of_every_node_mid_load_loses_no_acknowledged_write() {
     wait_serving(&addrs).await;
     wait_for_leaders(&addrs, REGIONS as usize, Duration::from_secs(90)).await;
     let opts = ClientOptions {
-        retry_ambiguous_writes: false,
         deadline: Duration::from_secs(5),
         ..Default::default()
     };

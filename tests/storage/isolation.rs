@@ -216,6 +216,7 @@ fn garbage_snapshots_are_refused_and_change_nothing() {
         (0u64..3, proptest::collection::vec(kv, 1..4)).prop_map(|(id, kvs)| {
             let data = RegionSnapshotData {
                 region: (id > 0).then(|| region(id, b"m", b"t")),
+                sessions: vec![],
                 kvs: kvs
                     .into_iter()
                     .map(|(k, v)| SnapshotKv {

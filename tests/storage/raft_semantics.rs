@@ -288,6 +288,7 @@ fn apply_snapshot_replaces_range_log_and_state() {
     other.set_data(
         prost::Message::encode_to_vec(&RegionSnapshotData {
             region: Some(region(2, b"", b"")),
+            sessions: vec![],
             kvs: vec![],
         })
         .into(),
@@ -302,6 +303,7 @@ fn apply_snapshot_replaces_range_log_and_state() {
     outside.set_data(
         prost::Message::encode_to_vec(&RegionSnapshotData {
             region: Some(reg.clone()),
+            sessions: vec![],
             kvs: vec![SnapshotKv {
                 key: b"zzz".to_vec(),
                 value: vec![],

@@ -103,10 +103,10 @@ impl Peer {
                 .overlapping(self.region_id, &region.start_key, &region.end_key)
                 .is_some();
         self.raw.mut_store().destroy(wb, !keep_data);
-        let err = RegionError::RegionNotFound(self.region_id);
-        for p in self.proposals.drain(..) {
-            let _ = p.reply.send(Err(err.clone()));
-        }
+        // Entries this peer proposed may still commit under the next leader (an outgoing
+        // voter that led during a joint change, a lagging ex-leader removed by tombstone):
+        // their outcome is unknown, never "not applied". Dropping the senders says so.
+        self.proposals.clear();
         self.on_role_change();
         metrics::counter!("tessera_peers_destroyed_total").increment(1);
         tracing::info!(region = %self.region_id, peer = %self.peer_id, "peer destroyed");
@@ -186,12 +186,19 @@ impl Peer {
         store.set_data_stats(tk.saturating_sub(rk), tb.saturating_sub(rb));
         store.set_region(left.clone(), wb);
         let storage = PeerStorage::create_split(engine, &right, e.index, e.term, (rk, rb), wb);
-        self.ctx
-            .set_range(self.region_id, &left.start_key, &left.end_key);
-        self.ctx
-            .set_range(RegionId(right.id), &right.start_key, &right.end_key);
+        self.ctx.split_range(
+            self.region_id,
+            (&left.start_key, &left.end_key),
+            RegionId(right.id),
+            (&right.start_key, &right.end_key),
+        );
+        // A retry of a write this region applied may now be routed to either half.
+        self.sessions.write_all(RegionId(right.id), wb);
         match Peer::new(storage, &self.ctx) {
-            Ok(p) => actx.new_peers.push((p, self.is_leader())),
+            Ok(mut p) => {
+                p.sessions = self.sessions.clone();
+                actx.new_peers.push((p, self.is_leader()))
+            }
             Err(err) => crate::fatal(&format!(
                 "cannot create split region {new_region_id}: {err}"
             )),

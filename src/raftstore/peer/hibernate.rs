@@ -111,7 +111,37 @@ impl Peer {
                 // while asleep because it sent nothing.
                 _ => 0,
             };
+            // A request its leader does not see (a serializable read served here, an admin
+            // call) wakes only this follower: its timer would run out on the sleeping leader
+            // and start an election that the other follower, woken by the pre-vote, grants.
+            // Waking the leader instead keeps the leadership where it is.
+            if raft.state == StateRole::Follower && matches!(why, Wake::Request | Wake::Admin) {
+                self.wake_others = true;
+            }
         }
+    }
+
+    /// Sends the wake-up asked for by [`Self::wake`] (or by a restart): to the leader, or to
+    /// every other peer when the leader is unknown.
+    pub(super) fn send_wake_up(&mut self, transport: &crate::transport::Transport) {
+        if !std::mem::take(&mut self.wake_others) || self.is_leader() {
+            return;
+        }
+        let targets: Vec<crate::proto::Peer> = match self.leader() {
+            Some(l) => vec![l],
+            None => self
+                .region()
+                .peers
+                .iter()
+                .filter(|p| p.id != self.peer_id.0)
+                .copied()
+                .collect(),
+        };
+        let region = self.region().clone();
+        for p in targets {
+            transport.send_wake_up(&region, self.peer_id, p);
+        }
+        metrics::counter!("tessera_wake_ups_sent_total").increment(1);
     }
 
     /// The node hosting this region's leader looks down (`why` says who noticed): wake so

@@ -10,12 +10,20 @@
 //! on by no more than the whole intervals that passed since the leader's last message
 //! arrived: see `hibernate`). A quorum that acknowledged the leader at `t` therefore elects
 //! nobody else before `t + (election_ticks - 1) * tick`; the lease ends one tick before that.
-//! Times are the monotonic clock, which keeps running while a process is stopped, so a
-//! leader paused past its lease (SIGSTOP) finds the lease over when it resumes.
+//! Times are CLOCK_BOOTTIME (`clock`), which keeps running while a process is stopped and
+//! while the system is suspended, so a leader paused past its lease (SIGSTOP, a suspended
+//! host) finds the lease over when it resumes.
 //!
 //! What the argument needs, and where it is kept:
 //! - a *forced* election (leader transfer: raft-rs's `MsgTimeoutNow`) skips the followers'
-//!   timer: no lease while a transfer is pending and for one election timeout after it;
+//!   timer: no lease while a transfer is pending and for one election timeout after it. A
+//!   transfer that was abandoned can still be carried out late — the target gets the
+//!   `MsgTimeoutNow` after a delay, or was paused before it stepped it — and its forced
+//!   campaign is granted by any voter whose log is not longer than its own. So after an
+//!   abandoned transfer the leader proposes an empty entry and counts no acknowledgement
+//!   until that entry commits: a majority then holds an entry the target lacks (messages to
+//!   the target are ordered, so it would have stepped the `MsgTimeoutNow` before receiving
+//!   the entry), and the target can no longer win;
 //! - a follower that restarts forgets its timer: peers loaded at start refuse (pre-)votes
 //!   for one election timeout ([`Peer::refuse_votes_for`](super::Peer::refuse_votes_for));
 //! - a new leader may not have applied entries that its predecessors acknowledged: lease
@@ -23,6 +31,8 @@
 //! - in a joint configuration the quorum is two quorums: no lease reads until it is left.
 
 use std::time::{Duration, Instant};
+
+use crate::raftstore::clock::BootInstant;
 
 use raft::eraftpb::{self, MessageType};
 
@@ -34,12 +44,17 @@ pub(super) struct Lease {
     /// lease reads off.
     max: Duration,
     /// End of the current lease.
-    until: Option<Instant>,
+    until: Option<BootInstant>,
     /// Acknowledgements of messages sent before this do not count (a leader transfer was
     /// pending then, or leadership changed).
-    not_before: Option<Instant>,
+    not_before: Option<BootInstant>,
     /// How long lease reads stay off after a leader transfer was last seen pending.
     after_transfer: Duration,
+    /// A transfer was seen pending and has not been followed by a barrier yet.
+    transfer_seen: bool,
+    /// No acknowledgement renews the lease until the log has committed this index (the
+    /// barrier entry proposed after an abandoned transfer).
+    barrier: Option<u64>,
 }
 
 impl Lease {
@@ -54,6 +69,8 @@ impl Lease {
             until: None,
             not_before: None,
             after_transfer: tick * (2 * election_ticks as u32),
+            transfer_seen: false,
+            barrier: None,
         }
     }
 
@@ -62,7 +79,7 @@ impl Lease {
     }
 
     /// A quorum acknowledged a message this leader sent at `sent`.
-    pub(super) fn renew(&mut self, sent: Instant) {
+    pub(super) fn renew(&mut self, sent: BootInstant) {
         if !self.enabled() || self.not_before.is_some_and(|nb| sent < nb) {
             return;
         }
@@ -73,23 +90,23 @@ impl Lease {
     }
 
     /// Ends the lease, and ignores acknowledgements of anything sent before now.
-    pub(super) fn expire(&mut self, now: Instant) {
+    pub(super) fn expire(&mut self, now: BootInstant) {
         self.until = None;
         self.not_before = Some(self.not_before.map_or(now, |nb| nb.max(now)));
     }
 
     /// A leader transfer is pending: no lease now, and none for one election timeout after
     /// the transfer is over (a late `MsgTimeoutNow` could still start a forced election).
-    pub(super) fn transfer_pending(&mut self, now: Instant) {
+    pub(super) fn transfer_pending(&mut self, now: BootInstant) {
         self.expire(now + self.after_transfer);
     }
 
-    pub(super) fn valid_at(&self, now: Instant) -> bool {
+    pub(super) fn valid_at(&self, now: BootInstant) -> bool {
         self.until.is_some_and(|u| now < u)
     }
 
     /// Whether the lease should be renewed now: it is held but has less than half to run.
-    pub(super) fn wants_renewal(&self, now: Instant) -> bool {
+    pub(super) fn wants_renewal(&self, now: BootInstant) -> bool {
         self.until
             .is_some_and(|u| u.saturating_duration_since(now) < self.max / 2)
     }
@@ -123,19 +140,36 @@ impl Peer {
         true
     }
 
-    /// Keeps the lease off while raft has a leader transfer pending.
+    /// Keeps the lease off while raft has a leader transfer pending, and puts a barrier in
+    /// the log once a transfer was abandoned (see the module doc).
     pub(super) fn check_transfer(&mut self) {
         if self.raw.raft.lead_transferee.is_some() {
+            self.lease.transfer_seen = true;
             self.withdraw_lease();
-            self.lease.transfer_pending(Instant::now());
+            self.lease.transfer_pending(BootInstant::now());
+        } else if std::mem::take(&mut self.lease.transfer_seen) && self.is_leader() {
+            match self.raw.propose(vec![], vec![]) {
+                Ok(()) => {
+                    self.lease.barrier = Some(self.raw.raft.raft_log.last_index());
+                    metrics::counter!("tessera_lease_barriers_total").increment(1);
+                }
+                // Not leading after all (raft refused): the role change ends the lease.
+                Err(e) => tracing::debug!(region = %self.region_id, error = %e, "no lease barrier"),
+            }
         }
     }
 
     /// A quorum acknowledged something this leader sent at `sent` (a ReadIndex heartbeat, or
     /// the append of a proposal that committed). Not while a transfer is pending: the
     /// transfer's target may be elected without waiting for the followers' timers.
-    pub(super) fn renew_lease(&mut self, sent: Instant) {
+    pub(super) fn renew_lease(&mut self, sent: BootInstant) {
         self.check_transfer();
+        if let Some(b) = self.lease.barrier {
+            if self.raw.raft.raft_log.committed < b {
+                return;
+            }
+            self.lease.barrier = None;
+        }
         if self.is_leader() {
             self.lease.renew(sent);
         }
@@ -146,7 +180,7 @@ impl Peer {
     /// last one (a view that lags the lease only ends early) or the epoch changed, none when
     /// lease reads are not allowed now.
     pub fn publish_lease(&mut self) {
-        let now = Instant::now();
+        let now = BootInstant::now();
         if !self.lease_read_ok(now) {
             self.withdraw_lease();
             return;
@@ -178,7 +212,7 @@ impl Peer {
     }
 
     /// Whether a linearizable read may be served from the applied state right now.
-    pub(super) fn lease_read_ok(&mut self, now: Instant) -> bool {
+    pub(super) fn lease_read_ok(&mut self, now: BootInstant) -> bool {
         if !self.lease.enabled() || !self.is_leader() {
             return false;
         }
@@ -207,7 +241,7 @@ mod tests {
     #[test]
     fn lease_runs_from_the_send_time_and_ends_before_a_follower_may_vote() {
         let mut l = Lease::new(true, TICK, 10);
-        let t = Instant::now();
+        let t = BootInstant::now();
         assert!(!l.valid_at(t));
         l.renew(t);
         assert!(l.valid_at(t + Duration::from_millis(799)));
@@ -224,7 +258,7 @@ mod tests {
     #[test]
     fn acknowledgements_of_messages_sent_before_expiry_do_not_count() {
         let mut l = Lease::new(true, TICK, 10);
-        let t = Instant::now();
+        let t = BootInstant::now();
         l.renew(t);
         l.expire(t + Duration::from_millis(10));
         assert!(!l.valid_at(t + Duration::from_millis(20)));
@@ -237,7 +271,7 @@ mod tests {
     #[test]
     fn a_transfer_keeps_the_lease_off_for_an_election_timeout() {
         let mut l = Lease::new(true, TICK, 10);
-        let t = Instant::now();
+        let t = BootInstant::now();
         l.transfer_pending(t);
         l.renew(t + Duration::from_millis(1999));
         assert!(!l.valid_at(t + Duration::from_millis(2000)));
@@ -248,7 +282,7 @@ mod tests {
     #[test]
     fn disabled_lease_is_never_valid() {
         let mut l = Lease::new(false, TICK, 10);
-        let t = Instant::now();
+        let t = BootInstant::now();
         l.renew(t);
         assert!(!l.enabled());
         assert!(!l.valid_at(t));
