@@ -6,6 +6,8 @@ mod common;
 // Every test there needs fail points (link faults, a slow log write).
 #[cfg(feature = "failpoints")]
 mod answers;
+#[cfg(feature = "failpoints")]
+mod late_transfer;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
