@@ -29,7 +29,7 @@ fn header(region: &Region) -> Option<RequestHeader> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_transfer_does_not_elect_beside_a_lease() {
     let dir = common::test_dir("a_late_transfer_does_not_elect_beside_a_lease");
-    let mut procs = start_process_cluster(dir.path(), 3, 1, |c| {
+    let procs = start_process_cluster(dir.path(), 3, 1, |c| {
         c.raft.hibernate_regions = false;
         // Only this test moves leaders.
         c.placement.schedule = false;
