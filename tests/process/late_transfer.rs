@@ -11,6 +11,9 @@ use tessera::proto::{GetRequest, PutRequest, Region, RequestHeader};
 use super::common::{self, node_regions, start_process_cluster, wait_for_leaders};
 use super::{endpoints, wait_serving};
 
+/// A read at the old leader: when it was sent, when answered, the value.
+type Read = (Instant, Instant, Vec<u8>);
+
 fn header(region: &Region) -> Option<RequestHeader> {
     Some(RequestHeader {
         region_id: region.id,
@@ -57,7 +60,7 @@ async fn a_late_transfer_does_not_elect_beside_a_lease() {
     let t = (1..=3).find(|n| *n != l).unwrap();
 
     // Reads at the leader, all the time: (sent, answered, value).
-    let reads: Arc<Mutex<Vec<(Instant, Instant, Vec<u8>)>>> = Arc::default();
+    let reads: Arc<Mutex<Vec<Read>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let (reads, stop, region, key) = (reads.clone(), stop.clone(), region.clone(), key.clone());
