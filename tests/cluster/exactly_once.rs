@@ -44,7 +44,10 @@ async fn raw_put(
             match r.map(|r| r.into_inner()) {
                 Ok(r) => match r.region_error.and_then(|e| e.error) {
                     None => return Ok(r.revision),
-                    Some(region_error::Error::NotLeader(_)) => {}
+                    // Not the leader, or (just after a split) not hosting the new region
+                    // yet: another node, or a later try, will take it.
+                    Some(region_error::Error::NotLeader(_))
+                    | Some(region_error::Error::RegionNotFound(_)) => {}
                     Some(e) => last = Some(e),
                 },
                 Err(s) => panic!("put failed: {s}"),
