@@ -8,6 +8,10 @@
 //! and retrying would get the same answer). Not-sent failures and region errors are always
 //! retried; ambiguous ones are retried by idempotent calls and by writes, whose write id
 //! makes the retry exactly-once; fatal ones end the call.
+//!
+//! Region errors that a fresh route or a short wait can fix (`NotLeader`, `EpochNotMatch`,
+//! `KeyNotInRegion`, `RegionNotFound`, `ServerBusy`) are retried; `Refused` and `Internal`
+//! are answers and end the call.
 
 use std::time::{Duration, Instant};
 
@@ -256,14 +260,24 @@ impl Client {
         match res {
             Ok((None, v)) => Ok(Attempt::Done(v)),
             Ok((Some(e), _)) => {
-                if let Some(region_error::Error::StaleWrite(w)) = &e.error {
-                    // Only a copy of a finished write gets this; this call is not finished,
-                    // so the server and client disagree on the write's number: give up
-                    // rather than guess.
-                    return Err(Error::Unknown(format!(
-                        "the cluster took write {} as a copy of a finished one",
-                        w.seq
-                    )));
+                match &e.error {
+                    Some(region_error::Error::StaleWrite(w)) => {
+                        // Only a copy of a finished write gets this; this call is not
+                        // finished, so the server and client disagree on the write's number:
+                        // give up rather than guess.
+                        return Err(Error::Unknown(format!(
+                            "the cluster took write {} as a copy of a finished one",
+                            w.seq
+                        )));
+                    }
+                    // Definite answers: a retry would get the same one.
+                    Some(region_error::Error::Refused(r)) => {
+                        return Err(Error::Refused(r.reason.clone()))
+                    }
+                    Some(region_error::Error::Internal(r)) => {
+                        return Err(Error::Server(r.reason.clone()))
+                    }
+                    _ => {}
                 }
                 Ok(Attempt::Retry {
                     why: self.on_region_error(region, e).await,

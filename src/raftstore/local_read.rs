@@ -95,7 +95,7 @@ pub fn serve_read(
     region: &proto::Region,
     req: &ReadRequest,
 ) -> Result<ReadResult, RegionError> {
-    let busy = |e: crate::storage::Error| RegionError::ServerBusy {
+    let busy = |e: crate::storage::Error| RegionError::Internal {
         reason: format!("storage read failed: {e}"),
     };
     let get = |key: &[u8]| -> Result<Option<proto::KeyValue>, RegionError> {

@@ -10,8 +10,9 @@ use super::cmd::{ApplyResult, Command};
 use crate::ids::{PeerId, RegionId};
 use crate::proto;
 
-/// A routing problem the client fixes by refreshing its region cache and retrying
-/// (DESIGN.md decision 8). Converted to `proto::RegionError` at the service edge.
+/// Why a region did not serve a request (docs/architecture.md, "Region errors"). Most kinds
+/// are routing problems the client fixes by refreshing its region cache and retrying;
+/// `Refused` and `Internal` are final. Converted to `proto::RegionError` at the service edge.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RegionError {
     /// This peer is not the leader; `leader` is the one it knows of, if any.
@@ -30,7 +31,17 @@ pub enum RegionError {
         end: Vec<u8>,
     },
     RegionNotFound(RegionId),
+    /// The node cannot take the request now (its worker queue is full): retry later.
     ServerBusy {
+        reason: String,
+    },
+    /// The request is refused as it stands and was not applied; a retry gets the same
+    /// answer, so clients return it to the caller.
+    Refused {
+        reason: String,
+    },
+    /// The node failed serving it (a storage read error); nothing was applied.
+    Internal {
         reason: String,
     },
     /// A delayed copy of a write the client has already been answered for: not applied.
@@ -59,6 +70,8 @@ impl std::fmt::Display for RegionError {
             }
             RegionError::RegionNotFound(r) => write!(f, "{r} is not on this node"),
             RegionError::ServerBusy { reason } => write!(f, "server busy: {reason}"),
+            RegionError::Refused { reason } => write!(f, "refused: {reason}"),
+            RegionError::Internal { reason } => write!(f, "internal error: {reason}"),
             RegionError::StaleWrite { client_id, seq } => write!(
                 f,
                 "write {seq} of client {client_id:x} is a copy of one already answered"
@@ -99,6 +112,12 @@ impl RegionError {
             RegionError::ServerBusy { reason } => E::ServerBusy(proto::ServerBusy {
                 reason: reason.clone(),
                 backoff_ms: 50,
+            }),
+            RegionError::Refused { reason } => E::Refused(proto::Refused {
+                reason: reason.clone(),
+            }),
+            RegionError::Internal { reason } => E::Internal(proto::Internal {
+                reason: reason.clone(),
             }),
             RegionError::StaleWrite { client_id, seq } => E::StaleWrite(proto::StaleWrite {
                 client_id: *client_id,

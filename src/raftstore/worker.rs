@@ -1,6 +1,6 @@
 //! A raft worker: one thread owning a set of peers, running rounds with group commit.
 //!
-//! One round (DESIGN.md decision 2):
+//! One round (docs/architecture.md, "Group commit"):
 //! 1. wait for the inbox or the next tick, then drain the inbox (raft messages, proposals,
 //!    reads); tick every peer when the tick is due;
 //! 2. each touched peer sends one batched ReadIndex for the reads it got this round;
@@ -93,7 +93,17 @@ impl Worker {
     pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
             .name(format!("raft-worker-{}", self.index))
-            .spawn(move || self.run())
+            .spawn(move || {
+                let index = self.index;
+                // A worker that panicked (a committed entry it cannot apply, a broken
+                // invariant) leaves its regions undriven while the node still answers for
+                // them: stop the whole node instead. A restart recovers from the log.
+                let run = std::panic::AssertUnwindSafe(move || self.run());
+                if std::panic::catch_unwind(run).is_err() {
+                    tracing::error!(worker = index, "raft worker panicked; stopping the node");
+                    std::process::abort();
+                }
+            })
     }
 
     fn run(mut self) {

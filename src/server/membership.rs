@@ -146,7 +146,7 @@ pub async fn change_peers(
 }
 
 fn bad(reason: String) -> SplitError {
-    SplitError::Region(RegionError::ServerBusy { reason })
+    SplitError::Region(RegionError::Refused { reason })
 }
 
 /// Where a move stands after one step.

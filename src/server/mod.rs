@@ -51,6 +51,8 @@ pub enum StartError {
     Bootstrap(#[from] BootstrapError),
     #[error("region {region}: {reason}")]
     Region { region: RegionId, reason: String },
+    #[error(transparent)]
+    Peer(#[from] crate::raftstore::peer::NewPeerError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
     #[error("cannot start raft worker: {0}")]
@@ -143,10 +145,7 @@ impl Node {
                 let r = storage.region();
                 store.set_range(*id, &r.start_key, &r.end_key);
             }
-            let mut peer = Peer::new(storage, &store).map_err(|reason| StartError::Region {
-                region: *id,
-                reason,
-            })?;
+            let mut peer = Peer::new(storage, &store)?;
             if restarted {
                 peer.refuse_votes_for(election_timeout);
             }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use protobuf::Message as _;
 use tessera::proto::kv_client::KvClient;
+use tessera::proto::node_client::NodeClient;
 use tessera::proto::raft_transport_client::RaftTransportClient;
 use tessera::proto::{
     self, region_error::Error as RE, GetRequest, PutRequest, RaftMessage, RaftMessageBatch,
@@ -152,6 +153,34 @@ async fn region_errors_are_structured() {
         .into_inner();
     assert!(r.region_error.is_none());
     assert!(r.revision > 0);
+
+    // A request refused as it stands is answered `Refused`, not "busy, retry": a transfer
+    // to a node without a replica of the region...
+    let r = NodeClient::connect(format!("http://{leader_addr}"))
+        .await
+        .unwrap()
+        .transfer_leader(proto::TransferLeaderRequest {
+            header: header(&region),
+            to_node: 99,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match r.region_error.and_then(|e| e.error) {
+        Some(RE::Refused(x)) => assert!(x.reason.contains("no peer on node 99"), "{x:?}"),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    // ...and through the client, which returns it rather than retrying to its deadline.
+    let client = cluster.client().await;
+    match client
+        .move_replica(region_id, leader_node, leader_node, Duration::from_secs(30))
+        .await
+    {
+        Err(tessera::client::Error::Refused(reason)) => {
+            assert!(reason.contains("same"), "{reason}")
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
     cluster.shutdown().await;
 }
 

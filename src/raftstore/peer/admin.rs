@@ -26,7 +26,7 @@ impl Peer {
         use eraftpb::{ConfChangeSingle, ConfChangeType};
         use proto::PeerChangeKind as K;
         let refuse = |reply: Reply<ApplyResult>, reason: String| {
-            let _ = reply.send(Err(RegionError::ServerBusy { reason }));
+            let _ = reply.send(Err(RegionError::Refused { reason }));
         };
         if !self.is_leader() {
             let _ = reply.send(Err(self.not_leader()));
@@ -138,7 +138,7 @@ impl Peer {
     ) -> Result<ApplyResult, RegionError> {
         let region = self.region().clone();
         let refuse = |reason: &str| {
-            Err(RegionError::ServerBusy {
+            Err(RegionError::Refused {
                 reason: format!("split of region {} refused: {reason}", region.id),
             })
         };
@@ -229,21 +229,19 @@ impl Peer {
         e: &eraftpb::Entry,
         wb: &mut WriteBatch<'_>,
     ) -> Result<ApplyResult, RegionError> {
-        let busy = |reason: String| RegionError::ServerBusy { reason };
         let cc: ConfChangeV2 = if e.get_entry_type() == EntryType::EntryConfChange {
             ConfChange::parse_from_bytes(&e.data)
                 .map(raft_proto::ConfChangeI::into_v2)
-                .map_err(|err| busy(format!("bad conf change: {err}")))?
+                .unwrap_or_else(|err| self.undecodable(e, &err))
         } else {
-            ConfChangeV2::parse_from_bytes(&e.data)
-                .map_err(|err| busy(format!("bad conf change: {err}")))?
+            ConfChangeV2::parse_from_bytes(&e.data).unwrap_or_else(|err| self.undecodable(e, &err))
         };
         let region = self.region().clone();
         let mut epoch = region.epoch.unwrap_or_default();
         let mut added = Vec::new();
         if !cc.changes.is_empty() {
             let ctx = <proto::ChangePeersContext as prost::Message>::decode(&cc.context[..])
-                .map_err(|err| busy(format!("conf change context: {err}")))?;
+                .unwrap_or_else(|err| self.undecodable(e, &err));
             if ctx.region_epoch.unwrap_or_default().conf_ver != epoch.conf_ver {
                 return Err(RegionError::EpochNotMatch {
                     current: vec![region],
@@ -254,7 +252,9 @@ impl Peer {
         let cs = self
             .raw
             .apply_conf_change(&cc)
-            .map_err(|err| busy(format!("conf change refused: {err}")))?;
+            .map_err(|err| RegionError::Refused {
+                reason: format!("conf change refused: {err}"),
+            })?;
         let node_of = |id: u64| {
             region
                 .peers

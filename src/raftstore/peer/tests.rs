@@ -9,6 +9,8 @@ use super::*;
 use crate::config::RaftConfig;
 use crate::ids::NodeId;
 use crate::proto::{Peer as PeerDesc, RegionSnapshotData};
+use crate::raftstore::apply::ApplyCtx;
+use crate::raftstore::cmd::{ApplyResult, Command};
 use crate::storage::{Engine, PeerStorage};
 
 fn desc(id: u64, node: u64) -> PeerDesc {
@@ -190,4 +192,23 @@ fn a_rejected_snapshot_does_not_claim_its_range() {
         None,
         "the split-off region can still be created here"
     );
+}
+
+/// A committed entry that does not decode cannot be skipped (the other replicas may apply
+/// it) nor retried: applying it stops the peer's worker, before anything is recorded as
+/// applied.
+#[test]
+#[should_panic(expected = "cannot be decoded")]
+fn an_undecodable_committed_entry_stops_the_worker() {
+    let (_dir, mut peer) = peer_on(1, b"", b"", vec![desc(11, 1)]);
+    let engine = peer.raw.store().engine().clone();
+    let mut wb = engine.batch();
+    let mut actx = ApplyCtx::default();
+    let e = eraftpb::Entry {
+        index: 6,
+        term: 1,
+        data: vec![0xff; 16].into(),
+        ..Default::default()
+    };
+    peer.apply_entries(vec![e], &mut wb, &mut actx);
 }

@@ -1,0 +1,109 @@
+//! Reads served by a peer: serializable reads from its state at once, linearizable ones
+//! within the leader's lease or after a ReadIndex round confirmed the leadership and the
+//! region applied that far. A child module of `peer`.
+
+use super::super::clock::BootInstant;
+use super::super::local_read;
+use super::super::msg::{ReadRequest, ReadResult, RegionError, Reply};
+use super::Peer;
+use crate::proto::RegionEpoch;
+
+/// A linearizable read waiting for its read index.
+pub(super) struct PendingRead {
+    pub(super) req: ReadRequest,
+    /// The epoch the client routed with: checked again when the read is served, since the
+    /// region may have split while the read waited for its index.
+    pub(super) epoch: RegionEpoch,
+    pub(super) reply: Reply<ReadResult>,
+}
+
+impl Peer {
+    fn check_read(&self, req: &ReadRequest, epoch: &RegionEpoch) -> Result<(), RegionError> {
+        for key in local_read::read_keys(req) {
+            self.check_route(epoch, key)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn read(
+        &mut self,
+        req: ReadRequest,
+        epoch: RegionEpoch,
+        linearizable: bool,
+        reply: Reply<ReadResult>,
+    ) {
+        if let Err(e) = self.check_read(&req, &epoch) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        if !linearizable {
+            let _ = reply.send(self.serve_read(&req));
+            return;
+        }
+        if !self.is_leader() {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        let now = BootInstant::now();
+        if self.lease_read_ok(now) {
+            metrics::counter!("tessera_reads_total", "path" => "lease").increment(1);
+            let _ = reply.send(self.serve_read(&req));
+            self.renew_lease |= self.lease.wants_renewal(now);
+            return;
+        }
+        metrics::counter!("tessera_reads_total", "path" => "read_index").increment(1);
+        self.reads_unsent.push(PendingRead { req, epoch, reply });
+    }
+
+    /// Sends one ReadIndex request for every read that arrived this round (or, with none,
+    /// to renew a lease that a lease read found past half).
+    pub fn flush_reads(&mut self) {
+        let renew = std::mem::take(&mut self.renew_lease) && self.reads_inflight.is_empty();
+        if self.reads_unsent.is_empty() && !renew {
+            return;
+        }
+        if !self.is_leader() {
+            let err = self.not_leader();
+            for r in self.reads_unsent.drain(..) {
+                let _ = r.reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        // raft-rs silently drops ReadIndex on a leader that has not yet committed an entry of
+        // its own term; hold the reads until it has.
+        let log = &self.raw.raft.raft_log;
+        if log.term(log.committed).unwrap_or(0) != self.raw.raft.term {
+            return;
+        }
+        let ctx = self.next_read_ctx;
+        self.next_read_ctx += 1;
+        let sent = BootInstant::now();
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        let reads = std::mem::take(&mut self.reads_unsent);
+        self.reads_inflight.push_back((ctx, sent, reads));
+    }
+
+    /// Serves reads whose read index has been applied. Call after the round's writes.
+    pub fn serve_ready_reads(&mut self) {
+        let applied = self.raw.store().applied_index();
+        while self.reads_ready.front().is_some_and(|(i, _)| *i <= applied) {
+            let (_, reads) = self.reads_ready.pop_front().expect("checked front");
+            for r in reads {
+                // A split applied while the read waited moves keys to another region, whose
+                // newer writes this replica may not have applied yet: refuse, don't serve.
+                let res = self
+                    .check_read(&r.req, &r.epoch)
+                    .and_then(|()| self.serve_read(&r.req));
+                let _ = r.reply.send(res);
+            }
+        }
+    }
+
+    pub fn has_waiting_reads(&self) -> bool {
+        !self.reads_unsent.is_empty() || !self.reads_ready.is_empty()
+    }
+
+    fn serve_read(&self, req: &ReadRequest) -> Result<ReadResult, RegionError> {
+        local_read::serve_read(self.raw.store().engine(), self.region(), req)
+    }
+}

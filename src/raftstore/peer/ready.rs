@@ -1,0 +1,152 @@
+//! The two halves of a peer's Ready handling that a worker round calls around the shared
+//! synced write, and what a change of role does to waiting reads. A child module of `peer`.
+
+use raft::{eraftpb, Ready};
+
+use super::super::apply::ApplyCtx;
+use super::super::clock::BootInstant;
+use super::super::session::Sessions;
+use super::Peer;
+use crate::storage::WriteBatch;
+use crate::transport::Transport;
+
+impl Peer {
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    /// First half of Ready handling, before the round's write: sends leader messages, and
+    /// puts the snapshot, applied entries, new entries and hard state into `wb`.
+    pub fn collect_ready(
+        &mut self,
+        wb: &mut WriteBatch<'_>,
+        actx: &mut ApplyCtx,
+        transport: &Transport,
+    ) -> Option<Ready> {
+        self.send_wake_up(transport);
+        if !self.raw.has_ready() {
+            return None;
+        }
+        let mut rd = self.raw.ready();
+        if rd.ss().is_some() {
+            self.on_role_change();
+        }
+        if !rd.messages().is_empty() {
+            self.send(rd.take_messages(), transport);
+        }
+        if !rd.snapshot().is_empty() {
+            self.withdraw_lease();
+            let snap = rd.snapshot().clone();
+            match self.raw.mut_store().apply_snapshot(&snap, wb) {
+                Ok(rows) => match Sessions::from_rows(
+                    rows.iter().map(|r| (r.key.as_slice(), r.value.as_slice())),
+                ) {
+                    Ok(s) => self.sessions = s,
+                    Err(e) => crate::fatal(&format!(
+                        "{}: a validated snapshot's write records: {e}",
+                        self.region_id
+                    )),
+                },
+                Err(e) => crate::fatal(&format!(
+                    "{}: applying a validated snapshot: {e}",
+                    self.region_id
+                )),
+            }
+            // Proposals at or below the snapshot can no longer be matched: their outcome is
+            // unknown, so their senders are dropped (the client sees "result unknown").
+            let r = self.region();
+            actx.forget_range(&r.start_key, &r.end_key);
+            self.ctx.set_range(self.region_id, &r.start_key, &r.end_key);
+            // The queue is in (term, index) order, not index order: look at every entry.
+            let idx = snap.get_metadata().index;
+            self.proposals.retain(|p| p.index > idx);
+        }
+        let committed = rd.take_committed_entries();
+        self.apply_entries(committed, wb, actx);
+        self.send_tombstones(transport);
+        let hs = rd.hs().cloned();
+        if let Err(e) = self.raw.mut_store().persist(rd.entries(), hs.as_ref(), wb) {
+            crate::fatal(&format!("{}: append: {e}", self.region_id));
+        }
+        for rs in rd.take_read_states() {
+            let ctx = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
+            while let Some((c, _, _)) = self.reads_inflight.front() {
+                if *c > ctx {
+                    break;
+                }
+                let (c, sent, reads) = self.reads_inflight.pop_front().expect("checked front");
+                if c == ctx {
+                    // A quorum answered the heartbeat this leader sent at `sent`.
+                    self.renew_lease(sent);
+                    self.reads_ready.push_back((rs.index, reads));
+                } else {
+                    // An older request raft never answered (it was dropped): retry the reads.
+                    self.reads_unsent.extend(reads);
+                }
+            }
+        }
+        Some(rd)
+    }
+
+    /// Second half, after the round's write is durable: messages that had to wait for it,
+    /// `advance`, and the light ready (whose applies go into `wb`, written after this).
+    pub fn after_persist(
+        &mut self,
+        mut rd: Ready,
+        wb: &mut WriteBatch<'_>,
+        actx: &mut ApplyCtx,
+        transport: &Transport,
+    ) {
+        if !rd.persisted_messages().is_empty() {
+            self.send(rd.take_persisted_messages(), transport);
+        }
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit);
+        }
+        if !light.messages().is_empty() {
+            self.send(light.take_messages(), transport);
+        }
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed, wb, actx);
+        self.send_tombstones(transport);
+        self.raw.advance_apply();
+    }
+
+    pub(super) fn on_role_change(&mut self) {
+        self.changed = true;
+        self.lease.expire(BootInstant::now());
+        self.withdraw_lease();
+        if !self.is_leader() {
+            // Reads waiting on a leadership that is gone can never be confirmed.
+            let err = self.not_leader();
+            let waiting = self
+                .reads_inflight
+                .drain(..)
+                .map(|(_, _, r)| r)
+                .chain(self.reads_ready.drain(..).map(|(_, r)| r))
+                .flatten()
+                .chain(self.reads_unsent.drain(..));
+            for r in waiting {
+                let _ = r.reply.send(Err(err.clone()));
+            }
+        }
+    }
+
+    fn send(&self, msgs: Vec<eraftpb::Message>, transport: &Transport) {
+        let region = self.region();
+        for m in msgs {
+            if region.peers.iter().any(|p| p.id == m.to) {
+                transport.send(region, self.peer_id, m);
+            } else if let Some(p) = self.ctx.known_peer(m.to) {
+                // A peer not yet filled by a snapshot knows its leader only from its messages.
+                let mut r = region.clone();
+                r.peers.push(p);
+                transport.send(&r, self.peer_id, m);
+            } else {
+                metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "unknown_peer")
+                    .increment(1);
+            }
+        }
+    }
+}
