@@ -1,0 +1,124 @@
+//! The command-line client's commands, one file per command group. Every command prints
+//! text for people or, with `--json`, one JSON document per result (serialised by serde, so
+//! any byte a key holds is escaped correctly). Failures are [`Error`]s: `main` prints one
+//! line on stderr and exits with status 2.
+
+pub mod bench;
+pub mod kv;
+pub mod nodes;
+pub mod regions;
+pub mod server;
+pub mod status;
+
+use tessera::client::{Client, ClientOptions};
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The cluster answered with an error (or could not be reached).
+    #[error(transparent)]
+    Client(#[from] tessera::client::Error),
+    /// The configuration could not be read or is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// The arguments do not make a valid request.
+    #[error("{0}")]
+    Usage(String),
+    /// The key asked for does not exist.
+    #[error("key {0:?} not found")]
+    KeyNotFound(String),
+    /// A compare-and-swap's comparison did not hold: nothing was written.
+    #[error("compare failed: key not changed")]
+    CompareFailed,
+    /// Reading standard input or writing a file failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    /// The server could not start or stopped with an error.
+    #[error("{0}")]
+    Server(String),
+    /// The load test could not run.
+    #[error("{0}")]
+    Bench(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(clap::Args)]
+pub struct ConnArgs {
+    /// Comma-separated node addresses (host:port).
+    #[arg(long, short, default_value = "127.0.0.1:20160", global = true)]
+    pub endpoints: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl ConnArgs {
+    /// A client for these endpoints: the library's defaults, with a deadline a person at a
+    /// terminal waits for.
+    pub async fn connect(&self, serializable: bool) -> Result<Client> {
+        let endpoints: Vec<String> = self
+            .endpoints
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let mut opts = ClientOptions {
+            deadline: std::time::Duration::from_secs(15),
+            ..Default::default()
+        };
+        if serializable {
+            opts.consistency = tessera::proto::ReadConsistency::Serializable;
+        }
+        Ok(Client::connect(&endpoints, opts).await?)
+    }
+}
+
+/// Prints `v` as one line of JSON.
+pub fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string(v) {
+        Ok(s) => println!("{s}"),
+        // Only a map with non-string keys or a failing Serialize impl can fail; ours have
+        // neither.
+        Err(e) => eprintln!("tessera: cannot format JSON: {e}"),
+    }
+}
+
+/// Bytes as text, invalid UTF-8 replaced.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A region boundary in hex, `-` for the keyspace's edge.
+pub fn hex(k: &[u8]) -> String {
+    if k.is_empty() {
+        "-".to_string()
+    } else {
+        k.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+pub fn decode_hex(s: &str) -> Result<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::Usage(format!(
+            "{s:?} is not an even number of hex digits"
+        )));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| Error::Usage(e.to_string())))
+        .collect()
+}
+
+pub fn state_name(s: i32) -> &'static str {
+    use tessera::proto::NodeState;
+    match NodeState::try_from(s) {
+        Ok(NodeState::Up) => "up",
+        Ok(NodeState::Down) => "down",
+        Ok(NodeState::Removed) => "removed",
+        Err(_) => "unknown",
+    }
+}

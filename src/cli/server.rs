@@ -1,0 +1,132 @@
+//! `tessera server`: run a node until SIGINT/SIGTERM, or until the cluster removes it.
+
+use std::path::PathBuf;
+
+use tessera::config::Config;
+
+use super::{Error, Result};
+
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    /// Config file (TOML). Without it the embedded default config is used.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Overrides node.data_dir.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Overrides node.listen_addr (and advertise_addr).
+    #[arg(long)]
+    pub listen_addr: Option<String>,
+    /// Join the running cluster that ADDRESS (host:port, comma-separated for several)
+    /// belongs to instead of founding one; the cluster assigns the node id.
+    #[arg(long, value_name = "ADDRESS")]
+    pub join: Option<String>,
+    /// Validate the config and open the store, then exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+pub fn load_config(args: &ServerArgs) -> Result<Config> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::from_file(path).map_err(|e| Error::Config(e.to_string()))?,
+        None => Config::embedded_default(),
+    };
+    if let Some(dir) = &args.data_dir {
+        cfg.node.data_dir = dir.clone();
+    }
+    if let Some(addr) = &args.listen_addr {
+        cfg.node.listen_addr = addr.clone();
+        cfg.node.advertise_addr = String::new();
+    }
+    if let Some(join) = &args.join {
+        cfg.cluster.join = join
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        cfg.node.id = 0;
+    }
+    cfg.validate().map_err(|e| Error::Config(e.to_string()))?;
+    Ok(cfg)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `cfg`: loaded by `main` from `args`, which sized the runtime by it.
+pub async fn run(args: ServerArgs, cfg: Config) -> Result<()> {
+    // Test builds only: fail points from the FAILPOINTS environment variable.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
+    if args.check {
+        let engine =
+            tessera::storage::Engine::open(&cfg.node.data_dir.join("db"), &Default::default())
+                .map_err(|e| {
+                    Error::Server(format!(
+                        "cannot open store in {}: {e}",
+                        cfg.node.data_dir.display()
+                    ))
+                })?;
+        println!(
+            "config valid; node {} of cluster {}; store opens at {}",
+            cfg.node.id,
+            cfg.cluster.cluster_id,
+            engine.path().display()
+        );
+        return Ok(());
+    }
+    tessera::logging::init(&cfg.log.level, &cfg.log.file).map_err(Error::Config)?;
+    if !cfg.node.metrics_addr.is_empty() {
+        let addr: std::net::SocketAddr = cfg
+            .node
+            .metrics_addr
+            .parse()
+            .map_err(|_| Error::Config("node.metrics_addr is not a socket address".into()))?;
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .set_buckets(&[
+                0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 2.0, 4.0,
+                8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0,
+            ])
+            .map_err(|e| Error::Server(format!("metrics: {e}")))?
+            .install()
+            .map_err(|e| Error::Server(format!("cannot serve metrics on {addr}: {e}")))?;
+    }
+    let node = tessera::server::Node::start(cfg, None)
+        .await
+        .map_err(|e| Error::Server(e.to_string()))?;
+    eprintln!("tessera: node serving on {}", node.local_addr());
+    let removed = tokio::select! {
+        _ = wait_for_signal() => false,
+        _ = node.wait_removed() => true,
+    };
+    eprintln!("tessera: shutting down");
+    node.shutdown().await;
+    if removed {
+        return Err(Error::Server(
+            "this node was removed from the cluster; its data directory cannot serve again \
+             (wipe it and join anew)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
