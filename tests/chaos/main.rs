@@ -94,9 +94,8 @@ struct Env {
     think_ms: Option<(u64, u64)>,
 }
 
-/// The recording clients' options: the defaults, retries of every write included (they
-/// are exactly-once), with a shorter deadline so that a call cut off by a fault ends within
-/// the run.
+/// The harness's own clients' options (splits, moves, the final reads), not the recorded
+/// ones: a shorter deadline so that a call cut off by a fault ends within the run.
 fn harness_client_opts() -> ClientOptions {
     ClientOptions {
         deadline: Duration::from_secs(6),
@@ -533,12 +532,8 @@ async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome 
             ops: Mutex::default(),
         },
         stop: AtomicBool::new(false),
-        // What users get: the defaults, deadline and all, for the many-writers scenario.
-        opts: if many {
-            ClientOptions::default()
-        } else {
-            harness_client_opts()
-        },
+        // What users get: the defaults, deadline and retries of every write included.
+        opts: ClientOptions::default(),
         think_ms: many.then_some((10, 40)),
     });
     let watch_stop = Arc::new(AtomicBool::new(false));
