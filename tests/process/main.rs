@@ -291,6 +291,28 @@ fn cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs the CLI with `input` on its standard input; returns (exit code, stdout, stderr).
+fn cli_stdin(args: &[&str], input: &[u8]) -> (i32, String, String) {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tessera");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(input).expect("write stdin");
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait for tessera");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_end_to_end_including_error_exits() {
     let dir = common::test_dir("cli_end_to_end_including_error_exits");
@@ -328,6 +350,26 @@ async fn cli_end_to_end_including_error_exits() {
     assert_eq!(code, 0);
     let (code, out, _) = cli(&["kv", "-e", ep, "delete", "/topics/a"]);
     assert_eq!((code, out.as_str()), (0, "deleted\n"));
+
+    // A value from standard input when none is given: larger than an argument may be.
+    let big: String = (0..200 * 1024)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let (code, out, err) = cli_stdin(&["kv", "-e", ep, "put", "/configs/big"], big.as_bytes());
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = cli(&["kv", "-e", ep, "get", "/configs/big"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim_end_matches('\n'), big);
+    // Every subcommand explains itself.
+    for sub in ["get", "put", "delete", "scan", "cas"] {
+        let (code, out, _) = cli(&["kv", sub, "--help"]);
+        assert_eq!(code, 0, "{sub}");
+        let about = out.lines().next().unwrap_or_default();
+        assert!(
+            !about.starts_with("Usage"),
+            "kv {sub} has no help text: {out}"
+        );
+    }
 
     // Failures: non-zero exit and one line on stderr.
     for (args, want) in [
