@@ -46,10 +46,7 @@ impl Peer {
         wb: &mut WriteBatch<'_>,
         actx: &mut ApplyCtx,
     ) -> Result<ApplyResult, RegionError> {
-        let (cmd, env) = match cmd::decode(&e.data) {
-            Ok(v) => v,
-            Err(err) => return Err(RegionError::ServerBusy { reason: err.to_string() }),
-        };
+        let (cmd, env) = cmd::decode(&e.data).unwrap_or_else(|err| self.undecodable(e, &err));
         for key in cmd.keys() {
             self.check_route(&env.epoch, key)?;
         }
