@@ -15,14 +15,21 @@ fi
 start=$(date +%s)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy --all-targets"
-cargo clippy --all-targets --features failpoints --quiet -- -D warnings
+echo "== cargo clippy --all-targets (every crate of the workspace)"
+cargo clippy --workspace --all-targets --features tessera/failpoints --quiet -- -D warnings
 # Without the feature too: code used only by fail-point tests must be gated like them.
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== no import cycles between modules"
+python3 scripts/module-deps.py
+echo "== the client crate depends on neither RocksDB nor raft"
+if cargo tree -p tessera-client -e normal,build --prefix none | grep -E '^(librocksdb-sys|rocksdb|raft|raft-proto) '; then
+  echo "error: tessera-client depends on the server's storage or consensus (above)" >&2
+  exit 1
+fi
 echo "== cargo build (tests and the tessera binary)"
-cargo build --all-targets --features failpoints --quiet
+cargo build --workspace --all-targets --features tessera/failpoints --quiet
 echo "== cargo test"
-cargo test --all-targets --features failpoints --no-fail-fast
+cargo test --workspace --all-targets --features tessera/failpoints --no-fail-fast
 echo "== cargo test --doc (the examples in the API docs compile)"
-cargo test --doc --features failpoints
+cargo test --workspace --doc --features tessera/failpoints
 echo "== all tests passed in $(( $(date +%s) - start ))s"

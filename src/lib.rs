@@ -1,6 +1,11 @@
-//! tessera: a multi-Raft sharded metadata service.
+//! tessera: a multi-Raft sharded metadata service — the server and the command line.
 //!
 //! # Layout
+//!
+//! The workspace has three crates: `tessera-api` (wire types generated from `proto/`, ids,
+//! key rules, limits), `tessera-client` (the Rust client, which builds without the server),
+//! and this one. Dependencies point one way: the server modules use `api`; only the
+//! placement client, the CLI and the load generator use `client`.
 //!
 //! - [`config`]: the node configuration (TOML), its defaults and validation;
 //! - [`storage`]: one RocksDB per node — key layout, engine, `raft::Storage` per region;
@@ -9,15 +14,15 @@
 //! - [`transport`]: raft messages between nodes, one multiplexed stream per node;
 //! - [`placement`]: the cluster's metadata (node registry, id counter) in its own region;
 //! - [`server`]: a running node — start-up, gRPC services, shutdown;
-//! - [`client`]: the Rust client with its region cache;
 //! - [`bench`]: the load generator behind `tessera bench`;
-//! - [`logging`]: `tracing` setup and the raft-rs log bridge.
+//! - [`check`]: the linearizability and history checks the chaos tests run;
+//! - [`logging`]: `tracing` setup and the raft-rs log bridge;
+//! - [`proto`], [`ids`], [`etcdpb`] (from `tessera-api`) and [`client`] (`tessera-client`),
+//!   re-exported so that `tessera::client::Client` and `tessera::proto` name the same items.
 
 pub mod bench;
 pub mod check;
-pub mod client;
 pub mod config;
-pub mod ids;
 pub mod logging;
 pub mod placement;
 pub mod raftstore;
@@ -25,15 +30,10 @@ pub mod server;
 pub mod storage;
 pub mod transport;
 
-pub mod proto {
-    //! Generated wire and storage types (`proto/tessera.proto`).
-    tonic::include_proto!("tessera");
-}
-
-pub mod etcdpb {
-    //! The subset of etcd's v3 KV API that the bench speaks (`proto/etcd.proto`).
-    tonic::include_proto!("etcdserverpb");
-}
+/// The wire types, ids and shared rules (the `tessera-api` crate).
+pub use tessera_api::{etcdpb, ids, proto};
+/// The Rust client (the `tessera-client` crate, which builds without the server).
+pub use tessera_client as client;
 
 /// Stops the process after a failure that must not be survived: a failed synced write or a
 /// non-deterministic apply error would otherwise let this replica diverge from the others or

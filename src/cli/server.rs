@@ -46,7 +46,9 @@ pub fn load_config(args: &ServerArgs) -> Result<Config> {
             .collect();
         cfg.node.id = 0;
     }
-    cfg.validate().map_err(|e| Error::Config(e.to_string()))?;
+    cfg.validate()
+        .and_then(|()| cfg.prepare_data_dir())
+        .map_err(|e| Error::Config(e.to_string()))?;
     Ok(cfg)
 }
 

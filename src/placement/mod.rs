@@ -17,6 +17,8 @@
 //! clock; a reader shows a node down when its last heartbeat is older than
 //! `node_down_after_ms` by the reader's clock (so clocks must agree to well within that).
 
+pub mod client;
+
 use std::collections::HashMap;
 use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -13,9 +13,9 @@
 
 use std::collections::HashMap;
 
-use super::cmd::{ApplyResult, CasAction, Command};
+use super::cmd::{key_value, ApplyResult, CasAction, Command};
 use super::msg::{RegionError, Reply};
-use crate::proto::{KeyValue, KvRecord};
+use crate::proto::KvRecord;
 use crate::storage::{keys, Cf, Engine, WriteBatch};
 use prost::Message as _;
 
@@ -120,9 +120,9 @@ pub struct ApplyCtx {
     /// command.
     pub delta_keys: i64,
     pub delta_bytes: i64,
-    /// Peers of regions created by splits applied this round, with whether to campaign at
-    /// once. The worker starts them after the batch holding their state is written.
-    pub new_peers: Vec<(super::peer::Peer, bool)>,
+    /// Peers of regions created by splits applied this round. The worker builds and starts
+    /// them after the batch holding their state is written.
+    pub new_peers: Vec<super::msg::NewPeer>,
 }
 
 impl ApplyCtx {
@@ -219,16 +219,6 @@ fn put_record(cur: Option<&KvRecord>, value: Vec<u8>, revision: u64) -> KvRecord
         create_revision: cur.map_or(revision, |c| c.create_revision),
         mod_revision: revision,
         version: cur.map_or(1, |c| c.version + 1),
-    }
-}
-
-pub fn key_value(key: &[u8], rec: KvRecord) -> KeyValue {
-    KeyValue {
-        key: key.to_vec(),
-        value: rec.value,
-        create_revision: rec.create_revision,
-        mod_revision: rec.mod_revision,
-        version: rec.version,
     }
 }
 

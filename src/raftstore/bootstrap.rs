@@ -18,7 +18,7 @@ use crate::storage::{keys, Cf, Engine, PeerStorage};
 /// The initial regions of a cluster: `split_keys.len() + 1` ranges covering the keyspace,
 /// each on `replicas` members (all when fewer), spread round-robin — except the placement
 /// region (the last one), which lives on the first `replicas` members by id, so operators
-/// know where the cluster's metadata is (DESIGN.md: "hosted on the first voters"). Region ids
+/// know where the cluster's metadata is (docs/architecture.md, "Bootstrap and restart"). Region ids
 /// are `1..=n`; peer ids follow, in region order.
 pub fn initial_regions(members: &[Member], split_keys: &[Vec<u8>], replicas: u32) -> Vec<Region> {
     let mut nodes: Vec<NodeId> = members.iter().map(|m| m.id).collect();

@@ -6,24 +6,7 @@
 
 use crate::proto;
 
-/// What a compare-and-swap compares the key's current state against.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Compare {
-    /// The key must not exist.
-    Absent,
-    /// The key must exist with exactly this value.
-    Value(Vec<u8>),
-    /// The key's mod revision must be this (0 = the key must not exist).
-    ModRevision(u64),
-    /// The key's version must be this (0 = the key must not exist).
-    Version(u64),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CasAction {
-    Put(Vec<u8>),
-    Delete,
-}
+pub use tessera_api::kv::{CasAction, Compare};
 
 /// A write to a region's state machine.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,41 +85,6 @@ pub enum DecodeError {
     Proto(String),
     #[error("raft command is missing its {0}")]
     Missing(&'static str),
-}
-
-impl Compare {
-    pub fn to_proto(&self) -> proto::Compare {
-        use proto::compare::Target;
-        let t = match self {
-            Compare::Absent => Target::Absent(true),
-            Compare::Value(v) => Target::Value(v.clone()),
-            Compare::ModRevision(r) => Target::ModRevision(*r),
-            Compare::Version(v) => Target::Version(*v),
-        };
-        proto::Compare { target: Some(t) }
-    }
-
-    pub fn from_proto(c: Option<&proto::Compare>) -> Result<Self, DecodeError> {
-        use proto::compare::Target;
-        match c.and_then(|c| c.target.as_ref()) {
-            Some(Target::Absent(_)) => Ok(Compare::Absent),
-            Some(Target::Value(v)) => Ok(Compare::Value(v.clone())),
-            Some(Target::ModRevision(r)) => Ok(Compare::ModRevision(*r)),
-            Some(Target::Version(v)) => Ok(Compare::Version(*v)),
-            None => Err(DecodeError::Missing("compare target")),
-        }
-    }
-
-    /// Whether the key's current record satisfies the comparison.
-    pub fn matches(&self, current: Option<&proto::KvRecord>) -> bool {
-        match (self, current) {
-            (Compare::Absent, cur) => cur.is_none(),
-            (Compare::Value(v), Some(cur)) => &cur.value == v,
-            (Compare::Value(_), None) => false,
-            (Compare::ModRevision(r), cur) => cur.map_or(0, |c| c.mod_revision) == *r,
-            (Compare::Version(v), cur) => cur.map_or(0, |c| c.version) == *v,
-        }
-    }
 }
 
 /// What a logged command carries besides itself.
@@ -222,7 +170,8 @@ pub fn decode(data: &[u8]) -> Result<(Command, Envelope), DecodeError> {
         },
         Cmd::Delete(d) => Command::Delete { key: d.key },
         Cmd::Cas(c) => Command::CompareAndSwap {
-            compare: Compare::from_proto(c.compare.as_ref())?,
+            compare: Compare::from_proto(c.compare.as_ref())
+                .ok_or(DecodeError::Missing("compare target"))?,
             action: match c.action.ok_or(DecodeError::Missing("cas action"))? {
                 proto::cas_cmd::Action::Put(v) => CasAction::Put(v),
                 proto::cas_cmd::Action::Delete(_) => CasAction::Delete,
@@ -243,6 +192,17 @@ pub fn decode(data: &[u8]) -> Result<(Command, Envelope), DecodeError> {
         session_ttl_ms: rc.session_ttl_ms,
     };
     Ok((cmd, env))
+}
+
+/// A key's stored record as the client sees it.
+pub fn key_value(key: &[u8], rec: proto::KvRecord) -> proto::KeyValue {
+    proto::KeyValue {
+        key: key.to_vec(),
+        value: rec.value,
+        create_revision: rec.create_revision,
+        mod_revision: rec.mod_revision,
+        version: rec.version,
+    }
 }
 
 #[cfg(test)]

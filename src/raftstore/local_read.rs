@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use super::apply;
 use super::clock::BootInstant;
+use super::cmd;
 use super::msg::{ReadRequest, ReadResult, RegionError};
 use crate::ids::RegionId;
 use crate::proto::{self, KvRecord, RegionEpoch};
@@ -102,7 +102,7 @@ pub fn serve_read(
         let rec: Option<KvRecord> = engine
             .get_msg(Cf::Data, &keys::data_key(key))
             .map_err(busy)?;
-        Ok(rec.map(|r| apply::key_value(key, r)))
+        Ok(rec.map(|r| cmd::key_value(key, r)))
     };
     match req {
         ReadRequest::Get { key } => Ok(ReadResult::Get(get(key)?)),
@@ -112,7 +112,7 @@ pub fn serve_read(
             let get = |key: &Vec<u8>| -> Result<Option<proto::KeyValue>, RegionError> {
                 let rec: Option<KvRecord> =
                     view.get_msg(Cf::Data, &keys::data_key(key)).map_err(busy)?;
-                Ok(rec.map(|r| apply::key_value(key, r)))
+                Ok(rec.map(|r| cmd::key_value(key, r)))
             };
             Ok(ReadResult::BatchGet(
                 keys.iter().map(get).collect::<Result<Vec<_>, _>>()?,
@@ -141,7 +141,7 @@ pub fn serve_read(
                     let key = keys::origin_key(k)?;
                     let rec = <KvRecord as prost::Message>::decode(v)
                         .map_err(|e| crate::storage::Error::corrupt(k, e))?;
-                    let mut kv = apply::key_value(key, rec);
+                    let mut kv = cmd::key_value(key, rec);
                     if *keys_only {
                         kv.value.clear();
                     }

@@ -1,6 +1,6 @@
 //! The multi-Raft store: many regions per node, each owned by one raft worker thread.
 //!
-//! Data flow (DESIGN.md):
+//! Data flow (docs/architecture.md, "The node: threads and data flow"):
 //! ```text
 //! gRPC service ─▶ Router (region → worker inbox) ─▶ Worker round ─▶ Peer (RawNode)
 //!                                                     │ one WriteBatch, one fsync per round

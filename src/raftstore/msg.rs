@@ -278,13 +278,38 @@ impl Wake {
     }
 }
 
+/// A peer for a worker to build from its stored state and take over. The worker builds
+/// it, so what decides that a peer is needed (start-up, a split, a message for a region
+/// added to this node) does not depend on the peer itself.
+pub struct NewPeer {
+    pub storage: crate::storage::PeerStorage,
+    /// The exactly-once write records to start with (a split's new half inherits its
+    /// parent's); `None`: those stored for the region.
+    pub sessions: Option<super::session::Sessions>,
+    /// Campaign at once (the new half of a split its leader applied).
+    pub campaign: bool,
+    /// Drop vote requests for this long (a restarted node's peers, see `peer::lease`).
+    pub refuse_votes_for: Option<std::time::Duration>,
+}
+
+impl NewPeer {
+    pub fn new(storage: crate::storage::PeerStorage) -> Self {
+        Self {
+            storage,
+            sessions: None,
+            campaign: false,
+            refuse_votes_for: None,
+        }
+    }
+}
+
 pub enum WorkerMsg {
     Peer {
         region: RegionId,
         msg: PeerMsg,
     },
-    /// Take ownership of a peer (at start-up, or when a region is created here).
-    AddPeer(Box<super::peer::Peer>),
+    /// Build a peer and take it over (at start-up, or when a region is created here).
+    AddPeer(Box<NewPeer>),
     /// The node `node` looks down: wake the sleeping regions it leads, so they elect.
     /// `why` says who noticed.
     NodeDown {

@@ -342,6 +342,12 @@ impl Peer {
         }
     }
 
+    /// Starts with these exactly-once write records (a split's new half inherits its
+    /// parent's).
+    pub fn set_sessions(&mut self, sessions: Sessions) {
+        self.sessions = sessions;
+    }
+
     fn transfer_leader(&mut self, to_node: u64) -> Result<(), RegionError> {
         if !self.is_leader() {
             return Err(self.not_leader());

@@ -12,7 +12,7 @@ use crossbeam_channel::Sender;
 use dashmap::DashMap;
 
 use super::msg::{PeerMsg, WorkerMsg};
-use crate::ids::RegionId;
+use crate::ids::{PeerId, RegionId};
 
 /// Above this many queued messages a worker is "busy" and new client work is refused with
 /// `ServerBusy` instead of queueing without bound. Raft traffic is never refused here.
@@ -173,5 +173,21 @@ impl Router {
 
     pub fn worker_count(&self) -> usize {
         self.inner.workers.len()
+    }
+}
+
+/// The transport's delivery reports go to the regions' peers (and, for a node that is down,
+/// to every worker, which wakes the sleeping regions that node leads).
+impl crate::transport::DeliveryReports for Router {
+    fn unreachable(&self, region: RegionId, to: PeerId) {
+        let _ = self.send(region, PeerMsg::Unreachable(to));
+    }
+
+    fn snapshot_status(&self, region: RegionId, to: PeerId, delivered: bool) {
+        let _ = self.send(region, PeerMsg::SnapshotStatus { to, delivered });
+    }
+
+    fn node_down(&self, node: crate::ids::NodeId) {
+        Router::node_down(self, node.0, super::msg::Wake::TransportNodeDown);
     }
 }

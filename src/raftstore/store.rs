@@ -8,8 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::msg::WorkerMsg;
-use super::peer::Peer;
+use super::msg::{NewPeer, WorkerMsg};
 use super::router::Router;
 use crate::config::RaftConfig;
 use crate::ids::{NodeId, RegionId};
@@ -89,7 +88,7 @@ impl StoreCtx {
     }
 
     /// Creates an empty peer `to` of `region` on this node, on a leader's heartbeat or a
-    /// candidate's vote request (transport/service.rs says why both), when
+    /// candidate's vote request (server/raft_service.rs says why both), when
     /// the node has no state of that region, or only a tombstone of an older membership
     /// that did not include `to` (re-added with a new peer id) — and no local region
     /// overlaps the range. Returns whether the region is now hosted here.
@@ -146,15 +145,8 @@ impl StoreCtx {
             tracing::warn!(%region, error = %e, "cannot create peer");
             return false;
         }
-        let peer = match Peer::new(storage, self) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(%region, error = %e, "cannot create peer");
-                return false;
-            }
-        };
         let w = router.worker_for(region);
-        router.send_worker(w, WorkerMsg::AddPeer(Box::new(peer)));
+        router.send_worker(w, WorkerMsg::AddPeer(Box::new(NewPeer::new(storage))));
         router.register(region, w);
         metrics::counter!("tessera_peers_created_total").increment(1);
         tracing::info!(%region, peer = to.id, "created a peer for a region added to this node");

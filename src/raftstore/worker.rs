@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::apply::{ApplyCtx, RecordCache};
-use super::msg::{PeerMsg, RegionError, Wake, WorkerMsg};
+use super::msg::{NewPeer, PeerMsg, RegionError, Wake, WorkerMsg};
 use super::peer::Peer;
 use super::router::Router;
+use super::store::StoreCtx;
 use crate::ids::RegionId;
 use crate::storage::Engine;
 use crate::transport::Transport;
@@ -38,6 +39,8 @@ pub struct Worker {
     transport: Transport,
     router: Router,
     peers: HashMap<RegionId, Peer>,
+    /// What the node's peers share; new peers are built with it.
+    store: StoreCtx,
     tick_interval: Duration,
     election_timeout: Duration,
     sync_writes: bool,
@@ -68,6 +71,7 @@ impl Worker {
         engine: Engine,
         transport: Transport,
         router: Router,
+        store: StoreCtx,
         raft: &crate::config::RaftConfig,
         sync_writes: bool,
         record_cache_bytes: usize,
@@ -80,6 +84,7 @@ impl Worker {
             transport,
             router,
             peers: HashMap::new(),
+            store,
             tick_interval: raft.tick_interval(),
             election_timeout: raft.election_timeout(),
             sync_writes,
@@ -100,8 +105,7 @@ impl Worker {
                 // them: stop the whole node instead. A restart recovers from the log.
                 let run = std::panic::AssertUnwindSafe(move || self.run());
                 if std::panic::catch_unwind(run).is_err() {
-                    tracing::error!(worker = index, "raft worker panicked; stopping the node");
-                    std::process::abort();
+                    crate::fatal(&format!("raft worker {index} panicked"));
                 }
             })
     }
@@ -207,9 +211,10 @@ impl Worker {
                 }
                 None => answer_missing(region, msg),
             },
-            WorkerMsg::AddPeer(p) => {
+            WorkerMsg::AddPeer(new) => {
+                let p = self.build_peer(*new);
                 let id = p.region_id();
-                self.peers.insert(id, *p);
+                self.peers.insert(id, p);
                 touched.insert(id);
                 metrics::gauge!("tessera_regions", "worker" => self.index.to_string())
                     .set(self.peers.len() as f64);
@@ -340,11 +345,31 @@ impl Worker {
 }
 
 impl Worker {
+    /// Builds a peer this worker is to drive. Its stored state was written by whoever asked
+    /// (start-up found it, a split's round or a peer creation wrote it); a region this node
+    /// must host whose state cannot be built from is not something to run without.
+    fn build_peer(&self, new: NewPeer) -> Peer {
+        let region = new.storage.region().id;
+        let mut p = match Peer::new(new.storage, &self.store) {
+            Ok(p) => p,
+            Err(e) => crate::fatal(&format!("cannot build the peer of region {region}: {e}")),
+        };
+        if let Some(sessions) = new.sessions {
+            p.set_sessions(sessions);
+        }
+        if let Some(d) = new.refuse_votes_for {
+            p.refuse_votes_for(d);
+        }
+        p
+    }
+
     /// Takes over the peers of regions that splits created this round. Call after the batch
     /// holding their state is written, before the split is acknowledged.
     fn start_new_peers(&mut self, actx: &mut ApplyCtx) -> Vec<RegionId> {
         let mut ids = Vec::new();
-        for (mut p, campaign) in actx.new_peers.drain(..) {
+        for new in std::mem::take(&mut actx.new_peers) {
+            let campaign = new.campaign;
+            let mut p = self.build_peer(new);
             let id = p.region_id();
             if campaign {
                 p.campaign();

@@ -16,10 +16,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::Either;
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
-use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -34,6 +30,9 @@ use crate::raftstore::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, Reply
 use crate::raftstore::router::{RouteError, Router};
 use crate::storage::keys::is_system_key;
 use crate::transport::Transport;
+
+mod commands;
+use commands::serve_commands;
 
 /// The `Kv` gRPC service; its state is shared with the tasks that serve `Commands` streams.
 #[derive(Clone)]
@@ -325,7 +324,7 @@ impl KvCore {
     async fn compare_and_swap(&self, r: proto::CasRequest) -> Result<proto::CasResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
         let compare = Compare::from_proto(r.compare.as_ref())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .ok_or_else(|| Status::invalid_argument("compare-and-swap has no comparison"))?;
         if let Compare::Value(v) = &compare {
             self.check_value(v)?;
         }
@@ -419,138 +418,6 @@ impl KvCore {
             },
         };
         Ok(resp)
-    }
-}
-
-/// Commands of one `Commands` stream being served at once; beyond this the stream is not
-/// read until some finish (HTTP/2 flow control then holds the client back).
-const MAX_STREAM_COMMANDS: usize = 4096;
-
-impl KvCore {
-    /// Serves one command of a `Commands` stream as its unary call would.
-    async fn execute(self: Arc<Self>, c: proto::KvCommand) -> proto::KvCommandResult {
-        use proto::kv_command::Request as Q;
-        use proto::kv_command_result::Response as A;
-        let answer = match c.request {
-            Some(Q::Get(r)) => self.get(r).await.map(A::Get),
-            Some(Q::Put(r)) => self.put(r).await.map(A::Put),
-            Some(Q::Delete(r)) => self.delete(r).await.map(A::Delete),
-            Some(Q::Cas(r)) => self.compare_and_swap(r).await.map(A::Cas),
-            None => Err(Status::invalid_argument("command carries no request")),
-        };
-        proto::KvCommandResult {
-            id: c.id,
-            response: Some(answer.unwrap_or_else(|s| {
-                A::Error(proto::CommandError {
-                    code: s.code() as i32,
-                    message: s.message().to_string(),
-                })
-            })),
-        }
-    }
-}
-
-/// Reads a `Commands` stream, runs its commands concurrently and answers each batch of
-/// finished ones in one message, until the client closes its side and every command is
-/// answered, the stream breaks, or the node stops.
-async fn serve_commands(
-    core: Arc<KvCore>,
-    mut inbound: Streaming<proto::KvCommands>,
-    out: mpsc::Sender<Result<proto::KvCommandResults, Status>>,
-) {
-    // With more than one runtime thread each command runs as its own task, so that one
-    // connection's commands (lease reads above all) spread over the threads as unary calls
-    // do; with one thread they run inside this task, which saves a spawn per command.
-    let spread = tokio::runtime::Handle::current().metrics().num_workers() > 1;
-    let mut running = FuturesUnordered::new();
-    let mut open = true;
-    let mut stopping = core.stopping.clone();
-    loop {
-        tokio::select! {
-            // The commands still running lose their answers, as when a connection breaks.
-            _ = stopping.wait_for(|s| *s).map(|_| ()) => return,
-            m = inbound.message(), if open && running.len() < MAX_STREAM_COMMANDS => match m {
-                Ok(Some(batch)) => {
-                    metrics::histogram!("tessera_kv_stream_batch_commands")
-                        .record(batch.commands.len() as f64);
-                    for c in batch.commands {
-                        let id = c.id;
-                        let run = core.clone().execute(c);
-                        running.push(if spread {
-                            Either::Left(Spawned { id, task: tokio::spawn(run) })
-                        } else {
-                            Either::Right(run)
-                        });
-                    }
-                }
-                Ok(None) => open = false,
-                Err(s) => {
-                    // Undecodable or oversize input: say why, and stop; the client's
-                    // commands still running lose their answers, as with a broken connection.
-                    tracing::debug!(error = %s, "commands stream failed");
-                    let _ = out.send(Err(s)).await;
-                    return;
-                }
-            },
-            Some(first) = running.next() => {
-                // Whatever else has finished goes along, up to a size that keeps the message
-                // far below gRPC's limit however large the values (the rest go next).
-                let mut bytes = first.encoded_len();
-                let mut results = vec![first];
-                while bytes < crate::client::MAX_COMMANDS_MESSAGE_BYTES {
-                    match running.next().now_or_never() {
-                        Some(Some(r)) => {
-                            bytes += r.encoded_len();
-                            results.push(r);
-                        }
-                        _ => break,
-                    }
-                }
-                if out.send(Ok(proto::KvCommandResults { results })).await.is_err() {
-                    return;
-                }
-            }
-            else => return,
-        }
-    }
-}
-
-/// A command running as its own task. Dropped with its stream (the stream broke, or the
-/// node stops), it is aborted, so no task outlives the stream holding the node's state.
-struct Spawned {
-    id: u64,
-    task: tokio::task::JoinHandle<proto::KvCommandResult>,
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl std::future::Future for Spawned {
-    type Output = proto::KvCommandResult;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let id = self.id;
-        std::pin::Pin::new(&mut self.task).poll(cx).map(|r| {
-            r.unwrap_or_else(|e| {
-                // Only a panic gets here (an aborted task's stream is gone): whether the
-                // command took effect is unknown, and the client will say so.
-                proto::KvCommandResult {
-                    id,
-                    response: Some(proto::kv_command_result::Response::Error(
-                        proto::CommandError {
-                            code: tonic::Code::Unknown as i32,
-                            message: format!("command task failed: {e}"),
-                        },
-                    )),
-                }
-            })
-        })
     }
 }
 

@@ -5,12 +5,12 @@
 //! raft workers with their peers → serve gRPC. Shutdown reverses it: stop accepting, let
 //! each worker finish its round, flush and close the DB.
 
+pub mod admin;
 pub mod kv_service;
-pub mod membership;
 pub mod node_service;
+pub mod raft_service;
 pub mod reporter;
 pub mod scheduler;
-pub mod split;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,12 +28,12 @@ use crate::proto::{
     kv_server::KvServer, node_server::NodeServer, raft_transport_server::RaftTransportServer,
 };
 use crate::raftstore::bootstrap::{self, BootstrapError};
-use crate::raftstore::msg::WorkerMsg;
-use crate::raftstore::peer::Peer;
+use crate::raftstore::msg::{NewPeer, WorkerMsg};
 use crate::raftstore::router::Router;
 use crate::raftstore::worker::{Worker, WorkerHooks};
 use crate::storage::{Engine, EngineOptions, PeerStorage};
-use crate::transport::{service::RaftService, Transport, MAX_GRPC_MESSAGE_BYTES};
+use crate::transport::{Transport, MAX_GRPC_MESSAGE_BYTES};
+use raft_service::RaftService;
 
 /// How long a client request may wait for its region's answer before "result unknown".
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,8 +51,6 @@ pub enum StartError {
     Bootstrap(#[from] BootstrapError),
     #[error("region {region}: {reason}")]
     Region { region: RegionId, reason: String },
-    #[error(transparent)]
-    Peer(#[from] crate::raftstore::peer::NewPeerError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
     #[error("cannot start raft worker: {0}")]
@@ -82,6 +80,7 @@ impl Node {
     /// first); otherwise it binds `node.listen_addr`. Must run inside a tokio runtime.
     pub async fn start(mut cfg: Config, listener: Option<TcpListener>) -> Result<Node, StartError> {
         let mut members = cfg.members()?;
+        cfg.prepare_data_dir()?;
         let db_path = cfg.node.data_dir.join("db");
         let engine = Engine::open(
             &db_path,
@@ -121,7 +120,7 @@ impl Node {
         let transport = Transport::new(
             cfg.cluster_id(),
             cfg.node_id(),
-            router.clone(),
+            std::sync::Arc::new(router.clone()),
             tokio::runtime::Handle::current(),
         );
         for m in &members {
@@ -145,10 +144,10 @@ impl Node {
                 let r = storage.region();
                 store.set_range(*id, &r.start_key, &r.end_key);
             }
-            let mut peer = Peer::new(storage, &store)?;
-            if restarted {
-                peer.refuse_votes_for(election_timeout);
-            }
+            let peer = NewPeer {
+                refuse_votes_for: restarted.then_some(election_timeout),
+                ..NewPeer::new(storage)
+            };
             let w = router.worker_for(*id);
             router.register(*id, w);
             router.send_worker(w, WorkerMsg::AddPeer(Box::new(peer)));
@@ -165,6 +164,7 @@ impl Node {
                 engine.clone(),
                 transport.clone(),
                 router.clone(),
+                store.clone(),
                 &cfg.raft,
                 cfg.storage.sync_writes,
                 cfg.storage.record_cache_mb << 20,
@@ -194,7 +194,7 @@ impl Node {
         // One request, or one message of a `Commands` stream carrying many (the client
         // sends a request too large to share a message on its own, as a unary call).
         let max_msg = (cfg.server.max_value_size * 2 + cfg.server.max_key_size + (64 << 10))
-            .max(crate::client::MAX_COMMANDS_MESSAGE_BYTES * 2);
+            .max(tessera_api::limits::MAX_COMMANDS_MESSAGE_BYTES * 2);
         let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
         let raft = RaftTransportServer::new(
             RaftService::new(
@@ -216,8 +216,10 @@ impl Node {
         ))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-        let placement =
-            node_service::SystemClient::new(transport.clone(), cfg.cluster.join.clone());
+        let placement = crate::placement::client::SystemClient::new(
+            transport.clone(),
+            cfg.cluster.join.clone(),
+        );
         let node_svc = NodeServer::new(node_service::NodeService::new(
             cfg.cluster_id(),
             cfg.node_id(),
@@ -279,7 +281,7 @@ impl Node {
             placement,
             router.clone(),
             engine.clone(),
-            split::SplitLimits {
+            admin::SplitLimits {
                 max_keys: cfg.region.max_keys,
                 max_bytes: cfg.region.max_bytes,
             },
@@ -456,7 +458,7 @@ async fn join_cluster(
 /// the next beat. If the registry says this node was removed, `removed` is set and beats stop.
 #[allow(clippy::too_many_arguments)]
 async fn heartbeat_loop(
-    placement: node_service::SystemClient,
+    placement: crate::placement::client::SystemClient,
     router: Router,
     transport: Transport,
     leaders: Vec<Arc<AtomicUsize>>,

@@ -1,24 +1,24 @@
 //! `proto::Node`: what this node knows locally — its regions, their leaders, and the
 //! addresses of the other nodes. Clients use it to fill their region cache.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{oneshot, OnceCell};
+use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use crate::client::{Client, ClientOptions};
+use super::admin::describe_regions;
 use crate::ids::RegionId;
 use crate::ids::{ClusterId, NodeId};
 use crate::placement;
+use crate::placement::client::SystemClient;
 use crate::proto::node_server;
 use crate::proto::{
     ChangePeersRequest, ChangePeersResponse, ClusterStatusRequest, ClusterStatusResponse,
     JoinRequest, JoinResponse, KeyRange, ListNodesRequest, ListNodesResponse, LocateKeyRequest,
-    LocateKeyResponse, MoveReplicaRequest, MoveReplicaResponse, NodeAddress, NodeState, RegionInfo,
-    RegionLoad, RegionsRequest, RegionsResponse, RemoveNodeRequest, RemoveNodeResponse,
-    ScanRegionsRequest, ScanRegionsResponse, SetFailpointRequest, SetFailpointResponse,
-    SplitRegionRequest, SplitRegionResponse, TransferLeaderRequest, TransferLeaderResponse,
+    LocateKeyResponse, MoveReplicaRequest, MoveReplicaResponse, NodeAddress, NodeState,
+    RegionsRequest, RegionsResponse, RemoveNodeRequest, RemoveNodeResponse, ScanRegionsRequest,
+    ScanRegionsResponse, SetFailpointRequest, SetFailpointResponse, SplitRegionRequest,
+    SplitRegionResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use crate::raftstore::msg::{self, PeerMsg};
 use crate::raftstore::router::Router;
@@ -51,93 +51,6 @@ impl NodeService {
             down_after,
         }
     }
-}
-
-/// A client with system-keyspace access, connected on first use to the nodes this node
-/// knows (it needs the gRPC server running, so it cannot be built during start-up).
-#[derive(Clone)]
-pub struct SystemClient {
-    transport: Transport,
-    /// Addresses to try besides the known nodes (a joining node's `cluster.join`).
-    seeds: Vec<String>,
-    cell: Arc<OnceCell<Client>>,
-}
-
-impl SystemClient {
-    pub fn new(transport: Transport, seeds: Vec<String>) -> Self {
-        Self {
-            transport,
-            seeds,
-            cell: Arc::new(OnceCell::new()),
-        }
-    }
-
-    pub async fn get(&self) -> Result<Client, crate::client::Error> {
-        self.cell
-            .get_or_try_init(|| async {
-                let mut endpoints: Vec<String> = self
-                    .transport
-                    .addresses()
-                    .into_iter()
-                    .map(|(_, a)| a)
-                    .collect();
-                for s in &self.seeds {
-                    if !endpoints.contains(s) {
-                        endpoints.push(s.clone());
-                    }
-                }
-                let opts = ClientOptions {
-                    system: true,
-                    deadline: Duration::from_secs(5),
-                    ..Default::default()
-                };
-                Client::connect(&endpoints, opts).await
-            })
-            .await
-            .cloned()
-    }
-}
-
-/// Asks every local peer for its descriptor and leader. Regions that do not answer (being
-/// removed, or the node stopping) are left out.
-pub async fn describe_regions(router: &Router) -> Vec<RegionInfo> {
-    describe_some(router, &router.region_ids())
-        .await
-        .into_iter()
-        .map(|info| RegionInfo {
-            region: Some(info.region),
-            leader: info.leader,
-            applied_index: info.applied_index,
-            term: info.term,
-            load: Some(RegionLoad {
-                keys: info.keys,
-                bytes: info.bytes,
-                writes_per_sec: 0.0,
-            }),
-        })
-        .collect()
-}
-
-/// Asks the given local peers for their descriptor, leader and load, ordered by start key.
-pub async fn describe_some(router: &Router, ids: &[RegionId]) -> Vec<msg::RegionInfo> {
-    let mut waits = Vec::new();
-    for &id in ids {
-        let (tx, rx) = oneshot::channel();
-        if router.send(id, PeerMsg::Describe(tx)).is_ok() {
-            waits.push(rx);
-        }
-    }
-    let mut out = Vec::with_capacity(waits.len());
-    for rx in waits {
-        if let Ok(Ok(info)) = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await {
-            // A peer not yet filled by a snapshot knows nothing worth showing.
-            if info.applied_index > 0 {
-                out.push(info);
-            }
-        }
-    }
-    out.sort_by(|a, b| a.region.start_key.cmp(&b.region.start_key));
-    out
 }
 
 #[tonic::async_trait]
@@ -342,7 +255,7 @@ impl node_server::Node for NodeService {
         if req.split_key.is_empty() {
             return Err(Status::invalid_argument("split key must not be empty"));
         }
-        let res = super::split::split_region(
+        let res = super::admin::split_region(
             &self.router,
             &self.placement,
             RegionId(header.region_id),
@@ -357,14 +270,14 @@ impl node_server::Node for NodeService {
                 region_error: None,
                 regions,
             })),
-            Err(super::split::SplitError::Region(e)) => Ok(Response::new(SplitRegionResponse {
+            Err(super::admin::AdminError::Region(e)) => Ok(Response::new(SplitRegionResponse {
                 region_error: Some(e.to_proto(addr)),
                 regions: Vec::new(),
             })),
-            Err(e @ super::split::SplitError::Placement(_)) => {
+            Err(e @ super::admin::AdminError::Placement(_)) => {
                 Err(Status::unavailable(e.to_string()))
             }
-            Err(e @ super::split::SplitError::Unknown(_)) => {
+            Err(e @ super::admin::AdminError::Unknown(_)) => {
                 Err(Status::deadline_exceeded(e.to_string()))
             }
         }
@@ -388,7 +301,7 @@ impl node_server::Node for NodeService {
             }
             changes.push((kind, c.node_id));
         }
-        let res = super::membership::change_peers(
+        let res = super::admin::change_peers(
             &self.router,
             &self.placement,
             RegionId(header.region_id),
@@ -409,7 +322,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<MoveReplicaResponse>, Status> {
         let req = request.into_inner();
         let header = required_header(req.header)?;
-        let res = super::membership::move_replica(
+        let res = super::admin::move_replica(
             &self.router,
             &self.placement,
             RegionId(header.region_id),
@@ -418,8 +331,8 @@ impl node_server::Node for NodeService {
         )
         .await;
         let (done, res) = match res {
-            Ok(super::membership::MoveStep::Done(r)) => (true, Ok(r)),
-            Ok(super::membership::MoveStep::InProgress(r)) => (false, Ok(r)),
+            Ok(super::admin::MoveStep::Done(r)) => (true, Ok(r)),
+            Ok(super::admin::MoveStep::InProgress(r)) => (false, Ok(r)),
             Err(e) => (false, Err(e)),
         };
         let (region_error, region) = self.answer(res)?;
@@ -477,7 +390,7 @@ fn placement_failed(e: crate::client::Error) -> Status {
 }
 
 impl NodeService {
-    async fn system(&self) -> Result<Client, Status> {
+    async fn system(&self) -> Result<crate::client::Client, Status> {
         self.placement
             .get()
             .await
@@ -504,7 +417,7 @@ impl NodeService {
     #[allow(clippy::result_large_err)]
     fn answer(
         &self,
-        res: Result<crate::proto::Region, super::split::SplitError>,
+        res: Result<crate::proto::Region, super::admin::AdminError>,
     ) -> Result<
         (
             Option<crate::proto::RegionError>,
@@ -512,14 +425,14 @@ impl NodeService {
         ),
         Status,
     > {
-        use super::split::SplitError;
+        use super::admin::AdminError;
         let transport = self.transport.clone();
         let addr = |n| transport.address(crate::ids::NodeId(n)).unwrap_or_default();
         match res {
             Ok(r) => Ok((None, Some(r))),
-            Err(SplitError::Region(e)) => Ok((Some(e.to_proto(addr)), None)),
-            Err(e @ SplitError::Placement(_)) => Err(Status::unavailable(e.to_string())),
-            Err(e @ SplitError::Unknown(_)) => Err(Status::deadline_exceeded(e.to_string())),
+            Err(AdminError::Region(e)) => Ok((Some(e.to_proto(addr)), None)),
+            Err(e @ AdminError::Placement(_)) => Err(Status::unavailable(e.to_string())),
+            Err(e @ AdminError::Unknown(_)) => Err(Status::deadline_exceeded(e.to_string())),
         }
     }
 }

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::node_service::{describe_some, SystemClient};
-use super::split::{split_oversized, SplitLimits};
+use super::admin::{describe_some, split_oversized, SplitLimits};
 use crate::ids::RegionId;
+use crate::placement::client::SystemClient;
 use crate::proto::{RegionLoad, RegionRoute};
 use crate::raftstore::msg::RegionInfo;
 use crate::raftstore::router::Router;

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::node_service::SystemClient;
 use crate::ids::NodeId;
+use crate::placement::client::SystemClient;
 use crate::proto::{NodeRecord, PeerRole, RegionRoute};
 
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@
 //! - `default`: user data (`'z'…`).
 //!
 //! Everything a raft worker writes in one round goes into one [`WriteBatch`] and one synced
-//! [`Engine::write`] — the group commit of DESIGN.md decision 2.
+//! [`Engine::write`] — group commit (docs/architecture.md, "Group commit").
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -25,13 +25,7 @@ use crate::ids::RegionId;
 
 pub const LOCAL_PREFIX: u8 = 0x01;
 
-/// User keys starting with this byte are the system keyspace: the placement region
-/// `[0xFF, +inf)`. 0xFF never occurs in UTF-8, so no text key is taken from users.
-pub const SYSTEM_KEY_PREFIX: u8 = 0xFF;
-
-pub fn is_system_key(user_key: &[u8]) -> bool {
-    user_key.first() == Some(&SYSTEM_KEY_PREFIX)
-}
+pub use tessera_api::keys::{in_range, is_system_key, SYSTEM_KEY_PREFIX};
 pub const DATA_PREFIX: u8 = b'z';
 
 const NODE_IDENT_SUFFIX: u8 = 0x01;
@@ -249,11 +243,6 @@ pub fn origin_key(data_key: &[u8]) -> Result<&[u8], KeyError> {
             expected: "data",
         }),
     }
-}
-
-/// Whether `key` lies in `[start, end)`, where an empty `end` is +infinity.
-pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
-    key >= start && (end.is_empty() || key < end)
 }
 
 #[cfg(test)]

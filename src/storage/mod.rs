@@ -12,6 +12,7 @@ pub mod engine;
 mod entry_cache;
 pub mod keys;
 pub mod peer_storage;
+mod records;
 pub mod snapshot;
 
 pub use engine::{Cf, Engine, EngineOptions, EngineSnapshot, WriteBatch};

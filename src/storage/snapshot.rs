@@ -6,7 +6,7 @@
 use raft::eraftpb::Snapshot;
 
 use super::keys;
-use super::peer_storage::{conf_state_from_record, decode_entry};
+use super::records::{conf_state_from_record, decode_entry};
 use super::{Cf, Engine, EngineSnapshot, Error};
 use crate::ids::RegionId;
 use crate::proto::{RaftApplyState, RegionLocalState, RegionSnapshotData, SnapshotKv};

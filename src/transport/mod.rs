@@ -1,5 +1,5 @@
 //! Raft messages between nodes: one long-lived gRPC stream per remote node, shared by every
-//! region (DESIGN.md decision 6).
+//! region (docs/architecture.md, "Transport").
 //!
 //! - Workers call [`Transport::send`] from their threads; it never blocks. Each remote node
 //!   has a bounded queue drained by one tokio task that coalesces whatever is queued into one
@@ -9,13 +9,16 @@
 //! - A broken stream reports the peers of its last batch unreachable and reconnects with
 //!   exponential backoff.
 //! - Snapshots go over their own streaming RPC in chunks, on the same HTTP/2 connection.
-//! - The receiving side ([`service`]) validates every batch and drops, with a counted reason,
-//!   anything that does not decode or is not for this cluster, node or a known region.
+//! - The receiving side (`server::raft_service`, which routes into the raft store) validates
+//!   every batch and drops, with a counted reason, anything that does not decode or is not
+//!   for this cluster, node or a known region.
+//! - What happened to a delivery (unreachable peer, snapshot status, node down) is reported
+//!   through [`DeliveryReports`], so the transport does not depend on the raft store that
+//!   sends through it.
 
 // Only the chaos tests' builds set link faults; elsewhere the parser is unused.
 #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 pub mod fault;
-pub mod service;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -30,8 +33,6 @@ use tonic::transport::{Channel, Endpoint};
 use crate::ids::{ClusterId, NodeId, PeerId, RegionId};
 use crate::proto::raft_transport_client::RaftTransportClient;
 use crate::proto::{self, RaftMessage, RaftMessageBatch, SnapshotChunk};
-use crate::raftstore::msg::PeerMsg;
-use crate::raftstore::router::Router;
 
 /// Messages queued for one node before new ones are dropped.
 const NODE_QUEUE_LEN: usize = 16_384;
@@ -40,8 +41,7 @@ const MAX_BATCH_MSGS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Snapshot data per chunk.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
-/// Largest gRPC message either side accepts.
-pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
+pub use tessera_api::limits::MAX_GRPC_MESSAGE_BYTES;
 /// A stream that cannot take a batch for this long is treated as broken.
 const STREAM_SEND_TIMEOUT: Duration = Duration::from_secs(3);
 /// A node that does not answer a round trip within this is treated as gone.
@@ -58,6 +58,17 @@ pub(crate) fn introduces_peer(t: MessageType) -> bool {
     )
 }
 
+/// What the transport tells the regions about delivery. Implemented by the node's router;
+/// a trait so that the transport, which the raft store uses to send, does not depend on it.
+pub trait DeliveryReports: Send + Sync + 'static {
+    /// A message from `region`'s peer to peer `to` could not be delivered.
+    fn unreachable(&self, region: RegionId, to: PeerId);
+    /// A snapshot of `region` to peer `to` was delivered, or failed.
+    fn snapshot_status(&self, region: RegionId, to: PeerId, delivered: bool);
+    /// `node` refuses connections or does not answer a probe.
+    fn node_down(&self, node: NodeId);
+}
+
 #[derive(Clone)]
 pub struct Transport {
     inner: Arc<Inner>,
@@ -69,7 +80,7 @@ struct Inner {
     addrs: DashMap<NodeId, String>,
     queues: DashMap<NodeId, mpsc::Sender<RaftMessage>>,
     channels: DashMap<NodeId, Channel>,
-    router: Router,
+    reports: Arc<dyn DeliveryReports>,
     rt: tokio::runtime::Handle,
     /// Snapshot bytes delivered to other nodes since start.
     snapshot_bytes: std::sync::atomic::AtomicU64,
@@ -83,7 +94,7 @@ impl Transport {
     pub fn new(
         cluster_id: ClusterId,
         node_id: NodeId,
-        router: Router,
+        reports: Arc<dyn DeliveryReports>,
         rt: tokio::runtime::Handle,
     ) -> Self {
         Self {
@@ -93,7 +104,7 @@ impl Transport {
                 addrs: DashMap::new(),
                 queues: DashMap::new(),
                 channels: DashMap::new(),
-                router,
+                reports,
                 rt,
                 snapshot_bytes: Default::default(),
             }),
@@ -230,10 +241,9 @@ impl Transport {
         for m in msgs {
             let to = m.to_peer.as_ref().map_or(0, |p| p.id);
             if seen.insert((m.region_id, to)) {
-                let _ = self
-                    .inner
-                    .router
-                    .send(RegionId(m.region_id), PeerMsg::Unreachable(PeerId(to)));
+                self.inner
+                    .reports
+                    .unreachable(RegionId(m.region_id), PeerId(to));
             }
         }
     }
@@ -423,9 +433,7 @@ impl Transport {
     /// shows the node down. A false alarm costs at most a leader change of an idle region
     /// (docs/architecture.md, "Hibernation").
     fn wake_regions_led_by(&self, node: NodeId) {
-        self.inner
-            .router
-            .node_down(node.0, crate::raftstore::msg::Wake::TransportNodeDown);
+        self.inner.reports.node_down(node);
     }
 
     fn send_snapshot(&self, mut rm: RaftMessage) {
@@ -489,13 +497,9 @@ impl Transport {
             } else {
                 metrics::counter!("tessera_snapshots_failed_total").increment(1);
             }
-            let _ = t.inner.router.send(
-                region,
-                PeerMsg::SnapshotStatus {
-                    to: PeerId(to.id),
-                    delivered,
-                },
-            );
+            t.inner
+                .reports
+                .snapshot_status(region, PeerId(to.id), delivered);
         });
     }
 }

@@ -3,7 +3,7 @@
 
 use raft::{GetEntriesContext, Storage};
 use tessera::ids::RegionId;
-use tessera::storage::peer_storage::generate_snapshot;
+use tessera::storage::snapshot::generate_snapshot;
 use tessera::storage::{keys, Cf, Engine, EngineOptions, PeerStorage};
 
 use super::{entry, open_engine, region, storage_with};

@@ -6,7 +6,7 @@ use protobuf::Message as _;
 use raft::{GetEntriesContext, Storage, StorageError};
 use tessera::ids::RegionId;
 use tessera::proto::{RegionSnapshotData, SnapshotKv};
-use tessera::storage::peer_storage::generate_snapshot;
+use tessera::storage::snapshot::generate_snapshot;
 use tessera::storage::{keys, Cf, PeerStorage};
 
 use super::{entry, open_engine, region, storage_with};

@@ -7,7 +7,7 @@ use raft::eraftpb::{self, ConfChange, ConfChangeV2, EntryType};
 
 use super::super::apply::{self, ApplyCtx};
 use super::super::cmd::ApplyResult;
-use super::super::msg::{RegionError, Reply};
+use super::super::msg::{NewPeer, RegionError, Reply};
 use super::{Peer, Proposal};
 use crate::ids::RegionId;
 use crate::proto::{self, RegionEpoch};
@@ -194,15 +194,11 @@ impl Peer {
         );
         // A retry of a write this region applied may now be routed to either half.
         self.sessions.write_all(RegionId(right.id), wb);
-        match Peer::new(storage, &self.ctx) {
-            Ok(mut p) => {
-                p.sessions = self.sessions.clone();
-                actx.new_peers.push((p, self.is_leader()))
-            }
-            Err(err) => crate::fatal(&format!(
-                "cannot create split region {new_region_id}: {err}"
-            )),
-        }
+        actx.new_peers.push(NewPeer {
+            sessions: Some(self.sessions.clone()),
+            campaign: self.is_leader(),
+            ..NewPeer::new(storage)
+        });
         self.siblings = vec![right.clone()];
         self.changed = true;
         metrics::counter!("tessera_region_splits_total").increment(1);

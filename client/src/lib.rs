@@ -1,4 +1,6 @@
-//! The Rust client: routes every key to its region and leader, and hides region changes.
+//! The Rust client of tessera: routes every key to its region and leader, and hides region
+//! changes. A crate of its own that depends on the wire types (`tessera-api`), tonic and
+//! tokio only, so an application that embeds it builds no storage engine or consensus.
 //!
 //! The client keeps a [region cache](cache::RegionCache) by start key. Each request goes to
 //! the cached leader of the key's region with the region's id and epoch. On a structured
@@ -7,8 +9,8 @@
 //! deadline. Callers see data or a typed [`Error`], never a routing error.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), tessera::client::Error> {
-//! use tessera::client::{Client, ClientOptions};
+//! # async fn demo() -> Result<(), tessera_client::Error> {
+//! use tessera_client::{Client, ClientOptions};
 //!
 //! let client = Client::connect(&["127.0.0.1:20161".to_string()], ClientOptions::default()).await?;
 //! client.put(b"/nodes/n1", b"10.0.0.1:9092").await?;
@@ -43,7 +45,8 @@
 //! oversize key, reserved key), [`Error::Unknown`] when a write's deadline passed after an
 //! attempt whose outcome is unknown, [`Error::Deadline`] when routing problems outlasted
 //! [`ClientOptions::deadline`], [`Error::Unavailable`] when no node answered,
-//! [`Error::Server`] for any other error the server answered with.
+//! [`Error::Refused`] for a request the cluster refused as it stands (a move to where the
+//! replica already is), [`Error::Server`] for any other error the server answered with.
 //!
 //! Retries and exactly-once writes: every write (put, delete, compare-and-swap, each
 //! region's part of a batch) carries a write id — this client's random id and the write's
@@ -69,17 +72,18 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::kv_client::KvClient;
 use crate::proto::node_client::NodeClient;
-use crate::proto::{self, KeyValue, NodeAddress, ReadConsistency, RegionsRequest, RequestHeader};
-use crate::storage::keys::is_system_key;
+use crate::proto::{KeyValue, NodeAddress, ReadConsistency, RegionsRequest, RequestHeader};
 use cache::{CachedRegion, RegionCache};
 use mux::Conn;
 use retry::{Attempt, Mode};
+use tessera_api::keys::is_system_key;
 use write_id::WriteIds;
 
 pub use cluster::Health;
-pub use mux::MAX_COMMANDS_MESSAGE_BYTES;
+pub use tessera_api::limits::MAX_COMMANDS_MESSAGE_BYTES;
+pub use tessera_api::{ids, proto};
 
-pub use crate::raftstore::cmd::{CasAction, Compare};
+pub use tessera_api::kv::{CasAction, Compare};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -204,7 +208,7 @@ impl Client {
     }
 
     fn kv(ch: Channel) -> KvClient<Channel> {
-        KvClient::new(ch).max_decoding_message_size(crate::transport::MAX_GRPC_MESSAGE_BYTES)
+        KvClient::new(ch).max_decoding_message_size(tessera_api::limits::MAX_GRPC_MESSAGE_BYTES)
     }
 
     /// The endpoints given at connect time, then every node learnt since.
@@ -463,7 +467,7 @@ impl Client {
     /// keyspace), at most `limit` of them (0 = no limit).
     pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>> {
         // The user keyspace ends where the system keyspace begins.
-        let user_end = [crate::storage::keys::SYSTEM_KEY_PREFIX];
+        let user_end = [tessera_api::keys::SYSTEM_KEY_PREFIX];
         let end = if end.is_empty() && !self.inner.opts.system {
             &user_end[..]
         } else {
@@ -533,71 +537,4 @@ impl Client {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proto::{Peer, Region};
-
-    fn client() -> Client {
-        let c = Client {
-            inner: Arc::new(Inner {
-                endpoints: vec![],
-                opts: ClientOptions::default(),
-                channels: DashMap::new(),
-                nodes: DashMap::new(),
-                cache: RwLock::new(RegionCache::default()),
-                stats: ClientStats::default(),
-                suspects: DashMap::new(),
-                writes: WriteIds::new(),
-            }),
-        };
-        for n in 1..=3 {
-            c.inner.nodes.insert(n, format!("127.0.0.1:{n}"));
-        }
-        c
-    }
-
-    fn region(leader: Option<u64>) -> CachedRegion {
-        let peers: Vec<Peer> = (1..=3)
-            .map(|n| Peer {
-                id: 10 + n,
-                node_id: n,
-                role: 0,
-            })
-            .collect();
-        CachedRegion {
-            leader: leader.map(|l| peers[l as usize - 1]),
-            region: Region {
-                id: 1,
-                peers,
-                ..Default::default()
-            },
-        }
-    }
-
-    #[test]
-    fn suspect_nodes_are_tried_last() {
-        let c = client();
-        let r = region(Some(1));
-        assert_eq!(c.target(&r, 0).map(|t| t.0), Some(1), "the leader first");
-        c.inner
-            .suspects
-            .insert(1, Instant::now() + Duration::from_secs(60));
-        for n in 0..6 {
-            let t = c.target(&r, n).unwrap().0;
-            assert_ne!(
-                t, 1,
-                "a suspect leader is skipped while another peer is left"
-            );
-        }
-        c.inner
-            .suspects
-            .insert(2, Instant::now() + Duration::from_secs(60));
-        c.inner
-            .suspects
-            .insert(3, Instant::now() + Duration::from_secs(60));
-        assert!(c.target(&r, 0).is_some(), "all suspect: still try someone");
-        // Suspicion expires.
-        c.inner.suspects.insert(1, Instant::now());
-        assert_eq!(c.target(&region(Some(1)), 0).map(|t| t.0), Some(1));
-    }
-}
+mod tests;

@@ -8,23 +8,14 @@
 
 use tokio::sync::oneshot;
 
-use super::node_service::SystemClient;
+use super::{led_region, AdminError};
 use crate::ids::RegionId;
+use crate::placement::client::SystemClient;
 use crate::proto::{self, Region, RegionEpoch};
 use crate::raftstore::cmd::{ApplyResult, Command};
 use crate::raftstore::msg::{PeerMsg, RegionError, RegionInfo};
 use crate::raftstore::router::{RouteError, Router};
 use crate::storage::{keys, Cf, Engine};
-
-#[derive(Debug, thiserror::Error)]
-pub enum SplitError {
-    #[error("{0}")]
-    Region(RegionError),
-    #[error("placement: {0}")]
-    Placement(String),
-    #[error("split result unknown: {0}")]
-    Unknown(String),
-}
 
 /// Splits `region` at `split_key`. `epoch` is the one the caller routed with (`None` = the
 /// region's current one). A key that already starts the region is a no-op.
@@ -34,8 +25,8 @@ pub async fn split_region(
     region: RegionId,
     epoch: Option<RegionEpoch>,
     split_key: Vec<u8>,
-) -> Result<Vec<Region>, SplitError> {
-    let info = super::membership::led_region(router, region).await?;
+) -> Result<Vec<Region>, AdminError> {
+    let info = led_region(router, region).await?;
     let epoch = epoch.unwrap_or_else(|| info.region.epoch.unwrap_or_default());
     if split_key == info.region.start_key
         && epoch.version == info.region.epoch.unwrap_or_default().version
@@ -45,15 +36,15 @@ pub async fn split_region(
     let client = placement
         .get()
         .await
-        .map_err(|e| SplitError::Placement(e.to_string()))?;
+        .map_err(|e| AdminError::Placement(e.to_string()))?;
     let n = info.region.peers.len() as u64;
     let ids = crate::placement::alloc_ids(&client, 1 + n)
         .await
-        .map_err(|e| SplitError::Placement(e.to_string()))?;
+        .map_err(|e| AdminError::Placement(e.to_string()))?;
     let mut ids = ids.into_iter();
     let new_region_id = ids
         .next()
-        .ok_or_else(|| SplitError::Placement("id allocation returned an empty range".into()))?;
+        .ok_or_else(|| AdminError::Placement("id allocation returned an empty range".into()))?;
     let cmd = Command::Split {
         split_key,
         new_region_id,
@@ -69,18 +60,18 @@ pub async fn split_region(
     match router.send_client(region, msg) {
         Ok(()) => {}
         Err(RouteError::RegionNotFound(_)) => {
-            return Err(SplitError::Region(RegionError::RegionNotFound(region)))
+            return Err(AdminError::Region(RegionError::RegionNotFound(region)))
         }
-        Err(_) => return Err(SplitError::Unknown("raft worker busy or stopping".into())),
+        Err(_) => return Err(AdminError::Unknown("raft worker busy or stopping".into())),
     }
-    match tokio::time::timeout(super::REQUEST_TIMEOUT, rx).await {
+    match tokio::time::timeout(crate::server::REQUEST_TIMEOUT, rx).await {
         Ok(Ok(Ok(ApplyResult::Split { regions }))) => Ok(regions),
-        Ok(Ok(Ok(other))) => Err(SplitError::Unknown(format!("unexpected result {other:?}"))),
-        Ok(Ok(Err(e))) => Err(SplitError::Region(e)),
-        Ok(Err(_)) => Err(SplitError::Unknown(
+        Ok(Ok(Ok(other))) => Err(AdminError::Unknown(format!("unexpected result {other:?}"))),
+        Ok(Ok(Err(e))) => Err(AdminError::Region(e)),
+        Ok(Err(_)) => Err(AdminError::Unknown(
             "the region dropped the proposal".into(),
         )),
-        Err(_) => Err(SplitError::Unknown("timed out".into())),
+        Err(_) => Err(AdminError::Unknown("timed out".into())),
     }
 }
 

@@ -1,4 +1,5 @@
-//! The receiving side of the transport: the `RaftTransport` gRPC service.
+//! The receiving side of the transport: the `RaftTransport` gRPC service, which hands
+//! validated messages to the raft store's router (and creates peers the cluster added here).
 //!
 //! Nothing from the network is trusted. A batch for another cluster or node, a message that
 //! does not decode, a message whose peers do not match its envelope, or one for a region this
@@ -92,7 +93,7 @@ impl RaftService {
 
     fn route(&self, m: &RaftMessage, msg: eraftpb::Message) {
         let region = m.region_id;
-        let introducing = super::introduces_peer(msg.get_msg_type());
+        let introducing = crate::transport::introduces_peer(msg.get_msg_type());
         if let Some(store) = self.store.as_ref().filter(|_| introducing) {
             // Senders of heartbeats (leaders) and votes (perhaps a peer removed while its
             // node was down, which must be told so): the peer may need to answer one not in

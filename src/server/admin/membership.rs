@@ -5,57 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
-
-use super::node_service::SystemClient;
-use super::split::SplitError;
+use super::{ask, describe, led_region, progress, AdminError};
 use crate::ids::RegionId;
+use crate::placement::client::SystemClient;
 use crate::proto::{self, PeerChangeKind, Region, RegionEpoch};
 use crate::raftstore::cmd::ApplyResult;
-use crate::raftstore::msg::{PeerMsg, Progress, RegionError, RegionInfo};
+use crate::raftstore::msg::{PeerMsg, RegionError};
 use crate::raftstore::router::Router;
-
-async fn ask<T>(
-    router: &Router,
-    region: RegionId,
-    make: impl FnOnce(oneshot::Sender<T>) -> PeerMsg,
-) -> Result<T, SplitError> {
-    let (tx, rx) = oneshot::channel();
-    router
-        .send(region, make(tx))
-        .map_err(|_| SplitError::Region(RegionError::RegionNotFound(region)))?;
-    tokio::time::timeout(super::REQUEST_TIMEOUT, rx)
-        .await
-        .map_err(|_| SplitError::Unknown("region did not answer".into()))?
-        .map_err(|_| SplitError::Region(RegionError::RegionNotFound(region)))
-}
-
-async fn describe(router: &Router, region: RegionId) -> Result<RegionInfo, SplitError> {
-    ask(router, region, PeerMsg::Describe).await
-}
-
-/// The region as its local peer sees it, which must be the leader.
-pub(super) async fn led_region(
-    router: &Router,
-    region: RegionId,
-) -> Result<RegionInfo, SplitError> {
-    let info = describe(router, region).await?;
-    if !info.is_leader {
-        // Describe does not wake a sleeping peer (region listings send it to every region);
-        // a request that needs the leader does, or a follower that still names a dead
-        // leader would send the caller there for as long as the region sleeps.
-        let _ = router.send(region, PeerMsg::Wake);
-        return Err(SplitError::Region(RegionError::NotLeader {
-            region,
-            leader: info.leader,
-        }));
-    }
-    Ok(info)
-}
-
-async fn progress(router: &Router, region: RegionId) -> Result<Progress, SplitError> {
-    ask(router, region, PeerMsg::Progress).await
-}
 
 /// Changes the membership of `region` (led from this node) by node ids. Peer ids for new
 /// peers come from placement; adding a voter where a learner is promotes it.
@@ -65,7 +21,7 @@ pub async fn change_peers(
     region: RegionId,
     epoch: Option<RegionEpoch>,
     changes: &[(PeerChangeKind, u64)],
-) -> Result<Region, SplitError> {
+) -> Result<Region, AdminError> {
     let info = led_region(router, region).await?;
     let epoch = epoch.unwrap_or_else(|| info.region.epoch.unwrap_or_default());
     let new_ids = changes
@@ -78,10 +34,10 @@ pub async fn change_peers(
         let client = placement
             .get()
             .await
-            .map_err(|e| SplitError::Placement(e.to_string()))?;
+            .map_err(|e| AdminError::Placement(e.to_string()))?;
         crate::placement::alloc_ids(&client, new_ids)
             .await
-            .map_err(|e| SplitError::Placement(e.to_string()))?
+            .map_err(|e| AdminError::Placement(e.to_string()))?
     } else {
         0..0
     };
@@ -109,7 +65,7 @@ pub async fn change_peers(
             (_, None) => proto::Peer {
                 id: ids
                     .next()
-                    .ok_or_else(|| SplitError::Placement("too few ids".into()))?,
+                    .ok_or_else(|| AdminError::Placement("too few ids".into()))?,
                 node_id: *node,
                 role: role as i32,
             },
@@ -124,8 +80,8 @@ pub async fn change_peers(
     .await?;
     let region_after = match res {
         Ok(ApplyResult::ChangePeers { region }) => region,
-        Ok(other) => return Err(SplitError::Unknown(format!("unexpected result {other:?}"))),
-        Err(e) => return Err(SplitError::Region(e)),
+        Ok(other) => return Err(AdminError::Unknown(format!("unexpected result {other:?}"))),
+        Err(e) => return Err(AdminError::Region(e)),
     };
     // A joint change is done once raft has left the joint state.
     let t = Instant::now();
@@ -134,8 +90,8 @@ pub async fn change_peers(
         if !p.in_joint {
             break;
         }
-        if t.elapsed() > super::REQUEST_TIMEOUT {
-            return Err(SplitError::Unknown("joint state not left in time".into()));
+        if t.elapsed() > crate::server::REQUEST_TIMEOUT {
+            return Err(AdminError::Unknown("joint state not left in time".into()));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -145,8 +101,8 @@ pub async fn change_peers(
         .unwrap_or(region_after))
 }
 
-fn bad(reason: String) -> SplitError {
-    SplitError::Region(RegionError::Refused { reason })
+fn bad(reason: String) -> AdminError {
+    AdminError::Region(RegionError::Refused { reason })
 }
 
 /// Where a move stands after one step.
@@ -168,7 +124,7 @@ pub async fn move_replica(
     region: RegionId,
     from: u64,
     to: u64,
-) -> Result<MoveStep, SplitError> {
+) -> Result<MoveStep, AdminError> {
     let info = led_region(router, region).await?;
     let peers = &info.region.peers;
     let is_voter = |n: u64| {
@@ -206,8 +162,8 @@ pub async fn move_replica(
             reply,
         })
         .await?;
-        res.map_err(SplitError::Region)?;
-        return Err(SplitError::Region(RegionError::NotLeader {
+        res.map_err(AdminError::Region)?;
+        return Err(AdminError::Region(RegionError::NotLeader {
             region,
             leader: peers.iter().find(|p| p.node_id == target).copied(),
         }));

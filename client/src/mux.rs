@@ -26,11 +26,10 @@ use tonic::{Code, Status};
 
 use super::Client;
 use crate::proto::{self, kv_command::Request as Cmd, kv_command_result::Response as Answer};
+use tessera_api::limits::MAX_COMMANDS_MESSAGE_BYTES;
 
 /// A request whose encoding is larger than this is sent as a unary call.
 pub const MAX_STREAM_COMMAND_BYTES: usize = 256 << 10;
-/// Upper bound of one stream message from the client (the server accepts twice this).
-pub const MAX_COMMANDS_MESSAGE_BYTES: usize = 4 << 20;
 /// Commands in flight on one stream; callers beyond it wait for answers.
 const MAX_IN_FLIGHT: usize = 2048;
 /// Commands queued for the task before callers wait.

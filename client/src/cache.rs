@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::proto::{Peer, Region};
-use crate::storage::keys::in_range;
+use tessera_api::keys::in_range;
 
 #[derive(Clone, Debug)]
 pub struct CachedRegion {

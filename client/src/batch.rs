@@ -13,7 +13,7 @@ use super::retry::{unknown_if, Mode};
 use super::write_id::WriteTicket;
 use super::{Attempt, Client, Error, Result};
 use crate::proto::{self, KeyValue, RequestHeader};
-use crate::storage::keys::is_system_key;
+use tessera_api::keys::is_system_key;
 
 impl Client {
     /// Runs `op` once per region for the keys it holds, all regions in parallel; keys whose

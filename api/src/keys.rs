@@ -1,0 +1,36 @@
+//! The user keyspace as clients and servers both see it.
+//!
+//! Keys are byte strings ordered bytewise. A range `[start, end)` with an empty `end` runs
+//! to the end of the keyspace. Keys that start with [`SYSTEM_KEY_PREFIX`] form the system
+//! keyspace, where the placement region keeps the cluster's own metadata; user clients may
+//! not read or write it.
+
+/// User keys starting with this byte are the system keyspace: the placement region
+/// `[0xFF, +inf)`. 0xFF never occurs in UTF-8, so no text key is taken from users.
+pub const SYSTEM_KEY_PREFIX: u8 = 0xFF;
+
+/// Whether `user_key` belongs to the system keyspace.
+pub fn is_system_key(user_key: &[u8]) -> bool {
+    user_key.first() == Some(&SYSTEM_KEY_PREFIX)
+}
+
+/// Whether `key` lies in `[start, end)`, where an empty `end` is +infinity.
+pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+    key >= start && (end.is_empty() || key < end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_and_the_system_keyspace() {
+        assert!(in_range(b"b", b"a", b"c"));
+        assert!(in_range(b"a", b"a", b"c"));
+        assert!(!in_range(b"c", b"a", b"c"));
+        assert!(in_range(b"zzz", b"a", b""));
+        assert!(is_system_key(&[0xFF, 1]));
+        assert!(!is_system_key(b"/topics"));
+        assert!(!is_system_key(b""));
+    }
+}
