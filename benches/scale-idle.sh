@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Many regions, no traffic: start-up time until every region has a leader, then idle CPU and
-# resident memory of each node over 30 s. For issue 5's "idle regions cost nothing" figures.
+# resident memory of each node over 30 s. For the "idle regions cost nothing" figures.
 #   benches/scale-idle.sh [REGIONS]        (default 10000; release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
