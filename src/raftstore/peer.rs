@@ -358,10 +358,36 @@ impl Peer {
             });
         };
         if to.id != self.peer_id.0 {
+            self.ready_to_take_over(to.id)?;
             self.raw.transfer_leader(to.id);
             self.check_transfer();
         }
         Ok(())
+    }
+
+    /// Whether peer `to` can take the leadership now: heard from within the last election
+    /// timeout, replicating (not probing or waiting for a snapshot), and at most
+    /// `MAX_TRANSFER_LAG` entries behind. raft-rs would start the transfer anyway and drop
+    /// every proposal until the target caught up or an election timeout passed, so a
+    /// transfer to a hung or lagging node stalls the region's writes; TiKV refuses such
+    /// transfers the same way. The refusal is `ServerBusy`: the same request may succeed
+    /// once the target has caught up.
+    fn ready_to_take_over(&self, to: u64) -> Result<(), RegionError> {
+        const MAX_TRANSFER_LAG: u64 = 128;
+        let last = self.raw.raft.raft_log.last_index();
+        let why = match self.raw.raft.prs().get(to) {
+            None => "it is not in the configuration",
+            Some(pr) if !pr.recent_active => "it has not answered within an election timeout",
+            Some(pr) if pr.state != raft::ProgressState::Replicate => "it is catching up",
+            Some(pr) if pr.matched + MAX_TRANSFER_LAG < last => "its log lags",
+            Some(_) => return Ok(()),
+        };
+        Err(RegionError::ServerBusy {
+            reason: format!(
+                "{}: leadership not handed to peer {to}: {why}",
+                self.region_id
+            ),
+        })
     }
 
     fn on_raft_message(&mut self, m: eraftpb::Message) {

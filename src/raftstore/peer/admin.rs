@@ -41,8 +41,12 @@ impl Peer {
         if changes.is_empty() {
             return refuse(reply, "no membership change given".into());
         }
+        // Transient: the joint state is left by itself, a retry then proceeds.
+        let busy = |reply: Reply<ApplyResult>, reason: String| {
+            let _ = reply.send(Err(RegionError::ServerBusy { reason }));
+        };
         if self.raw.store().in_joint_config() {
-            return refuse(reply, "a membership change is still in progress".into());
+            return busy(reply, "a membership change is still in progress".into());
         }
         let mut cc = ConfChangeV2::default();
         let mut added = Vec::new();
@@ -73,7 +77,8 @@ impl Peer {
         };
         cc.context = prost::Message::encode_to_vec(&ctx).into();
         if let Err(e) = self.raw.propose_conf_change(vec![], cc) {
-            return refuse(reply, format!("membership change not proposed: {e}"));
+            // raft-rs drops proposals while a leadership transfer is pending: retry later.
+            return busy(reply, format!("membership change not proposed: {e}"));
         }
         self.proposals.push_back(Proposal {
             index: self.raw.raft.raft_log.last_index(),
@@ -148,14 +153,24 @@ impl Peer {
         if keys::is_system_key(&region.start_key) {
             return refuse("the placement region does not split");
         }
-        if new_region_id == 0
-            || new_peer_ids.len() != region.peers.len()
-            || new_peer_ids.contains(&0)
-        {
+        if new_region_id == 0 || new_peer_ids.contains(&0) {
             return refuse("malformed split command");
         }
+        // The membership changed after the split's ids were taken for the old one (the
+        // epoch's version does not say so): the caller describes the region again.
+        if new_peer_ids.len() != region.peers.len() {
+            return Err(RegionError::EpochNotMatch {
+                current: vec![region],
+            });
+        }
+        // Transient: the joint state is left by itself, a retry then proceeds.
         if self.raw.store().in_joint_config() {
-            return refuse("a membership change is in progress");
+            return Err(RegionError::ServerBusy {
+                reason: format!(
+                    "split of region {} waits: a membership change is in progress",
+                    region.id
+                ),
+            });
         }
         let mut epoch = region.epoch.unwrap_or_default();
         epoch.version += 1;

@@ -212,3 +212,58 @@ fn an_undecodable_committed_entry_stops_the_worker() {
     };
     peer.apply_entries(vec![e], &mut wb, &mut actx);
 }
+
+/// Leadership is handed only to a peer that can take it at once: a transfer to a peer that
+/// has not answered within an election timeout (a hung node) or lags is refused as "busy",
+/// and raft never starts it — a started transfer drops every proposal until it ends.
+#[test]
+fn leadership_goes_only_to_a_peer_ready_to_take_it() {
+    let (_dir, mut peer) = peer_on(1, b"", b"", vec![desc(11, 1), desc(12, 2)]);
+    peer.raw.raft.become_candidate();
+    peer.raw.raft.become_leader();
+    assert!(peer.is_leader());
+    let last = peer.raw.raft.raft_log.last_index();
+
+    // Silent for an election timeout: refused, no transfer started.
+    let pr = peer.raw.raft.mut_prs().get_mut(12).expect("peer 12");
+    pr.recent_active = false;
+    pr.become_replicate();
+    pr.matched = last;
+    match peer.transfer_leader(2) {
+        Err(RegionError::ServerBusy { reason }) => {
+            assert!(reason.contains("not answered"), "{reason}")
+        }
+        other => panic!("expected ServerBusy, got {other:?}"),
+    }
+    assert_eq!(peer.raw.raft.lead_transferee, None);
+
+    // Answering but far behind: refused.
+    let pr = peer.raw.raft.mut_prs().get_mut(12).expect("peer 12");
+    pr.recent_active = true;
+    pr.matched = 0;
+    for _ in 0..200 {
+        peer.raw.propose(vec![], b"x".to_vec()).expect("propose");
+    }
+    assert!(matches!(
+        peer.transfer_leader(2),
+        Err(RegionError::ServerBusy { .. })
+    ));
+    assert_eq!(peer.raw.raft.lead_transferee, None);
+
+    // Up to date and answering: the transfer starts.
+    let last = peer.raw.raft.raft_log.last_index();
+    peer.raw
+        .raft
+        .mut_prs()
+        .get_mut(12)
+        .expect("peer 12")
+        .matched = last;
+    peer.transfer_leader(2).expect("transfer starts");
+    assert_eq!(peer.raw.raft.lead_transferee, Some(12));
+
+    // A node without a replica: refused for good.
+    assert!(matches!(
+        peer.transfer_leader(3),
+        Err(RegionError::Refused { .. })
+    ));
+}

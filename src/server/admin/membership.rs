@@ -147,6 +147,11 @@ pub async fn move_replica(
         )));
     }
     if is_voter(to) {
+        // The last step (promote `to`, remove `from`) applied and raft has not left the
+        // joint configuration yet: the move is finishing, not refused.
+        if progress(router, region).await?.in_joint {
+            return Ok(MoveStep::InProgress(info.region));
+        }
         return Err(bad(format!(
             "region {region} already has a voter on node {to}"
         )));
