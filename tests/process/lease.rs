@@ -3,7 +3,6 @@
 use super::*;
 
 /// A linearizable read of `key` sent to `addr` only: the value, or why not.
-#[cfg(feature = "failpoints")]
 async fn read_at(
     addr: &str,
     region: &tessera::proto::Region,
@@ -16,7 +15,6 @@ async fn read_at(
 }
 
 /// A put of `key` sent to `addr` only: whether that node took it.
-#[cfg(feature = "failpoints")]
 async fn put_at(addr: &str, region: &tessera::proto::Region, key: &[u8], value: &[u8]) -> bool {
     use tessera::proto::kv_client::KvClient;
     use tessera::proto::{PutRequest, RequestHeader};
@@ -50,7 +48,6 @@ async fn put_at(addr: &str, region: &tessera::proto::Region, key: &[u8], value: 
 /// key, and it is resumed, still cut off and still believing it leads: the read it finds
 /// waiting must not be served from the lease — the lease ended before the others could
 /// elect (a lease as long as the election timeout fails here).
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_leader_serves_from_its_lease_then_stops() {
     let dir = common::test_dir("a_cut_off_leader_serves_from_its_lease_then_stops");

@@ -14,6 +14,8 @@ mod late_transfer;
 mod cli;
 mod crash;
 mod hibernation;
+// Link faults cut the leader off.
+#[cfg(feature = "failpoints")]
 mod lease;
 mod replacement;
 
