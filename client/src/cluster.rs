@@ -9,6 +9,7 @@ use tonic::{Code, Status};
 use super::cache::CachedRegion;
 use super::retry::Mode;
 use super::{Client, Error, Result};
+use crate::ids::{NodeId, RegionId};
 use crate::proto::node_client::NodeClient;
 use crate::proto::{self, ClusterStatusResponse, NodeInfo, RegionRoute};
 
@@ -170,7 +171,8 @@ impl Client {
     }
 
     /// Marks a node removed; it stops serving and may never return with its data.
-    pub async fn remove_node(&self, node_id: u64) -> Result<()> {
+    pub async fn remove_node(&self, node: NodeId) -> Result<()> {
+        let node_id = node.get();
         self.any_node(|mut n| async move {
             n.remove_node(proto::RemoveNodeRequest { node_id })
                 .await
@@ -181,7 +183,8 @@ impl Client {
 
     /// Asks region `region_id`'s leader to hand leadership to its peer on `to_node`, and waits
     /// (within the deadline) until the cluster reports the new leader.
-    pub async fn transfer_leader(&self, region_id: u64, to_node: u64) -> Result<()> {
+    pub async fn transfer_leader(&self, region: RegionId, to: NodeId) -> Result<()> {
+        let (region_id, to_node) = (region.get(), to.get());
         let start = Instant::now();
         let mut asked = false;
         loop {
@@ -248,15 +251,15 @@ impl Client {
     /// through joint consensus. Returns the region afterwards.
     pub async fn change_peers(
         &self,
-        region_id: u64,
-        changes: &[(proto::PeerChangeKind, u64)],
+        region: RegionId,
+        changes: &[(proto::PeerChangeKind, NodeId)],
     ) -> Result<proto::Region> {
-        let region = self.cached_region(region_id).await?;
+        let region = self.cached_region(region.get()).await?;
         let changes: Vec<proto::PeerChange> = changes
             .iter()
             .map(|(k, n)| proto::PeerChange {
                 kind: *k as i32,
-                node_id: *n,
+                node_id: n.get(),
             })
             .collect();
         let key = region.region.start_key.clone();
@@ -279,15 +282,16 @@ impl Client {
     }
 
     /// Moves the replica of a region from one node to another (learner, catch-up, joint
-    /// promote-and-remove), waiting at most `timeout` for the new replica to catch up.
-    /// Returns the region afterwards.
+    /// promote-and-remove), or with `from` `None` adds one on `to`, waiting at most
+    /// `timeout` for the new replica to catch up. Returns the region afterwards.
     pub async fn move_replica(
         &self,
-        region_id: u64,
-        from: u64,
-        to: u64,
+        region: RegionId,
+        from: Option<NodeId>,
+        to: NodeId,
         timeout: Duration,
     ) -> Result<proto::Region> {
+        let (region_id, from, to) = (region.get(), from.map_or(0, NodeId::get), to.get());
         let start = Instant::now();
         loop {
             let region = self.cached_region(region_id).await?;
@@ -333,9 +337,9 @@ impl Client {
     /// Asks the leader of `region_id` to hand leadership to its peer on `to_node`, without
     /// waiting for the transfer to complete (the scheduler's way: it sees the result in the
     /// routing table).
-    pub async fn request_transfer_leader(&self, region_id: u64, to_node: u64) -> Result<()> {
-        let region = self.cached_region(region_id).await?;
-        self.start_transfer_leader(&region, to_node).await
+    pub async fn request_transfer_leader(&self, region: RegionId, to: NodeId) -> Result<()> {
+        let region = self.cached_region(region.get()).await?;
+        self.start_transfer_leader(&region, to.get()).await
     }
 
     async fn start_transfer_leader(&self, region: &CachedRegion, to_node: u64) -> Result<()> {

@@ -1,6 +1,7 @@
 //! `tessera nodes`: the placement registry's nodes, or remove one.
 
 use serde::Serialize;
+use tessera::ids::NodeId;
 
 use super::{print_json, state_name, ConnArgs, Result};
 
@@ -29,7 +30,7 @@ struct NodeJson<'a> {
 pub async fn run(conn: ConnArgs, op: Option<NodesOp>) -> Result<()> {
     let client = conn.connect(false).await?;
     if let Some(NodesOp::Remove { node_id }) = op {
-        client.remove_node(node_id).await?;
+        client.remove_node(NodeId(node_id)).await?;
         if conn.json {
             print_json(&Removed { removed: node_id });
         } else {

@@ -1,6 +1,7 @@
 //! `tessera regions`: list the regions, or split, move or change one.
 
 use serde::Serialize;
+use tessera::ids::{NodeId, RegionId};
 use tessera::proto::{PeerChangeKind, PeerRole, Region};
 
 use super::{decode_hex, hex, print_json, ConnArgs, Result};
@@ -77,7 +78,9 @@ pub async fn run(conn: ConnArgs, op: Option<RegionsOp>) -> Result<()> {
     let changed = match op {
         None => return list(&conn, &client).await,
         Some(RegionsOp::TransferLeader { region_id, node_id }) => {
-            client.transfer_leader(region_id, node_id).await?;
+            client
+                .transfer_leader(RegionId(region_id), NodeId(node_id))
+                .await?;
             if conn.json {
                 print_json(&Transferred {
                     region: region_id,
@@ -102,7 +105,12 @@ pub async fn run(conn: ConnArgs, op: Option<RegionsOp>) -> Result<()> {
             to,
         }) => {
             client
-                .move_replica(region_id, from, to, std::time::Duration::from_secs(600))
+                .move_replica(
+                    RegionId(region_id),
+                    Some(NodeId(from)),
+                    NodeId(to),
+                    std::time::Duration::from_secs(600),
+                )
                 .await?
         }
         Some(RegionsOp::AddPeer {
@@ -115,11 +123,16 @@ pub async fn run(conn: ConnArgs, op: Option<RegionsOp>) -> Result<()> {
             } else {
                 PeerChangeKind::AddVoter
             };
-            client.change_peers(region_id, &[(kind, node_id)]).await?
+            client
+                .change_peers(RegionId(region_id), &[(kind, NodeId(node_id))])
+                .await?
         }
         Some(RegionsOp::RemovePeer { region_id, node_id }) => {
             client
-                .change_peers(region_id, &[(PeerChangeKind::Remove, node_id)])
+                .change_peers(
+                    RegionId(region_id),
+                    &[(PeerChangeKind::Remove, NodeId(node_id))],
+                )
                 .await?
         }
     };

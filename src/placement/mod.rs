@@ -18,6 +18,7 @@
 //! `node_down_after_ms` by the reader's clock (so clocks must agree to well within that).
 
 pub mod client;
+pub mod scheduler;
 
 use std::collections::HashMap;
 use std::ops::Range;

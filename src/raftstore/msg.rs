@@ -313,7 +313,7 @@ pub enum WorkerMsg {
     /// The node `node` looks down: wake the sleeping regions it leads, so they elect.
     /// `why` says who noticed.
     NodeDown {
-        node: u64,
+        node: crate::ids::NodeId,
         why: Wake,
     },
     /// Finish the round, then stop.

@@ -165,7 +165,7 @@ impl Router {
 
     /// Tells every worker that `node` looks down (`why` says who noticed), so each wakes
     /// the sleeping regions led from there.
-    pub fn node_down(&self, node: u64, why: super::msg::Wake) {
+    pub fn node_down(&self, node: crate::ids::NodeId, why: super::msg::Wake) {
         for w in &self.inner.workers {
             let _ = w.send(WorkerMsg::NodeDown { node, why });
         }
@@ -188,6 +188,6 @@ impl crate::transport::DeliveryReports for Router {
     }
 
     fn node_down(&self, node: crate::ids::NodeId) {
-        Router::node_down(self, node.0, super::msg::Wake::TransportNodeDown);
+        Router::node_down(self, node, super::msg::Wake::TransportNodeDown);
     }
 }

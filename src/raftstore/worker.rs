@@ -198,7 +198,8 @@ impl Worker {
             node,
             "a leader there went silent: waking the regions it leads here"
         );
-        self.router.node_down(node, Wake::LeaderSilent);
+        self.router
+            .node_down(crate::ids::NodeId(node), Wake::LeaderSilent);
     }
 
     /// Returns true on shutdown.

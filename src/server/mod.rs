@@ -10,7 +10,6 @@ pub mod kv_service;
 pub mod node_service;
 pub mod raft_service;
 pub mod reporter;
-pub mod scheduler;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -265,10 +264,10 @@ impl Node {
             Duration::from_millis(cfg.placement.node_down_after_ms),
             removed_tx,
         ));
-        let scheduler = tokio::spawn(scheduler::schedule_loop(
+        let scheduler = tokio::spawn(crate::placement::scheduler::schedule_loop(
             placement.clone(),
             cfg.node_id(),
-            scheduler::SchedulerConfig {
+            crate::placement::scheduler::SchedulerConfig {
                 enabled: cfg.placement.schedule,
                 interval: Duration::from_millis(cfg.placement.schedule_interval_ms),
                 replicas: cfg.cluster.replicas as usize,
@@ -508,7 +507,10 @@ async fn heartbeat_loop(
                     && n.node_id != record.node_id
                     && !transport.probe(crate::ids::NodeId(n.node_id)).await
                 {
-                    router.node_down(n.node_id, crate::raftstore::msg::Wake::PlacementNodeDown);
+                    router.node_down(
+                        crate::ids::NodeId(n.node_id),
+                        crate::raftstore::msg::Wake::PlacementNodeDown,
+                    );
                 }
                 if !n.removed {
                     transport.set_address(crate::ids::NodeId(n.node_id), n.addr);

@@ -178,7 +178,10 @@ async fn cut_off_follower(r: &mut FaultRun<'_>) {
         if let (Some(region), Some(l)) = (&r.region, r.leader) {
             if l.node_id == victim as u64 + 1 {
                 let to = (victim + 1) % 3 + 1;
-                admin.transfer_leader(region.id, to as u64).await.unwrap();
+                admin
+                    .transfer_leader(RegionId(region.id), NodeId(to as u64))
+                    .await
+                    .unwrap();
             }
         }
     }
@@ -367,7 +370,12 @@ async fn moves_under_kills(r: &mut FaultRun<'_>) {
                     // A move cut short by a kill is not counted; the region stays
                     // valid at every step (learner, joint, final).
                     let res = admin
-                        .move_replica(r.id, from, to, Duration::from_secs(8))
+                        .move_replica(
+                            RegionId(r.id),
+                            Some(NodeId(from)),
+                            NodeId(to),
+                            Duration::from_secs(8),
+                        )
                         .await;
                     match res {
                         Ok(_) => done += 1,

@@ -31,6 +31,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tessera::check::{self, History, Input, Observed, Op, Output, Verdict};
 use tessera::client::{CasAction, Client, ClientOptions, Compare, Error};
+use tessera::ids::{NodeId, RegionId};
 use tessera::proto::kv_client::KvClient;
 use tessera::proto::{ReadConsistency, Region, RegionInfo, RequestHeader, ScanRequest};
 

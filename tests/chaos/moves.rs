@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::Rng;
 use tessera::client::{Client, ClientOptions};
+use tessera::ids::{NodeId, RegionId};
 use tessera::proto::Region;
 
 use super::common::Proc;
@@ -57,7 +58,10 @@ pub(super) async fn leaders_move(
         heal_links(addrs).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         for id in &key_regions {
-            if let Err(e) = admin.transfer_leader(*id, p as u64 + 1).await {
+            if let Err(e) = admin
+                .transfer_leader(RegionId(*id), NodeId(p as u64 + 1))
+                .await
+            {
                 eprintln!("transfer of region {id} to node {}: {e}", p + 1);
             }
         }

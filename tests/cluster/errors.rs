@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use protobuf::Message as _;
+use tessera::ids::{NodeId, RegionId};
 use tessera::proto::kv_client::KvClient;
 use tessera::proto::node_client::NodeClient;
 use tessera::proto::raft_transport_client::RaftTransportClient;
@@ -173,7 +174,12 @@ async fn region_errors_are_structured() {
     // ...and through the client, which returns it rather than retrying to its deadline.
     let client = cluster.client().await;
     match client
-        .move_replica(region_id, leader_node, leader_node, Duration::from_secs(30))
+        .move_replica(
+            RegionId(region_id),
+            Some(NodeId(leader_node)),
+            NodeId(leader_node),
+            Duration::from_secs(30),
+        )
         .await
     {
         Err(tessera::client::Error::Refused(reason)) => {

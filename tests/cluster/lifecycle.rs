@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera::client::Client;
+use tessera::ids::{NodeId, RegionId};
 
 use super::common::{patient_client, wait_for_leaders, TestCluster};
 
@@ -391,7 +392,12 @@ async fn membership_changes_under_load() {
         .unwrap();
     let t = Instant::now();
     let moved = client
-        .move_replica(a.id, a_from, four_id, Duration::from_secs(60))
+        .move_replica(
+            RegionId(a.id),
+            Some(NodeId(a_from)),
+            NodeId(four_id),
+            Duration::from_secs(60),
+        )
         .await
         .expect("move");
     eprintln!(
@@ -418,7 +424,12 @@ async fn membership_changes_under_load() {
     let b = user[1].region.clone().unwrap();
     let b_leader = user[1].leader.unwrap().node_id;
     let moved_b = client
-        .move_replica(b.id, b_leader, four_id, Duration::from_secs(60))
+        .move_replica(
+            RegionId(b.id),
+            Some(NodeId(b_leader)),
+            NodeId(four_id),
+            Duration::from_secs(60),
+        )
         .await
         .expect("move leader's replica");
     assert!(!moved_b.peers.iter().any(|p| p.node_id == b_leader));
@@ -429,12 +440,12 @@ async fn membership_changes_under_load() {
     let c_leader = user[2].leader.unwrap().node_id;
     use tessera::proto::PeerChangeKind as K;
     let r = client
-        .change_peers(c.id, &[(K::AddLearner, four_id)])
+        .change_peers(RegionId(c.id), &[(K::AddLearner, NodeId(four_id))])
         .await
         .unwrap();
     assert!(r.peers.iter().any(|p| p.node_id == four_id && p.role == 1));
     let r = client
-        .change_peers(c.id, &[(K::AddVoter, four_id)])
+        .change_peers(RegionId(c.id), &[(K::AddVoter, NodeId(four_id))])
         .await
         .unwrap();
     assert!(r.peers.iter().any(|p| p.node_id == four_id && p.role == 0));
@@ -446,13 +457,13 @@ async fn membership_changes_under_load() {
         .find(|n| *n != c_leader && *n != four_id)
         .unwrap();
     let r = client
-        .change_peers(c.id, &[(K::Remove, c_from)])
+        .change_peers(RegionId(c.id), &[(K::Remove, NodeId(c_from))])
         .await
         .unwrap();
     assert_eq!(r.peers.len(), 3);
     // Bad requests are refused with a reason, nothing changes.
     let e = client
-        .change_peers(c.id, &[(K::Remove, 99)])
+        .change_peers(RegionId(c.id), &[(K::Remove, NodeId(99))])
         .await
         .unwrap_err();
     assert!(e.to_string().contains("no peer on node 99"), "{e}");
@@ -533,7 +544,7 @@ async fn membership_changes_under_load() {
         .unwrap();
     cluster.stop(d_from as usize - 1).await;
     let r = client
-        .change_peers(d.id, &[(K::Remove, d_from)])
+        .change_peers(RegionId(d.id), &[(K::Remove, NodeId(d_from))])
         .await
         .unwrap();
     assert_eq!(r.peers.len(), 2);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera::client::{Client, Health};
+use tessera::ids::{NodeId, RegionId};
 use tessera::proto::node_client::NodeClient;
 use tessera::proto::{LocateKeyRequest, RegionRoute};
 
@@ -203,7 +204,10 @@ async fn client_rides_through_leader_transfers_and_a_dead_node() {
         let region = r.region.as_ref().unwrap();
         let from = r.leader.unwrap().node_id;
         let to = from % 3 + 1;
-        client.transfer_leader(region.id, to).await.unwrap();
+        client
+            .transfer_leader(RegionId(region.id), NodeId(to))
+            .await
+            .unwrap();
         moved.insert(region.id, to);
     }
     // The table follows: each region's row names its new leader soon after the move.
@@ -333,7 +337,10 @@ async fn join_restart_double_join_and_removal() {
     let placement = routes.last().unwrap();
     let p_region = placement.region.as_ref().unwrap().id;
     let to = placement.leader.unwrap().node_id % 3 + 1;
-    client.transfer_leader(p_region, to).await.unwrap();
+    client
+        .transfer_leader(RegionId(p_region), NodeId(to))
+        .await
+        .unwrap();
     let st = client.status().await.unwrap();
     assert_eq!(st.nodes.len(), 4);
 
@@ -352,7 +359,7 @@ async fn join_restart_double_join_and_removal() {
     }
 
     // Removal: the node sees it and stops; with its old data it cannot serve again.
-    client.remove_node(new_id).await.unwrap();
+    client.remove_node(NodeId(new_id)).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), cluster.node(j).wait_removed())
         .await
         .expect("removed node notices within 10 s");

@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use tessera::client::{Client, ClientOptions};
+use tessera::ids::{NodeId, RegionId};
 use tessera::proto::kv_client::KvClient;
 use tessera::proto::node_client::NodeClient;
 use tessera::proto::{
@@ -134,7 +135,9 @@ async fn a_returning_leader_answers_each_proposal_from_its_own_entry() {
         if agreed {
             break;
         }
-        let _ = admin.transfer_leader(region.id, p as u64).await;
+        let _ = admin
+            .transfer_leader(RegionId(region.id), NodeId(p as u64))
+            .await;
         assert!(Instant::now() < deadline, "leadership never returned to P");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tessera::client::{Client, ClientOptions};
+use tessera::ids::{NodeId, RegionId};
 use tessera::proto::kv_client::KvClient;
 use tessera::proto::{GetRequest, PutRequest, Region, RequestHeader};
 
@@ -90,7 +91,9 @@ async fn a_late_transfer_does_not_elect_beside_a_lease() {
     // T's answers never reach L: L learns of T's new term only through F.
     common::set_link(&addrs[t - 1], l as u64, "drop").await;
     procs[t - 1].signal("STOP");
-    let _ = client.request_transfer_leader(region.id, t as u64).await;
+    let _ = client
+        .request_transfer_leader(RegionId(region.id), NodeId(t as u64))
+        .await;
     // The transfer is abandoned after an election timeout (0.5 s); the lease may come back
     // two election timeouts later.
     tokio::time::sleep(Duration::from_secs(3)).await;

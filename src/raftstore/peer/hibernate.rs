@@ -146,8 +146,8 @@ impl Peer {
 
     /// The node hosting this region's leader looks down (`why` says who noticed): wake so
     /// the election timer runs, from where it would be had it never slept.
-    pub fn leader_node_down(&mut self, node: u64, why: Wake) {
-        if self.asleep && self.leader().is_none_or(|l| l.node_id == node) {
+    pub fn leader_node_down(&mut self, node: crate::ids::NodeId, why: Wake) {
+        if self.asleep && self.leader().is_none_or(|l| l.node_id == node.get()) {
             self.wake(why);
         }
     }

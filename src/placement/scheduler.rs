@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::ids::NodeId;
+use crate::ids::{NodeId, RegionId};
 use crate::placement::client::SystemClient;
 use crate::proto::{NodeRecord, PeerRole, RegionRoute};
 
@@ -32,22 +32,22 @@ pub struct SchedulerConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Move the replica on `from` to `to` (`from` 0: add a replica on `to`).
+    /// Move the replica on `from` to `to` (`from` `None`: add a replica on `to`).
     Move {
-        region: u64,
-        from: u64,
-        to: u64,
+        region: RegionId,
+        from: Option<NodeId>,
+        to: NodeId,
     },
     TransferLeader {
-        region: u64,
-        to: u64,
+        region: RegionId,
+        to: NodeId,
     },
 }
 
 impl Op {
     fn region(&self) -> u64 {
         match self {
-            Op::Move { region, .. } | Op::TransferLeader { region, .. } => *region,
+            Op::Move { region, .. } | Op::TransferLeader { region, .. } => region.get(),
         }
     }
 }
@@ -165,16 +165,16 @@ pub fn plan(
             .count();
         let from = on.iter().find(|n| nodes.dead.contains(n)).copied();
         let from = match from {
-            Some(f) => f,
-            None if voters < want && on.len() < nodes.live.len() => 0,
+            Some(f) => Some(NodeId(f)),
+            None if voters < want && on.len() < nodes.live.len() => None,
             None => continue,
         };
         if let Some(to) = least_loaded(&count, &on) {
             *count.entry(to).or_default() += 1;
             ops.push(Op::Move {
-                region: region.id,
+                region: RegionId(region.id),
                 from,
-                to,
+                to: NodeId(to),
             });
         }
     }
@@ -199,9 +199,9 @@ pub fn plan(
                     });
                 if let Some(region) = pick {
                     ops.push(Op::Move {
-                        region: region.id,
-                        from: hi,
-                        to: lo,
+                        region: RegionId(region.id),
+                        from: Some(NodeId(hi)),
+                        to: NodeId(lo),
                     });
                     return ops;
                 }
@@ -234,8 +234,8 @@ pub fn plan(
         });
         let Some(r) = pick else { break };
         ops.push(Op::TransferLeader {
-            region: r.region.as_ref().map_or(0, |x| x.id),
-            to: lo,
+            region: RegionId(r.region.as_ref().map_or(0, |x| x.id)),
+            to: NodeId(lo),
         });
         *leaders.entry(hi).or_default() -= 1;
         *leaders.entry(lo).or_default() += 1;
@@ -409,14 +409,14 @@ mod tests {
             ops,
             vec![
                 Op::Move {
-                    region: 1,
-                    from: 3,
-                    to: 4
+                    region: RegionId(1),
+                    from: Some(NodeId(3)),
+                    to: NodeId(4)
                 },
                 Op::Move {
-                    region: 2,
-                    from: 3,
-                    to: 4
+                    region: RegionId(2),
+                    from: Some(NodeId(3)),
+                    to: NodeId(4)
                 },
             ]
         );
@@ -426,9 +426,9 @@ mod tests {
         assert_eq!(
             ops[0],
             Op::Move {
-                region: 3,
-                from: 3,
-                to: 4
+                region: RegionId(3),
+                from: Some(NodeId(3)),
+                to: NodeId(4)
             }
         );
     }
@@ -479,9 +479,9 @@ mod tests {
         assert_eq!(
             ops,
             vec![Op::Move {
-                region: 1,
-                from: 0,
-                to: 2
+                region: RegionId(1),
+                from: None,
+                to: NodeId(2)
             }]
         );
     }
@@ -491,7 +491,7 @@ mod tests {
         let routes: Vec<_> = (1..=6).map(|i| route(i, &[1, 2, 3], 1 + i % 3)).collect();
         let ops = plan(&routes, &nodes(&[1, 2, 3, 4], &[]), 3, &HashSet::new(), 2);
         assert_eq!(ops.len(), 1, "{ops:?}");
-        assert!(matches!(ops[0], Op::Move { to: 4, .. }), "{ops:?}");
+        assert!(matches!(ops[0], Op::Move { to: NodeId(4), .. }), "{ops:?}");
         // Balanced replicas, unbalanced leaders: transfers.
         let routes: Vec<_> = (1..=6).map(|i| route(i, &[1, 2, 3], 1)).collect();
         let ops = plan(&routes, &nodes(&[1, 2, 3], &[]), 3, &HashSet::new(), 2);
