@@ -1,15 +1,16 @@
 //! A running node: store, raft workers, transport and gRPC services, started and stopped
 //! together.
 //!
-//! Start-up order: open RocksDB → bootstrap or check the store → load regions → start the
-//! raft workers with their peers → serve gRPC. Shutdown reverses it: stop accepting, let
-//! each worker finish its round, flush and close the DB.
+//! Start-up order (`start`): open RocksDB → bootstrap or check the store → load regions →
+//! start the raft workers with their peers → serve gRPC → placement tasks. Shutdown
+//! reverses it: stop accepting, let each worker finish its round, flush and close the DB.
 
 pub mod admin;
 pub mod kv_service;
 pub mod node_service;
 pub mod raft_service;
 pub mod reporter;
+mod start;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,15 +24,11 @@ use tokio::sync::oneshot;
 use crate::config::Config;
 use crate::ids::RegionId;
 use crate::proto::NodeRecord;
-use crate::proto::{
-    kv_server::KvServer, node_server::NodeServer, raft_transport_server::RaftTransportServer,
-};
 use crate::raftstore::bootstrap::{self, BootstrapError};
-use crate::raftstore::msg::{NewPeer, WorkerMsg};
+use crate::raftstore::msg::WorkerMsg;
 use crate::raftstore::router::Router;
-use crate::raftstore::worker::{Worker, WorkerHooks};
-use crate::storage::{Engine, EngineOptions, PeerStorage};
-use crate::transport::{Transport, MAX_GRPC_MESSAGE_BYTES};
+use crate::storage::Engine;
+use crate::transport::Transport;
 use raft_service::RaftService;
 
 /// How long a client request may wait for its region's answer before "result unknown".
@@ -77,231 +74,44 @@ pub struct Node {
 impl Node {
     /// Starts a node. With `listener` the gRPC server uses it (tests bind `127.0.0.1:0`
     /// first); otherwise it binds `node.listen_addr`. Must run inside a tokio runtime.
+    ///
+    /// The steps (`start.rs`): open the store (joining a cluster first if configured),
+    /// bootstrap or check it and list its regions, start the raft side (router, transport,
+    /// workers and their peers), serve gRPC, then the placement tasks.
     pub async fn start(mut cfg: Config, listener: Option<TcpListener>) -> Result<Node, StartError> {
-        let mut members = cfg.members()?;
-        cfg.prepare_data_dir()?;
-        let db_path = cfg.node.data_dir.join("db");
-        let engine = Engine::open(
-            &db_path,
-            &EngineOptions {
-                block_cache_bytes: cfg.storage.block_cache_mb << 20,
-                data_memtable_bytes: cfg.storage.data_memtable_mb << 20,
-                ..Default::default()
-            },
-        )
-        .map_err(|source| StartError::Store {
-            path: db_path.display().to_string(),
-            source,
-        })?;
-        // Peers of a node that ran before may have acknowledged a leader just before it
-        // died: they refuse votes for a while (see raftstore/peer/lease.rs).
-        let restarted = bootstrap::store_ident(&engine)?.is_some();
-        if cfg.joining() {
-            members = join_cluster(&mut cfg, &engine).await?;
-        }
+        let store = start::open_store(&mut cfg).await?;
         let region_ids = bootstrap::prepare_store(
-            &engine,
+            &store.engine,
             cfg.cluster_id(),
             cfg.node_id(),
-            &members,
+            &store.members,
             &cfg.initial_split_keys(),
             cfg.cluster.replicas,
         )?;
-
-        let mut inboxes = Vec::new();
-        let mut senders = Vec::new();
-        for _ in 0..cfg.raft.workers {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            senders.push(tx);
-            inboxes.push(rx);
-        }
-        let router = Router::new(senders);
-        let transport = Transport::new(
-            cfg.cluster_id(),
-            cfg.node_id(),
-            std::sync::Arc::new(router.clone()),
-            tokio::runtime::Handle::current(),
+        let (raft, changes) = start::start_raft(&cfg, &store, &region_ids)?;
+        let grpc = start::serve(&cfg, listener, &raft).await?;
+        let tasks =
+            start::spawn_tasks(&cfg, &store.engine, &raft, grpc.placement.clone(), changes)?;
+        tracing::info!(
+            node = %cfg.node_id(),
+            addr = %grpc.addr,
+            regions = region_ids.len(),
+            "node started"
         );
-        for m in &members {
-            transport.set_address(m.id, m.addr.to_string());
-        }
-
-        let store = crate::raftstore::store::StoreCtx::new(
-            cfg.node_id(),
-            cfg.raft.clone(),
-            crate::logging::raft_logger(),
-            engine.clone(),
-        );
-        let election_timeout = cfg.raft.election_timeout();
-        for id in &region_ids {
-            let storage =
-                PeerStorage::open(engine.clone(), *id).map_err(|e| StartError::Region {
-                    region: *id,
-                    reason: e.to_string(),
-                })?;
-            if storage.is_initialized() {
-                let r = storage.region();
-                store.set_range(*id, &r.start_key, &r.end_key);
-            }
-            let peer = NewPeer {
-                refuse_votes_for: restarted.then_some(election_timeout),
-                ..NewPeer::new(storage)
-            };
-            let w = router.worker_for(*id);
-            router.register(*id, w);
-            router.send_worker(w, WorkerMsg::AddPeer(Box::new(peer)));
-        }
-        let mut workers = Vec::new();
-        let leaders: Vec<Arc<AtomicUsize>> =
-            (0..cfg.raft.workers).map(|_| Arc::default()).collect();
-        let asleep: Vec<Arc<AtomicUsize>> = (0..cfg.raft.workers).map(|_| Arc::default()).collect();
-        let (changes_tx, changes_rx) = tokio::sync::mpsc::unbounded_channel();
-        for (i, inbox) in inboxes.into_iter().enumerate() {
-            let w = Worker::new(
-                i,
-                inbox,
-                engine.clone(),
-                transport.clone(),
-                router.clone(),
-                store.clone(),
-                &cfg.raft,
-                cfg.storage.sync_writes,
-                cfg.storage.record_cache_mb << 20,
-                WorkerHooks {
-                    leaders: leaders[i].clone(),
-                    asleep: asleep[i].clone(),
-                    changes: changes_tx.clone(),
-                },
-            );
-            workers.push(w.spawn().map_err(StartError::Thread)?);
-        }
-        metrics::gauge!("tessera_node_regions").set(region_ids.len() as f64);
-
-        let listener = match listener {
-            Some(l) => l,
-            None => TcpListener::bind(&cfg.node.listen_addr)
-                .await
-                .map_err(|e| StartError::Listen {
-                    addr: cfg.node.listen_addr.clone(),
-                    reason: e.to_string(),
-                })?,
-        };
-        let addr = listener.local_addr().map_err(|e| StartError::Listen {
-            addr: cfg.node.listen_addr.clone(),
-            reason: e.to_string(),
-        })?;
-        // One request, or one message of a `Commands` stream carrying many (the client
-        // sends a request too large to share a message on its own, as a unary call).
-        let max_msg = (cfg.server.max_value_size * 2 + cfg.server.max_key_size + (64 << 10))
-            .max(tessera_api::limits::MAX_COMMANDS_MESSAGE_BYTES * 2);
-        let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
-        let raft = RaftTransportServer::new(
-            RaftService::new(
-                cfg.cluster_id(),
-                cfg.node_id(),
-                router.clone(),
-                stopping_rx.clone(),
-            )
-            .with_store(store.clone()),
-        )
-        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-        let kv = KvServer::new(kv_service::KvService::new(
-            router.clone(),
-            transport.clone(),
-            cfg.server.clone(),
-            REQUEST_TIMEOUT,
-            store.reader.clone(),
-            stopping_rx,
-        ))
-        .max_decoding_message_size(max_msg)
-        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-        let placement = crate::placement::client::SystemClient::new(
-            transport.clone(),
-            cfg.cluster.join.clone(),
-        );
-        let node_svc = NodeServer::new(node_service::NodeService::new(
-            cfg.cluster_id(),
-            cfg.node_id(),
-            router.clone(),
-            transport.clone(),
-            placement.clone(),
-            Duration::from_millis(cfg.placement.node_down_after_ms),
-        ));
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        // The builder's tcp_nodelay only covers listeners it binds itself; without it small
-        // responses wait for delayed ACKs (~40 ms).
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            |conn| {
-                if let Ok(c) = &conn {
-                    let _ = c.set_nodelay(true);
-                }
-                conn
-            },
-        );
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(raft)
-                .add_service(kv)
-                .add_service(node_svc)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stop_rx.await;
-                }),
-        );
-        let (removed_tx, removed) = tokio::sync::watch::channel(false);
-        let heartbeat = tokio::spawn(heartbeat_loop(
-            placement.clone(),
-            router.clone(),
-            transport.clone(),
-            leaders,
-            NodeRecord {
-                node_id: cfg.node.id,
-                addr: cfg.advertise_addr()?.to_string(),
-                ..Default::default()
-            },
-            Duration::from_millis(cfg.placement.heartbeat_interval_ms),
-            Duration::from_millis(cfg.placement.node_down_after_ms),
-            removed_tx,
-        ));
-        let scheduler = tokio::spawn(crate::placement::scheduler::schedule_loop(
-            placement.clone(),
-            cfg.node_id(),
-            crate::placement::scheduler::SchedulerConfig {
-                enabled: cfg.placement.schedule,
-                interval: Duration::from_millis(cfg.placement.schedule_interval_ms),
-                replicas: cfg.cluster.replicas as usize,
-                down_after: Duration::from_millis(cfg.placement.node_down_after_ms),
-                replace_after: Duration::from_millis(cfg.placement.replace_down_after_ms),
-                max_moves: cfg.placement.max_concurrent_moves,
-            },
-        ));
-        let reporter = tokio::spawn(reporter::report_loop(
-            placement,
-            router.clone(),
-            engine.clone(),
-            admin::SplitLimits {
-                max_keys: cfg.region.max_keys,
-                max_bytes: cfg.region.max_bytes,
-            },
-            changes_rx,
-            Duration::from_millis(cfg.placement.region_report_interval_ms),
-        ));
-        tracing::info!(node = %cfg.node_id(), %addr, regions = region_ids.len(), "node started");
         Ok(Node {
-            addr,
-            engine,
-            router,
-            transport,
-            workers,
-            stop_server: Some(stop_tx),
-            stopping,
-            heartbeat,
-            reporter,
-            scheduler,
-            removed,
-            asleep,
-            server: Some(server),
+            addr: grpc.addr,
+            engine: store.engine,
+            router: raft.router,
+            transport: raft.transport,
+            workers: raft.workers,
+            stop_server: Some(grpc.stop),
+            stopping: grpc.stopping,
+            heartbeat: tasks.heartbeat,
+            reporter: tasks.reporter,
+            scheduler: tasks.scheduler,
+            removed: tasks.removed,
+            asleep: raft.asleep,
+            server: Some(grpc.server),
         })
     }
 

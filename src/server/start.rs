@@ -1,0 +1,327 @@
+//! The steps of a node's start-up, in order: open the store, start the raft side, serve
+//! gRPC, start the placement tasks. `Node::start` runs them.
+//!
+//! Invariants:
+//! - every region's peer is registered with the router and queued to its worker before the
+//!   workers start, and the workers run before gRPC serves: no request or raft message
+//!   reaches a region that is not there yet;
+//! - a node that ran before (it has a store identity) starts its peers refusing votes for
+//!   an election timeout (see `raftstore::peer::lease`);
+//! - the data directory is created here, not when the configuration is checked.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use super::{admin, heartbeat_loop, join_cluster, kv_service, node_service, reporter};
+use super::{RaftService, StartError, REQUEST_TIMEOUT};
+use crate::config::{Config, Member};
+use crate::ids::RegionId;
+use crate::placement::client::SystemClient;
+use crate::proto::NodeRecord;
+use crate::proto::{
+    kv_server::KvServer, node_server::NodeServer, raft_transport_server::RaftTransportServer,
+};
+use crate::raftstore::bootstrap;
+use crate::raftstore::msg::{NewPeer, WorkerMsg};
+use crate::raftstore::router::Router;
+use crate::raftstore::store::StoreCtx;
+use crate::raftstore::worker::{Worker, WorkerHooks};
+use crate::storage::{Engine, EngineOptions, PeerStorage};
+use crate::transport::{Transport, MAX_GRPC_MESSAGE_BYTES};
+
+/// The opened store and who the cluster's members are.
+pub(super) struct Store {
+    pub(super) engine: Engine,
+    pub(super) members: Vec<Member>,
+    /// The store ran before (it has an identity).
+    pub(super) restarted: bool,
+}
+
+/// Opens the store in `node.data_dir` (creating the directory); a node configured to join
+/// joins first and learns its id and the members.
+pub(super) async fn open_store(cfg: &mut Config) -> Result<Store, StartError> {
+    let mut members = cfg.members()?;
+    cfg.prepare_data_dir()?;
+    let db_path = cfg.node.data_dir.join("db");
+    let engine = Engine::open(
+        &db_path,
+        &EngineOptions {
+            block_cache_bytes: cfg.storage.block_cache_mb << 20,
+            data_memtable_bytes: cfg.storage.data_memtable_mb << 20,
+            ..Default::default()
+        },
+    )
+    .map_err(|source| StartError::Store {
+        path: db_path.display().to_string(),
+        source,
+    })?;
+    // Peers of a node that ran before may have acknowledged a leader just before it died:
+    // they refuse votes for a while (see raftstore/peer/lease.rs).
+    let restarted = bootstrap::store_ident(&engine)?.is_some();
+    if cfg.joining() {
+        members = join_cluster(cfg, &engine).await?;
+    }
+    Ok(Store {
+        engine,
+        members,
+        restarted,
+    })
+}
+
+/// The raft side of a running node.
+pub(super) struct Raft {
+    pub(super) router: Router,
+    pub(super) transport: Transport,
+    pub(super) store: StoreCtx,
+    pub(super) workers: Vec<JoinHandle<()>>,
+    /// Regions each worker leads and lets sleep (read by the heartbeat and `Node`).
+    pub(super) leaders: Vec<Arc<AtomicUsize>>,
+    pub(super) asleep: Vec<Arc<AtomicUsize>>,
+}
+
+/// Regions whose leadership or descriptor changed, reported by the workers for the reporter.
+pub(super) type Changes = tokio::sync::mpsc::UnboundedReceiver<RegionId>;
+
+/// Router, transport and the workers, with a peer queued for every region in `region_ids`.
+pub(super) fn start_raft(
+    cfg: &Config,
+    store: &Store,
+    region_ids: &[RegionId],
+) -> Result<(Raft, Changes), StartError> {
+    let engine = &store.engine;
+    let mut inboxes = Vec::new();
+    let mut senders = Vec::new();
+    for _ in 0..cfg.raft.workers {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        senders.push(tx);
+        inboxes.push(rx);
+    }
+    let router = Router::new(senders);
+    let transport = Transport::new(
+        cfg.cluster_id(),
+        cfg.node_id(),
+        Arc::new(router.clone()),
+        tokio::runtime::Handle::current(),
+    );
+    for m in &store.members {
+        transport.set_address(m.id, m.addr.to_string());
+    }
+    let ctx = StoreCtx::new(
+        cfg.node_id(),
+        cfg.raft.clone(),
+        crate::logging::raft_logger(),
+        engine.clone(),
+    );
+    let election_timeout = cfg.raft.election_timeout();
+    for id in region_ids {
+        let storage = PeerStorage::open(engine.clone(), *id).map_err(|e| StartError::Region {
+            region: *id,
+            reason: e.to_string(),
+        })?;
+        if storage.is_initialized() {
+            let r = storage.region();
+            ctx.set_range(*id, &r.start_key, &r.end_key);
+        }
+        let peer = NewPeer {
+            refuse_votes_for: store.restarted.then_some(election_timeout),
+            ..NewPeer::new(storage)
+        };
+        let w = router.worker_for(*id);
+        router.register(*id, w);
+        router.send_worker(w, WorkerMsg::AddPeer(Box::new(peer)));
+    }
+    let mut workers = Vec::new();
+    let leaders: Vec<Arc<AtomicUsize>> = (0..cfg.raft.workers).map(|_| Arc::default()).collect();
+    let asleep: Vec<Arc<AtomicUsize>> = (0..cfg.raft.workers).map(|_| Arc::default()).collect();
+    let (changes_tx, changes) = tokio::sync::mpsc::unbounded_channel();
+    for (i, inbox) in inboxes.into_iter().enumerate() {
+        let w = Worker::new(
+            i,
+            inbox,
+            engine.clone(),
+            transport.clone(),
+            router.clone(),
+            ctx.clone(),
+            &cfg.raft,
+            cfg.storage.sync_writes,
+            cfg.storage.record_cache_mb << 20,
+            WorkerHooks {
+                leaders: leaders[i].clone(),
+                asleep: asleep[i].clone(),
+                changes: changes_tx.clone(),
+            },
+        );
+        workers.push(w.spawn().map_err(StartError::Thread)?);
+    }
+    metrics::gauge!("tessera_node_regions").set(region_ids.len() as f64);
+    let raft = Raft {
+        router,
+        transport,
+        store: ctx,
+        workers,
+        leaders,
+        asleep,
+    };
+    Ok((raft, changes))
+}
+
+/// The gRPC server and what stops it.
+pub(super) struct Grpc {
+    pub(super) addr: std::net::SocketAddr,
+    pub(super) server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    pub(super) stop: oneshot::Sender<()>,
+    /// Tells the services the node is stopping.
+    pub(super) stopping: tokio::sync::watch::Sender<bool>,
+    pub(super) placement: SystemClient,
+}
+
+/// Serves the RaftTransport, Kv and Node services on `listener` (or `node.listen_addr`).
+pub(super) async fn serve(
+    cfg: &Config,
+    listener: Option<TcpListener>,
+    raft: &Raft,
+) -> Result<Grpc, StartError> {
+    let listen_err = |e: std::io::Error| StartError::Listen {
+        addr: cfg.node.listen_addr.clone(),
+        reason: e.to_string(),
+    };
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(&cfg.node.listen_addr)
+            .await
+            .map_err(listen_err)?,
+    };
+    let addr = listener.local_addr().map_err(listen_err)?;
+    // One request, or one message of a `Commands` stream carrying many (the client sends a
+    // request too large to share a message on its own, as a unary call).
+    let max_msg = (cfg.server.max_value_size * 2 + cfg.server.max_key_size + (64 << 10))
+        .max(tessera_api::limits::MAX_COMMANDS_MESSAGE_BYTES * 2);
+    let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
+    let raft_svc = RaftTransportServer::new(
+        RaftService::new(
+            cfg.cluster_id(),
+            cfg.node_id(),
+            raft.router.clone(),
+            stopping_rx.clone(),
+        )
+        .with_store(raft.store.clone()),
+    )
+    .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let kv = KvServer::new(kv_service::KvService::new(
+        raft.router.clone(),
+        raft.transport.clone(),
+        cfg.server.clone(),
+        REQUEST_TIMEOUT,
+        raft.store.reader.clone(),
+        stopping_rx,
+    ))
+    .max_decoding_message_size(max_msg)
+    .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let placement = SystemClient::new(raft.transport.clone(), cfg.cluster.join.clone());
+    let node_svc = NodeServer::new(node_service::NodeService::new(
+        cfg.cluster_id(),
+        cfg.node_id(),
+        raft.router.clone(),
+        raft.transport.clone(),
+        placement.clone(),
+        Duration::from_millis(cfg.placement.node_down_after_ms),
+    ));
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    // The builder's tcp_nodelay only covers listeners it binds itself; without it small
+    // responses wait for delayed ACKs (~40 ms).
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            if let Ok(c) = &conn {
+                let _ = c.set_nodelay(true);
+            }
+            conn
+        },
+    );
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(raft_svc)
+            .add_service(kv)
+            .add_service(node_svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            }),
+    );
+    Ok(Grpc {
+        addr,
+        server,
+        stop,
+        stopping,
+        placement,
+    })
+}
+
+/// The node's background tasks.
+pub(super) struct Tasks {
+    pub(super) heartbeat: tokio::task::JoinHandle<()>,
+    pub(super) scheduler: tokio::task::JoinHandle<()>,
+    pub(super) reporter: tokio::task::JoinHandle<()>,
+    /// Turns true once placement has removed this node.
+    pub(super) removed: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Starts the heartbeat to placement, the scheduler (active on the placement leader's node)
+/// and the region reporter.
+pub(super) fn spawn_tasks(
+    cfg: &Config,
+    engine: &Engine,
+    raft: &Raft,
+    placement: SystemClient,
+    changes: Changes,
+) -> Result<Tasks, StartError> {
+    let (removed_tx, removed) = tokio::sync::watch::channel(false);
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        placement.clone(),
+        raft.router.clone(),
+        raft.transport.clone(),
+        raft.leaders.clone(),
+        NodeRecord {
+            node_id: cfg.node.id,
+            addr: cfg.advertise_addr()?.to_string(),
+            ..Default::default()
+        },
+        Duration::from_millis(cfg.placement.heartbeat_interval_ms),
+        Duration::from_millis(cfg.placement.node_down_after_ms),
+        removed_tx,
+    ));
+    let scheduler = tokio::spawn(crate::placement::scheduler::schedule_loop(
+        placement.clone(),
+        cfg.node_id(),
+        crate::placement::scheduler::SchedulerConfig {
+            enabled: cfg.placement.schedule,
+            interval: Duration::from_millis(cfg.placement.schedule_interval_ms),
+            replicas: cfg.cluster.replicas as usize,
+            down_after: Duration::from_millis(cfg.placement.node_down_after_ms),
+            replace_after: Duration::from_millis(cfg.placement.replace_down_after_ms),
+            max_moves: cfg.placement.max_concurrent_moves,
+        },
+    ));
+    let reporter = tokio::spawn(reporter::report_loop(
+        placement,
+        raft.router.clone(),
+        engine.clone(),
+        admin::SplitLimits {
+            max_keys: cfg.region.max_keys,
+            max_bytes: cfg.region.max_bytes,
+        },
+        changes,
+        Duration::from_millis(cfg.placement.region_report_interval_ms),
+    ));
+    Ok(Tasks {
+        heartbeat,
+        scheduler,
+        reporter,
+        removed,
+    })
+}
