@@ -1,4 +1,12 @@
 //! Multi-key calls: keys grouped by region, one request per region, regions in parallel.
+//!
+//! Invariants:
+//! - answers come back in the order of the keys asked for; a region that answers a
+//!   different number of keys than it was asked for is an error, not a guess;
+//! - a key keeps the write id it was first sent with until the call ends (`per_region`);
+//! - `batch_write` checks every key before sending anything: an empty or reserved key
+//!   fails the call with nothing written;
+//! - a batch write is atomic within each region, not across regions.
 
 use std::time::Instant;
 
@@ -118,7 +126,7 @@ impl Client {
     pub async fn batch_get(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<KeyValue>>> {
         let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
         let groups = self
-            .per_region(&refs, true, |conn, header, idx| {
+            .per_region(&refs, false, |conn, header, idx| {
                 let keys: Vec<Vec<u8>> = idx.iter().map(|&i| keys[i].clone()).collect();
                 async move {
                     let r = Self::kv(conn.ch)

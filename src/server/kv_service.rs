@@ -12,6 +12,16 @@
 //! client had queued, the commands run concurrently, and each answer message holds whatever
 //! had finished. A command's gRPC error travels as a `CommandError` in its own answer and
 //! does not end the stream.
+//!
+//! Invariants:
+//! - every key of a get, write or batch is checked before it reaches a region: not empty,
+//!   within `max_key_size`, and no system key unless the header asks for system access;
+//!   values, batch sizes and write ids are checked the same way (scan bounds: size only);
+//! - every wait for a region is bounded by the request timeout; a timeout or a dropped
+//!   reply is an unknown outcome, never success or a region error;
+//! - serializable reads never take the lease path; a linearizable read is served on the
+//!   gRPC thread only when a published lease vouches for it (`local_read`);
+//! - a scan returns at most `max_scan_limit` keys.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +38,7 @@ use crate::raftstore::cmd::{ApplyResult, CasAction, Command, Compare};
 use crate::raftstore::local_read::LocalReader;
 use crate::raftstore::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, Reply};
 use crate::raftstore::router::{RouteError, Router};
-use crate::storage::keys::is_system_key;
+use crate::storage::keys::{is_system_key, SYSTEM_KEY_PREFIX};
 use crate::transport::Transport;
 
 mod commands;
@@ -292,6 +302,15 @@ impl KvCore {
         if !r.end_key.is_empty() && r.end_key <= r.start_key {
             return Err(Status::invalid_argument(
                 "scan end_key must be after start_key",
+            ));
+        }
+        // The system keyspace is [0xFF, +inf): a user scan may end at its start, no later.
+        let system = r.header.as_ref().is_some_and(|h| h.system);
+        let past_user_keys =
+            r.end_key.is_empty() || r.end_key.as_slice() > [SYSTEM_KEY_PREFIX].as_slice();
+        if !system && (is_system_key(&r.start_key) || past_user_keys) {
+            return Err(Status::invalid_argument(
+                "a scan may not reach the keys starting with byte 0xFF (placement data)",
             ));
         }
         let max = self.limits.max_scan_limit as usize;

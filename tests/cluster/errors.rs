@@ -146,6 +146,26 @@ async fn region_errors_are_structured() {
         .unwrap_err();
     assert_eq!(s.code(), tonic::Code::InvalidArgument);
 
+    // A user scan may not reach the system keyspace (placement data).
+    let bounds: [(Vec<u8>, Vec<u8>); 3] = [
+        (vec![0xFF], vec![]),
+        (b"a".to_vec(), vec![]),
+        (b"a".to_vec(), vec![0xFF, 1]),
+    ];
+    for (start_key, end_key) in bounds {
+        let s = leader
+            .scan(proto::ScanRequest {
+                header: header(&region),
+                start_key,
+                end_key,
+                limit: 10,
+                keys_only: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s}");
+    }
+
     // And the right request works.
     let r = leader
         .put(put(header(&region), key.clone(), b"ok".to_vec()))

@@ -5,6 +5,14 @@
 //! A driver talks to its region only through the router (`PeerMsg`), and to placement only
 //! through the placement client; a result it cannot know (a timeout after proposing) is
 //! [`AdminError::Unknown`], never a guess.
+//!
+//! Invariants:
+//! - every wait on a region is bounded (`REQUEST_TIMEOUT`; 5 s for descriptions), and a
+//!   wait that times out is [`AdminError::Unknown`];
+//! - [`led_region`] answers only for a local peer that leads; otherwise `NotLeader`, after
+//!   waking the peer;
+//! - region listings leave out peers that did not answer or hold nothing yet (applied index
+//!   0), and are in start-key order.
 
 pub mod membership;
 pub mod split;
@@ -45,7 +53,9 @@ pub(super) async fn ask<T>(
     tokio::time::timeout(crate::server::REQUEST_TIMEOUT, rx)
         .await
         .map_err(|_| AdminError::Unknown("region did not answer".into()))?
-        .map_err(|_| AdminError::Region(RegionError::RegionNotFound(region)))
+        // Sent, and the answer dropped (the peer was destroyed, or the node is stopping):
+        // what was asked may have been done.
+        .map_err(|_| AdminError::Unknown("the region's answer was dropped".into()))
 }
 
 pub(super) async fn describe(router: &Router, region: RegionId) -> Result<RegionInfo, AdminError> {
