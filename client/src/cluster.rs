@@ -1,5 +1,13 @@
 //! Cluster-level calls: any-node RPCs (routing table, nodes, status, removal) and leader
 //! transfer.
+//!
+//! Invariants:
+//! - `any_node` moves on to the next node after any failure except `NotFound`,
+//!   `InvalidArgument`, `AlreadyExists` and `FailedPrecondition`, which are answers;
+//! - `change_peers` is at-most-once: after an attempt that may have executed it ends in
+//!   `Error::Unknown`, never sends again; the other region calls are sent as idempotent;
+//! - `transfer_leader` succeeds only once a refresh after the request shows the target
+//!   leading; `Health::of` ranks unavailable regions above every other sign.
 
 use std::time::{Duration, Instant};
 
@@ -291,6 +299,9 @@ impl Client {
         to: NodeId,
         timeout: Duration,
     ) -> Result<proto::Region> {
+        if to.get() == 0 || from.is_some_and(|f| f.get() == 0) {
+            return Err(Error::InvalidArgument("node id 0 names no node".into()));
+        }
         let (region_id, from, to) = (region.get(), from.map_or(0, NodeId::get), to.get());
         let start = Instant::now();
         loop {

@@ -9,6 +9,16 @@
 //! (`MoveReplica`, `TransferLeader`), which follows leaders and retries. A region touched by
 //! an operation is left alone for a cool-down, so a routing table that has not caught up
 //! yet never causes a second, contradicting move.
+//!
+//! Invariants:
+//! - a round acts only while the routing table shows this node leading the placement
+//!   region;
+//! - replica moves in flight never exceed `max_moves`; a region gets at most one operation
+//!   per round, and none while one is in flight or cooling down;
+//! - replicas go only to live nodes without a replica of the region, leadership only to a
+//!   voter on a live node;
+//! - repairs come first: balancing is planned only in rounds that plan no repair;
+//! - [`plan`] is pure: the same routes, nodes and limits give the same operations.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -348,10 +358,19 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
                         .await
                         .map(|_| ()),
                     // Fire and forget: waiting would poll (and refresh) per transfer; the
-                    // next rounds see the outcome in the routing table.
-                    Op::TransferLeader { region, to } => {
-                        client.request_transfer_leader(*region, *to).await
-                    }
+                    // next rounds see the outcome in the routing table. A target that is not
+                    // ready is refused as busy, which the client would retry to its deadline
+                    // while the operation holds a slot: give it one second.
+                    Op::TransferLeader { region, to } => tokio::time::timeout(
+                        Duration::from_secs(1),
+                        client.request_transfer_leader(*region, *to),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(tessera_client::Error::Unavailable(
+                            "the leader did not take the transfer within 1 s".into(),
+                        ))
+                    }),
                 };
                 match res {
                     Ok(()) => {

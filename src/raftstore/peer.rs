@@ -366,8 +366,9 @@ impl Peer {
     }
 
     /// Whether peer `to` can take the leadership now: heard from within the last election
-    /// timeout, replicating (not probing or waiting for a snapshot), and at most
-    /// `MAX_TRANSFER_LAG` entries behind. raft-rs would start the transfer anyway and drop
+    /// timeout (measured awake: a leader that slept checks first), not waiting for a
+    /// snapshot, and at most `MAX_TRANSFER_LAG` entries behind. (A peer in probe state may
+    /// be fully caught up: an idle region never moves it back to replicate.) raft-rs would start the transfer anyway and drop
     /// every proposal until the target caught up or an election timeout passed, so a
     /// transfer to a hung or lagging node stalls the region's writes; TiKV refuses such
     /// transfers the same way. The refusal is `ServerBusy`: the same request may succeed
@@ -378,7 +379,7 @@ impl Peer {
         let why = match self.raw.raft.prs().get(to) {
             None => "it is not in the configuration",
             Some(pr) if !pr.recent_active => "it has not answered within an election timeout",
-            Some(pr) if pr.state != raft::ProgressState::Replicate => "it is catching up",
+            Some(pr) if pr.state == raft::ProgressState::Snapshot => "it is receiving a snapshot",
             Some(pr) if pr.matched + MAX_TRANSFER_LAG < last => "its log lags",
             Some(_) => return Ok(()),
         };

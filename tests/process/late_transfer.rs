@@ -70,7 +70,7 @@ async fn a_late_transfer_does_not_elect_beside_a_lease() {
             .unwrap();
         tokio::spawn(async move {
             let t0 = Instant::now();
-            while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(30) {
+            while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(60) {
                 let sent = Instant::now();
                 let r = kv
                     .get(GetRequest {
@@ -88,12 +88,24 @@ async fn a_late_transfer_does_not_elect_beside_a_lease() {
         })
     };
 
-    // T's answers never reach L: L learns of T's new term only through F.
-    common::set_link(&addrs[t - 1], l as u64, "drop").await;
-    procs[t - 1].signal("STOP");
-    let _ = client
-        .request_transfer_leader(RegionId(region.id), NodeId(t as u64))
-        .await;
+    // T's answers never reach L: L learns of T's new term only through F. L starts the
+    // transfer only while T counts as active (it answered within the last election
+    // timeout); if L's quorum check runs between T's last answer and the request, the
+    // request is refused as busy: resume T and try again.
+    let mut started = false;
+    for _ in 0..5 {
+        common::set_link(&addrs[t - 1], l as u64, "drop").await;
+        procs[t - 1].signal("STOP");
+        let ask = client.request_transfer_leader(RegionId(region.id), NodeId(t as u64));
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), ask).await {
+            started = true;
+            break;
+        }
+        procs[t - 1].signal("CONT");
+        common::set_link(&addrs[t - 1], l as u64, "").await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(started, "the leader never started the transfer");
     // The transfer is abandoned after an election timeout (0.5 s); the lease may come back
     // two election timeouts later.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -141,6 +153,7 @@ async fn a_late_transfer_does_not_elect_beside_a_lease() {
         reads.len(),
         stale.len()
     );
+    assert!(after > 0, "no read reached the old leader after the write");
     assert!(
         stale.is_empty(),
         "the old leader served {} stale reads after the new value was acknowledged",

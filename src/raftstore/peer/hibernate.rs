@@ -11,6 +11,17 @@
 //! - the transport: the node's raft stream breaks or misses keep-alive pings, and a probe
 //!   gets no answer (about 3 s for a hung node);
 //! - placement: the node's heartbeat is older than `placement.node_down_after_ms`.
+//!
+//! Invariants:
+//! - a sleeping peer is never ticked; any message but a heartbeat, a description or a
+//!   progress query wakes it; with `hibernate_regions` off no peer sleeps;
+//! - a leader sleeps only with nothing pending, everything committed, every peer holding
+//!   the whole log and no transfer or joint change under way, so a sleeping region is
+//!   consistent; a follower sleeps only while it knows a leader;
+//! - a woken follower's election timer restarts from zero or, when its leader may be gone,
+//!   moves on to at most the whole tick intervals that really passed since the leader was
+//!   last heard (at most one election timeout): never ahead of real time, which lease
+//!   reads depend on.
 
 use std::time::Duration;
 
@@ -111,6 +122,16 @@ impl Peer {
                 // while asleep because it sent nothing.
                 _ => 0,
             };
+            // For the same reason a woken leader knows of no peer that it is alive until it
+            // answers: a leadership transfer waits for that (`ready_to_take_over`).
+            if raft.state == StateRole::Leader {
+                let me = raft.id;
+                for (id, pr) in raft.mut_prs().iter_mut() {
+                    if *id != me {
+                        pr.recent_active = false;
+                    }
+                }
+            }
             // A request its leader does not see (a serializable read served here, an admin
             // call) wakes only this follower: its timer would run out on the sleeping leader
             // and start an election that the other follower, woken by the pre-vote, grants.

@@ -250,14 +250,21 @@ fn leadership_goes_only_to_a_peer_ready_to_take_it() {
     ));
     assert_eq!(peer.raw.raft.lead_transferee, None);
 
-    // Up to date and answering: the transfer starts.
+    // Receiving a snapshot: refused.
     let last = peer.raw.raft.raft_log.last_index();
-    peer.raw
-        .raft
-        .mut_prs()
-        .get_mut(12)
-        .expect("peer 12")
-        .matched = last;
+    let pr = peer.raw.raft.mut_prs().get_mut(12).expect("peer 12");
+    pr.matched = last;
+    pr.become_snapshot(last);
+    assert!(matches!(
+        peer.transfer_leader(2),
+        Err(RegionError::ServerBusy { .. })
+    ));
+
+    // Up to date and answering, even in probe state (an idle region never moves a peer
+    // that was unreachable once back to replicate): the transfer starts.
+    let pr = peer.raw.raft.mut_prs().get_mut(12).expect("peer 12");
+    pr.become_probe();
+    pr.matched = last;
     peer.transfer_leader(2).expect("transfer starts");
     assert_eq!(peer.raw.raft.lead_transferee, Some(12));
 
