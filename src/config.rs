@@ -4,6 +4,15 @@
 //! `tessera server` runs with no file at all. [`Config::validate`] checks everything that can
 //! be checked before start-up (addresses, ids, the data directory) and reports the first
 //! problem as one [`ConfigError`] naming the field.
+//!
+//! Invariants:
+//! - unknown fields are errors, missing ones take their defaults, and the embedded default
+//!   equals `Config::default()` (tested);
+//! - reading, parsing and checking return a [`ConfigError`]; only the embedded default's
+//!   parse is trusted not to fail;
+//! - checking changes nothing on disk: [`Config::prepare_data_dir`] does that, at start-up;
+//! - generated split keys stay below 0xFF00, out of the system keyspace; explicit ones are
+//!   checked for it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

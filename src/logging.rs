@@ -3,6 +3,13 @@
 //! raft-rs logs through `slog`; [`raft_logger`] gives it a root logger whose drain re-emits
 //! every record as a `tracing` event under the `raft` target, so one filter
 //! (`log.level`, e.g. `info,raft=warn`) and one output cover both.
+//!
+//! Invariants:
+//! - every raft-rs record becomes one `tracing` event under the `raft` target at the same
+//!   level (critical as error); its text is formatted only if a subscriber records it;
+//! - [`init`] never panics and never replaces an installed subscriber (a second call keeps
+//!   the first); a filter that does not parse or a file that cannot be opened is an error;
+//! - a log file is opened for appending, never truncated.
 
 use std::fmt::Write as _;
 use std::path::Path;

@@ -1,4 +1,12 @@
 //! The `tessera` binary: one executable for the server and the command-line client.
+//!
+//! Invariants:
+//! - a command that fails prints one line on stderr and exits with status 2; success is 0
+//!   (a node that must stop exits with 70 through `tessera::fatal`);
+//! - SIGPIPE gets its default action back for every command but `server`, so a closed pipe
+//!   ends a listing quietly and never kills a node;
+//! - a server's runtime is sized from its validated configuration, read before the runtime
+//!   starts.
 
 use std::process::ExitCode;
 

@@ -3,6 +3,12 @@
 //! Region, peer and node ids are all `u64` on the wire; keeping them as distinct types in
 //! signatures stops a peer id from being passed where a region id is meant. Ids are never 0:
 //! raft-rs reserves 0 for "none" (no leader, no vote).
+//!
+//! Invariants:
+//! - the types only wrap a `u64` and check nothing: `From<u64>` and `Default` accept 0, so
+//!   "never 0" is kept by whoever assigns ids (bootstrap, placement), not by these types;
+//! - the types differ only in name and display prefix (`r`, `p`, `n`, `c`); turning one
+//!   into another goes through `u64`, explicitly.
 
 use std::fmt;
 

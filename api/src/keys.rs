@@ -4,6 +4,12 @@
 //! to the end of the keyspace. Keys that start with [`SYSTEM_KEY_PREFIX`] form the system
 //! keyspace, where the placement region keeps the cluster's own metadata; user clients may
 //! not read or write it.
+//!
+//! Invariants:
+//! - the system keyspace is exactly the keys whose first byte is [`SYSTEM_KEY_PREFIX`]; the
+//!   empty key is a user key;
+//! - [`in_range`] is the one test of the `[start, end)` rule (empty `end` = +infinity); the
+//!   client's region cache and the server's routing both use it.
 
 /// User keys starting with this byte are the system keyspace: the placement region
 /// `[0xFF, +inf)`. 0xFF never occurs in UTF-8, so no text key is taken from users.

@@ -1,5 +1,12 @@
 //! The compare-and-swap vocabulary: what a comparison checks and what a swap does. The
 //! client builds these, the server logs and applies them; both convert through here.
+//!
+//! Invariants:
+//! - [`Compare::matches`] is the one definition of a comparison: every replica applies it
+//!   to the same record and decides the same way;
+//! - `ModRevision(0)` and `Version(0)` match an absent key, as `Absent` does;
+//! - `to_proto` and `from_proto` round-trip every comparison; a message without a target
+//!   gives `None`, never a default comparison.
 
 use crate::proto;
 

@@ -11,6 +11,13 @@
 //! - [`keys`]: which user keys exist and which belong to the system keyspace;
 //! - [`kv`]: compare-and-swap comparisons and actions;
 //! - [`limits`]: message sizes.
+//!
+//! Invariants:
+//! - the shared rules (key ranges, comparisons, limits) are constants and pure functions
+//!   used by both sides as they are, so a client and a server of one build cannot disagree
+//!   on them;
+//! - `proto/` is the one definition of the wire format: nothing here encodes a message by
+//!   hand.
 
 pub mod ids;
 pub mod keys;

@@ -1,4 +1,10 @@
 //! Message size limits that clients and servers must agree on.
+//!
+//! Invariants:
+//! - `MAX_COMMANDS_MESSAGE_BYTES` stays far below `MAX_GRPC_MESSAGE_BYTES`: a `Commands`
+//!   message may run past the former by one command or answer and still decodes;
+//! - the server, the transport and the client take these values from here; none keeps a
+//!   copy.
 
 /// The largest gRPC message either side encodes or decodes on the node-to-node and admin
 /// services (raft batches and snapshot chunks stay far below it).

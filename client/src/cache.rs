@@ -1,4 +1,10 @@
 //! The client's region cache: regions by start key, each with the leader last seen.
+//!
+//! Invariants:
+//! - cached regions never overlap, and each is keyed by its own start key;
+//! - a report never replaces a newer one: an insert overlapping a cached region of a higher
+//!   epoch version (or the same region with a higher `conf_ver`) is ignored;
+//! - `locate` returns only a region whose range holds the key, never a neighbour.
 
 use std::collections::BTreeMap;
 

@@ -56,6 +56,16 @@
 //! already applied is answered with its first answer and applied nothing more. Writes are
 //! linearizable with retries on, and [`Error::Unknown`] comes only when the deadline runs
 //! out.
+//!
+//! Invariants:
+//! - every attempt of one write carries the same write id, taken once per call
+//!   (`write_id`);
+//! - once an attempt of a write may have executed, the call ends in success or
+//!   [`Error::Unknown`], never in another error (`retry`);
+//! - the region cache's lock is never held across an `.await`;
+//! - `scan` returns keys in order, at most `limit` of them; an answer that says more keys
+//!   follow without moving past the cursor is an error, never a loop; without
+//!   `ClientOptions::system` an open-ended scan stops where the system keyspace begins.
 
 mod batch;
 pub mod cache;

@@ -13,6 +13,14 @@
 //! status that [`super::retry`] treats as not applied; one in flight when the stream broke,
 //! or unanswered within the RPC timeout, fails as ambiguous (`Unavailable`,
 //! `DeadlineExceeded`), and the caller drops the connection, which ends the task.
+//!
+//! Invariants:
+//! - only the connection's task touches the stream; command ids are unique per stream;
+//! - every caller still waiting gets exactly one answer or failure, and a "not sent"
+//!   failure only for a command that never left this process;
+//! - a command whose caller gave up before it was sent is never sent;
+//! - at most `MAX_IN_FLIGHT` commands are in flight per stream, and a message stops taking
+//!   commands once within `MAX_STREAM_COMMAND_BYTES` of `MAX_COMMANDS_MESSAGE_BYTES`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -12,6 +12,17 @@
 //! Region errors that a fresh route or a short wait can fix (`NotLeader`, `EpochNotMatch`,
 //! `KeyNotInRegion`, `RegionNotFound`, `ServerBusy`) are retried; `Refused` and `Internal`
 //! are answers and end the call.
+//!
+//! Invariants:
+//! - the deadline is checked before each retry, not during an attempt: a call may outlast
+//!   it by one RPC timeout; one backoff sleeps at most 700 ms;
+//! - once an attempt of a write may have executed, the call ends in success or
+//!   `Error::Unknown` (`unknown_if`); an `AtMostOnce` call is never sent again after an
+//!   ambiguous failure;
+//! - every attempt of a write sends the same write id; `StaleWrite` ends the call as
+//!   `Unknown` rather than guess;
+//! - a node that failed an RPC is tried last for 3 s, but still tried when every peer of
+//!   the region is suspect.
 
 use std::time::{Duration, Instant};
 

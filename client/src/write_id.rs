@@ -2,6 +2,13 @@
 //! one sequence number per write, kept across the write's retries, and the lowest number
 //! still waiting for its answer (`first_incomplete`), which lets each region forget the
 //! answers this client no longer needs (see the server's `raftstore::session`).
+//!
+//! Invariants:
+//! - a client id is random and never 0; sequence numbers start at 1, only grow, and are
+//!   never reused by one [`Client`](super::Client);
+//! - a number is pending from before anyone can see it until its ticket is dropped, so
+//!   `first_incomplete` never passes a write that may still be retried;
+//! - `first_incomplete <= seq` in every id sent.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};

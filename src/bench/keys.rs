@@ -1,5 +1,10 @@
 //! Which key an operation touches: uniform, zipfian (YCSB's generator, skew 0.99) or
 //! sequential over `n` keys.
+//!
+//! Invariants:
+//! - every choice is in `0..n` (`n` taken as at least 1); sequential wraps around;
+//! - zipfian rank 0 is the hottest; spreading ranks over the keyspace is the caller's job;
+//! - the zipfian set-up is O(n), once; each sample is O(1).
 
 use rand::Rng;
 

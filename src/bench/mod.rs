@@ -18,6 +18,14 @@
 //!   service prefix), 15% listings of a service's members (prefix scan, up to 100), 10%
 //!   leader-election rounds (read the service's leader key; create it with a CAS if absent,
 //!   renew it with a CAS if held by this client, else nothing).
+//!
+//! Invariants:
+//! - only operations that finish while measuring count: warm-up and the tail after the
+//!   measured time are not in the report; a failed operation is counted by kind and never
+//!   enters the latency histogram;
+//! - with `--rate`, latency runs from the scheduled start, not the actual one;
+//! - bench keys never start with 0xFF: the load stays out of the system keyspace;
+//! - the arguments are checked before anything connects.
 
 pub mod keys;
 pub mod target;

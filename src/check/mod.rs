@@ -13,6 +13,16 @@
 //! per key). A read must see exactly the value, version and mod revision of the state it is
 //! linearized at; a write's revision must be higher than every earlier write's; a
 //! compare-and-swap succeeds exactly when the version matches.
+//!
+//! Invariants:
+//! - checking is pure and deterministic: no I/O, no clock, the same history gives the same
+//!   verdict;
+//! - an operation whose outcome is unknown may be linearized anywhere after its invoke, or
+//!   not at all; it is never required to have taken effect;
+//! - operations that touch in time (one returns when another is invoked) count as
+//!   concurrent;
+//! - the search gives up after 20,000,000 steps per key with `Inconclusive`, never a
+//!   guessed verdict.
 
 use std::collections::{BTreeMap, HashSet};
 

@@ -1,4 +1,8 @@
 //! `tessera bench`: load-test a cluster (or etcd) and print the report.
+//!
+//! Invariants:
+//! - the text report is printed before the JSON file is written, so a file that cannot be
+//!   written (an `Io` error) never loses the report.
 
 use super::{Error, Result};
 

@@ -1,4 +1,11 @@
 //! `tessera kv`: read and write keys.
+//!
+//! Invariants:
+//! - a value from standard input is read whole before connecting and is at most 64 MiB; a
+//!   larger one is a usage error and nothing is sent;
+//! - a missing key (`get`) and a failed comparison (`cas`, text output) are errors (exit
+//!   status 2); with `--json` a failed comparison is printed as `"succeeded": false`;
+//! - `cas` only ever puts; it never deletes.
 
 use std::io::Read;
 

@@ -1,7 +1,15 @@
 //! The command-line client's commands, one file per command group. Every command prints
-//! text for people or, with `--json`, one JSON document per result (serialised by serde, so
-//! any byte a key holds is escaped correctly). Failures are [`Error`]s: `main` prints one
-//! line on stderr and exits with status 2.
+//! text for people or, with `--json`, one JSON document per result, one line each
+//! (serialised by serde, so quotes and control characters are escaped; key and value bytes
+//! that are not UTF-8 are replaced, region boundaries are printed in hex). Failures are
+//! [`Error`]s: `main` prints one line on stderr and exits with status 2.
+//!
+//! Invariants:
+//! - no command panics on what the cluster returns: key and value bytes go through [`text`]
+//!   (lossy UTF-8) or [`hex`], never assumed to be text;
+//! - every failure is an [`Error`] returned to `main`; nothing here exits the process;
+//! - commands connect with the client library's defaults but a 15 s deadline, and read
+//!   linearizably unless a command asks for a serializable read.
 
 pub mod bench;
 pub mod kv;

@@ -1,4 +1,8 @@
 //! `tessera nodes`: the placement registry's nodes, or remove one.
+//!
+//! Invariants:
+//! - listing is read-only; `remove` only marks the node removed in the placement registry
+//!   and moves none of its replicas (the scheduler, when enabled, replaces them).
 
 use serde::Serialize;
 use tessera::ids::NodeId;

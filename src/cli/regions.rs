@@ -1,4 +1,10 @@
 //! `tessera regions`: list the regions, or split, move or change one.
+//!
+//! Invariants:
+//! - region boundaries are printed in hex (`-` for the keyspace's edge), never as raw bytes;
+//! - a change prints the region as the cluster answered after applying it, not as asked;
+//! - `transfer-leader` and `move` report success only once the change shows (`move` waits
+//!   up to 10 minutes, `transfer-leader` up to the client's deadline).
 
 use serde::Serialize;
 use tessera::ids::{NodeId, RegionId};

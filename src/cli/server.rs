@@ -1,4 +1,13 @@
 //! `tessera server`: run a node until SIGINT/SIGTERM, or until the cluster removes it.
+//!
+//! Invariants:
+//! - command-line overrides are applied before the configuration is validated; a node
+//!   starts only from a validated configuration whose data directory is ready;
+//! - `--join` clears `node.id` (the cluster assigns it); `--listen-addr` clears
+//!   `advertise_addr`, which then defaults to the listen address;
+//! - `--check` opens the store and exits: it starts no node;
+//! - the node is shut down before the command returns, on a signal or on removal; removal
+//!   is reported as an error.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,9 @@
 //! `tessera status`: the cluster at a glance.
+//!
+//! Invariants:
+//! - read-only: one `ClusterStatus` call, nothing written;
+//! - the exit status says whether the status could be read, not how healthy the cluster
+//!   is; the health is in the output.
 
 use serde::Serialize;
 

@@ -1,6 +1,15 @@
 //! Checking a configuration before start-up: every field that can be checked without
 //! starting anything, reported as the first [`ConfigError`] naming the field. Checking
 //! touches nothing on disk; [`Config::prepare_data_dir`] does that, at start-up.
+//!
+//! Invariants:
+//! - [`Config::validate`] reads no file and writes nothing (it only looks whether
+//!   `node.data_dir` exists and is a directory); it stops at the first problem;
+//! - a joining node has `node.id` 0 and is no founding member; a founding node is listed
+//!   in `cluster.initial_cluster` under its advertise address;
+//! - the bounds other modules rely on hold after it: `election_ticks > heartbeat_ticks`, a
+//!   write-record TTL of one minute to one week, `replace_down_after_ms >=
+//!   node_down_after_ms`, split keys strictly increasing and outside the system keyspace.
 
 use std::collections::HashSet;
 use std::path::Path;

@@ -1,5 +1,10 @@
 //! The placement client a node uses: a tessera client with access to the system keyspace,
 //! connected on first use to the nodes this node knows.
+//!
+//! Invariants:
+//! - one client per node, built on first use and shared; a failed connect is not kept, the
+//!   next call tries again;
+//! - it always has system-keyspace access and a 5 s deadline (`ClientOptions::deadline`).
 
 use std::sync::Arc;
 use std::time::Duration;

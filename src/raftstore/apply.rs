@@ -3,7 +3,8 @@
 //! Invariants:
 //! - apply is deterministic: the same entries on the same state give the same writes and
 //!   results on every replica. A command that cannot apply (stale epoch, key outside the
-//!   region, undecodable) is a deterministic *result*, not an error;
+//!   region) is a deterministic *result*, not an error; a committed entry that does not
+//!   decode stops the node (`peer::command`), since skipping it could diverge;
 //! - data writes and the applied index go into the same batch (see `Peer::apply_entries`);
 //! - a failure that is not deterministic (RocksDB read error) stops the node rather than
 //!   letting replicas diverge.

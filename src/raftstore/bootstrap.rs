@@ -9,6 +9,15 @@
 //! coordination, writes the ones it hosts and its identity in one synced batch, and never
 //! bootstraps again. Later starts load regions from disk and ignore the initial-cluster
 //! settings. A data directory of another cluster or node is refused.
+//!
+//! Invariants:
+//! - [`initial_regions`] depends only on the member ids (not their order), the split keys
+//!   and the replica count: regions `1..=n` tile the keyspace, the last is `[0xFF, +inf)`,
+//!   and peer ids count up from `n + 1`, never repeating;
+//! - a store is bootstrapped at most once: its regions and identity go in one synced batch,
+//!   and a store with an identity never bootstraps again;
+//! - a store of another cluster or node, or one with regions but no identity, is refused;
+//! - the placement id counter starts at the highest bootstrap id.
 
 use crate::config::Member;
 use crate::ids::{ClusterId, NodeId, RegionId};

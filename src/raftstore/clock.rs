@@ -7,6 +7,12 @@
 //! holds while the other nodes, whose clocks ran on, have elected another leader and taken
 //! writes. CLOCK_BOOTTIME is CLOCK_MONOTONIC plus the time spent suspended, so the lease
 //! ends on time. (A stopped process — SIGSTOP — is no such hole: both clocks run on.)
+//!
+//! Invariants:
+//! - a `BootInstant` never goes backwards and counts time spent suspended;
+//! - reading the clock cannot fail silently: a failure stops the node, with no fallback to
+//!   another clock;
+//! - subtracting a duration saturates at zero instead of panicking.
 
 use std::ops::{Add, Sub};
 use std::time::Duration;

@@ -3,6 +3,14 @@
 //! Commands are Rust enums; the log stores them as `proto::RaftCommand`. The conversion is
 //! here, in one place, and decoding is total: a malformed entry becomes an error value, the
 //! same on every replica, never a panic.
+//!
+//! Invariants:
+//! - `decode(encode(c, e))` gives back `(c, e)` for every command and envelope (tested);
+//! - `decode` depends only on the bytes, never panics, and never returns a command without
+//!   an epoch; what a caller does with an error is its own (an undecodable committed entry
+//!   stops the node, see `peer::command`);
+//! - a result's `revision` is the raft index of the entry that applied the command;
+//! - `Split` is applied by the peer, never by `apply::exec`.
 
 use crate::proto;
 

@@ -13,6 +13,14 @@
 //! transfer starting, a role change, and a split, membership change or snapshot being
 //! applied (they change the range the view vouches for). Publishing a renewed lease late
 //! only shortens it.
+//!
+//! Invariants:
+//! - a read is served here only if its region has a view, the lease has not ended
+//!   (CLOCK_BOOTTIME), the epoch version matches and every key it names is in range;
+//!   anything else goes to the worker;
+//! - only the region's own peer, on its worker, publishes or withdraws its view;
+//! - a batch get reads all its keys at one point in time; a scan is clamped to the region;
+//! - a storage read error is a region error (`Internal`), never a panic.
 
 use std::sync::Arc;
 

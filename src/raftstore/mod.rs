@@ -19,6 +19,13 @@
 //! - [`msg`]: what reaches a worker and the errors that go back;
 //! - [`bootstrap`]: first start and restart of a store;
 //! - [`store`]: what a node's peers share (settings, engine, the ranges they own).
+//!
+//! Invariants:
+//! - a region is owned by exactly one worker thread at a time, and only that thread
+//!   touches its peer; everything else reaches it through the router;
+//! - a client is answered only after the batch holding its write's apply is written;
+//! - a failure a replica must not survive (a failed write, a panicked worker) stops the
+//!   node through `crate::fatal`; a restart recovers from the log.
 
 pub mod apply;
 pub mod bootstrap;

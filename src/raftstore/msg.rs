@@ -3,6 +3,14 @@
 //! Everything a worker does arrives in its inbox as a [`WorkerMsg`]; async code (gRPC services,
 //! the transport) never touches a peer directly. Answers cross back through
 //! `tokio::sync::oneshot`.
+//!
+//! Invariants:
+//! - async code never touches a peer: all work reaches a worker as a [`WorkerMsg`];
+//! - each request carries its own reply channel and is answered at most once; a dropped
+//!   reply means the outcome is unknown to the caller;
+//! - `Refused`, `Internal` and `StaleWrite` mean nothing was applied and are final; the
+//!   other kinds are fixed by a fresh route or a wait;
+//! - [`RegionError::to_proto`] keeps the kind and the `Display` text of every error.
 
 use tokio::sync::oneshot;
 

@@ -2,7 +2,15 @@
 //!
 //! A lock-free `DashMap` lookup and a channel send: the router never blocks and never touches
 //! a peer. A message for a region this node does not host is handed back to the caller, which
-//! takes the node's control path (today: count and drop, or answer `RegionNotFound`).
+//! takes the node's control path: answer `RegionNotFound`, count and drop, or stash a raft
+//! message for a few seconds in case the region is about to start here ([`Router::stash`]).
+//!
+//! Invariants:
+//! - routing never blocks and never touches a peer; each region maps to one worker;
+//! - client work is refused (`Busy`) once the worker's inbox holds more than
+//!   [`BUSY_QUEUE_LEN`] messages; raft traffic is never refused for load;
+//! - the stash holds at most 4,096 messages, each for at most 3 s, and hands a region its
+//!   messages in arrival order when it registers.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -4,6 +4,16 @@
 //! The range map keeps two regions of one node from ever owning overlapping data: a
 //! snapshot, or a peer created from a message, whose range overlaps another local region is
 //! refused (that region is stale and will shrink by applying a split or a snapshot first).
+//!
+//! Invariants:
+//! - no two regions in the range map overlap: a claim, a snapshot or a peer creation that
+//!   would overlap another local region is refused; a split records both halves under one
+//!   lock, so no range is ever owned by neither;
+//! - peers are created from messages one at a time, only for this node and a non-zero peer
+//!   id, and never over a live region's state; a tombstone blocks re-creation unless the
+//!   message's membership is newer and the peer id is new;
+//! - [`StoreCtx::set_range`] and [`StoreCtx::restore_range`] check nothing: they record
+//!   ranges their callers already own or claimed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

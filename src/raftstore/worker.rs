@@ -11,6 +11,17 @@
 //!    `advance`, and handle the light ready (its applies go into a second, unsynced batch:
 //!    applied data never needs an fsync, the synced log can always replay it);
 //! 6. serve the linearizable reads whose index is now applied.
+//!
+//! Invariants:
+//! - only this thread touches its peers; a round takes at most 4,096 inbox messages before
+//!   it writes;
+//! - proposals are answered, and a split's new peers started, only after the batch holding
+//!   their apply is written; `persisted_messages` and `advance` only after the round's
+//!   first write;
+//! - a failed write, a peer that cannot be built, or a panic in the worker stops the node
+//!   (`crate::fatal`); a restart recovers from the log;
+//! - a destroyed peer's tombstone is written synced at once; on shutdown pending replies
+//!   are dropped, so waiting clients learn at once that the outcome is unknown.
 
 use std::collections::{HashMap, HashSet};
 use std::thread::JoinHandle;

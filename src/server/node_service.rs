@@ -1,5 +1,18 @@
 //! `proto::Node`: what this node knows locally — its regions, their leaders, and the
-//! addresses of the other nodes. Clients use it to fill their region cache.
+//! addresses of the other nodes. Clients use it to fill their region cache. It also answers
+//! from placement (node registry, routing table, cluster status, joins and removals) and
+//! runs the admin operations of regions led here (`admin`).
+//!
+//! Invariants:
+//! - a malformed request (no header, empty split key, no or unknown changes, node id 0, an
+//!   address that is not `host:port`) is `InvalidArgument` before anything runs;
+//! - region errors travel inside successful responses; placement failures are
+//!   `Unavailable`; an admin outcome that is not known is `DeadlineExceeded`, never
+//!   success;
+//! - a join for another cluster is `FailedPrecondition`; one from an address a node that
+//!   is not removed holds is `AlreadyExists`;
+//! - cluster status sums keys and bytes of user regions only, and counts a region
+//!   unavailable when at most half its peers are on nodes that are up.
 
 use std::time::Duration;
 

@@ -2,9 +2,20 @@
 //! validated messages to the raft store's router (and creates peers the cluster added here).
 //!
 //! Nothing from the network is trusted. A batch for another cluster or node, a message that
-//! does not decode, a message whose peers do not match its envelope, or one for a region this
-//! node does not host is dropped and counted under
-//! `tessera_raft_messages_dropped_total{reason}`; the stream and the node carry on.
+//! does not decode, or a message whose peers do not match its envelope is dropped and
+//! counted under `tessera_raft_messages_dropped_total{reason}`; a message for a region this
+//! node does not host is kept a few seconds for a peer about to start here, or dropped and
+//! counted. The stream and the node carry on.
+//!
+//! Invariants:
+//! - nothing received causes a panic; a message reaches a region only if its batch names
+//!   this cluster and node, its target peer is on this node, its region id is not 0 and its
+//!   raft `from`/`to` match the envelope;
+//! - only a leader's heartbeat or a (pre-)vote request creates a peer here, and only where
+//!   no local region overlaps its range (`StoreCtx::maybe_create_peer`);
+//! - a snapshot is taken up to [`MAX_SNAPSHOT_BYTES`]; a longer stream is refused, not
+//!   buffered;
+//! - open streams end when the node stops.
 
 use protobuf::Message as _;
 use raft::eraftpb;

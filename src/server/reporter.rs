@@ -3,6 +3,14 @@
 //! raft workers send those region ids here), and every `interval` for regions whose load
 //! moved. Followers never report, so a table row always comes from a leader of its term, and
 //! `placement::report_region` keeps a stale report from overwriting a newer one.
+//!
+//! Invariants:
+//! - a region is reported only while its local peer leads; a stale report loses to a newer
+//!   row in `placement::report_region`;
+//! - at most 16 reports are in flight; a failed report is tried again on the next pass
+//!   (about half a second later), not dropped;
+//! - a led region's row is rewritten about every 10 minutes even when nothing changed;
+//! - size splits run only on full passes, and only for led regions over the limits.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};

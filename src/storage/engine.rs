@@ -6,8 +6,17 @@
 //!   family's iterators skip the log churn and its tombstones.
 //! - `default`: user data (`'z'…`).
 //!
-//! Everything a raft worker writes in one round goes into one [`WriteBatch`] and one synced
-//! [`Engine::write`] — group commit (docs/architecture.md, "Group commit").
+//! A raft worker's round puts its log, hard state and applies into one [`WriteBatch`] and one
+//! synced [`Engine::write`] — group commit (docs/architecture.md, "Group commit"); what the
+//! round applies after that write goes into a second, unsynced batch.
+//!
+//! Invariants:
+//! - a batch is written atomically across both families; with `sync` it is durable when
+//!   `write` returns;
+//! - a stored record that does not decode is `Error::Corrupt`, never a panic;
+//! - scans visit `[start, end)` in key order and nothing outside it; reads through an
+//!   [`EngineSnapshot`] never see later writes;
+//! - this module decides column families and options, never keys (see `keys`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,4 +1,13 @@
 //! The newest log entries of one region, kept in memory from append until applied.
+//!
+//! Invariants:
+//! - the cached entries are contiguous by index, and the cache is empty or ends at the
+//!   newest appended entry (`last_index`);
+//! - an append replaces the cached suffix it conflicts with; one that would leave a gap, or
+//!   that starts at or before the first cached entry, starts the cache over;
+//! - past 512 KiB of entry data the oldest entries are dropped, but never the newest;
+//! - `range` answers only when it holds the whole range; otherwise the caller reads the
+//!   engine.
 
 use std::collections::VecDeque;
 

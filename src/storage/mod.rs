@@ -6,7 +6,14 @@
 //! - [`peer_storage`]: `raft::Storage` for one region over the shared engine, plus the write
 //!   side (append, hard state, compaction, snapshots) that a raft worker puts into its round's
 //!   one write batch; its not-yet-applied entries are kept in an `entry_cache`;
-//! - [`snapshot`]: building a region's snapshot from one consistent view of the engine.
+//! - [`snapshot`]: building a region's snapshot from one consistent view of the engine;
+//! - `records`: conversions between raft-rs's types and the stored records.
+//!
+//! Invariants:
+//! - only this module opens RocksDB or builds a storage key;
+//! - a stored record that does not decode is an [`Error::Corrupt`] value, never a panic,
+//!   and never caused by user input;
+//! - storage errors reach raft-rs as `raft::Error::Store`.
 
 pub mod engine;
 mod entry_cache;

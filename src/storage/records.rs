@@ -1,6 +1,14 @@
 //! Conversions between raft-rs's types and the records a node stores: log entries and the
 //! configuration (voters, learners, joint state) kept in a region's state. Used by both the
 //! peer storage and snapshot generation.
+//!
+//! Invariants:
+//! - the conversions are total and lossless for what a region stores: voters, learners,
+//!   outgoing voters, next learners and auto-leave survive a round trip;
+//! - `conf_state_of_region` lists a learner peer as a learner and every other peer as a
+//!   voter;
+//! - a stored entry that does not decode is `Error::Corrupt` naming its key, never a
+//!   panic.
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry};

@@ -1,7 +1,16 @@
 //! Building a region's snapshot: its data range, write records, descriptor, membership and
-//! apply state,
-//! all read from one consistent view of the engine. [`PeerStorage`](super::PeerStorage) runs
-//! this off the raft thread when raft asks for a snapshot.
+//! apply state, all read from one consistent view of the engine.
+//! [`PeerStorage`](super::PeerStorage) runs this off the raft thread when raft asks for a
+//! snapshot.
+//!
+//! Invariants:
+//! - everything in a snapshot comes from one engine snapshot, so data, write records,
+//!   descriptor and membership are all as of its index, the applied index;
+//! - its term is the applied entry's, or the truncated term when the log is compacted up to
+//!   the applied index; an applied entry missing from the log is `Corrupt`, never a guess;
+//! - data is stored under user keys and write records under region-independent suffixes,
+//!   so the receiver files them under its own region;
+//! - generating a snapshot only reads: it writes nothing.
 
 use raft::eraftpb::Snapshot;
 

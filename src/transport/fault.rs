@@ -13,6 +13,13 @@
 //!   uniformly, before it is sent; the link stays ordered, as a slow TCP link would.
 //!
 //! Without the `failpoints` feature none of this is compiled in: [`link`] is always `None`.
+//!
+//! Invariants:
+//! - faults act only on what this node sends (raft batches, snapshots, probes), never on
+//!   what it receives;
+//! - a specification that does not parse as a whole is ignored as a whole (with a
+//!   warning), never applied in part;
+//! - a fault loses or delays messages; it never reorders or alters them.
 
 use crate::ids::NodeId;
 

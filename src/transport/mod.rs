@@ -6,15 +6,25 @@
 //!   `RaftMessageBatch` per stream write.
 //! - A full queue (slow or dead node) drops the message and reports the peer unreachable:
 //!   raft retransmits, and other nodes' queues are unaffected.
-//! - A broken stream reports the peers of its last batch unreachable and reconnects with
-//!   exponential backoff.
+//! - A broken stream drops the batch it was sending (its peers are reported unreachable
+//!   when the batch comes back unsent), probes the node, and reconnects with exponential
+//!   backoff.
 //! - Snapshots go over their own streaming RPC in chunks, on the same HTTP/2 connection.
 //! - The receiving side (`server::raft_service`, which routes into the raft store) validates
 //!   every batch and drops, with a counted reason, anything that does not decode or is not
-//!   for this cluster, node or a known region.
+//!   for this cluster and node (messages for a region not hosted yet are kept briefly).
 //! - What happened to a delivery (unreachable peer, snapshot status, node down) is reported
 //!   through [`DeliveryReports`], so the transport does not depend on the raft store that
 //!   sends through it.
+//!
+//! Invariants:
+//! - `send` never blocks or waits on the network; a node's queue holds at most 16,384
+//!   messages, a batch at most 4,096 messages or about 8 MiB;
+//! - messages to one node leave in the order they were queued, on one stream at a time;
+//!   some may be lost, none are reordered on a stream (snapshots travel apart and are not
+//!   ordered with them);
+//! - a message whose target is not a peer of the region it names is dropped, never sent;
+//! - the transport reaches the raft store only through [`DeliveryReports`].
 
 // Only the chaos tests' builds set link faults; elsewhere the parser is unused.
 #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]

@@ -1,6 +1,17 @@
 //! Admin commands of a peer: split, membership change (proposal and apply), leaving a
 //! joint configuration, and the destruction of a removed peer. A child module of `peer`, so
 //! it works on the peer's private state directly.
+//!
+//! Invariants:
+//! - the leader never removes or demotes itself; no membership change is proposed, and no
+//!   split applied, while the region is in a joint configuration;
+//! - every apply-time check of a split or membership change is on replicated state, so
+//!   every replica decides the same; a split moves no data and the placement region never
+//!   splits;
+//! - a split raises the epoch's version, a membership change its `conf_ver`; the
+//!   descriptor's peers are rebuilt from raft's configuration and always match it;
+//! - a destroyed peer leaves a tombstone, deletes its data only when no other local region
+//!   owns part of it, and drops its pending proposals (outcome unknown).
 
 use protobuf::Message as _;
 use raft::eraftpb::{self, ConfChange, ConfChangeV2, EntryType};

@@ -1,6 +1,19 @@
 //! Applying committed entries — client writes (with their exactly-once records), splits
 //! and conf changes — and answering the proposals they carry, matched by `(term, index)`.
 //! A child module of `peer`.
+//!
+//! Invariants:
+//! - entries apply in log order, and the applied index goes into the same batch as their
+//!   effects;
+//! - each command's epoch and keys are checked again at apply; a failed check is a region
+//!   error in the answer, the same on every replica, and writes no data;
+//! - a write id already applied is answered from its record and applies nothing; one the
+//!   client has declared finished is `StaleWrite`; records are swept by the entry's time,
+//!   never a local clock;
+//! - a proposal is matched by `(term, index)`: one passed by a later entry is answered
+//!   `NotLeader` (definitely not applied);
+//! - an undecodable committed entry stops the node before the round's write; it is never
+//!   skipped.
 
 use raft::eraftpb::{self, EntryType};
 

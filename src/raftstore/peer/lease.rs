@@ -14,7 +14,12 @@
 //! while the system is suspended, so a leader paused past its lease (SIGSTOP, a suspended
 //! host) finds the lease over when it resumes.
 //!
-//! What the argument needs, and where it is kept:
+//! Invariants (what the argument needs, and where each is kept):
+//! - a lease runs `election_ticks - 2` ticks from the *send* time of an acknowledged
+//!   message; an acknowledgement never shortens it, and none of a message sent before the
+//!   lease was last ended on purpose (`Lease::expire`: role change, transfer) counts;
+//! - the view published to `local_read` is withdrawn before anything but time ends the
+//!   lease;
 //! - a *forced* election (leader transfer: raft-rs's `MsgTimeoutNow`) skips the followers'
 //!   timer: no lease while a transfer is pending and for one election timeout after it. A
 //!   transfer that was abandoned can still be carried out late — the target gets the

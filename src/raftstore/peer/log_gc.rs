@@ -1,4 +1,13 @@
 //! Raft log compaction of a peer. A child module of `peer`.
+//!
+//! Invariants:
+//! - the log is compacted only up to the applied index, and only once it keeps more than
+//!   `log_gc_threshold` applied entries;
+//! - a leader keeps what its slowest follower still needs, but never more than
+//!   `4 * log_gc_threshold` entries behind the applied index (a follower further behind
+//!   gets a snapshot);
+//! - compaction goes into the round's batch; a failure is logged and tried again at the
+//!   next check.
 
 use super::Peer;
 use crate::storage::WriteBatch;

@@ -1,6 +1,15 @@
 //! Proposing a client's write: checks, the envelope every replica applies the same way,
 //! and the queue of proposals waiting for their entries to apply. A child module of
 //! `peer`, so it works on the peer's private state directly.
+//!
+//! Invariants:
+//! - only a leader proposes: a follower, or a proposal raft drops, answers `NotLeader` and
+//!   nothing is appended;
+//! - every key is checked against the client's epoch and the region's range before the
+//!   proposal (and again at apply, see `command`);
+//! - the envelope carries what apply needs besides the command — epoch, write id, the
+//!   leader's wall clock and TTL — so no replica consults its own clock when applying;
+//! - proposals are queued in `(term, index)` order, the order raft appends them.
 
 use super::super::clock::BootInstant;
 use super::super::cmd::{self, ApplyResult, Command, Envelope};

@@ -1,6 +1,16 @@
 //! Reads served by a peer: serializable reads from its state at once, linearizable ones
 //! within the leader's lease or after a ReadIndex round confirmed the leadership and the
 //! region applied that far. A child module of `peer`.
+//!
+//! Invariants:
+//! - a linearizable read is served only by a leader: within its lease, or after a
+//!   ReadIndex round (sent only once the leader has committed an entry of its own term)
+//!   once the region has applied up to the read index;
+//! - a read's epoch and keys are checked when it arrives and again when it is served
+//!   after waiting;
+//! - serializable reads are served at once from this replica's applied state;
+//! - the reads of one round share one ReadIndex request; ready reads are served in
+//!   read-index order.
 
 use super::super::clock::BootInstant;
 use super::super::local_read;

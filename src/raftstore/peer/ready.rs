@@ -1,5 +1,14 @@
 //! The two halves of a peer's Ready handling that a worker round calls around the shared
 //! synced write, and what a change of role does to waiting reads. A child module of `peer`.
+//!
+//! Invariants:
+//! - messages raft holds until persistence, `advance` and the light ready's applies come
+//!   only after the round's first write;
+//! - a snapshot raft accepted was validated before (see `Peer::on_raft_message`), so
+//!   failing to apply it, like failing to append entries, stops the node;
+//! - proposals at or below an applied snapshot are dropped unanswered: outcome unknown;
+//! - on losing leadership every waiting read is answered `NotLeader`; a role change or a
+//!   snapshot withdraws the published lease view first.
 
 use raft::{eraftpb, Ready};
 

@@ -2,6 +2,15 @@
 //! (`Node.ChangePeers`), and move a replica from one node to another (`Node.MoveReplica`):
 //! add a learner on the target, wait until it has caught up (a snapshot streamed in chunks,
 //! then the log), then promote it and remove the old replica in one joint change.
+//!
+//! Invariants:
+//! - the leader never removes or demotes its own replica: a move away from the leader's
+//!   node first hands leadership to another voter and answers `NotLeader`;
+//! - a learner is promoted only once it has the leader's whole committed log and no joint
+//!   change is under way; its promotion and the old replica's removal are one change;
+//! - new peer ids come from placement before anything is proposed;
+//! - each step is short and may be asked again: after the move finished it answers `Done`
+//!   (`InProgress` while raft is still leaving the joint configuration).
 
 use std::time::{Duration, Instant};
 

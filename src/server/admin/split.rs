@@ -3,8 +3,18 @@
 //! A split is decided on the region's leader node: it takes ids for the new region and its
 //! peers from placement, then proposes [`Command::Split`] through the region's log, so every
 //! replica applies it at the same index. The size check runs with the node's region reports:
-//! a led region above `split.region_max_keys` or `split.region_max_bytes` is split at the key
-//! where the first half of its bytes ends.
+//! a led region above `region.max_keys` or `region.max_bytes` is split just after the key
+//! at which the first half of its bytes ends (the left half keeps that key).
+//!
+//! Invariants:
+//! - a split is proposed only from the leader's node, under the epoch the caller routed
+//!   with, and only after placement handed out the new ids: if that fails, nothing is
+//!   proposed; a timeout after proposing is `Unknown`;
+//! - every replica applies and checks it at the same log index (`raftstore::peer::admin`);
+//!   no data moves;
+//! - the placement region never splits (the size check skips it, apply refuses it);
+//! - the size check scans data off the raft threads; oversized regions split one at a
+//!   time, and a failed split waits for the next check.
 
 use tokio::sync::oneshot;
 

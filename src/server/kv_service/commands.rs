@@ -3,6 +3,15 @@
 //! had queued; the commands run concurrently, each as its unary call would; each answer
 //! message holds whatever had finished, up to the message size limit. A command's error
 //! travels in its own answer and does not end the stream.
+//!
+//! Invariants:
+//! - a command is served exactly as its unary call and answered once, under its own id;
+//!   its error never ends the stream;
+//! - at most 4,096 commands of one stream run at once; past that the stream is not read;
+//! - an answer message takes no more answers once it reaches `MAX_COMMANDS_MESSAGE_BYTES`,
+//!   so it passes that by at most one answer;
+//! - no command task outlives its stream: when the stream breaks or the node stops, the
+//!   running commands are aborted and their answers lost, as with a broken connection.
 
 use std::sync::Arc;
 

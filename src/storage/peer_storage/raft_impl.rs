@@ -1,5 +1,13 @@
 //! `raft::Storage` for [`PeerStorage`]: what raft-rs reads — initial state, entries (from
 //! the cache, then the engine), terms, and snapshots generated off the worker thread.
+//!
+//! Invariants:
+//! - `entries` returns a contiguous run from `low`, at least one entry when `low < high`
+//!   even past `max_size`; an index at or below the truncated index is `Compacted`, one
+//!   past the last index `Unavailable`; a hole in the live log is `Corrupt`, never a panic;
+//! - `term(truncated_index)` is answered from the kept `truncated_term`;
+//! - `snapshot` never blocks the worker: at most one generator thread per peer at a time,
+//!   and a generated snapshot older than the requested index is discarded, not returned.
 
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, Snapshot};
