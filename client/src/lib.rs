@@ -478,7 +478,7 @@ impl Client {
     pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>> {
         // The user keyspace ends where the system keyspace begins.
         let user_end = [tessera_api::keys::SYSTEM_KEY_PREFIX];
-        let end = if end.is_empty() && !self.inner.opts.system {
+        let end = if !self.inner.opts.system && (end.is_empty() || end > &user_end[..]) {
             &user_end[..]
         } else {
             end

@@ -16,7 +16,8 @@
 //! Invariants:
 //! - every key of a get, write or batch is checked before it reaches a region: not empty,
 //!   within `max_key_size`, and no system key unless the header asks for system access;
-//!   values, batch sizes and write ids are checked the same way (scan bounds: size only);
+//!   values, batch sizes and write ids are checked the same way; scan bounds for size and
+//!   order, and (without system access) a scan may not start in the system keyspace;
 //! - every wait for a region is bounded by the request timeout; a timeout or a dropped
 //!   reply is an unknown outcome, never success or a region error;
 //! - serializable reads never take the lease path; a linearizable read is served on the
@@ -38,7 +39,7 @@ use crate::raftstore::cmd::{ApplyResult, CasAction, Command, Compare};
 use crate::raftstore::local_read::LocalReader;
 use crate::raftstore::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, Reply};
 use crate::raftstore::router::{RouteError, Router};
-use crate::storage::keys::{is_system_key, SYSTEM_KEY_PREFIX};
+use crate::storage::keys::is_system_key;
 use crate::transport::Transport;
 
 mod commands;
@@ -304,11 +305,11 @@ impl KvCore {
                 "scan end_key must be after start_key",
             ));
         }
-        // The system keyspace is [0xFF, +inf): a user scan may end at its start, no later.
+        // The system keyspace is [0xFF, +inf), held by the placement region: a scan is served
+        // from [start, end) clipped to the region it was routed to, so it reads system keys
+        // only when it starts there.
         let system = r.header.as_ref().is_some_and(|h| h.system);
-        let past_user_keys =
-            r.end_key.is_empty() || r.end_key.as_slice() > [SYSTEM_KEY_PREFIX].as_slice();
-        if !system && (is_system_key(&r.start_key) || past_user_keys) {
+        if !system && is_system_key(&r.start_key) {
             return Err(Status::invalid_argument(
                 "a scan may not reach the keys starting with byte 0xFF (placement data)",
             ));

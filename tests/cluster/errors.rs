@@ -146,24 +146,35 @@ async fn region_errors_are_structured() {
         .unwrap_err();
     assert_eq!(s.code(), tonic::Code::InvalidArgument);
 
-    // A user scan may not reach the system keyspace (placement data).
-    let bounds: [(Vec<u8>, Vec<u8>); 3] = [
-        (vec![0xFF], vec![]),
-        (b"a".to_vec(), vec![]),
-        (b"a".to_vec(), vec![0xFF, 1]),
-    ];
-    for (start_key, end_key) in bounds {
-        let s = leader
+    // A user scan may not read the system keyspace (placement data), even sent to the
+    // placement region's leader.
+    let placement = infos
+        .iter()
+        .map(|i| i.region.clone().unwrap())
+        .find(|r| r.start_key == [0xFF])
+        .expect("the placement region");
+    for addr in cluster.endpoints() {
+        let mut kv = KvClient::connect(format!("http://{addr}")).await.unwrap();
+        let r = kv
             .scan(proto::ScanRequest {
-                header: header(&region),
-                start_key,
-                end_key,
+                header: header(&placement),
+                start_key: vec![0xFF],
+                end_key: vec![],
                 limit: 10,
                 keys_only: false,
             })
-            .await
-            .unwrap_err();
-        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s}");
+            .await;
+        match r {
+            Err(s) => assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s}"),
+            Ok(r) => {
+                let r = r.into_inner();
+                assert!(
+                    r.kvs.is_empty(),
+                    "{addr} served placement data to a user scan"
+                );
+                assert!(r.region_error.is_some(), "{addr}: {r:?}");
+            }
+        }
     }
 
     // And the right request works.
