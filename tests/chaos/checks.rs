@@ -211,22 +211,7 @@ pub(crate) async fn local_scan_all(addr: &str, env: &Env) -> Option<LocalView> {
 
 /// A counter's value from a node's Prometheus endpoint (0 if absent).
 pub(crate) fn metric(addr: &str, name: &str) -> u64 {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return 0;
-    };
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok();
-    if s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .is_err()
-    {
-        return 0;
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    common::metric_sum(&common::scrape_metrics(addr), name, "") as u64
 }
 
 pub(crate) fn percentile(v: &[Duration], p: f64) -> Duration {

@@ -515,3 +515,30 @@ pub async fn set_link(from: &str, to: u64, spec: &str) {
         }
     }
 }
+
+/// A node's Prometheus page from its metrics address (empty if it cannot be read): one
+/// HTTP/1.0 GET, answered within 5 s.
+pub fn scrape_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    if s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Sum of one metric's samples in a Prometheus page: every line that starts with `name`
+/// and contains `labels` ("" for all).
+pub fn metric_sum(page: &str, name: &str, labels: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

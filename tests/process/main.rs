@@ -20,11 +20,13 @@ mod lease;
 mod replacement;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{key_in_region, node_regions, start_process_cluster, wait_for_leaders};
+use common::{
+    key_in_region, metric_sum, node_regions, scrape_metrics, start_process_cluster,
+    wait_for_leaders,
+};
 use tessera::client::{Client, ClientOptions};
 
 type Progress = HashMap<Vec<u8>, (u64, u64)>;
@@ -53,22 +55,4 @@ async fn local_read(addr: &str, key: &[u8]) -> Option<Vec<u8>> {
     common::local_get(addr, &region, key)
         .await?
         .map(|kv| kv.value)
-}
-
-fn scrape_metrics(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .expect("request");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
-/// Sum of one metric's samples (every label set containing `labels`) in a Prometheus page.
-fn metric_sum(page: &str, name: &str, labels: &str) -> f64 {
-    page.lines()
-        .filter(|l| l.starts_with(name) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
