@@ -37,7 +37,7 @@ mod ready;
 use propose::Proposal;
 use read::PendingRead;
 
-use super::msg::{PeerMsg, RegionError, RegionInfo, Wake};
+use super::msg::{NewPeer, PeerMsg, RegionError, RegionInfo, Wake};
 use super::session::Sessions;
 use super::store::StoreCtx;
 use crate::ids::{PeerId, RegionId};
@@ -115,7 +115,14 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(storage: PeerStorage, ctx: &StoreCtx) -> Result<Self, NewPeerError> {
+    /// Builds the peer `new` describes from its stored state (see `msg::NewPeer`).
+    pub fn new(new: NewPeer, ctx: &StoreCtx) -> Result<Self, NewPeerError> {
+        let NewPeer {
+            storage,
+            sessions,
+            campaign: _,
+            refuse_votes_for,
+        } = new;
         let (node, cfg, logger) = (ctx.node, &ctx.cfg, &ctx.logger);
         let region = storage.region().clone();
         let region_id = RegionId(region.id);
@@ -157,16 +164,17 @@ impl Peer {
         rc.validate().map_err(raft_err)?;
         let peer_logger = logger.new(slog::o!("region" => region.id, "peer" => me.id));
         let storage_initialized = storage.is_initialized();
-        let sessions = if storage_initialized {
-            Sessions::load(storage.engine(), region_id).map_err(|source| NewPeerError::Records {
-                region: region_id,
-                source,
-            })?
-        } else {
-            Sessions::default()
+        let sessions = match sessions {
+            Some(given) => given,
+            None if storage_initialized => Sessions::load(storage.engine(), region_id)
+                .map_err(|source| NewPeerError::Records {
+                    region: region_id,
+                    source,
+                })?,
+            None => Sessions::default(),
         };
         let raw = RawNode::new(&rc, storage, &peer_logger).map_err(raft_err)?;
-        Ok(Self {
+        let mut peer = Self {
             region_id,
             peer_id,
             raw,
@@ -196,7 +204,11 @@ impl Peer {
             sessions,
             session_ttl_ms: cfg.client_session_ttl_secs.saturating_mul(1000),
             ctx: ctx.clone(),
-        })
+        };
+        if let Some(d) = refuse_votes_for {
+            peer.refuse_votes_for(d);
+        }
+        Ok(peer)
     }
 
     pub fn region_id(&self) -> RegionId {
@@ -340,12 +352,6 @@ impl Peer {
                 });
             }
         }
-    }
-
-    /// Starts with these exactly-once write records (a split's new half inherits its
-    /// parent's).
-    pub fn set_sessions(&mut self, sessions: Sessions) {
-        self.sessions = sessions;
     }
 
     fn transfer_leader(&mut self, to_node: u64) -> Result<(), RegionError> {

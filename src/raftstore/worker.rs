@@ -362,17 +362,10 @@ impl Worker {
     /// must host whose state cannot be built from is not something to run without.
     fn build_peer(&self, new: NewPeer) -> Peer {
         let region = new.storage.region().id;
-        let mut p = match Peer::new(new.storage, &self.store) {
+        match Peer::new(new, &self.store) {
             Ok(p) => p,
             Err(e) => crate::fatal(&format!("cannot build the peer of region {region}: {e}")),
-        };
-        if let Some(sessions) = new.sessions {
-            p.set_sessions(sessions);
         }
-        if let Some(d) = new.refuse_votes_for {
-            p.refuse_votes_for(d);
-        }
-        p
     }
 
     /// Takes over the peers of regions that splits created this round. Call after the batch

@@ -42,7 +42,7 @@ fn peer_on(node: u64, start: &[u8], end: &[u8], peers: Vec<PeerDesc>) -> (TempDi
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     let ctx = StoreCtx::new(NodeId(node), RaftConfig::default(), logger, engine);
     ctx.set_range(RegionId(2), start, end);
-    let peer = Peer::new(storage, &ctx).unwrap();
+    let peer = Peer::new(NewPeer::new(storage), &ctx).unwrap();
     (dir, peer)
 }
 
