@@ -95,6 +95,15 @@ pub use tessera_api::{ids, proto};
 
 pub use tessera_api::kv::{CasAction, Compare};
 
+/// The addresses in a comma-separated list (`host:port,host:port`), trimmed, empty ones
+/// dropped: how endpoints are given on command lines and in configuration.
+pub fn endpoint_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("no node reachable: {0}")]

@@ -436,12 +436,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     if args.rate < 0.0 || !args.rate.is_finite() {
         return Err("--rate must be a non-negative number".into());
     }
-    let endpoints: Vec<String> = args
-        .endpoints
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let endpoints = crate::client::endpoint_list(&args.endpoints);
     if endpoints.is_empty() {
         return Err("no endpoints given".into());
     }

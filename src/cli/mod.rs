@@ -68,12 +68,7 @@ impl ConnArgs {
     /// A client for these endpoints: the library's defaults, with a deadline a person at a
     /// terminal waits for.
     pub async fn connect(&self, serializable: bool) -> Result<Client> {
-        let endpoints: Vec<String> = self
-            .endpoints
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
+        let endpoints = tessera::client::endpoint_list(&self.endpoints);
         let mut opts = ClientOptions {
             deadline: std::time::Duration::from_secs(15),
             ..Default::default()

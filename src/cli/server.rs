@@ -48,11 +48,7 @@ pub fn load_config(args: &ServerArgs) -> Result<Config> {
         cfg.node.advertise_addr = String::new();
     }
     if let Some(join) = &args.join {
-        cfg.cluster.join = join
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
+        cfg.cluster.join = tessera::client::endpoint_list(join);
         cfg.node.id = 0;
     }
     cfg.validate()

@@ -164,15 +164,16 @@ impl Peer {
         rc.validate().map_err(raft_err)?;
         let peer_logger = logger.new(slog::o!("region" => region.id, "peer" => me.id));
         let storage_initialized = storage.is_initialized();
-        let sessions = match sessions {
-            Some(given) => given,
-            None if storage_initialized => Sessions::load(storage.engine(), region_id)
-                .map_err(|source| NewPeerError::Records {
-                    region: region_id,
-                    source,
-                })?,
-            None => Sessions::default(),
-        };
+        let sessions =
+            match sessions {
+                Some(given) => given,
+                None if storage_initialized => Sessions::load(storage.engine(), region_id)
+                    .map_err(|source| NewPeerError::Records {
+                        region: region_id,
+                        source,
+                    })?,
+                None => Sessions::default(),
+            };
         let raw = RawNode::new(&rc, storage, &peer_logger).map_err(raft_err)?;
         let mut peer = Self {
             region_id,
