@@ -9,6 +9,8 @@ need_pkgs=()
 command -v clang >/dev/null 2>&1 || need_pkgs+=(clang)
 command -v g++ >/dev/null 2>&1 || need_pkgs+=(g++)
 command -v make >/dev/null 2>&1 || need_pkgs+=(make)
+# scripts/module-deps.py (the import-cycle check in scripts/test.sh).
+command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing system packages: ${need_pkgs[*]}" >&2
   SUDO=""
