@@ -20,6 +20,15 @@ pub fn is_system_key(user_key: &[u8]) -> bool {
     user_key.first() == Some(&SYSTEM_KEY_PREFIX)
 }
 
+/// The system key holding the timestamp oracle's high-water mark: every cluster revision
+/// handed out is at most the value stored here (see the server's `placement::tso`). Clients
+/// route their requests for revisions to the leader of the region holding it.
+pub fn tso_key() -> Vec<u8> {
+    let mut k = vec![SYSTEM_KEY_PREFIX];
+    k.extend_from_slice(b"tso");
+    k
+}
+
 /// Whether `key` lies in `[start, end)`, where an empty `end` is +infinity.
 pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
     key >= start && (end.is_empty() || key < end)

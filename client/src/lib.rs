@@ -72,6 +72,7 @@ pub mod cache;
 mod cluster;
 mod mux;
 mod retry;
+mod tso;
 mod write_id;
 
 use std::sync::{Arc, RwLock};

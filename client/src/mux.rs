@@ -338,6 +338,9 @@ mod tests {
         ) -> Unary<proto::BatchWriteResponse> {
             Err(Status::unimplemented(""))
         }
+        async fn tso(&self, _: Request<proto::TsoRequest>) -> Unary<proto::TsoResponse> {
+            Err(Status::unimplemented(""))
+        }
     }
 
     #[tokio::test]

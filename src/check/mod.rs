@@ -26,6 +26,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+mod realtime;
+pub use realtime::{revisions_out_of_real_time, OutOfOrder};
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Input {
     Get,

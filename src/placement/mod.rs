@@ -31,6 +31,7 @@
 pub mod client;
 mod nodes;
 pub mod scheduler;
+pub mod tso;
 
 pub use nodes::{heartbeat, join, list_nodes, node_records, remove_node, Beat, JoinError};
 

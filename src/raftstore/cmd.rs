@@ -9,10 +9,13 @@
 //! - `decode` depends only on the bytes, never panics, and never returns a command without
 //!   an epoch; what a caller does with an error is its own (an undecodable committed entry
 //!   stops the node, see `peer::command`);
-//! - a result's `revision` is the raft index of the entry that applied the command;
+//! - a result's `revision` is the command's cluster revision (from the timestamp oracle,
+//!   carried in the envelope) for user-data writes, and the raft index of its entry for
+//!   system-key writes;
 //! - `Split` is applied by the peer, never by `apply::exec`.
 
 use crate::proto;
+use crate::storage::keys;
 
 pub use tessera_api::kv::{CasAction, Compare};
 
@@ -56,9 +59,19 @@ impl Command {
             Command::Split { split_key, .. } => vec![split_key],
         }
     }
+
+    /// Whether the command writes user data, and so takes a cluster revision from the
+    /// timestamp oracle before it is proposed. System-key writes (placement's own records,
+    /// the oracle's mark among them) and admin commands keep their raft index.
+    pub fn needs_revision(&self) -> bool {
+        match self {
+            Command::Split { .. } => false,
+            other => other.keys().iter().any(|k| !keys::is_system_key(k)),
+        }
+    }
 }
 
-/// What applying a command did. `revision` is the raft index of the entry that applied it.
+/// What applying a command did, at `revision` (see the module's invariants).
 #[derive(Clone, Debug, PartialEq)]
 pub enum ApplyResult {
     Put {
@@ -106,6 +119,9 @@ pub struct Envelope {
     pub proposed_at_ms: u64,
     /// The proposing leader's write-record TTL in ms (see `session`).
     pub session_ttl_ms: u64,
+    /// The write's cluster revision from the timestamp oracle (0 = none: a system-key
+    /// write or an admin command, whose revision is its raft index).
+    pub revision: u64,
 }
 
 impl Envelope {
@@ -162,6 +178,7 @@ pub fn encode(cmd: &Command, env: &Envelope) -> Vec<u8> {
         cmd: Some(c),
         write_id: env.write_id,
         proposed_at_ms: env.proposed_at_ms,
+        revision: env.revision,
         session_ttl_ms: env.session_ttl_ms,
     })
 }
@@ -197,6 +214,7 @@ pub fn decode(data: &[u8]) -> Result<(Command, Envelope), DecodeError> {
         epoch,
         write_id: rc.write_id,
         proposed_at_ms: rc.proposed_at_ms,
+        revision: rc.revision,
         session_ttl_ms: rc.session_ttl_ms,
     };
     Ok((cmd, env))
@@ -264,6 +282,7 @@ mod tests {
             w in proptest::option::of((1..u64::MAX, 1..u64::MAX, any::<u64>())),
             at in any::<u64>(),
             ttl in any::<u64>(),
+            revision in any::<u64>(),
         ) {
             let env = Envelope {
                 epoch: proto::RegionEpoch { conf_ver: c, version: v },
@@ -274,6 +293,7 @@ mod tests {
                 }),
                 proposed_at_ms: at,
                 session_ttl_ms: ttl,
+                revision,
             };
             let (back, e) = decode(&encode(&cmd, &env)).unwrap();
             prop_assert_eq!(back, cmd);

@@ -38,6 +38,9 @@ use crate::storage::{keys, Cf, Engine};
 pub struct LeaseView {
     pub region: proto::Region,
     pub until: BootInstant,
+    /// The raft term the leader holds the lease in: one leader per term, so two views of
+    /// the same term vouch for one unbroken leadership (the timestamp oracle relies on it).
+    pub term: u64,
 }
 
 /// The node's published lease views, shared by the workers (writers) and the gRPC services,
@@ -62,6 +65,12 @@ impl LocalReader {
 
     pub fn withdraw(&self, region: RegionId) {
         self.views.remove(&region);
+    }
+
+    /// The region's view, if this node leads it under a lease that has not ended.
+    pub fn live_view(&self, region: RegionId) -> Option<Arc<LeaseView>> {
+        let view = self.views.get(&region)?.value().clone();
+        (BootInstant::now() < view.until).then_some(view)
     }
 
     /// Serves a linearizable read here if a lease vouches for it; `None` sends it to the
@@ -202,6 +211,7 @@ mod tests {
         reader.publish(
             id,
             LeaseView {
+                term: 1,
                 region: region.clone(),
                 until: BootInstant::now() + Duration::from_secs(60),
             },
@@ -227,6 +237,7 @@ mod tests {
         reader.publish(
             id,
             LeaseView {
+                term: 1,
                 region: region.clone(),
                 until: BootInstant::now(),
             },
@@ -235,6 +246,7 @@ mod tests {
         reader.publish(
             id,
             LeaseView {
+                term: 1,
                 region,
                 until: BootInstant::now() + Duration::from_secs(60),
             },

@@ -324,6 +324,9 @@ pub enum WorkerMsg {
         node: crate::ids::NodeId,
         why: Wake,
     },
+    /// The timestamp oracle's answer to this worker's request for revisions: the first of
+    /// them, or why there are none.
+    Revisions(Result<u64, String>),
     /// Finish the round, then stop.
     Shutdown,
 }

@@ -66,6 +66,10 @@ pub struct Peer {
     peer_id: PeerId,
     raw: RawNode<PeerStorage>,
     proposals: VecDeque<Proposal>,
+    /// User-data writes waiting for their cluster revisions (see `propose`).
+    unstamped: VecDeque<propose::Unstamped>,
+    /// The highest revision this peer proposed as leader.
+    proposed_revision: u64,
     /// Reads that arrived this round; they share one ReadIndex request.
     reads_unsent: Vec<PendingRead>,
     /// ReadIndex requests sent to raft: context, send time (for the lease), reads.
@@ -174,17 +178,30 @@ impl Peer {
                     })?,
                 None => Sessions::default(),
             };
+        let holds_oracle = keys::in_range(
+            &tessera_api::keys::tso_key(),
+            &region.start_key,
+            &region.end_key,
+        );
         let raw = RawNode::new(&rc, storage, &peer_logger).map_err(raft_err)?;
         let mut peer = Self {
             region_id,
             peer_id,
             raw,
             proposals: VecDeque::new(),
+            unstamped: VecDeque::new(),
+            proposed_revision: 0,
             reads_unsent: Vec::new(),
             reads_inflight: VecDeque::new(),
             reads_ready: VecDeque::new(),
             next_read_ctx: 1,
-            lease: lease::Lease::new(cfg.lease_reads, cfg.tick_interval(), cfg.election_ticks),
+            // The timestamp oracle serves only under its region's lease (`placement::tso`),
+            // so the region holding its key keeps a lease whatever the configuration says.
+            lease: lease::Lease::new(
+                cfg.lease_reads || holds_oracle,
+                cfg.tick_interval(),
+                cfg.election_ticks,
+            ),
             renew_lease: false,
             applied_own_term: 0,
             refuse_votes_until: None,
@@ -291,7 +308,7 @@ impl Peer {
                 epoch,
                 write_id,
                 reply,
-            } => self.propose(cmd, epoch, write_id.map(|w| *w), reply),
+            } => self.propose(cmd, epoch, write_id, reply),
             PeerMsg::Read {
                 req,
                 epoch,

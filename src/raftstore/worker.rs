@@ -61,6 +61,17 @@ pub struct Worker {
     hooks: WorkerHooks,
     /// Records of recently applied keys, lent to each round's apply.
     cache: RecordCache,
+    /// The regions (and how many of their writes) the outstanding request to the
+    /// timestamp oracle is for, in the order its revisions are handed out.
+    revisions_out: Option<Vec<(RegionId, u32)>>,
+    /// Regions that got writes waiting for revisions since the last request.
+    want_revisions: HashSet<RegionId>,
+}
+
+/// Where a worker gets cluster revisions: the node's client of the timestamp oracle
+/// (`placement::tso`). `done` gets the first of `count` consecutive revisions.
+pub trait RevisionSource: Send + Sync {
+    fn ask(&self, count: u32, done: Box<dyn FnOnce(Result<u64, String>) + Send>);
 }
 
 /// What a worker tells the rest of the node.
@@ -72,6 +83,8 @@ pub struct WorkerHooks {
     pub asleep: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Regions whose leadership or descriptor changed, for the placement reporter.
     pub changes: tokio::sync::mpsc::UnboundedSender<RegionId>,
+    /// Cluster revisions for the writes this worker proposes.
+    pub revisions: std::sync::Arc<dyn RevisionSource>,
 }
 
 impl Worker {
@@ -103,6 +116,8 @@ impl Worker {
             silent_noticed: HashMap::new(),
             hooks,
             cache: RecordCache::new(record_cache_bytes),
+            revisions_out: None,
+            want_revisions: HashSet::new(),
         }
     }
 
@@ -159,6 +174,7 @@ impl Worker {
                 }
                 next_tick = Instant::now() + self.tick_interval;
             }
+            self.ask_revisions();
             more_work = self.round(&mut touched, tick_due && self.ticks % LOG_GC_TICKS == 0);
             if tick_due {
                 self.publish_leader_count();
@@ -218,11 +234,16 @@ impl Worker {
         match m {
             WorkerMsg::Peer { region, msg } => match self.peers.get_mut(&region) {
                 Some(p) => {
+                    let write = matches!(msg, PeerMsg::Propose { .. });
                     p.on_msg(msg);
                     touched.insert(region);
+                    if write && p.has_unasked() {
+                        self.want_revisions.insert(region);
+                    }
                 }
                 None => answer_missing(region, msg),
             },
+            WorkerMsg::Revisions(first) => self.hand_out_revisions(first, touched),
             WorkerMsg::AddPeer(new) => {
                 let p = self.build_peer(*new);
                 let id = p.region_id();
@@ -239,6 +260,57 @@ impl Worker {
             WorkerMsg::Shutdown => return true,
         }
         false
+    }
+
+    /// Asks the oracle for the revisions of every write waiting for one, in one request,
+    /// unless a request is already out (its answer comes through the inbox, and the writes
+    /// that arrived meanwhile go in the next request). Called before the round's write, so
+    /// the request travels while the round writes.
+    fn ask_revisions(&mut self) {
+        if self.revisions_out.is_some() || self.want_revisions.is_empty() {
+            return;
+        }
+        let mut out = Vec::new();
+        for id in self.want_revisions.drain() {
+            if let Some(p) = self.peers.get_mut(&id) {
+                let n = p.revisions_wanted();
+                if n > 0 {
+                    out.push((id, n));
+                }
+            }
+        }
+        let total: u32 = out.iter().map(|(_, n)| *n).sum();
+        if total == 0 {
+            return;
+        }
+        self.revisions_out = Some(out);
+        let router = self.router.clone();
+        let worker = self.index;
+        self.hooks.revisions.ask(
+            total,
+            Box::new(move |first| {
+                router.send_worker(worker, WorkerMsg::Revisions(first));
+            }),
+        );
+    }
+
+    fn hand_out_revisions(&mut self, first: Result<u64, String>, touched: &mut HashSet<RegionId>) {
+        let Some(out) = self.revisions_out.take() else {
+            return;
+        };
+        let mut next = first;
+        for (id, n) in out {
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.stamp(next.clone(), n);
+                touched.insert(id);
+                if p.has_unasked() {
+                    self.want_revisions.insert(id);
+                }
+            }
+            if let Ok(f) = next.as_mut() {
+                *f += u64::from(n);
+            }
+        }
     }
 
     /// Returns whether some peer already has more work (a new Ready) for the next round.

@@ -43,6 +43,7 @@ use crate::storage::keys::is_system_key;
 use crate::transport::Transport;
 
 mod commands;
+mod tso;
 use commands::serve_commands;
 
 /// The `Kv` gRPC service; its state is shared with the tasks that serve `Commands` streams.
@@ -58,6 +59,8 @@ pub struct KvCore {
     timeout: Duration,
     /// Lease reads served here, without the region's worker.
     local: LocalReader,
+    /// The timestamp oracle, served where this node leads its region.
+    tso: crate::placement::tso::SharedTso,
     /// Set when the node stops: `Commands` streams end (they would otherwise keep the
     /// node's state alive for as long as their clients stay connected).
     stopping: watch::Receiver<bool>,
@@ -73,6 +76,7 @@ impl KvService {
         limits: ServerConfig,
         timeout: Duration,
         local: LocalReader,
+        tso: crate::placement::tso::SharedTso,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -82,6 +86,7 @@ impl KvService {
                 limits,
                 timeout,
                 local,
+                tso,
                 stopping,
             }),
         }
@@ -516,5 +521,12 @@ impl Kv for KvService {
             .batch_write(request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn tso(
+        &self,
+        request: Request<proto::TsoRequest>,
+    ) -> Result<Response<proto::TsoResponse>, Status> {
+        self.core.tso(request.into_inner()).await.map(Response::new)
     }
 }

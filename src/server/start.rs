@@ -22,6 +22,7 @@ use super::{RaftService, StartError, REQUEST_TIMEOUT};
 use crate::config::{Config, Member};
 use crate::ids::RegionId;
 use crate::placement::client::SystemClient;
+use crate::placement::tso::{TsoClient, TsoServer};
 use crate::proto::NodeRecord;
 use crate::proto::{
     kv_server::KvServer, node_server::NodeServer, raft_transport_server::RaftTransportServer,
@@ -82,6 +83,8 @@ pub(super) struct Raft {
     /// Regions each worker leads and lets sleep (read by the heartbeat and `Node`).
     pub(super) leaders: Vec<Arc<AtomicUsize>>,
     pub(super) asleep: Vec<Arc<AtomicUsize>>,
+    /// The node's client of placement (system keyspace), connected on first use.
+    pub(super) placement: SystemClient,
 }
 
 /// Regions whose leadership or descriptor changed, reported by the workers for the reporter.
@@ -139,6 +142,8 @@ pub(super) fn start_raft(
     let leaders: Vec<Arc<AtomicUsize>> = (0..cfg.raft.workers).map(|_| Arc::default()).collect();
     let asleep: Vec<Arc<AtomicUsize>> = (0..cfg.raft.workers).map(|_| Arc::default()).collect();
     let (changes_tx, changes) = tokio::sync::mpsc::unbounded_channel();
+    let placement = SystemClient::new(transport.clone(), cfg.cluster.join.clone());
+    let revisions = Arc::new(TsoClient::start(placement.clone()));
     for (i, inbox) in inboxes.into_iter().enumerate() {
         let w = Worker::new(
             i,
@@ -154,6 +159,7 @@ pub(super) fn start_raft(
                 leaders: leaders[i].clone(),
                 asleep: asleep[i].clone(),
                 changes: changes_tx.clone(),
+                revisions: revisions.clone(),
             },
         );
         workers.push(w.spawn().map_err(StartError::Thread)?);
@@ -166,6 +172,7 @@ pub(super) fn start_raft(
         workers,
         leaders,
         asleep,
+        placement,
     };
     Ok((raft, changes))
 }
@@ -212,17 +219,19 @@ pub(super) async fn serve(
         .with_store(raft.store.clone()),
     )
     .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let placement = raft.placement.clone();
+    let tso = Arc::new(TsoServer::new(raft.store.reader.clone(), placement.clone()));
     let kv = KvServer::new(kv_service::KvService::new(
         raft.router.clone(),
         raft.transport.clone(),
         cfg.server.clone(),
         REQUEST_TIMEOUT,
         raft.store.reader.clone(),
+        tso,
         stopping_rx,
     ))
     .max_decoding_message_size(max_msg)
     .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-    let placement = SystemClient::new(raft.transport.clone(), cfg.cluster.join.clone());
     let node_svc = NodeServer::new(node_service::NodeService::new(
         cfg.cluster_id(),
         cfg.node_id(),

@@ -100,6 +100,7 @@ impl PeerStorage {
         index: u64,
         term: u64,
         (data_keys, data_bytes): (u64, u64),
+        max_revision: u64,
         batch: &mut WriteBatch<'_>,
     ) -> Self {
         let s = Self {
@@ -117,6 +118,7 @@ impl PeerStorage {
                 truncated_term: term,
                 data_keys,
                 data_bytes,
+                max_revision,
             },
             region_state: RegionLocalState {
                 state: PeerState::Normal as i32,
@@ -415,6 +417,17 @@ impl PeerStorage {
         self.apply_state.data_bytes = bytes;
     }
 
+    /// The highest cluster revision applied to the region's user data (0 = none).
+    pub fn max_revision(&self) -> u64 {
+        self.apply_state.max_revision
+    }
+
+    /// Records a write applied at cluster revision `rev`; stored by the next
+    /// `set_applied_index`, which the same apply always calls.
+    pub fn note_revision(&mut self, rev: u64) {
+        self.apply_state.max_revision = self.apply_state.max_revision.max(rev);
+    }
+
     /// Adjusts the data statistics; stored by the next `set_applied_index`, which the same
     /// apply always calls.
     pub fn add_data_stats(&mut self, keys: i64, bytes: i64) {
@@ -530,6 +543,7 @@ impl PeerStorage {
             truncated_term: meta.term,
             data_keys: data.kvs.len() as u64,
             data_bytes,
+            max_revision: data.max_revision,
         };
         self.region_state = RegionLocalState {
             state: PeerState::Normal as i32,

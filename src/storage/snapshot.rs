@@ -75,6 +75,7 @@ fn generate_snapshot_from(
         region: Some(region),
         kvs,
         sessions,
+        max_revision: apply.max_revision,
     };
     let mut snap = Snapshot::default();
     snap.set_data(prost::Message::encode_to_vec(&data).into());

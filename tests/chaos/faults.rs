@@ -45,6 +45,10 @@ pub(crate) enum Fault {
     /// while leadership moves: the keys' leader is cut off (it takes writes that never
     /// commit), healed and handed leadership back, in a loop; one kill -9 midway.
     ManyWritersLeadersMove,
+    /// No fault, but every node keeps a window of revisions across requests to the
+    /// timestamp oracle (fail point `tso_cached_window`): the negative control of the check
+    /// of revisions against real time.
+    CachedTsoWindow,
 }
 
 /// What a fault works with, and what it reports back.
@@ -74,6 +78,12 @@ pub(crate) struct FaultRun<'a> {
 pub(crate) async fn inject(fault: Fault, r: &mut FaultRun<'_>) {
     match fault {
         Fault::None => no_fault(r).await,
+        Fault::CachedTsoWindow => {
+            for a in r.addrs {
+                set_failpoint(a, "tso_cached_window", "return").await;
+            }
+            no_fault(r).await
+        }
         Fault::KillLeaderHeavy => kill_leader_heavy(r).await,
         Fault::KillRandom => kill_random(r).await,
         Fault::CutOffFollower => cut_off_follower(r).await,

@@ -170,6 +170,9 @@ pub(crate) struct Outcome {
     pub(crate) unknown: usize,
     pub(crate) lost: usize,
     pub(crate) stale: usize,
+    /// Acknowledged writes whose revision is not above that of a write acknowledged
+    /// before they were invoked (any keys: `check::revisions_out_of_real_time`).
+    pub(crate) out_of_order: usize,
     /// Per fault that needed it: the time until every region had a leader on a live node
     /// again, or `None` if that did not happen within the wait.
     pub(crate) recoveries: Vec<Option<Duration>>,
@@ -367,6 +370,10 @@ pub(crate) async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) 
     for m in misreported.iter().take(10) {
         eprintln!("{name}: write misreported: {m}");
     }
+    let (out_of_order, first_out_of_order) = check::revisions_out_of_real_time(&history);
+    if let Some(o) = &first_out_of_order {
+        eprintln!("{name}: {out_of_order} writes out of real-time order, first: {o:?}");
+    }
     let verdict = check::check(&history);
     // Scraped until it shows a snapshot (or 10 s pass): the endpoint of a node that was
     // just resumed may answer slowly.
@@ -426,6 +433,7 @@ pub(crate) async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) 
         unknown: unknown_writes,
         lost,
         stale,
+        out_of_order,
         recoveries,
     }
 }

@@ -36,7 +36,7 @@ use tessera::proto::kv_client::KvClient;
 use tessera::proto::{ReadConsistency, Region, RegionInfo, RequestHeader, ScanRequest};
 
 use checks::*;
-use common::{key_in_region, start_process_cluster, Proc};
+use common::{key_in_region, set_failpoint, start_process_cluster, Proc};
 use faults::*;
 use harness::*;
 use links::*;
@@ -168,6 +168,10 @@ async fn run_scenario(name: &str, fault: Fault) {
             "{name}: writes applied other than answered"
         );
         assert_eq!(o.stale, 0, "{name}: stale reads");
+        assert_eq!(
+            o.out_of_order, 0,
+            "{name}: revisions out of real-time order across keys"
+        );
         if let Verdict::Violation { key, ops } = &o.verdict {
             // The key's whole history, in invoke order, for a post-mortem.
             let mut ops = ops.clone();
@@ -263,6 +267,30 @@ async fn partition_one_way_from_the_leader_heavy_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_lossy_links_between_all_nodes() {
     run_scenario("slow-lossy-links", Fault::SlowLossyLinks).await;
+}
+
+/// The check of revisions against real time is not a rubber stamp: nodes that keep a
+/// window of revisions across requests to the oracle (each node's writes then draw from its
+/// own range) are caught, though every key on its own stays linearizable.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_cached_revision_windows_are_caught() {
+    let o = scenario(
+        "negative-control-tso",
+        Fault::CachedTsoWindow,
+        Reads::Linearizable,
+        1,
+    )
+    .await;
+    eprintln!(
+        "chaos negative-control-tso: ops ok {}, writes out of real-time order {}",
+        o.ok, o.out_of_order
+    );
+    assert!(o.ok > 100, "too little work done ({})", o.ok);
+    assert!(
+        o.out_of_order > 0,
+        "revisions from cached windows passed the real-time check"
+    );
 }
 
 /// The checker is not a rubber stamp: reads served from any replica's local state (not

@@ -495,13 +495,19 @@ pub async fn set_link(from: &str, to: u64, spec: &str) {
     } else {
         format!("return({spec})")
     };
+    set_failpoint(from, &format!("net_to_{to}"), &actions).await;
+}
+
+/// Sets fail point `name` to `actions` on the node at `addr` (empty `actions` clears it),
+/// with a few tries; panics if it cannot be set.
+pub async fn set_failpoint(addr: &str, name: &str, actions: &str) {
     let req = tessera::proto::SetFailpointRequest {
-        name: format!("net_to_{to}"),
-        actions,
+        name: name.to_string(),
+        actions: actions.to_string(),
     };
     for attempt in 0..10 {
         let res = async {
-            let mut c = NodeClient::connect(format!("http://{from}"))
+            let mut c = NodeClient::connect(format!("http://{addr}"))
                 .await
                 .map_err(|e| e.to_string())?;
             c.set_failpoint(req.clone())
@@ -510,7 +516,7 @@ pub async fn set_link(from: &str, to: u64, spec: &str) {
         };
         match tokio::time::timeout(Duration::from_secs(2), res).await {
             Ok(Ok(_)) => return,
-            r if attempt == 9 => panic!("cannot set link fault on {from}: {r:?}"),
+            r if attempt == 9 => panic!("cannot set fail point {name} on {addr}: {r:?}"),
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }

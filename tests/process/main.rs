@@ -18,6 +18,7 @@ mod hibernation;
 #[cfg(feature = "failpoints")]
 mod lease;
 mod replacement;
+mod revisions;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

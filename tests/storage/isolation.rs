@@ -217,6 +217,7 @@ fn garbage_snapshots_are_refused_and_change_nothing() {
             let data = RegionSnapshotData {
                 region: (id > 0).then(|| region(id, b"m", b"t")),
                 sessions: vec![],
+                max_revision: 0,
                 kvs: kvs
                     .into_iter()
                     .map(|(k, v)| SnapshotKv {

@@ -289,6 +289,7 @@ fn apply_snapshot_replaces_range_log_and_state() {
         prost::Message::encode_to_vec(&RegionSnapshotData {
             region: Some(region(2, b"", b"")),
             sessions: vec![],
+            max_revision: 0,
             kvs: vec![],
         })
         .into(),
@@ -304,6 +305,7 @@ fn apply_snapshot_replaces_range_log_and_state() {
         prost::Message::encode_to_vec(&RegionSnapshotData {
             region: Some(reg.clone()),
             sessions: vec![],
+            max_revision: 0,
             kvs: vec![SnapshotKv {
                 key: b"zzz".to_vec(),
                 value: vec![],

@@ -211,7 +211,15 @@ impl Peer {
         let store = self.raw.mut_store();
         store.set_data_stats(tk.saturating_sub(rk), tb.saturating_sub(rb));
         store.set_region(left.clone(), wb);
-        let storage = PeerStorage::create_split(engine, &right, e.index, e.term, (rk, rb), wb);
+        let storage = PeerStorage::create_split(
+            engine,
+            &right,
+            e.index,
+            e.term,
+            (rk, rb),
+            self.raw.store().max_revision(),
+            wb,
+        );
         self.ctx.split_range(
             self.region_id,
             (&left.start_key, &left.end_key),

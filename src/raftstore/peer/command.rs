@@ -106,7 +106,20 @@ impl Peer {
         }
         actx.delta_keys = 0;
         actx.delta_bytes = 0;
-        let res = apply::exec(cmd, e.index, self.raw.store().engine(), wb, actx);
+        let revision = if env.revision > 0 {
+            let applied = self.raw.store().max_revision();
+            if env.revision <= applied {
+                // Cannot happen while leaders stamp in log order (`propose`); counted so
+                // that the checkers' runs would show it.
+                metrics::counter!("tessera_revision_order_violations_total").increment(1);
+                tracing::error!(region = %self.region_id, index = e.index, revision = env.revision, applied, "write applies below the region's revision");
+            }
+            self.raw.mut_store().note_revision(env.revision);
+            env.revision
+        } else {
+            e.index
+        };
+        let res = apply::exec(cmd, revision, self.raw.store().engine(), wb, actx);
         if let Some(w) = &env.write_id {
             self.sessions
                 .record(self.region_id, w, env.proposed_at_ms, &res, wb);

@@ -203,6 +203,7 @@ impl Peer {
                 local_read::LeaseView {
                     region: self.region().clone(),
                     until,
+                    term: self.raw.raft.term,
                 },
             );
             self.published = Some((until, version));

@@ -132,6 +132,10 @@ fn a_destroyed_peer_leaves_its_proposals_unknown() {
         write_id: None,
         reply: tx,
     });
+    // A user write waits for its cluster revision, then is proposed with it.
+    assert!(peer.proposals.is_empty());
+    assert_eq!(peer.revisions_wanted(), 1);
+    peer.stamp(Ok(7), 1);
     assert_eq!(peer.proposals.len(), 1);
     let engine = peer.raw.store().engine().clone();
     let mut wb = engine.batch();
@@ -163,6 +167,7 @@ fn a_rejected_snapshot_does_not_claim_its_range() {
         region: Some(stale_region),
         kvs: vec![],
         sessions: vec![],
+        max_revision: 0,
     };
     let mut snap = Snapshot::default();
     snap.set_data(prost::Message::encode_to_vec(&data).into());
