@@ -53,7 +53,71 @@ pub struct Config {
     pub server: ServerConfig,
     pub placement: PlacementConfig,
     pub region: RegionConfig,
+    pub mvcc: MvccConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MvccConfig {
+    /// Automatic compaction of history, as etcd's: `"periodic:1h"` keeps the history of
+    /// the last hour (units s, m, h, d), `"revisions:100000"` the last 100,000 revisions;
+    /// empty or `"off"` compacts only when asked (`tessera compact`).
+    pub auto_compaction: String,
+}
+
+/// What `mvcc.auto_compaction` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoCompaction {
+    /// Keep the history of this long.
+    Periodic(std::time::Duration),
+    /// Keep this many revisions.
+    Revisions(u64),
+}
+
+impl MvccConfig {
+    /// The automatic compaction asked for, or `None` when it is off.
+    pub fn auto_compaction(&self) -> Result<Option<AutoCompaction>, ConfigError> {
+        let bad = |why: &str| invalid("mvcc.auto_compaction", why);
+        let s = self.auto_compaction.trim();
+        if s.is_empty() || s == "off" {
+            return Ok(None);
+        }
+        let (mode, arg) = s
+            .split_once(':')
+            .ok_or_else(|| bad("must be \"periodic:DURATION\" or \"revisions:COUNT\""))?;
+        match mode {
+            "periodic" => {
+                let (num, unit) = arg.split_at(arg.len().saturating_sub(1));
+                let secs = match unit {
+                    "s" => 1,
+                    "m" => 60,
+                    "h" => 3600,
+                    "d" => 86_400,
+                    _ => return Err(bad("a period needs a unit: s, m, h or d (e.g. \"1h\")")),
+                };
+                let n: u64 = num
+                    .parse()
+                    .map_err(|_| bad("the period must be a whole number with a unit"))?;
+                if n == 0 {
+                    return Err(bad("the period must be positive"));
+                }
+                Ok(Some(AutoCompaction::Periodic(
+                    std::time::Duration::from_secs(n.saturating_mul(secs)),
+                )))
+            }
+            "revisions" => {
+                let n: u64 = arg
+                    .parse()
+                    .map_err(|_| bad("the revision count must be a whole number"))?;
+                if n == 0 {
+                    return Err(bad("the revision count must be positive"));
+                }
+                Ok(Some(AutoCompaction::Revisions(n)))
+            }
+            _ => Err(bad("the mode must be \"periodic\" or \"revisions\"")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

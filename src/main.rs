@@ -65,6 +65,13 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Drop the history below cluster revision REV: reads below it then fail with
+    /// "revision compacted" (the same as `tessera kv compact REV`).
+    Compact {
+        #[command(flatten)]
+        conn: ConnArgs,
+        rev: u64,
+    },
 }
 
 /// jemalloc, not glibc malloc: less CPU per allocation under the servers' cross-thread
@@ -120,6 +127,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => block_on(None, cli::bench::run(args)),
         Command::Nodes { conn, op } => block_on(None, cli::nodes::run(conn, op)),
         Command::Status { conn } => block_on(None, cli::status::run(conn)),
+        Command::Compact { conn, rev } => block_on(None, cli::kv::run(conn, KvOp::Compact { rev })),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -71,6 +71,7 @@ mod batch;
 pub mod cache;
 mod cluster;
 mod mux;
+mod mvcc;
 mod retry;
 mod tso;
 mod write_id;
@@ -128,6 +129,9 @@ pub enum Error {
     /// another node holds).
     #[error("refused: {0}")]
     Refused(String),
+    /// A read (or watch) below the revision the cluster's history is compacted at.
+    #[error("revision compacted: history starts at revision {compact_revision}")]
+    Compacted { compact_revision: u64 },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -395,6 +399,7 @@ impl Client {
                 .get(proto::GetRequest {
                     header: Some(header),
                     key: key.to_vec(),
+                    revision: 0,
                 })
                 .await?;
             Ok((r.region_error, r.kv))
@@ -486,6 +491,18 @@ impl Client {
     /// Keys in `[start, end)` in order across regions (empty `end` = to the end of the
     /// keyspace), at most `limit` of them (0 = no limit).
     pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>> {
+        self.scan_at(start, end, limit, 0).await
+    }
+
+    /// As [`Self::scan`], as of cluster revision `revision` (0 = the latest state): every
+    /// region is read at that revision, so the result is one consistent snapshot.
+    pub async fn scan_at(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        revision: u64,
+    ) -> Result<Vec<KeyValue>> {
         // The user keyspace ends where the system keyspace begins.
         let user_end = [tessera_api::keys::SYSTEM_KEY_PREFIX];
         let end = if !self.inner.opts.system && (end.is_empty() || end > &user_end[..]) {
@@ -497,7 +514,7 @@ impl Client {
         let mut cursor = start.to_vec();
         loop {
             let want = if limit == 0 { 0 } else { limit - out.len() };
-            let (kvs, more, region_end) = self.scan_region(&cursor, end, want).await?;
+            let (kvs, more, region_end) = self.scan_region(&cursor, end, want, revision).await?;
             let last = kvs.last().map(|kv| kv.key.clone());
             out.extend(kvs);
             if limit != 0 && out.len() >= limit {
@@ -528,6 +545,7 @@ impl Client {
         start: &[u8],
         end: &[u8],
         limit: usize,
+        revision: u64,
     ) -> Result<(Vec<KeyValue>, bool, Vec<u8>)> {
         self.execute(start, Mode::Idempotent, |conn, header| {
             let region_end = self
@@ -546,6 +564,7 @@ impl Client {
                         end_key: end.to_vec(),
                         limit: limit.min(u32::MAX as usize) as u32,
                         keys_only: false,
+                        revision,
                     })
                     .await?
                     .into_inner();

@@ -303,6 +303,7 @@ mod tests {
         }
         async fn get(&self, r: Request<proto::GetRequest>) -> Unary<proto::GetResponse> {
             Ok(Response::new(proto::GetResponse {
+                revision: 0,
                 region_error: None,
                 kv: Some(proto::KeyValue {
                     key: r.into_inner().key,
@@ -341,6 +342,12 @@ mod tests {
         async fn tso(&self, _: Request<proto::TsoRequest>) -> Unary<proto::TsoResponse> {
             Err(Status::unimplemented(""))
         }
+        async fn compact(
+            &self,
+            _: Request<proto::CompactRequest>,
+        ) -> Unary<proto::CompactResponse> {
+            Err(Status::unimplemented(""))
+        }
     }
 
     #[tokio::test]
@@ -359,6 +366,7 @@ mod tests {
             .unwrap();
         let conn = Conn::new(ch, true, Duration::from_secs(5));
         let get = || proto::GetRequest {
+            revision: 0,
             header: None,
             key: b"k".to_vec(),
         };

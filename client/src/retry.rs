@@ -288,6 +288,11 @@ impl Client {
                     Some(region_error::Error::Internal(r)) => {
                         return Err(Error::Server(r.reason.clone()))
                     }
+                    Some(region_error::Error::Compacted(c)) => {
+                        return Err(Error::Compacted {
+                            compact_revision: c.compact_revision,
+                        })
+                    }
                     _ => {}
                 }
                 Ok(Attempt::Retry {

@@ -37,6 +37,7 @@ fn tessera_err(e: Error) -> OpError {
         Error::Server(_) => "server",
         Error::NotFound(_) => "not_found",
         Error::Refused(_) => "refused",
+        Error::Compacted { .. } => "compacted",
     };
     OpError(kind.into())
 }

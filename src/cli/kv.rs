@@ -25,8 +25,11 @@ pub enum KvOp {
     Get {
         key: String,
         /// Serve from any replica's local state (may be stale).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "rev")]
         serializable: bool,
+        /// Read the key as of this cluster revision (0 = now).
+        #[arg(long, default_value_t = 0)]
+        rev: u64,
     },
     /// Set KEY to VALUE; without VALUE, the value is read from standard input (all of it,
     /// as bytes), so values of any size and content can be written.
@@ -41,7 +44,13 @@ pub enum KvOp {
         end: String,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Read the keys as of this cluster revision (0 = now): one consistent snapshot
+        /// across regions.
+        #[arg(long, default_value_t = 0)]
+        rev: u64,
     },
+    /// Drop the history below cluster revision REV (reads below it then fail).
+    Compact { rev: u64 },
     /// Compare-and-swap: set KEY to VALUE only if its current value is EXPECTED
     /// (or, with --absent, only if it does not exist).
     Cas {
@@ -87,6 +96,11 @@ struct Deleted {
 }
 
 #[derive(Serialize)]
+struct Compacted {
+    compact_revision: u64,
+}
+
+#[derive(Serialize)]
 struct CasJson {
     succeeded: bool,
     revision: u64,
@@ -124,7 +138,7 @@ pub async fn run(conn: ConnArgs, op: KvOp) -> Result<()> {
     };
     let client = conn.connect(serializable).await?;
     match op {
-        KvOp::Get { key, .. } => match client.get(key.as_bytes()).await? {
+        KvOp::Get { key, rev, .. } => match client.get_at(key.as_bytes(), rev).await? {
             Some(kv) if conn.json => print_json(&KvJson::from(&kv)),
             Some(kv) => println!("{}", text(&kv.value)),
             None => return Err(Error::KeyNotFound(key)),
@@ -158,8 +172,25 @@ pub async fn run(conn: ConnArgs, op: KvOp) -> Result<()> {
                 println!("not found");
             }
         }
-        KvOp::Scan { start, end, limit } => {
-            let kvs = client.scan(start.as_bytes(), end.as_bytes(), limit).await?;
+        KvOp::Compact { rev } => {
+            let now = client.compact(rev).await?;
+            if conn.json {
+                print_json(&Compacted {
+                    compact_revision: now,
+                });
+            } else {
+                println!("compacted up to revision {now}");
+            }
+        }
+        KvOp::Scan {
+            start,
+            end,
+            limit,
+            rev,
+        } => {
+            let kvs = client
+                .scan_at(start.as_bytes(), end.as_bytes(), limit, rev)
+                .await?;
             if conn.json {
                 print_json(&kvs.iter().map(KvJson::from).collect::<Vec<_>>());
             } else {

@@ -131,3 +131,41 @@ fn even_split_keys_are_increasing() {
         assert!(keys.iter().all(|k| !k.is_empty() && !is_system_key(k)));
     }
 }
+
+#[test]
+fn auto_compaction_modes_parse_and_bad_ones_are_refused() {
+    use crate::config::{AutoCompaction, MvccConfig};
+    use std::time::Duration;
+    let parse = |s: &str| {
+        MvccConfig {
+            auto_compaction: s.into(),
+        }
+        .auto_compaction()
+    };
+    assert_eq!(parse("").unwrap(), None);
+    assert_eq!(parse("off").unwrap(), None);
+    assert_eq!(
+        parse("periodic:1h").unwrap(),
+        Some(AutoCompaction::Periodic(Duration::from_secs(3600)))
+    );
+    assert_eq!(
+        parse("periodic:90s").unwrap(),
+        Some(AutoCompaction::Periodic(Duration::from_secs(90)))
+    );
+    assert_eq!(
+        parse("revisions:100000").unwrap(),
+        Some(AutoCompaction::Revisions(100_000))
+    );
+    for bad in [
+        "periodic:1",
+        "periodic:0h",
+        "periodic:h",
+        "revisions:",
+        "revisions:-1",
+        "weekly:1",
+        "1h",
+    ] {
+        let err = parse(bad).expect_err(bad).to_string();
+        assert!(err.contains("mvcc.auto_compaction"), "{bad}: {err}");
+    }
+}

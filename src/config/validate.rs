@@ -35,6 +35,7 @@ impl Config {
         if self.cluster.cluster_id == 0 {
             return Err(invalid("cluster.cluster_id", "must be a positive integer"));
         }
+        self.mvcc.auto_compaction()?;
         let advertise = self.advertise_addr()?;
         self.listen_addr()?;
         if !self.node.metrics_addr.is_empty() {

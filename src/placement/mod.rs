@@ -29,6 +29,7 @@
 //! - a record that does not decode is an error value, never a panic.
 
 pub mod client;
+pub mod compaction;
 mod nodes;
 pub mod scheduler;
 pub mod tso;

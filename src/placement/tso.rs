@@ -23,6 +23,7 @@
 //! - nodes never cache revisions across batches: that would break the real-time order (a
 //!   test-only fail point, `tso_cached_window`, does exactly that for the checkers).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -171,14 +172,40 @@ struct Ask {
 #[derive(Clone)]
 pub struct TsoClient {
     tx: mpsc::UnboundedSender<Ask>,
+    /// The highest revision this node has been handed.
+    seen: Arc<AtomicU64>,
 }
 
 impl TsoClient {
     /// Starts the client's task on the current runtime.
     pub fn start(system: SystemClient) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(system, rx));
-        Self { tx }
+        let seen = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run(system, rx, seen.clone()));
+        Self { tx, seen }
+    }
+
+    /// Whether `rev` has been handed out already (to anyone): true at once if this node has
+    /// seen a revision at least as high, otherwise after asking the oracle for a new one.
+    pub async fn handed_out(&self, rev: u64) -> Result<bool, String> {
+        if rev <= self.seen.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.ask(1, move |r| {
+            let _ = tx.send(r);
+        });
+        let first = rx.await.map_err(|_| "the node is stopping".to_string())??;
+        Ok(rev <= first)
+    }
+
+    /// The latest revision: one newly handed out.
+    pub async fn latest(&self) -> Result<u64, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.ask(1, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.await.map_err(|_| "the node is stopping".to_string())?
     }
 
     /// Asks for `count` revisions; `done` runs on the client's task with the answer. If the
@@ -199,7 +226,7 @@ impl crate::raftstore::worker::RevisionSource for TsoClient {
     }
 }
 
-async fn run(system: SystemClient, mut rx: mpsc::UnboundedReceiver<Ask>) {
+async fn run(system: SystemClient, mut rx: mpsc::UnboundedReceiver<Ask>, seen: Arc<AtomicU64>) {
     let mut cached: std::ops::Range<u64> = 0..0;
     while let Some(first) = rx.recv().await {
         let mut asks = vec![first];
@@ -223,17 +250,35 @@ async fn run(system: SystemClient, mut rx: mpsc::UnboundedReceiver<Ask>) {
             fetch(&system, total).await.map(|r| r.start)
         };
         metrics::counter!("tessera_tso_requests_total").increment(1);
-        let mut next = got.as_ref().ok().copied();
-        for a in asks {
-            match (&got, next.as_mut()) {
-                (Ok(_), Some(n)) => {
-                    let first = *n;
-                    *n += u64::from(a.count);
-                    (a.done)(Ok(first));
-                }
-                (Err(e), _) => (a.done)(Err(e.clone())),
-                (Ok(_), None) => (a.done)(Err("no revisions".into())),
+        if let Ok(first) = &got {
+            seen.fetch_max(first + total - 1, Ordering::AcqRel);
+        }
+        match answer_delay() {
+            // Test-only: the answer reaches the asking workers late (tests of reads at a
+            // revision while writes wait for theirs).
+            Some(d) => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    hand_out(got, asks);
+                });
             }
+            None => hand_out(got, asks),
+        }
+    }
+}
+
+/// Gives each ask its share of the answer, in the order they came.
+fn hand_out(got: Stamps, asks: Vec<Ask>) {
+    let mut next = got.as_ref().ok().copied();
+    for a in asks {
+        match (&got, next.as_mut()) {
+            (Ok(_), Some(n)) => {
+                let first = *n;
+                *n += u64::from(a.count);
+                (a.done)(Ok(first));
+            }
+            (Err(e), _) => (a.done)(Err(e.clone())),
+            (Ok(_), None) => (a.done)(Err("no revisions".into())),
         }
     }
 }
@@ -263,5 +308,26 @@ fn cache_windows() -> bool {
     false
 }
 
+#[cfg(feature = "failpoints")]
+fn answer_delay() -> Option<Duration> {
+    fail::eval("tso_delay_answer", |arg| arg.and_then(|a| a.parse().ok()))
+        .flatten()
+        .map(Duration::from_millis)
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn answer_delay() -> Option<Duration> {
+    None
+}
+
 /// Shared handle the services use.
 pub type SharedTso = Arc<TsoServer>;
+
+/// What the client API needs of placement: the oracle's serving side, the node's client of
+/// the oracle, and the node's placement client.
+#[derive(Clone)]
+pub struct Oracle {
+    pub server: SharedTso,
+    pub client: TsoClient,
+    pub placement: SystemClient,
+}

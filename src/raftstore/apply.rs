@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use super::cmd::{key_value, ApplyResult, CasAction, Command};
 use super::msg::{RegionError, Reply};
 use crate::proto::KvRecord;
-use crate::storage::{keys, Cf, Engine, WriteBatch};
+use crate::storage::{keys, mvcc, Cf, Engine, WriteBatch};
 use prost::Message as _;
 
 /// The current records of recently applied keys, kept by a worker across rounds.
@@ -196,15 +196,29 @@ impl ApplyCtx {
         }
         self.delta_bytes += key_len + rec.encoded_len() as i64;
         wb.put_msg(Cf::Data, &data_key, &rec);
+        let user_key = &data_key[1..];
+        if !keys::is_system_key(user_key) {
+            mvcc::record(wb, user_key, rec.mod_revision, &rec);
+        }
         self.overlay.insert(data_key, Some(rec));
     }
 
-    /// Deletes the key if it exists.
-    fn delete(&mut self, wb: &mut WriteBatch<'_>, data_key: Vec<u8>, old: Option<&KvRecord>) {
+    /// Deletes the key if it exists, leaving a tombstone at `revision` in its history.
+    fn delete(
+        &mut self,
+        wb: &mut WriteBatch<'_>,
+        data_key: Vec<u8>,
+        old: Option<&KvRecord>,
+        revision: u64,
+    ) {
         let Some(o) = old else { return };
         self.delta_keys -= 1;
         self.delta_bytes -= data_key.len() as i64 - 1 + o.encoded_len() as i64;
         wb.delete(Cf::Data, &data_key);
+        let user_key = &data_key[1..];
+        if !keys::is_system_key(user_key) {
+            mvcc::record(wb, user_key, revision, &mvcc::tombstone(revision));
+        }
         self.overlay.insert(data_key, None);
     }
 
@@ -243,7 +257,7 @@ pub fn exec(
         Command::Delete { key } => {
             let dkey = keys::data_key(&key);
             let cur = ctx.current(engine, &dkey);
-            ctx.delete(wb, dkey, cur.as_ref());
+            ctx.delete(wb, dkey, cur.as_ref(), revision);
             let prev = cur.map(|r| key_value(&key, r));
             ApplyResult::Delete { prev, revision }
         }
@@ -261,7 +275,7 @@ pub fn exec(
                         let rec = put_record(cur.as_ref(), value, revision);
                         ctx.put(wb, dkey, cur.as_ref(), rec);
                     }
-                    CasAction::Delete => ctx.delete(wb, dkey, cur.as_ref()),
+                    CasAction::Delete => ctx.delete(wb, dkey, cur.as_ref(), revision),
                 }
             }
             ApplyResult::Cas {
@@ -279,7 +293,7 @@ pub fn exec(
                         let rec = put_record(cur.as_ref(), v, revision);
                         ctx.put(wb, dkey, cur.as_ref(), rec);
                     }
-                    None => ctx.delete(wb, dkey, cur.as_ref()),
+                    None => ctx.delete(wb, dkey, cur.as_ref(), revision),
                 }
             }
             ApplyResult::Batch { revision }

@@ -28,10 +28,10 @@ use dashmap::DashMap;
 
 use super::clock::BootInstant;
 use super::cmd;
-use super::msg::{ReadRequest, ReadResult, RegionError};
+use super::msg::{ReadAnswer, ReadRequest, ReadResult, RegionError};
 use crate::ids::RegionId;
 use crate::proto::{self, KvRecord, RegionEpoch};
-use crate::storage::{keys, Cf, Engine};
+use crate::storage::{keys, mvcc, Cf, Engine};
 
 /// What a leader vouches for: reads of `region`'s range with its epoch are linearizable
 /// from the engine until `until`.
@@ -59,6 +59,11 @@ impl LocalReader {
         }
     }
 
+    /// The engine reads are served from.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     pub fn publish(&self, region: RegionId, view: LeaseView) {
         self.views.insert(region, Arc::new(view));
     }
@@ -80,7 +85,7 @@ impl LocalReader {
         region: RegionId,
         epoch: &RegionEpoch,
         req: &ReadRequest,
-    ) -> Option<Result<ReadResult, RegionError>> {
+    ) -> Option<Result<ReadAnswer, RegionError>> {
         let view = self.views.get(&region)?.value().clone();
         let r = &view.region;
         if BootInstant::now() >= view.until
@@ -106,51 +111,40 @@ pub fn read_keys(req: &ReadRequest) -> &[Vec<u8>] {
     }
 }
 
-/// Reads from the engine's applied state of `region`.
+/// Reads from the engine's applied state of `region`, at one point in time: a batch get
+/// must not see half of one atomic write, and the answer's revision (the region's highest
+/// applied revision) must be that of the state read.
 pub fn serve_read(
     engine: &Engine,
     region: &proto::Region,
     req: &ReadRequest,
-) -> Result<ReadResult, RegionError> {
-    let busy = |e: crate::storage::Error| RegionError::Internal {
-        reason: format!("storage read failed: {e}"),
-    };
-    let get = |key: &[u8]| -> Result<Option<proto::KeyValue>, RegionError> {
-        let rec: Option<KvRecord> = engine
-            .get_msg(Cf::Data, &keys::data_key(key))
-            .map_err(busy)?;
-        Ok(rec.map(|r| cmd::key_value(key, r)))
-    };
-    match req {
-        ReadRequest::Get { key } => Ok(ReadResult::Get(get(key)?)),
-        // One point in time for all keys: on the gRPC thread a worker may write a batch
-        // between two gets, and a batch read must not see half of one atomic write.
-        ReadRequest::BatchGet { keys } => engine.with_snapshot(|view| {
-            let get = |key: &Vec<u8>| -> Result<Option<proto::KeyValue>, RegionError> {
-                let rec: Option<KvRecord> =
-                    view.get_msg(Cf::Data, &keys::data_key(key)).map_err(busy)?;
-                Ok(rec.map(|r| cmd::key_value(key, r)))
-            };
-            Ok(ReadResult::BatchGet(
-                keys.iter().map(get).collect::<Result<Vec<_>, _>>()?,
-            ))
-        }),
-        ReadRequest::Scan {
-            start,
-            end,
-            limit,
-            keys_only,
-        } => {
-            let start = keys::data_key(start.max(&region.start_key));
-            let end = match (end.is_empty(), region.end_key.is_empty()) {
-                (true, _) => keys::data_end_key(&region.end_key),
-                (false, true) => keys::data_key(end),
-                (false, false) => keys::data_key(end.min(&region.end_key)),
-            };
-            let mut kvs = Vec::new();
-            let mut more = false;
-            engine
-                .scan(Cf::Data, &start, &end, |k, v| {
+) -> Result<ReadAnswer, RegionError> {
+    engine.with_snapshot(|view| {
+        let apply: proto::RaftApplyState = view
+            .get_msg(Cf::Raft, &keys::apply_state_key(RegionId(region.id)))
+            .map_err(busy)?
+            .unwrap_or_default();
+        let get = |key: &[u8]| -> Result<Option<proto::KeyValue>, RegionError> {
+            let rec: Option<KvRecord> =
+                view.get_msg(Cf::Data, &keys::data_key(key)).map_err(busy)?;
+            Ok(rec.map(|r| cmd::key_value(key, r)))
+        };
+        let result = match req {
+            ReadRequest::Get { key } => ReadResult::Get(get(key)?),
+            ReadRequest::BatchGet { keys } => {
+                ReadResult::BatchGet(keys.iter().map(|k| get(k)).collect::<Result<Vec<_>, _>>()?)
+            }
+            ReadRequest::Scan {
+                start,
+                end,
+                limit,
+                keys_only,
+            } => {
+                let (start, end) = clamp(region, start, end);
+                let mut kvs = Vec::new();
+                let mut more = false;
+                let (start, end) = (keys::data_key(&start), data_end(&end));
+                view.scan(Cf::Data, &start, &end, |k, v| {
                     if kvs.len() >= *limit {
                         more = true;
                         return Ok(false);
@@ -166,9 +160,93 @@ pub fn serve_read(
                     Ok(true)
                 })
                 .map_err(busy)?;
-            Ok(ReadResult::Scan { kvs, more })
-        }
+                ReadResult::Scan { kvs, more }
+            }
+        };
+        Ok(ReadAnswer {
+            result,
+            revision: apply.max_revision,
+        })
+    })
+}
+
+/// Reads `region`'s keys as of cluster revision `at` from their history (`mvcc`). The
+/// caller has made sure every write of the region at or below `at` is applied.
+pub fn serve_read_at(
+    engine: &Engine,
+    region: &proto::Region,
+    req: &ReadRequest,
+    at: u64,
+) -> Result<ReadAnswer, RegionError> {
+    let compacted = engine.compacted_revision();
+    if at < compacted {
+        return Err(RegionError::Compacted { compacted });
     }
+    let get = |key: &[u8]| -> Result<Option<proto::KeyValue>, RegionError> {
+        let rec = mvcc::get_at(engine, key, at).map_err(busy)?;
+        Ok(rec.map(|r| cmd::key_value(key, r)))
+    };
+    let result = match req {
+        ReadRequest::Get { key } => ReadResult::Get(get(key)?),
+        ReadRequest::BatchGet { keys } => {
+            ReadResult::BatchGet(keys.iter().map(|k| get(k)).collect::<Result<Vec<_>, _>>()?)
+        }
+        ReadRequest::Scan {
+            start,
+            end,
+            limit,
+            keys_only,
+        } => {
+            let (start, end) = clamp(region, start, end);
+            let mut kvs = Vec::new();
+            let mut more = false;
+            mvcc::scan_at(engine, &start, &end, at, |key, rec| {
+                if kvs.len() >= *limit {
+                    more = true;
+                    return Ok(false);
+                }
+                let mut kv = cmd::key_value(&key, rec);
+                if *keys_only {
+                    kv.value.clear();
+                }
+                kvs.push(kv);
+                Ok(true)
+            })
+            .map_err(busy)?;
+            ReadResult::Scan { kvs, more }
+        }
+    };
+    // Compaction may have passed `at` while the rows were read.
+    let compacted = engine.compacted_revision();
+    if at < compacted {
+        return Err(RegionError::Compacted { compacted });
+    }
+    Ok(ReadAnswer {
+        result,
+        revision: at,
+    })
+}
+
+fn busy(e: crate::storage::Error) -> RegionError {
+    RegionError::Internal {
+        reason: format!("storage read failed: {e}"),
+    }
+}
+
+/// A scan's `[start, end)` clipped to the region (empty `end` = +infinity).
+fn clamp(region: &proto::Region, start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let start = start.max(region.start_key.as_slice()).to_vec();
+    let end = match (end.is_empty(), region.end_key.is_empty()) {
+        (true, _) => region.end_key.clone(),
+        (false, true) => end.to_vec(),
+        (false, false) => end.min(region.end_key.as_slice()).to_vec(),
+    };
+    (start, end)
+}
+
+/// The data-key bound of a user end key (empty = +infinity).
+fn data_end(end: &[u8]) -> Vec<u8> {
+    keys::data_end_key(end)
 }
 
 #[cfg(test)]
@@ -217,7 +295,10 @@ mod tests {
             },
         );
         match reader.try_read(id, &epoch, &get(b"b")) {
-            Some(Ok(ReadResult::Get(Some(kv)))) => assert_eq!(kv.value, b"v"),
+            Some(Ok(ReadAnswer {
+                result: ReadResult::Get(Some(kv)),
+                ..
+            })) => assert_eq!(kv.value, b"v"),
             other => panic!("expected the stored value, got {other:?}"),
         }
         // Another epoch, a key outside the range, another region: the worker decides.

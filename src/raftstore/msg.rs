@@ -8,7 +8,7 @@
 //! - async code never touches a peer: all work reaches a worker as a [`WorkerMsg`];
 //! - each request carries its own reply channel and is answered at most once; a dropped
 //!   reply means the outcome is unknown to the caller;
-//! - `Refused`, `Internal` and `StaleWrite` mean nothing was applied and are final; the
+//! - `Refused`, `Internal`, `StaleWrite` and `Compacted` are final (nothing applied); the
 //!   other kinds are fixed by a fresh route or a wait;
 //! - [`RegionError::to_proto`] keeps the kind and the `Display` text of every error.
 
@@ -57,6 +57,10 @@ pub enum RegionError {
         client_id: u64,
         seq: u64,
     },
+    /// A read below the revision history is compacted at.
+    Compacted {
+        compacted: u64,
+    },
 }
 
 impl std::fmt::Display for RegionError {
@@ -84,6 +88,9 @@ impl std::fmt::Display for RegionError {
                 f,
                 "write {seq} of client {client_id:x} is a copy of one already answered"
             ),
+            RegionError::Compacted { compacted } => {
+                write!(f, "history is compacted up to revision {compacted}")
+            }
         }
     }
 }
@@ -131,6 +138,9 @@ impl RegionError {
                 client_id: *client_id,
                 seq: *seq,
             }),
+            RegionError::Compacted { compacted } => E::Compacted(proto::Compacted {
+                compact_revision: *compacted,
+            }),
         };
         proto::RegionError {
             message: self.to_string(),
@@ -157,6 +167,13 @@ pub enum ReadRequest {
         limit: usize,
         keys_only: bool,
     },
+}
+
+/// A read's result and the cluster revision it is consistent at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadAnswer {
+    pub result: ReadResult,
+    pub revision: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -187,7 +204,9 @@ pub enum PeerMsg {
         req: ReadRequest,
         epoch: proto::RegionEpoch,
         linearizable: bool,
-        reply: Reply<ReadResult>,
+        /// Read as of this cluster revision (0 = the latest state); always linearizable.
+        at: u64,
+        reply: Reply<ReadAnswer>,
     },
     /// The transport could not deliver to this peer.
     Unreachable(PeerId),

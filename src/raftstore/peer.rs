@@ -70,6 +70,9 @@ pub struct Peer {
     unstamped: VecDeque<propose::Unstamped>,
     /// The highest revision this peer proposed as leader.
     proposed_revision: u64,
+    /// No write is proposed with a revision at or below this: a read at that revision was
+    /// served (see `read`).
+    revision_floor: u64,
     /// Reads that arrived this round; they share one ReadIndex request.
     reads_unsent: Vec<PendingRead>,
     /// ReadIndex requests sent to raft: context, send time (for the lease), reads.
@@ -191,6 +194,7 @@ impl Peer {
             proposals: VecDeque::new(),
             unstamped: VecDeque::new(),
             proposed_revision: 0,
+            revision_floor: 0,
             reads_unsent: Vec::new(),
             reads_inflight: VecDeque::new(),
             reads_ready: VecDeque::new(),
@@ -313,8 +317,9 @@ impl Peer {
                 req,
                 epoch,
                 linearizable,
+                at,
                 reply,
-            } => self.read(req, epoch, linearizable, reply),
+            } => self.read(req, epoch, linearizable, at, reply),
             PeerMsg::Unreachable(p) => self.raw.report_unreachable(p.0),
             PeerMsg::SnapshotStatus { to, delivered } => {
                 let status = if delivered {

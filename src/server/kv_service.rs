@@ -37,7 +37,7 @@ use crate::proto::kv_server::Kv;
 use crate::proto::{self, ReadConsistency, RequestHeader};
 use crate::raftstore::cmd::{ApplyResult, CasAction, Command, Compare};
 use crate::raftstore::local_read::LocalReader;
-use crate::raftstore::msg::{PeerMsg, ReadRequest, ReadResult, RegionError, Reply};
+use crate::raftstore::msg::{PeerMsg, ReadAnswer, ReadRequest, ReadResult, RegionError, Reply};
 use crate::raftstore::router::{RouteError, Router};
 use crate::storage::keys::is_system_key;
 use crate::transport::Transport;
@@ -59,8 +59,10 @@ pub struct KvCore {
     timeout: Duration,
     /// Lease reads served here, without the region's worker.
     local: LocalReader,
-    /// The timestamp oracle, served where this node leads its region.
-    tso: crate::placement::tso::SharedTso,
+    /// The timestamp oracle (served where this node leads its region), the node's way to
+    /// it (reads at a revision check it is not in the future) and the node's placement
+    /// client (compaction is recorded there).
+    oracle: crate::placement::tso::Oracle,
     /// Set when the node stops: `Commands` streams end (they would otherwise keep the
     /// node's state alive for as long as their clients stay connected).
     stopping: watch::Receiver<bool>,
@@ -76,7 +78,7 @@ impl KvService {
         limits: ServerConfig,
         timeout: Duration,
         local: LocalReader,
-        tso: crate::placement::tso::SharedTso,
+        oracle: crate::placement::tso::Oracle,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -86,7 +88,7 @@ impl KvService {
                 limits,
                 timeout,
                 local,
-                tso,
+                oracle,
                 stopping,
             }),
         }
@@ -194,12 +196,20 @@ impl KvCore {
         .await
     }
 
+    /// Reads the latest state (`at` = 0) or the state as of cluster revision `at`.
     async fn read(
         &self,
         header: Option<RequestHeader>,
         req: ReadRequest,
-    ) -> Result<Routed<ReadResult>, Status> {
-        if let Some(h) = header
+        at: u64,
+    ) -> Result<Routed<ReadAnswer>, Status> {
+        if at > 0 {
+            self.check_not_future(at).await?;
+            let compacted = self.local.engine().compacted_revision();
+            if at < compacted {
+                return Ok(Err(self.region_error(&RegionError::Compacted { compacted })));
+            }
+        } else if let Some(h) = header
             .as_ref()
             .filter(|h| h.consistency != ReadConsistency::Serializable as i32)
         {
@@ -212,6 +222,7 @@ impl KvCore {
             req,
             epoch,
             linearizable,
+            at,
             reply,
         })
         .await
@@ -241,15 +252,20 @@ fn unexpected<T>(what: &str) -> Result<T, Status> {
 impl KvCore {
     async fn get(&self, r: proto::GetRequest) -> Result<proto::GetResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
-        let resp = match self.read(r.header, ReadRequest::Get { key: r.key }).await? {
-            Ok(ReadResult::Get(kv)) => proto::GetResponse {
+        let read = ReadRequest::Get { key: r.key };
+        let resp = match self.read(r.header, read, r.revision).await? {
+            Ok(ReadAnswer {
+                result: ReadResult::Get(kv),
+                revision,
+            }) => proto::GetResponse {
                 region_error: None,
                 kv,
+                revision,
             },
             Ok(_) => return unexpected("get"),
             Err(e) => proto::GetResponse {
                 region_error: Some(e),
-                kv: None,
+                ..Default::default()
             },
         };
         Ok(resp)
@@ -331,11 +347,15 @@ impl KvCore {
             limit,
             keys_only: r.keys_only,
         };
-        let resp = match self.read(r.header, req).await? {
-            Ok(ReadResult::Scan { kvs, more }) => proto::ScanResponse {
+        let resp = match self.read(r.header, req, r.revision).await? {
+            Ok(ReadAnswer {
+                result: ReadResult::Scan { kvs, more },
+                revision,
+            }) => proto::ScanResponse {
                 region_error: None,
                 kvs,
                 more,
+                revision,
             },
             Ok(_) => return unexpected("scan"),
             Err(e) => proto::ScanResponse {
@@ -395,17 +415,21 @@ impl KvCore {
             self.check_key(k, r.header.as_ref())?;
         }
         let resp = match self
-            .read(r.header, ReadRequest::BatchGet { keys: r.keys })
+            .read(r.header, ReadRequest::BatchGet { keys: r.keys }, 0)
             .await?
         {
-            Ok(ReadResult::BatchGet(kvs)) => proto::BatchGetResponse {
+            Ok(ReadAnswer {
+                result: ReadResult::BatchGet(kvs),
+                revision,
+            }) => proto::BatchGetResponse {
                 region_error: None,
                 kvs: kvs.into_iter().map(Option::unwrap_or_default).collect(),
+                revision,
             },
             Ok(_) => return unexpected("batch get"),
             Err(e) => proto::BatchGetResponse {
                 region_error: Some(e),
-                kvs: Vec::new(),
+                ..Default::default()
             },
         };
         Ok(resp)
@@ -528,5 +552,15 @@ impl Kv for KvService {
         request: Request<proto::TsoRequest>,
     ) -> Result<Response<proto::TsoResponse>, Status> {
         self.core.tso(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn compact(
+        &self,
+        request: Request<proto::CompactRequest>,
+    ) -> Result<Response<proto::CompactResponse>, Status> {
+        self.core
+            .compact(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

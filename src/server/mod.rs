@@ -6,6 +6,7 @@
 //! reverses it: stop accepting, let each worker finish its round, flush and close the DB.
 
 pub mod admin;
+mod compaction;
 pub mod kv_service;
 pub mod node_service;
 pub mod raft_service;
@@ -65,6 +66,7 @@ pub struct Node {
     stopping: tokio::sync::watch::Sender<bool>,
     heartbeat: tokio::task::JoinHandle<()>,
     reporter: tokio::task::JoinHandle<()>,
+    compaction: tokio::task::JoinHandle<()>,
     scheduler: tokio::task::JoinHandle<()>,
     removed: tokio::sync::watch::Receiver<bool>,
     asleep: Vec<Arc<AtomicUsize>>,
@@ -108,6 +110,7 @@ impl Node {
             stopping: grpc.stopping,
             heartbeat: tasks.heartbeat,
             reporter: tasks.reporter,
+            compaction: tasks.compaction,
             scheduler: tasks.scheduler,
             removed: tasks.removed,
             asleep: raft.asleep,
@@ -147,6 +150,7 @@ impl Node {
     pub async fn shutdown(mut self) {
         self.heartbeat.abort();
         self.reporter.abort();
+        self.compaction.abort();
         self.scheduler.abort();
         let _ = self.stopping.send(true);
         if let Some(tx) = self.stop_server.take() {

@@ -17,12 +17,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use super::{admin, heartbeat_loop, join_cluster, kv_service, node_service, reporter};
+use super::{admin, compaction, heartbeat_loop, join_cluster, kv_service, node_service, reporter};
 use super::{RaftService, StartError, REQUEST_TIMEOUT};
 use crate::config::{Config, Member};
 use crate::ids::RegionId;
 use crate::placement::client::SystemClient;
-use crate::placement::tso::{TsoClient, TsoServer};
+use crate::placement::tso::{Oracle, TsoClient, TsoServer};
 use crate::proto::NodeRecord;
 use crate::proto::{
     kv_server::KvServer, node_server::NodeServer, raft_transport_server::RaftTransportServer,
@@ -85,6 +85,8 @@ pub(super) struct Raft {
     pub(super) asleep: Vec<Arc<AtomicUsize>>,
     /// The node's client of placement (system keyspace), connected on first use.
     pub(super) placement: SystemClient,
+    /// The node's client of the timestamp oracle.
+    pub(super) revisions: TsoClient,
 }
 
 /// Regions whose leadership or descriptor changed, reported by the workers for the reporter.
@@ -143,7 +145,8 @@ pub(super) fn start_raft(
     let asleep: Vec<Arc<AtomicUsize>> = (0..cfg.raft.workers).map(|_| Arc::default()).collect();
     let (changes_tx, changes) = tokio::sync::mpsc::unbounded_channel();
     let placement = SystemClient::new(transport.clone(), cfg.cluster.join.clone());
-    let revisions = Arc::new(TsoClient::start(placement.clone()));
+    let tso_client = TsoClient::start(placement.clone());
+    let revisions = Arc::new(tso_client.clone());
     for (i, inbox) in inboxes.into_iter().enumerate() {
         let w = Worker::new(
             i,
@@ -173,6 +176,7 @@ pub(super) fn start_raft(
         leaders,
         asleep,
         placement,
+        revisions: tso_client,
     };
     Ok((raft, changes))
 }
@@ -227,7 +231,11 @@ pub(super) async fn serve(
         cfg.server.clone(),
         REQUEST_TIMEOUT,
         raft.store.reader.clone(),
-        tso,
+        Oracle {
+            server: tso,
+            client: raft.revisions.clone(),
+            placement: placement.clone(),
+        },
         stopping_rx,
     ))
     .max_decoding_message_size(max_msg)
@@ -276,6 +284,7 @@ pub(super) struct Tasks {
     pub(super) heartbeat: tokio::task::JoinHandle<()>,
     pub(super) scheduler: tokio::task::JoinHandle<()>,
     pub(super) reporter: tokio::task::JoinHandle<()>,
+    pub(super) compaction: tokio::task::JoinHandle<()>,
     /// Turns true once placement has removed this node.
     pub(super) removed: tokio::sync::watch::Receiver<bool>,
 }
@@ -316,6 +325,12 @@ pub(super) fn spawn_tasks(
             max_moves: cfg.placement.max_concurrent_moves,
         },
     ));
+    let compaction = tokio::spawn(compaction::compaction_loop(
+        engine.clone(),
+        placement.clone(),
+        raft.revisions.clone(),
+        cfg.mvcc.auto_compaction()?,
+    ));
     let reporter = tokio::spawn(reporter::report_loop(
         placement,
         raft.router.clone(),
@@ -331,6 +346,7 @@ pub(super) fn spawn_tasks(
         heartbeat,
         scheduler,
         reporter,
+        compaction,
         removed,
     })
 }

@@ -30,6 +30,8 @@ use super::Error;
 pub enum Cf {
     Raft,
     Data,
+    /// Past versions of user keys (`mvcc`).
+    History,
 }
 
 impl Cf {
@@ -37,6 +39,7 @@ impl Cf {
         match self {
             Cf::Raft => "raft",
             Cf::Data => rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
+            Cf::History => "history",
         }
     }
 }
@@ -61,11 +64,17 @@ impl Default for EngineOptions {
     }
 }
 
+/// A stored key and its value.
+pub type KeyValuePair = (Vec<u8>, Vec<u8>);
+
 /// A cheap, cloneable handle to the node's RocksDB instance.
 #[derive(Clone)]
 pub struct Engine {
     db: Arc<DB>,
     path: PathBuf,
+    /// The revision this node's history is compacted at (`mvcc`): reads below it are
+    /// refused. Loaded at open; raised before any row below it is removed.
+    compacted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Engine {
@@ -107,15 +116,37 @@ impl Engine {
         // (or not at all); a bigger memtable keeps them there.
         raft_opts.set_write_buffer_size(64 << 20);
 
+        // History rows are written once, read by key prefix or range, and removed by
+        // compaction.
+        let mut history_opts = Options::default();
+        history_opts.set_block_based_table_factory(&table);
+        history_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cfs = vec![
             ColumnFamilyDescriptor::new(Cf::Data.name(), data_opts),
             ColumnFamilyDescriptor::new(Cf::Raft.name(), raft_opts),
+            ColumnFamilyDescriptor::new(Cf::History.name(), history_opts),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
-        Ok(Self {
+        let mut engine = Self {
             db: Arc::new(db),
             path: path.to_path_buf(),
-        })
+            compacted: Arc::default(),
+        };
+        let compacted = super::mvcc::load_compacted(&engine)?;
+        engine.compacted = Arc::new(compacted.into());
+        Ok(engine)
+    }
+
+    /// The revision this node's history is compacted at (0 = never).
+    pub fn compacted_revision(&self) -> u64 {
+        self.compacted.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Raises the compacted revision (never lowers it): reads below `rev` are refused from
+    /// now on; the caller stores it with `mvcc::store_compacted`.
+    pub fn raise_compacted_revision(&self, rev: u64) {
+        self.compacted
+            .fetch_max(rev, std::sync::atomic::Ordering::AcqRel);
     }
 
     pub fn path(&self) -> &Path {
@@ -125,7 +156,7 @@ impl Engine {
     fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(cf.name())
-            .expect("invariant: both column families are created at open")
+            .expect("invariant: every column family is created at open")
     }
 
     pub fn batch(&self) -> WriteBatch<'_> {
@@ -186,6 +217,27 @@ impl Engine {
         Ok(None)
     }
 
+    /// The last key in `[start, end)` and its value, if there is one.
+    pub fn last_entry(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+    ) -> Result<Option<KeyValuePair>, Error> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(start);
+        ro.set_iterate_upper_bound(end);
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
+        it.seek_to_last();
+        if it.valid() {
+            if let (Some(k), Some(v)) = (it.key(), it.value()) {
+                return Ok(Some((k.to_vec(), v.to_vec())));
+            }
+        }
+        it.status()?;
+        Ok(None)
+    }
+
     /// Runs `f` over a consistent point-in-time view of the whole instance.
     pub fn with_snapshot<T>(&self, f: impl FnOnce(&EngineSnapshot<'_>) -> T) -> T {
         let snap = self.db.snapshot();
@@ -195,7 +247,7 @@ impl Engine {
     /// Flushes memtables and syncs the WAL; used at shutdown so the next start replays less.
     pub fn flush(&self) -> Result<(), Error> {
         self.db.flush_wal(true)?;
-        for cf in [Cf::Raft, Cf::Data] {
+        for cf in [Cf::Raft, Cf::Data, Cf::History] {
             self.db.flush_cf(self.cf(cf))?;
         }
         Ok(())
@@ -279,7 +331,12 @@ pub struct WriteBatch<'a> {
     inner: rocksdb::WriteBatch,
 }
 
-impl WriteBatch<'_> {
+impl<'a> WriteBatch<'a> {
+    /// The engine the batch is for.
+    pub fn engine(&self) -> &'a Engine {
+        self.engine
+    }
+
     pub fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) {
         self.inner.put_cf(self.engine.cf(cf), key, value);
     }

@@ -11,8 +11,12 @@
 //! 0x01 0x02 ‖ region_id ‖ 0x04 ‖ client ‖ seq   a client's write record (seq 0: the client's
 //!                                        own record; see raftstore/session.rs)
 //! 0x01 0x03 ‖ region_id ‖ 0x01           region local state (descriptor, peer state)
+//! 0x01 0x04                              the node's compacted revision (history)
 //! 'z' ‖ user_key                         user data
 //! ```
+//!
+//! The `history` column family has its own layout, built in `mvcc`: `esc(user_key) ‖
+//! revision`.
 //!
 //! Invariants (tested below):
 //! - ids and indexes are big-endian u64, so byte order is numeric order: one region's log is a
@@ -54,6 +58,8 @@ pub enum KeyError {
 }
 
 pub const NODE_IDENT_KEY: [u8; 2] = [LOCAL_PREFIX, NODE_IDENT_SUFFIX];
+/// The revision this node's history was compacted at (`mvcc`).
+pub const COMPACTED_KEY: [u8; 2] = [LOCAL_PREFIX, 0x04];
 
 fn region_key(prefix: u8, region: RegionId, suffix: u8) -> [u8; REGION_PREFIX_LEN + 1] {
     let mut k = [0u8; REGION_PREFIX_LEN + 1];

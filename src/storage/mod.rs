@@ -6,6 +6,8 @@
 //! - [`peer_storage`]: `raft::Storage` for one region over the shared engine, plus the write
 //!   side (append, hard state, compaction, snapshots) that a raft worker puts into its round's
 //!   one write batch; its not-yet-applied entries are kept in an `entry_cache`;
+//! - [`mvcc`]: the history of user keys — rows per key and revision, reads at a revision,
+//!   compaction;
 //! - [`snapshot`]: building a region's snapshot from one consistent view of the engine;
 //! - `records`: conversions between raft-rs's types and the stored records.
 //!
@@ -18,6 +20,7 @@
 pub mod engine;
 mod entry_cache;
 pub mod keys;
+pub mod mvcc;
 pub mod peer_storage;
 mod records;
 pub mod snapshot;

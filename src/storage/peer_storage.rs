@@ -187,6 +187,7 @@ impl PeerStorage {
                 &keys::data_key(&r.start_key),
                 &keys::data_end_key(&r.end_key),
             );
+            super::mvcc::delete_range(batch, &r.start_key, &r.end_key);
         }
         self.region_state.state = PeerState::Tombstone as i32;
         self.put_region_state(batch);
@@ -512,6 +513,9 @@ impl PeerStorage {
         }) {
             return Err(self.invalid("snapshot holds a malformed write record key".into()));
         }
+        if !super::mvcc::rows_within(&data.history, &region) {
+            return Err(self.invalid("snapshot holds a history row outside its region".into()));
+        }
         let start = keys::data_key(&region.start_key);
         let end = keys::data_end_key(&region.end_key);
         batch.delete_range(Cf::Data, &start, &end);
@@ -520,6 +524,7 @@ impl PeerStorage {
             batch.put(Cf::Data, &keys::data_key(&kv.key), &kv.value);
             data_bytes += (kv.key.len() + kv.value.len()) as u64;
         }
+        super::mvcc::replace_range(batch, &region, &data.history, data.compacted_revision);
         let (log_start, log_end) = keys::raft_log_range(self.region_id);
         batch.delete_range(Cf::Raft, &log_start, &log_end);
         self.cache.clear();

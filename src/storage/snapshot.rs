@@ -71,11 +71,28 @@ fn generate_snapshot_from(
         });
         Ok(true)
     })?;
+    let mut history = Vec::new();
+    let (lo, hi) = super::mvcc::range_bounds(&region.start_key, &region.end_key);
+    if lo < hi {
+        view.scan(Cf::History, &lo, &hi, |k, v| {
+            history.push(SnapshotKv {
+                key: k.to_vec(),
+                value: v.to_vec(),
+            });
+            Ok(true)
+        })?;
+    }
+    let compacted_revision = view
+        .get(Cf::Raft, &keys::COMPACTED_KEY)?
+        .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0);
     let data = RegionSnapshotData {
         region: Some(region),
         kvs,
         sessions,
         max_revision: apply.max_revision,
+        history,
+        compacted_revision,
     };
     let mut snap = Snapshot::default();
     snap.set_data(prost::Message::encode_to_vec(&data).into());

@@ -177,6 +177,7 @@ pub(crate) async fn local_scan_all(addr: &str, env: &Env) -> Option<LocalView> {
     for r in &regions {
         let resp = kv
             .scan(ScanRequest {
+                revision: 0,
                 header: Some(RequestHeader {
                     region_id: r.id,
                     region_epoch: r.epoch,

@@ -102,6 +102,7 @@ async fn region_errors_are_structured() {
     unknown.id = 999_999;
     let r = leader
         .get(GetRequest {
+            revision: 0,
             header: header(&unknown),
             key: key.clone(),
         })
@@ -157,6 +158,7 @@ async fn region_errors_are_structured() {
         let mut kv = KvClient::connect(format!("http://{addr}")).await.unwrap();
         let r = kv
             .scan(proto::ScanRequest {
+                revision: 0,
                 header: header(&placement),
                 start_key: vec![0xFF],
                 end_key: vec![],
@@ -376,6 +378,7 @@ async fn commands_stream_answers_each_command_and_survives_bad_ones() {
             KvCommand {
                 id: 4,
                 request: Some(Q::Get(GetRequest {
+                    revision: 0,
                     header: header(&unknown),
                     key: key.clone(),
                 })),
@@ -424,6 +427,7 @@ async fn commands_stream_answers_each_command_and_survives_bad_ones() {
         commands: vec![KvCommand {
             id: 6,
             request: Some(Q::Get(GetRequest {
+                revision: 0,
                 header: header(&region),
                 key: key.clone(),
             })),

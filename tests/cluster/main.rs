@@ -6,6 +6,7 @@ mod common;
 
 mod errors;
 mod exactly_once;
+mod history;
 mod kv;
 mod lifecycle;
 mod placement;

@@ -270,6 +270,7 @@ pub async fn get_at(
             .map_err(|e| e.to_string())?;
         let r = kv
             .get(GetRequest {
+                revision: 0,
                 header: Some(RequestHeader {
                     region_id: region.id,
                     region_epoch: region.epoch,

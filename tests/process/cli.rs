@@ -57,7 +57,49 @@ async fn cli_end_to_end_including_error_exits() {
     let (code, out, _) = cli(&["kv", "-e", ep, "put", "/topics/a", "one"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("OK (revision "), "{out}");
+    let rev_one: u64 = out
+        .trim()
+        .trim_start_matches("OK (revision ")
+        .trim_end_matches(')')
+        .parse()
+        .expect("a revision");
     cli(&["kv", "-e", ep, "put", "/topics/b", "two"]);
+    // History: the value as of a revision, a whole scan at it, and compaction.
+    let (code, out, _) = cli(&["kv", "-e", ep, "put", "/topics/a", "uno"]);
+    assert_eq!(code, 0, "{out}");
+    let rev = rev_one.to_string();
+    let (code, out, _) = cli(&["kv", "-e", ep, "get", "/topics/a", "--rev", &rev]);
+    assert_eq!((code, out.as_str()), (0, "one\n"));
+    let (code, out, _) = cli(&[
+        "kv", "-e", ep, "scan", "/topics/", "/topics0", "--rev", &rev,
+    ]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "/topics/a\tone\n"),
+        "b came later"
+    );
+    let (code, out, err) = cli(&["kv", "-e", ep, "get", "/topics/a", "--rev", "999999999999"]);
+    assert_eq!((code, out.as_str()), (2, ""));
+    assert!(err.contains("in the future"), "{err}");
+    let next = (rev_one + 1).to_string();
+    let (code, out, _) = cli(&["compact", "-e", ep, &next]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("compacted up to revision {next}").as_str())
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, _, err) = cli(&["kv", "-e", ep, "get", "/topics/a", "--rev", &rev]);
+        if code == 2 && err.contains("revision compacted") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "read below the compaction served: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cli(&["kv", "-e", ep, "put", "/topics/a", "one"]);
     let (code, out, _) = cli(&["kv", "-e", ep, "get", "/topics/a"]);
     assert_eq!((code, out.as_str()), (0, "one\n"));
     let (code, out, _) = cli(&["kv", "-e", ep, "scan", "/topics/", "/topics0"]);

@@ -74,6 +74,7 @@ async fn a_late_transfer_does_not_elect_beside_a_lease() {
                 let sent = Instant::now();
                 let r = kv
                     .get(GetRequest {
+                        revision: 0,
                         header: header(&region),
                         key: key.clone(),
                     })

@@ -218,6 +218,8 @@ fn garbage_snapshots_are_refused_and_change_nothing() {
                 region: (id > 0).then(|| region(id, b"m", b"t")),
                 sessions: vec![],
                 max_revision: 0,
+                history: vec![],
+                compacted_revision: 0,
                 kvs: kvs
                     .into_iter()
                     .map(|(k, v)| SnapshotKv {

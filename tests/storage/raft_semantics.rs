@@ -6,6 +6,7 @@ use protobuf::Message as _;
 use raft::{GetEntriesContext, Storage, StorageError};
 use tessera::ids::RegionId;
 use tessera::proto::{RegionSnapshotData, SnapshotKv};
+use tessera::storage::mvcc;
 use tessera::storage::snapshot::generate_snapshot;
 use tessera::storage::{keys, Cf, PeerStorage};
 
@@ -249,6 +250,19 @@ fn apply_snapshot_replaces_range_log_and_state() {
         &[entry(4, 4), entry(5, 5), entry(6, 6)],
     );
     put_data(&src_engine, b"b1", b"new");
+    // History travels with the snapshot, and so does the sender's compacted revision.
+    let rec = |v: &[u8], rev: u64| tessera::proto::KvRecord {
+        value: v.to_vec(),
+        create_revision: rev,
+        mod_revision: rev,
+        version: 1,
+    };
+    let mut b = src_engine.batch();
+    mvcc::record(&mut b, b"b1", 40, &rec(b"old", 40));
+    mvcc::record(&mut b, b"b1", 50, &rec(b"new", 50));
+    mvcc::record(&mut b, b"e", 45, &rec(b"outside", 45));
+    mvcc::store_compacted(&mut b, 30);
+    src_engine.write(b, true).unwrap();
     let snap = generate_snapshot(&src_engine, RegionId(1)).unwrap();
 
     let (_d2, engine) = open_engine();
@@ -259,10 +273,26 @@ fn apply_snapshot_replaces_range_log_and_state() {
     put_data(&engine, b"a", b"outside-left");
     put_data(&engine, b"c", b"stale");
     put_data(&engine, b"d", b"outside-right");
+    let mut b = engine.batch();
+    mvcc::record(&mut b, b"c", 35, &rec(b"stale", 35));
+    mvcc::record(&mut b, b"a", 35, &rec(b"outside-left", 35));
+    engine.write(b, true).unwrap();
 
     let mut b = engine.batch();
     ps.apply_snapshot(&snap, &mut b).unwrap();
     engine.write(b, true).unwrap();
+    let at = |k: &[u8], rev| mvcc::get_at(&engine, k, rev).unwrap().map(|r| r.value);
+    assert_eq!(at(b"b1", 45).as_deref(), Some(&b"old"[..]));
+    assert_eq!(at(b"b1", 50).as_deref(), Some(&b"new"[..]));
+    assert_eq!(at(b"c", 40), None, "stale history inside the range is gone");
+    assert_eq!(at(b"a", 40).as_deref(), Some(&b"outside-left"[..]));
+    assert_eq!(
+        at(b"e", 50),
+        None,
+        "the sender's rows outside the range stay there"
+    );
+    assert_eq!(engine.compacted_revision(), 30);
+    assert_eq!(mvcc::load_compacted(&engine).unwrap(), 30);
     assert_eq!(ps.first_index(), Ok(7));
     assert_eq!(ps.last_index(), Ok(6));
     assert_eq!(ps.term(6), Ok(6));
@@ -290,6 +320,8 @@ fn apply_snapshot_replaces_range_log_and_state() {
             region: Some(region(2, b"", b"")),
             sessions: vec![],
             max_revision: 0,
+            history: vec![],
+            compacted_revision: 0,
             kvs: vec![],
         })
         .into(),
@@ -306,6 +338,8 @@ fn apply_snapshot_replaces_range_log_and_state() {
             region: Some(reg.clone()),
             sessions: vec![],
             max_revision: 0,
+            history: vec![],
+            compacted_revision: 0,
             kvs: vec![SnapshotKv {
                 key: b"zzz".to_vec(),
                 value: vec![],
@@ -315,6 +349,20 @@ fn apply_snapshot_replaces_range_log_and_state() {
     );
     outside.mut_metadata().index = 100;
     assert!(ps.apply_snapshot(&outside, &mut b).is_err());
+    let mut outside_history = snap.clone();
+    outside_history.set_data(
+        prost::Message::encode_to_vec(&RegionSnapshotData {
+            region: Some(reg.clone()),
+            history: vec![SnapshotKv {
+                key: mvcc::history_key(b"zzz", 7),
+                value: vec![],
+            }],
+            ..Default::default()
+        })
+        .into(),
+    );
+    outside_history.mut_metadata().index = 100;
+    assert!(ps.apply_snapshot(&outside_history, &mut b).is_err());
 }
 
 /// Entries appended but not applied are served from the in-memory cache; the same reads after

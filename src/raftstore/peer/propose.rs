@@ -153,9 +153,14 @@ impl Peer {
         self.unstamped.iter().any(|u| u.asked_in.is_none())
     }
 
-    /// The highest revision this region has applied or this leader proposed.
+    /// The highest revision this region has applied, this leader proposed, or a read at a
+    /// revision was promised (the floor).
     fn max_revision(&self) -> u64 {
-        self.raw.store().max_revision().max(self.proposed_revision)
+        self.raw
+            .store()
+            .max_revision()
+            .max(self.proposed_revision)
+            .max(self.revision_floor)
     }
 
     fn propose_now(

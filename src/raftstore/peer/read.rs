@@ -10,11 +10,14 @@
 //!   after waiting;
 //! - serializable reads are served at once from this replica's applied state;
 //! - the reads of one round share one ReadIndex request; ready reads are served in
-//!   read-index order.
+//!   read-index order;
+//! - a read at revision R is served by the leader once its revision floor is at least R
+//!   (no later write of the region takes a revision at or below R) and every entry
+//!   proposed before it arrived is applied.
 
 use super::super::clock::BootInstant;
 use super::super::local_read;
-use super::super::msg::{ReadRequest, ReadResult, RegionError, Reply};
+use super::super::msg::{ReadAnswer, ReadRequest, RegionError, Reply};
 use super::Peer;
 use crate::proto::RegionEpoch;
 
@@ -24,7 +27,12 @@ pub(super) struct PendingRead {
     /// The epoch the client routed with: checked again when the read is served, since the
     /// region may have split while the read waited for its index.
     pub(super) epoch: RegionEpoch,
-    pub(super) reply: Reply<ReadResult>,
+    /// Read as of this cluster revision (0 = the latest state).
+    pub(super) at: u64,
+    /// The region must have applied this far first: for a read at a revision, the last
+    /// entry proposed when it arrived (its writes may have revisions at or below `at`).
+    pub(super) min_applied: u64,
+    pub(super) reply: Reply<ReadAnswer>,
 }
 
 impl Peer {
@@ -40,10 +48,15 @@ impl Peer {
         req: ReadRequest,
         epoch: RegionEpoch,
         linearizable: bool,
-        reply: Reply<ReadResult>,
+        at: u64,
+        reply: Reply<ReadAnswer>,
     ) {
         if let Err(e) = self.check_read(&req, &epoch) {
             let _ = reply.send(Err(e));
+            return;
+        }
+        if at > 0 {
+            self.read_at(req, epoch, at, reply);
             return;
         }
         if !linearizable {
@@ -62,7 +75,34 @@ impl Peer {
             return;
         }
         metrics::counter!("tessera_reads_total", "path" => "read_index").increment(1);
-        self.reads_unsent.push(PendingRead { req, epoch, reply });
+        self.reads_unsent.push(PendingRead {
+            req,
+            epoch,
+            at: 0,
+            min_applied: 0,
+            reply,
+        });
+    }
+
+    /// A read as of revision `at` (docs/architecture.md, "Reads at a revision"). The leader
+    /// first makes sure no write at or below `at` can still come to this region: it raises
+    /// its revision floor to `at`, so every later write takes a revision above it (`stamp`),
+    /// and waits until every entry already proposed is applied. A ReadIndex round confirms
+    /// the leadership, as for any linearizable read.
+    fn read_at(&mut self, req: ReadRequest, epoch: RegionEpoch, at: u64, reply: Reply<ReadAnswer>) {
+        if !self.is_leader() {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        self.revision_floor = self.revision_floor.max(at);
+        metrics::counter!("tessera_reads_total", "path" => "at_revision").increment(1);
+        self.reads_unsent.push(PendingRead {
+            req,
+            epoch,
+            at,
+            min_applied: self.raw.raft.raft_log.last_index(),
+            reply,
+        });
     }
 
     /// Sends one ReadIndex request for every read that arrived this round (or, with none,
@@ -103,7 +143,7 @@ impl Peer {
                 // newer writes this replica may not have applied yet: refuse, don't serve.
                 let res = self
                     .check_read(&r.req, &r.epoch)
-                    .and_then(|()| self.serve_read(&r.req));
+                    .and_then(|()| self.serve_pending(&r));
                 let _ = r.reply.send(res);
             }
         }
@@ -113,7 +153,14 @@ impl Peer {
         !self.reads_unsent.is_empty() || !self.reads_ready.is_empty()
     }
 
-    fn serve_read(&self, req: &ReadRequest) -> Result<ReadResult, RegionError> {
+    fn serve_read(&self, req: &ReadRequest) -> Result<ReadAnswer, RegionError> {
         local_read::serve_read(self.raw.store().engine(), self.region(), req)
+    }
+
+    fn serve_pending(&self, r: &PendingRead) -> Result<ReadAnswer, RegionError> {
+        if r.at == 0 {
+            return self.serve_read(&r.req);
+        }
+        local_read::serve_read_at(self.raw.store().engine(), self.region(), &r.req, r.at)
     }
 }

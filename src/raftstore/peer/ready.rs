@@ -87,7 +87,9 @@ impl Peer {
                 if c == ctx {
                     // A quorum answered the heartbeat this leader sent at `sent`.
                     self.renew_lease(sent);
-                    self.reads_ready.push_back((rs.index, reads));
+                    // Reads at a revision also wait for the entries proposed before them.
+                    let index = reads.iter().map(|r| r.min_applied).fold(rs.index, u64::max);
+                    self.reads_ready.push_back((index, reads));
                 } else {
                     // An older request raft never answered (it was dropped): retry the reads.
                     self.reads_unsent.extend(reads);

@@ -168,6 +168,7 @@ fn a_rejected_snapshot_does_not_claim_its_range() {
         kvs: vec![],
         sessions: vec![],
         max_revision: 0,
+        ..Default::default()
     };
     let mut snap = Snapshot::default();
     snap.set_data(prost::Message::encode_to_vec(&data).into());

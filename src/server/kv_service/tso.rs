@@ -35,7 +35,7 @@ impl KvCore {
         };
         let region = RegionId(header.region_id);
         for attempt in 0..TRIES {
-            match self.tso.allocate(region, r.count).await {
+            match self.oracle.server.allocate(region, r.count).await {
                 Ok(first) => return Ok(answer(None, first)),
                 Err(TsoError::Region(e)) => return Ok(answer(Some(self.region_error(&e)), 0)),
                 Err(TsoError::Failed(why)) => return Err(Status::unavailable(why)),
@@ -46,7 +46,7 @@ impl KvCore {
                     let mut h = header;
                     h.consistency = ReadConsistency::Linearizable as i32;
                     if let Err(e) = self
-                        .read(Some(h), ReadRequest::Get { key: tso_key() })
+                        .read(Some(h), ReadRequest::Get { key: tso_key() }, 0)
                         .await?
                     {
                         return Ok(answer(Some(e), 0));
@@ -60,5 +60,45 @@ impl KvCore {
             reason: "the timestamp oracle's lease is not established yet".into(),
         };
         Ok(answer(Some(self.region_error(&busy)), 0))
+    }
+}
+
+impl KvCore {
+    /// Refuses a read at a revision the oracle has not handed out yet: nothing is known
+    /// about it, and promising it would hold every region's writes below it.
+    pub(super) async fn check_not_future(&self, at: u64) -> Result<(), Status> {
+        match self.oracle.client.handed_out(at).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Status::out_of_range(format!(
+                "revision {at} is in the future"
+            ))),
+            Err(why) => Err(Status::unavailable(format!(
+                "cannot check revision {at}: {why}"
+            ))),
+        }
+    }
+
+    /// Records `revision` as the cluster's compacted revision (only ever raised); the nodes
+    /// remove the rows below it in the background (`server::compaction`).
+    pub(super) async fn compact(
+        &self,
+        r: proto::CompactRequest,
+    ) -> Result<proto::CompactResponse, Status> {
+        if r.revision == 0 {
+            return Err(Status::invalid_argument(
+                "compact revision must be positive",
+            ));
+        }
+        self.check_not_future(r.revision).await?;
+        let client = self
+            .oracle
+            .placement
+            .get()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let compact_revision = crate::placement::compaction::raise(&client, r.revision)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(proto::CompactResponse { compact_revision })
     }
 }
