@@ -20,7 +20,7 @@ use crate::storage::{mvcc, Engine};
 /// How often the node looks at the cluster's compacted revision.
 const POLL: Duration = Duration::from_secs(1);
 /// How often `revisions:N` auto compaction looks at the latest revision.
-const REVISIONS_EVERY: Duration = Duration::from_secs(10);
+const REVISIONS_EVERY: Duration = Duration::from_secs(2);
 
 pub(super) async fn compaction_loop(
     engine: Engine,

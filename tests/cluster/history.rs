@@ -181,3 +181,53 @@ async fn a_read_at_a_revision_never_changes() {
         );
     }
 }
+
+/// `mvcc.auto_compaction = "revisions:N"`: history older than the last N revisions is
+/// compacted without being asked; the newest stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_compaction_keeps_the_last_revisions() {
+    let cluster = TestCluster::start(3, REGIONS, |c| {
+        c.mvcc.auto_compaction = "revisions:50".into();
+    })
+    .await;
+    wait_for_leaders(
+        &cluster.endpoints(),
+        REGIONS as usize + 1,
+        Duration::from_secs(60),
+    )
+    .await;
+    let client = cluster.client().await;
+    let key = key_in_region(1, REGIONS, "/auto");
+    let mut revs = Vec::new();
+    for i in 0..100 {
+        revs.push(
+            client
+                .put(&key, format!("{i}").as_bytes())
+                .await
+                .expect("put")
+                .revision,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let compacted = loop {
+        match client.get_at(&key, revs[0]).await {
+            Err(Error::Compacted { compact_revision }) => break compact_revision,
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "nothing compacted automatically");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let last = *revs.last().expect("writes");
+    assert!(
+        compacted > revs[0] && compacted <= last,
+        "compacted at {compacted}"
+    );
+    let kv = client
+        .get_at(&key, last)
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(kv.value, b"99");
+}
