@@ -20,6 +20,14 @@ pub fn is_system_key(user_key: &[u8]) -> bool {
     user_key.first() == Some(&SYSTEM_KEY_PREFIX)
 }
 
+/// The system key holding placement's id counter: the highest id handed out (regions,
+/// peers, nodes). Seeded at bootstrap, raised by compare-and-swap.
+pub fn ids_key() -> Vec<u8> {
+    let mut k = vec![SYSTEM_KEY_PREFIX];
+    k.extend_from_slice(b"ids");
+    k
+}
+
 /// The system key holding the timestamp oracle's high-water mark: every cluster revision
 /// handed out is at most the value stored here (see the server's `placement::tso`). Clients
 /// route their requests for revisions to the leader of the region holding it.

@@ -69,6 +69,15 @@ impl Client {
         F: Fn(NodeClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
     {
+        self.any_channel(|ch| op(NodeClient::new(ch))).await
+    }
+
+    /// Calls an RPC that any node serves on the first node that answers (see `any_node`).
+    pub(super) async fn any_channel<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+    {
         let mut last = String::from("no endpoint answered");
         for addr in self.node_addrs() {
             let ch = match self.channel(&addr).await {
@@ -78,11 +87,11 @@ impl Client {
                     continue;
                 }
             };
-            match op(NodeClient::new(ch)).await {
+            match op(ch).await {
                 Ok(v) => return Ok(v),
                 Err(s) => match s.code() {
                     Code::NotFound => return Err(Error::NotFound(s.message().into())),
-                    Code::InvalidArgument => {
+                    Code::InvalidArgument | Code::OutOfRange => {
                         return Err(Error::InvalidArgument(s.message().into()))
                     }
                     Code::AlreadyExists | Code::FailedPrecondition => {

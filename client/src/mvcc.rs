@@ -1,13 +1,12 @@
 //! History: reads as of a past cluster revision, and compaction.
 
 use super::retry::Mode;
-use super::{Client, Error, Result};
+use super::{Client, Result};
 use crate::proto::{self, KeyValue};
-use tonic::Code;
 
 impl Client {
     /// `key` as it was at cluster revision `revision` (0 = now). A revision below the
-    /// compacted one is [`Error::Compacted`]; one not handed out yet is refused.
+    /// compacted one is [`crate::Error::Compacted`]; one not handed out yet is refused.
     pub async fn get_at(&self, key: &[u8], revision: u64) -> Result<Option<KeyValue>> {
         self.execute(key, Mode::Idempotent, |conn, header| async move {
             let r = conn
@@ -24,33 +23,14 @@ impl Client {
 
     /// Drops the cluster's history below `revision`; returns the compacted revision now
     /// (at least `revision`). Nodes remove the rows in the background; reads below it fail
-    /// with [`Error::Compacted`] from then on.
+    /// with [`crate::Error::Compacted`] from then on.
     pub async fn compact(&self, revision: u64) -> Result<u64> {
-        let mut last = String::from("no endpoint answered");
-        for addr in self.node_addrs() {
-            let ch = match self.channel(&addr).await {
-                Ok(c) => c.ch,
-                Err(e) => {
-                    last = e;
-                    continue;
-                }
-            };
-            match Self::kv(ch)
+        self.any_channel(|ch| async move {
+            Self::kv(ch)
                 .compact(proto::CompactRequest { revision })
                 .await
-            {
-                Ok(r) => return Ok(r.into_inner().compact_revision),
-                Err(s) => match s.code() {
-                    Code::InvalidArgument | Code::OutOfRange => {
-                        return Err(Error::InvalidArgument(s.message().into()))
-                    }
-                    _ => {
-                        self.forget_channel(&addr);
-                        last = format!("{addr}: {}", s.message());
-                    }
-                },
-            }
-        }
-        Err(Error::Unavailable(last))
+                .map(|r| r.into_inner().compact_revision)
+        })
+        .await
     }
 }

@@ -41,9 +41,8 @@ use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::client::{CasAction, Client, Compare, Error};
-use crate::proto::{KeyValue, KvRecord, NodeInfo, NodeRecord, NodeState, RegionRoute};
-use crate::storage::keys::{self, SYSTEM_KEY_PREFIX};
-use crate::storage::{Cf, WriteBatch};
+use crate::proto::{KeyValue, NodeInfo, NodeRecord, NodeState, RegionRoute};
+use crate::storage::keys::SYSTEM_KEY_PREFIX;
 
 fn system_key(suffix: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + suffix.len());
@@ -52,9 +51,7 @@ fn system_key(suffix: &[u8]) -> Vec<u8> {
     k
 }
 
-pub fn ids_key() -> Vec<u8> {
-    system_key(b"ids")
-}
+pub use crate::storage::keys::ids_key;
 
 pub fn node_key(node_id: u64) -> Vec<u8> {
     let mut k = system_key(b"nodes/");
@@ -64,17 +61,6 @@ pub fn node_key(node_id: u64) -> Vec<u8> {
 
 fn nodes_range() -> (Vec<u8>, Vec<u8>) {
     (system_key(b"nodes/"), system_key(b"nodes0"))
-}
-
-/// Writes the initial id counter into the placement region's data (bootstrap only).
-pub fn seed_id_counter(wb: &mut WriteBatch<'_>, max_bootstrap_id: u64) {
-    let rec = KvRecord {
-        value: max_bootstrap_id.to_be_bytes().to_vec(),
-        create_revision: crate::storage::peer_storage::RAFT_INIT_LOG_INDEX,
-        mod_revision: crate::storage::peer_storage::RAFT_INIT_LOG_INDEX,
-        version: 1,
-    };
-    wb.put_msg(Cf::Data, &keys::data_key(&ids_key()), &rec);
 }
 
 fn decode_u64(v: &[u8]) -> Result<u64, Error> {

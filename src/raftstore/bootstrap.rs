@@ -1,7 +1,7 @@
 //! First start and restart of a node's store.
 //!
 //! The initial regions are the user keyspace split as configured, plus the placement region
-//! `[0xFF, +inf)` (see [`crate::placement`]), whose id counter is seeded here so that ids
+//! `[0xFF, +inf)` (placement's records), whose id counter is seeded here so that ids
 //! handed out later never collide with the bootstrap ids.
 //!
 //! On the first start with an empty data directory every founding member computes the same
@@ -129,7 +129,7 @@ pub fn prepare_store(
                 PeerStorage::write_initial_state(&mut wb, r);
                 if r.start_key == [keys::SYSTEM_KEY_PREFIX] {
                     // Every replica of the placement region starts with the same counter.
-                    crate::placement::seed_id_counter(&mut wb, max_id);
+                    seed_id_counter(&mut wb, max_id);
                 }
                 hosted += 1;
             }
@@ -187,6 +187,18 @@ pub fn load_region_ids(engine: &Engine) -> Result<Vec<RegionId>, crate::storage:
         Ok(true)
     })?;
     Ok(out)
+}
+
+/// Writes placement's initial id counter (the highest id bootstrap used) into the placement
+/// region's data: every replica of it starts with the same counter.
+fn seed_id_counter(wb: &mut crate::storage::WriteBatch<'_>, max_bootstrap_id: u64) {
+    let rec = crate::proto::KvRecord {
+        value: max_bootstrap_id.to_be_bytes().to_vec(),
+        create_revision: crate::storage::peer_storage::RAFT_INIT_LOG_INDEX,
+        mod_revision: crate::storage::peer_storage::RAFT_INIT_LOG_INDEX,
+        version: 1,
+    };
+    wb.put_msg(Cf::Data, &keys::data_key(&keys::ids_key()), &rec);
 }
 
 #[cfg(test)]

@@ -124,45 +124,20 @@ pub fn serve_read(
             .get_msg(Cf::Raft, &keys::apply_state_key(RegionId(region.id)))
             .map_err(busy)?
             .unwrap_or_default();
-        let get = |key: &[u8]| -> Result<Option<proto::KeyValue>, RegionError> {
-            let rec: Option<KvRecord> =
-                view.get_msg(Cf::Data, &keys::data_key(key)).map_err(busy)?;
-            Ok(rec.map(|r| cmd::key_value(key, r)))
-        };
-        let result = match req {
-            ReadRequest::Get { key } => ReadResult::Get(get(key)?),
-            ReadRequest::BatchGet { keys } => {
-                ReadResult::BatchGet(keys.iter().map(|k| get(k)).collect::<Result<Vec<_>, _>>()?)
-            }
-            ReadRequest::Scan {
-                start,
-                end,
-                limit,
-                keys_only,
-            } => {
-                let (start, end) = clamp(region, start, end);
-                let mut kvs = Vec::new();
-                let mut more = false;
-                let (start, end) = (keys::data_key(&start), data_end(&end));
+        let result = answer(
+            region,
+            req,
+            |key| view.get_msg(Cf::Data, &keys::data_key(key)),
+            |start, end, f| {
+                let (start, end) = (keys::data_key(start), keys::data_end_key(end));
                 view.scan(Cf::Data, &start, &end, |k, v| {
-                    if kvs.len() >= *limit {
-                        more = true;
-                        return Ok(false);
-                    }
-                    let key = keys::origin_key(k)?;
+                    let key = keys::origin_key(k)?.to_vec();
                     let rec = <KvRecord as prost::Message>::decode(v)
                         .map_err(|e| crate::storage::Error::corrupt(k, e))?;
-                    let mut kv = cmd::key_value(key, rec);
-                    if *keys_only {
-                        kv.value.clear();
-                    }
-                    kvs.push(kv);
-                    Ok(true)
+                    f(key, rec)
                 })
-                .map_err(busy)?;
-                ReadResult::Scan { kvs, more }
-            }
-        };
+            },
+        )?;
         Ok(ReadAnswer {
             result,
             revision: apply.max_revision,
@@ -182,11 +157,38 @@ pub fn serve_read_at(
     if at < compacted {
         return Err(RegionError::Compacted { compacted });
     }
+    let result = answer(
+        region,
+        req,
+        |key| mvcc::get_at(engine, key, at),
+        |start, end, f| mvcc::scan_at(engine, start, end, at, f),
+    )?;
+    // Compaction may have passed `at` while the rows were read.
+    let compacted = engine.compacted_revision();
+    if at < compacted {
+        return Err(RegionError::Compacted { compacted });
+    }
+    Ok(ReadAnswer {
+        result,
+        revision: at,
+    })
+}
+
+/// What a scan hands each key it finds; `Ok(false)` stops it.
+type Visit<'a> = &'a mut dyn FnMut(Vec<u8>, KvRecord) -> Result<bool, crate::storage::Error>;
+
+/// Answers `req` from one source of records: `get` reads a key, `scan` visits the keys of a
+/// user range in order.
+fn answer(
+    region: &proto::Region,
+    req: &ReadRequest,
+    get: impl Fn(&[u8]) -> Result<Option<KvRecord>, crate::storage::Error>,
+    scan: impl FnOnce(&[u8], &[u8], Visit<'_>) -> Result<(), crate::storage::Error>,
+) -> Result<ReadResult, RegionError> {
     let get = |key: &[u8]| -> Result<Option<proto::KeyValue>, RegionError> {
-        let rec = mvcc::get_at(engine, key, at).map_err(busy)?;
-        Ok(rec.map(|r| cmd::key_value(key, r)))
+        Ok(get(key).map_err(busy)?.map(|r| cmd::key_value(key, r)))
     };
-    let result = match req {
+    Ok(match req {
         ReadRequest::Get { key } => ReadResult::Get(get(key)?),
         ReadRequest::BatchGet { keys } => {
             ReadResult::BatchGet(keys.iter().map(|k| get(k)).collect::<Result<Vec<_>, _>>()?)
@@ -200,7 +202,7 @@ pub fn serve_read_at(
             let (start, end) = clamp(region, start, end);
             let mut kvs = Vec::new();
             let mut more = false;
-            mvcc::scan_at(engine, &start, &end, at, |key, rec| {
+            let mut visit = |key: Vec<u8>, rec: KvRecord| {
                 if kvs.len() >= *limit {
                     more = true;
                     return Ok(false);
@@ -211,19 +213,10 @@ pub fn serve_read_at(
                 }
                 kvs.push(kv);
                 Ok(true)
-            })
-            .map_err(busy)?;
+            };
+            scan(&start, &end, &mut visit).map_err(busy)?;
             ReadResult::Scan { kvs, more }
         }
-    };
-    // Compaction may have passed `at` while the rows were read.
-    let compacted = engine.compacted_revision();
-    if at < compacted {
-        return Err(RegionError::Compacted { compacted });
-    }
-    Ok(ReadAnswer {
-        result,
-        revision: at,
     })
 }
 
@@ -242,11 +235,6 @@ fn clamp(region: &proto::Region, start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>)
         (false, false) => end.min(region.end_key.as_slice()).to_vec(),
     };
     (start, end)
-}
-
-/// The data-key bound of a user end key (empty = +infinity).
-fn data_end(end: &[u8]) -> Vec<u8> {
-    keys::data_end_key(end)
 }
 
 #[cfg(test)]
