@@ -88,13 +88,15 @@ impl MvccConfig {
             .ok_or_else(|| bad("must be \"periodic:DURATION\" or \"revisions:COUNT\""))?;
         match mode {
             "periodic" => {
-                let (num, unit) = arg.split_at(arg.len().saturating_sub(1));
+                let unit_err = || bad("a period needs a unit: s, m, h or d (e.g. \"1h\")");
+                let unit = arg.chars().last().ok_or_else(unit_err)?;
+                let num = &arg[..arg.len() - unit.len_utf8()];
                 let secs = match unit {
-                    "s" => 1,
-                    "m" => 60,
-                    "h" => 3600,
-                    "d" => 86_400,
-                    _ => return Err(bad("a period needs a unit: s, m, h or d (e.g. \"1h\")")),
+                    's' => 1,
+                    'm' => 60,
+                    'h' => 3600,
+                    'd' => 86_400,
+                    _ => return Err(unit_err()),
                 };
                 let n: u64 = num
                     .parse()

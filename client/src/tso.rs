@@ -35,11 +35,14 @@ impl Client {
                 Ok((r.region_error, (r.first, r.count)))
             })
             .await?;
-        if got != count || first == 0 {
-            return Err(Error::Server(format!(
+        let end = first
+            .checked_add(u64::from(count))
+            .filter(|e| *e <= i64::MAX as u64);
+        match end {
+            Some(end) if got == count && first > 0 => Ok(first..end),
+            _ => Err(Error::Server(format!(
                 "the oracle answered {got} revisions from {first} for {count}"
-            )));
+            ))),
         }
-        Ok(first..first + u64::from(count))
     }
 }

@@ -162,9 +162,27 @@ fn failed(e: Error) -> TsoError {
 /// What a worker gets back: the first of the revisions it asked for, or why none.
 pub type Stamps = Result<u64, String>;
 
+/// One worker's request. Answered exactly once: if it is dropped unanswered (the client's
+/// task ended), it answers with an error, so no worker waits forever.
 struct Ask {
     count: u32,
-    done: Box<dyn FnOnce(Stamps) + Send>,
+    done: Option<Box<dyn FnOnce(Stamps) + Send>>,
+}
+
+impl Ask {
+    fn answer(mut self, r: Stamps) {
+        if let Some(done) = self.done.take() {
+            done(r);
+        }
+    }
+}
+
+impl Drop for Ask {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(Err("the node's oracle client stopped".into()));
+        }
+    }
 }
 
 /// A node's way to the oracle: every ask that arrives while a request is out goes in the
@@ -211,12 +229,11 @@ impl TsoClient {
     /// Asks for `count` revisions; `done` runs on the client's task with the answer. If the
     /// node is stopping, `done` gets an error at once.
     pub fn ask(&self, count: u32, done: impl FnOnce(Stamps) + Send + 'static) {
-        if let Err(mpsc::error::SendError(a)) = self.tx.send(Ask {
+        // A refused send drops the ask, which answers it with an error.
+        let _ = self.tx.send(Ask {
             count,
-            done: Box::new(done),
-        }) {
-            (a.done)(Err("the node is stopping".into()));
-        }
+            done: Some(Box::new(done)),
+        });
     }
 }
 
@@ -251,7 +268,7 @@ async fn run(system: SystemClient, mut rx: mpsc::UnboundedReceiver<Ask>, seen: A
         };
         metrics::counter!("tessera_tso_requests_total").increment(1);
         if let Ok(first) = &got {
-            seen.fetch_max(first + total - 1, Ordering::AcqRel);
+            seen.fetch_max(first.saturating_add(total - 1), Ordering::AcqRel);
         }
         match answer_delay() {
             // Test-only: the answer reaches the asking workers late (tests of reads at a
@@ -269,17 +286,12 @@ async fn run(system: SystemClient, mut rx: mpsc::UnboundedReceiver<Ask>, seen: A
 
 /// Gives each ask its share of the answer, in the order they came.
 fn hand_out(got: Stamps, asks: Vec<Ask>) {
-    let mut next = got.as_ref().ok().copied();
+    let mut next = got.clone();
     for a in asks {
-        match (&got, next.as_mut()) {
-            (Ok(_), Some(n)) => {
-                let first = *n;
-                *n += u64::from(a.count);
-                (a.done)(Ok(first));
-            }
-            (Err(e), _) => (a.done)(Err(e.clone())),
-            (Ok(_), None) => (a.done)(Err("no revisions".into())),
-        }
+        let count = u64::from(a.count);
+        let share = next.clone();
+        next = next.map(|n| n.saturating_add(count));
+        a.answer(share);
     }
 }
 

@@ -75,6 +75,8 @@ pub struct Peer {
     revision_floor: u64,
     /// Reads that arrived this round; they share one ReadIndex request.
     reads_unsent: Vec<PendingRead>,
+    /// Reads at a revision waiting for writes whose revisions were asked for (see `read`).
+    reads_after_stamps: Vec<PendingRead>,
     /// ReadIndex requests sent to raft: context, send time (for the lease), reads.
     reads_inflight: VecDeque<(u64, BootInstant, Vec<PendingRead>)>,
     /// Reads whose read index is known, served once the region has applied that far.
@@ -119,6 +121,15 @@ pub struct Peer {
     sessions: Sessions,
     session_ttl_ms: u64,
     ctx: StoreCtx,
+}
+
+/// Whether `region`'s range holds the timestamp oracle's key.
+fn holds_oracle(region: &proto::Region) -> bool {
+    keys::in_range(
+        &tessera_api::keys::tso_key(),
+        &region.start_key,
+        &region.end_key,
+    )
 }
 
 impl Peer {
@@ -181,11 +192,8 @@ impl Peer {
                     })?,
                 None => Sessions::default(),
             };
-        let holds_oracle = keys::in_range(
-            &tessera_api::keys::tso_key(),
-            &region.start_key,
-            &region.end_key,
-        );
+        // (An uninitialized peer's range is not known yet: see `ready` for a snapshot.)
+        let holds_oracle = storage_initialized && holds_oracle(&region);
         let raw = RawNode::new(&rc, storage, &peer_logger).map_err(raft_err)?;
         let mut peer = Self {
             region_id,
@@ -196,6 +204,7 @@ impl Peer {
             proposed_revision: 0,
             revision_floor: 0,
             reads_unsent: Vec::new(),
+            reads_after_stamps: Vec::new(),
             reads_inflight: VecDeque::new(),
             reads_ready: VecDeque::new(),
             next_read_ctx: 1,

@@ -66,11 +66,8 @@ pub(super) async fn compaction_loop(
 
 /// Refuses reads below `target` from now on, records it, and removes the rows below it.
 async fn compact_to(engine: &Engine, target: u64) -> Result<(), crate::storage::Error> {
-    engine.raise_compacted_revision(target);
-    let mut wb = engine.batch();
-    mvcc::store_compacted(&mut wb, target);
-    engine.write(wb, true)?;
-    metrics::gauge!("tessera_mvcc_compacted_revision").set(target as f64);
+    let now = engine.raise_compacted_revision(target)?;
+    metrics::gauge!("tessera_mvcc_compacted_revision").set(now as f64);
     let e = engine.clone();
     let started = Instant::now();
     let removed = tokio::task::spawn_blocking(move || mvcc::compact(&e, target))

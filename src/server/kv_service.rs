@@ -36,7 +36,7 @@ use crate::ids::{NodeId, RegionId};
 use crate::proto::kv_server::Kv;
 use crate::proto::{self, ReadConsistency, RequestHeader};
 use crate::raftstore::cmd::{ApplyResult, CasAction, Command, Compare};
-use crate::raftstore::local_read::LocalReader;
+use crate::raftstore::local_read::{self, LocalReader};
 use crate::raftstore::msg::{PeerMsg, ReadAnswer, ReadRequest, ReadResult, RegionError, Reply};
 use crate::raftstore::router::{RouteError, Router};
 use crate::storage::keys::is_system_key;
@@ -204,6 +204,11 @@ impl KvCore {
         at: u64,
     ) -> Result<Routed<ReadAnswer>, Status> {
         if at > 0 {
+            if local_read::read_keys(&req).iter().any(|k| is_system_key(k)) {
+                return Err(Status::invalid_argument(
+                    "placement's system keys keep no history: read them without a revision",
+                ));
+            }
             self.check_not_future(at).await?;
             let compacted = self.local.engine().compacted_revision();
             if at < compacted {

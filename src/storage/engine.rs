@@ -75,6 +75,7 @@ pub struct Engine {
     /// The revision this node's history is compacted at (`mvcc`): reads below it are
     /// refused. Loaded at open; raised before any row below it is removed.
     compacted: Arc<std::sync::atomic::AtomicU64>,
+    compacting: Arc<std::sync::Mutex<()>>,
 }
 
 impl Engine {
@@ -131,6 +132,7 @@ impl Engine {
             db: Arc::new(db),
             path: path.to_path_buf(),
             compacted: Arc::default(),
+            compacting: Arc::default(),
         };
         let compacted = super::mvcc::load_compacted(&engine)?;
         engine.compacted = Arc::new(compacted.into());
@@ -142,11 +144,25 @@ impl Engine {
         self.compacted.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Raises the compacted revision (never lowers it): reads below `rev` are refused from
-    /// now on; the caller stores it with `mvcc::store_compacted`.
-    pub fn raise_compacted_revision(&self, rev: u64) {
-        self.compacted
+    /// Raises the compacted revision to `rev` (never lowers it) and stores it, synced,
+    /// before returning: reads below it are refused from now on, also after a restart.
+    /// Returns the compacted revision now.
+    pub fn raise_compacted_revision(&self, rev: u64) -> Result<u64, Error> {
+        // One raiser at a time, so the stored value is always the highest one raised.
+        let _one = self
+            .compacting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let prev = self
+            .compacted
             .fetch_max(rev, std::sync::atomic::Ordering::AcqRel);
+        let now = prev.max(rev);
+        if now > prev {
+            let mut wb = self.batch();
+            super::mvcc::store_compacted(&mut wb, now);
+            self.write(wb, true)?;
+        }
+        Ok(now)
     }
 
     pub fn path(&self) -> &Path {

@@ -110,16 +110,16 @@ pub fn replace_range(
     region: &Region,
     rows: &[SnapshotKv],
     compacted: u64,
-) {
+) -> Result<(), Error> {
     delete_range(wb, &region.start_key, &region.end_key);
     for row in rows {
         wb.put(Cf::History, &row.key, &row.value);
     }
-    let engine = wb.engine();
-    if compacted > engine.compacted_revision() {
-        engine.raise_compacted_revision(compacted);
-        store_compacted(wb, compacted);
+    if compacted > wb.engine().compacted_revision() {
+        // Stored at once (before the batch): refusing reads early is harmless.
+        wb.engine().raise_compacted_revision(compacted)?;
     }
+    Ok(())
 }
 
 /// The user key and revision of a history row.
@@ -214,6 +214,8 @@ pub fn load_compacted(engine: &Engine) -> Result<u64, Error> {
     }
 }
 
+/// Puts the compacted revision in a batch: only `Engine::raise_compacted_revision` (which
+/// keeps it rising) and tests call this.
 pub fn store_compacted(wb: &mut WriteBatch<'_>, revision: u64) {
     wb.put(Cf::Raft, &COMPACTED_KEY, &revision.to_be_bytes());
 }

@@ -524,7 +524,7 @@ impl PeerStorage {
             batch.put(Cf::Data, &keys::data_key(&kv.key), &kv.value);
             data_bytes += (kv.key.len() + kv.value.len()) as u64;
         }
-        super::mvcc::replace_range(batch, &region, &data.history, data.compacted_revision);
+        super::mvcc::replace_range(batch, &region, &data.history, data.compacted_revision)?;
         let (log_start, log_end) = keys::raft_log_range(self.region_id);
         batch.delete_range(Cf::Raft, &log_start, &log_end);
         self.cache.clear();

@@ -123,6 +123,11 @@ impl Peer {
         // voter that led during a joint change, a lagging ex-leader removed by tombstone):
         // their outcome is unknown, never "not applied". Dropping the senders says so.
         self.proposals.clear();
+        // Writes still waiting for their revisions were never proposed: definitely not
+        // applied, so the client may send them again.
+        for u in self.unstamped.drain(..) {
+            u.refuse(RegionError::RegionNotFound(self.region_id));
+        }
         self.on_role_change();
         metrics::counter!("tessera_peers_destroyed_total").increment(1);
         tracing::info!(region = %self.region_id, peer = %self.peer_id, "peer destroyed");

@@ -178,7 +178,10 @@ impl Peer {
     /// heartbeats reach it before the leader itself sleeps. The leader sleeps only when every
     /// follower has its whole log and nothing is pending, so a sleeping region is consistent.
     pub(super) fn may_sleep(&self) -> bool {
-        if !self.proposals.is_empty() || self.has_waiting_reads() || !self.reads_inflight.is_empty()
+        if !self.proposals.is_empty()
+            || !self.unstamped.is_empty()
+            || self.has_waiting_reads()
+            || !self.reads_inflight.is_empty()
         {
             return false;
         }

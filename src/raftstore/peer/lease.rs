@@ -217,6 +217,15 @@ impl Peer {
         }
     }
 
+    /// A replica that learned its range from a snapshot may hold the timestamp oracle's key,
+    /// whose region keeps a lease whatever the configuration says (`placement::tso`).
+    pub(super) fn keep_lease_if_oracle(&mut self) {
+        if !self.lease.enabled() && super::holds_oracle(self.region()) {
+            let cfg = &self.ctx.cfg;
+            self.lease = Lease::new(true, cfg.tick_interval(), cfg.election_ticks);
+        }
+    }
+
     /// Whether a linearizable read may be served from the applied state right now.
     pub(super) fn lease_read_ok(&mut self, now: BootInstant) -> bool {
         if !self.lease.enabled() || !self.is_leader() {

@@ -30,7 +30,7 @@ pub(super) struct Proposal {
 }
 
 /// A user-data write checked and waiting for its cluster revision (see `stamp`).
-pub(super) struct Unstamped {
+pub(crate) struct Unstamped {
     cmd: Command,
     epoch: RegionEpoch,
     write_id: Option<Box<proto::WriteId>>,
@@ -38,6 +38,13 @@ pub(super) struct Unstamped {
     /// The term this leader was in when the worker asked the oracle for its revision;
     /// `None` until asked.
     asked_in: Option<u64>,
+}
+
+impl Unstamped {
+    /// Answers a write that was never proposed.
+    pub(super) fn refuse(self, e: RegionError) {
+        let _ = self.reply.send(Err(e));
+    }
 }
 
 impl Peer {
@@ -118,9 +125,12 @@ impl Peer {
             Ok(f) => f,
             Err(why) => {
                 for u in waiting {
-                    let _ = u.reply.send(Err(RegionError::ServerBusy {
+                    u.refuse(RegionError::ServerBusy {
                         reason: format!("no cluster revision: {why}"),
-                    }));
+                    });
+                }
+                if !self.has_asked() {
+                    self.release_reads_at();
                 }
                 return;
             }
@@ -146,6 +156,18 @@ impl Peer {
         for u in retry.into_iter().rev() {
             self.unstamped.push_front(u);
         }
+        // A read at a revision waited for the writes asked before it (`read`).
+        if !self.has_asked() {
+            self.release_reads_at();
+        }
+        // The entries just proposed must reach the followers: a peer that fell asleep
+        // while its writes waited wakes.
+        self.wake(super::super::msg::Wake::Request);
+    }
+
+    /// Whether writes wait for revisions asked for but not answered yet.
+    pub(super) fn has_asked(&self) -> bool {
+        self.unstamped.iter().any(|u| u.asked_in.is_some())
     }
 
     /// Whether writes wait for revisions that have not been asked for.

@@ -94,15 +94,39 @@ impl Peer {
             let _ = reply.send(Err(self.not_leader()));
             return;
         }
-        self.revision_floor = self.revision_floor.max(at);
         metrics::counter!("tessera_reads_total", "path" => "at_revision").increment(1);
-        self.reads_unsent.push(PendingRead {
+        let read = PendingRead {
             req,
             epoch,
             at,
-            min_applied: self.raw.raft.raft_log.last_index(),
+            min_applied: 0,
             reply,
-        });
+        };
+        // Writes whose revisions are on their way may get revisions at or below `at`: wait
+        // for them to be proposed rather than make them ask again (a steady stream of reads
+        // at fresh revisions would otherwise keep them asking).
+        if self.has_asked() {
+            self.reads_after_stamps.push(read);
+            return;
+        }
+        self.start_read_at(read);
+    }
+
+    fn start_read_at(&mut self, mut read: PendingRead) {
+        self.revision_floor = self.revision_floor.max(read.at);
+        read.min_applied = self.raw.raft.raft_log.last_index();
+        self.reads_unsent.push(read);
+    }
+
+    /// Starts the reads at a revision that waited for the writes asked before them.
+    pub(super) fn release_reads_at(&mut self) {
+        for read in std::mem::take(&mut self.reads_after_stamps) {
+            if !self.is_leader() {
+                let _ = read.reply.send(Err(self.not_leader()));
+                continue;
+            }
+            self.start_read_at(read);
+        }
     }
 
     /// Sends one ReadIndex request for every read that arrived this round (or, with none,
@@ -150,7 +174,9 @@ impl Peer {
     }
 
     pub fn has_waiting_reads(&self) -> bool {
-        !self.reads_unsent.is_empty() || !self.reads_ready.is_empty()
+        !self.reads_unsent.is_empty()
+            || !self.reads_ready.is_empty()
+            || !self.reads_after_stamps.is_empty()
     }
 
     fn serve_read(&self, req: &ReadRequest) -> Result<ReadAnswer, RegionError> {

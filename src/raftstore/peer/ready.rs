@@ -69,6 +69,7 @@ impl Peer {
             // The queue is in (term, index) order, not index order: look at every entry.
             let idx = snap.get_metadata().index;
             self.proposals.retain(|p| p.index > idx);
+            self.keep_lease_if_oracle();
         }
         let committed = rd.take_committed_entries();
         self.apply_entries(committed, wb, actx);
@@ -137,7 +138,8 @@ impl Peer {
                 .map(|(_, _, r)| r)
                 .chain(self.reads_ready.drain(..).map(|(_, r)| r))
                 .flatten()
-                .chain(self.reads_unsent.drain(..));
+                .chain(self.reads_unsent.drain(..))
+                .chain(self.reads_after_stamps.drain(..));
             for r in waiting {
                 let _ = r.reply.send(Err(err.clone()));
             }
