@@ -139,6 +139,7 @@ impl Conn {
     command!(put, PutRequest, PutResponse, Put, put);
     command!(delete, DeleteRequest, DeleteResponse, Delete, delete);
     command!(cas, CasRequest, CasResponse, Cas, compare_and_swap);
+    command!(tso, TsoRequest, TsoResponse, Tso, tso);
 }
 
 fn mismatch(a: &Answer) -> Status {
@@ -147,6 +148,7 @@ fn mismatch(a: &Answer) -> Status {
         Answer::Put(_) => "put",
         Answer::Delete(_) => "delete",
         Answer::Cas(_) => "compare-and-swap",
+        Answer::Tso(_) => "revisions",
         Answer::Error(_) => "error",
     };
     Status::internal(format!("the server answered with a {kind} result"))

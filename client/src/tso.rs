@@ -25,13 +25,13 @@ impl Client {
         let key = tessera_api::keys::tso_key();
         let (first, got) = self
             .execute(&key, Mode::Idempotent, |conn, header| async move {
-                let r = Self::kv(conn.ch)
+                // On the connection's command stream: a node asks once per raft round.
+                let r = conn
                     .tso(proto::TsoRequest {
                         header: Some(header),
                         count,
                     })
-                    .await?
-                    .into_inner();
+                    .await?;
                 Ok((r.region_error, (r.first, r.count)))
             })
             .await?;

@@ -39,6 +39,7 @@ impl KvCore {
             Some(Q::Put(r)) => self.put(r).await.map(A::Put),
             Some(Q::Delete(r)) => self.delete(r).await.map(A::Delete),
             Some(Q::Cas(r)) => self.compare_and_swap(r).await.map(A::Cas),
+            Some(Q::Tso(r)) => self.tso(r).await.map(A::Tso),
             None => Err(Status::invalid_argument("command carries no request")),
         };
         proto::KvCommandResult {
