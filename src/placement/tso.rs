@@ -70,6 +70,8 @@ pub struct TsoServer {
     reader: LocalReader,
     system: SystemClient,
     window: Mutex<Option<Window>>,
+    /// The region this node last found holding the oracle's key under its lease.
+    oracle_region: AtomicU64,
 }
 
 impl TsoServer {
@@ -78,6 +80,7 @@ impl TsoServer {
             reader,
             system,
             window: Mutex::new(None),
+            oracle_region: AtomicU64::new(0),
         }
     }
 
@@ -123,6 +126,23 @@ impl TsoServer {
             }
         }
         Err(TsoError::Failed("the oracle's window kept changing".into()))
+    }
+
+    /// Serves `count` revisions in-process when this node leads the oracle's region under
+    /// a lease (the node's own writes skip the round trip through the client library);
+    /// `None` when it does not, and the request goes the usual way.
+    pub async fn allocate_here(&self, count: u32) -> Option<u64> {
+        let key = tso_key();
+        let cached = RegionId(self.oracle_region.load(Ordering::Relaxed));
+        let region = match self.reader.live_view(cached) {
+            Some(v) if keys::in_range(&key, &v.region.start_key, &v.region.end_key) => cached,
+            _ => {
+                let found = self.reader.live_region_of(&key)?;
+                self.oracle_region.store(found.0, Ordering::Relaxed);
+                found
+            }
+        };
+        self.allocate(region, count).await.ok()
     }
 
     /// Raises the mark by `n`; returns the reserved revisions `[old + 1, old + n + 1)`.
@@ -196,10 +216,12 @@ pub struct TsoClient {
 
 impl TsoClient {
     /// Starts the client's task on the current runtime.
-    pub fn start(system: SystemClient) -> Self {
+    /// Starts the client's task on the current runtime; `here` is this node's serving
+    /// side, asked first.
+    pub fn start(system: SystemClient, here: SharedTso) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let seen = Arc::new(AtomicU64::new(0));
-        tokio::spawn(run(system, rx, seen.clone()));
+        tokio::spawn(run(system, here, rx, seen.clone()));
         Self { tx, seen }
     }
 
@@ -243,7 +265,12 @@ impl crate::raftstore::worker::RevisionSource for TsoClient {
     }
 }
 
-async fn run(system: SystemClient, mut rx: mpsc::UnboundedReceiver<Ask>, seen: Arc<AtomicU64>) {
+async fn run(
+    system: SystemClient,
+    here: SharedTso,
+    mut rx: mpsc::UnboundedReceiver<Ask>,
+    seen: Arc<AtomicU64>,
+) {
     let mut cached: std::ops::Range<u64> = 0..0;
     while let Some(first) = rx.recv().await {
         let mut asks = vec![first];
@@ -254,7 +281,7 @@ async fn run(system: SystemClient, mut rx: mpsc::UnboundedReceiver<Ask>, seen: A
         let got = if cache_windows() {
             // Test-only: serve from a window kept across requests (breaks real-time order).
             if cached.end - cached.start < total {
-                cached = fetch(&system, total.max(1000)).await.unwrap_or(0..0);
+                cached = fetch(&system, &here, total.max(1000)).await.unwrap_or(0..0);
             }
             if cached.end - cached.start >= total {
                 let first = cached.start;
@@ -264,7 +291,7 @@ async fn run(system: SystemClient, mut rx: mpsc::UnboundedReceiver<Ask>, seen: A
                 Err("the oracle did not answer".to_string())
             }
         } else {
-            fetch(&system, total).await.map(|r| r.start)
+            fetch(&system, &here, total).await.map(|r| r.start)
         };
         metrics::counter!("tessera_tso_requests_total").increment(1);
         if let Ok(first) = &got {
@@ -295,11 +322,18 @@ fn hand_out(got: Stamps, asks: Vec<Ask>) {
     }
 }
 
-async fn fetch(system: &SystemClient, total: u64) -> Result<std::ops::Range<u64>, String> {
+async fn fetch(
+    system: &SystemClient,
+    here: &TsoServer,
+    total: u64,
+) -> Result<std::ops::Range<u64>, String> {
     let count = u32::try_from(total)
         .ok()
         .filter(|c| *c <= MAX_REQUEST)
         .ok_or_else(|| format!("{total} revisions asked at once"))?;
+    if let Some(first) = here.allocate_here(count).await {
+        return Ok(first..first + total);
+    }
     let ask = async {
         let client = system.get().await.map_err(|e| e.to_string())?;
         client.tso(count).await.map_err(|e| e.to_string())

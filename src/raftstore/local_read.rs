@@ -72,6 +72,16 @@ impl LocalReader {
         self.views.remove(&region);
     }
 
+    /// The region whose live view holds `key`, if this node leads one under a lease.
+    pub fn live_region_of(&self, key: &[u8]) -> Option<RegionId> {
+        let now = BootInstant::now();
+        self.views.iter().find_map(|e| {
+            let v = e.value();
+            (now < v.until && keys::in_range(key, &v.region.start_key, &v.region.end_key))
+                .then_some(*e.key())
+        })
+    }
+
     /// The region's view, if this node leads it under a lease that has not ended.
     pub fn live_view(&self, region: RegionId) -> Option<Arc<LeaseView>> {
         let view = self.views.get(&region)?.value().clone();

@@ -87,6 +87,8 @@ pub(super) struct Raft {
     pub(super) placement: SystemClient,
     /// The node's client of the timestamp oracle.
     pub(super) revisions: TsoClient,
+    /// The oracle's serving side on this node.
+    pub(super) oracle: crate::placement::tso::SharedTso,
 }
 
 /// Regions whose leadership or descriptor changed, reported by the workers for the reporter.
@@ -145,7 +147,8 @@ pub(super) fn start_raft(
     let asleep: Vec<Arc<AtomicUsize>> = (0..cfg.raft.workers).map(|_| Arc::default()).collect();
     let (changes_tx, changes) = tokio::sync::mpsc::unbounded_channel();
     let placement = SystemClient::new(transport.clone(), cfg.cluster.join.clone());
-    let tso_client = TsoClient::start(placement.clone());
+    let oracle = Arc::new(TsoServer::new(ctx.reader.clone(), placement.clone()));
+    let tso_client = TsoClient::start(placement.clone(), oracle.clone());
     let revisions = Arc::new(tso_client.clone());
     for (i, inbox) in inboxes.into_iter().enumerate() {
         let w = Worker::new(
@@ -177,6 +180,7 @@ pub(super) fn start_raft(
         asleep,
         placement,
         revisions: tso_client,
+        oracle,
     };
     Ok((raft, changes))
 }
@@ -224,7 +228,7 @@ pub(super) async fn serve(
     )
     .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let placement = raft.placement.clone();
-    let tso = Arc::new(TsoServer::new(raft.store.reader.clone(), placement.clone()));
+    let tso = raft.oracle.clone();
     let kv = KvServer::new(kv_service::KvService::new(
         raft.router.clone(),
         raft.transport.clone(),
