@@ -21,6 +21,23 @@ impl Client {
         .await
     }
 
+    /// `key`'s latest value with the cluster revision the answer is consistent at: the
+    /// region's highest applied revision when it was read, so `get_at(key, revision)` gives
+    /// the same answer (until compacted).
+    pub async fn get_with_revision(&self, key: &[u8]) -> Result<(Option<KeyValue>, u64)> {
+        self.execute(key, Mode::Idempotent, |conn, header| async move {
+            let r = conn
+                .get(proto::GetRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                    revision: 0,
+                })
+                .await?;
+            Ok((r.region_error, (r.kv, r.revision)))
+        })
+        .await
+    }
+
     /// Drops the cluster's history below `revision`; returns the compacted revision now
     /// (at least `revision`). Nodes remove the rows in the background; reads below it fail
     /// with [`crate::Error::Compacted`] from then on.

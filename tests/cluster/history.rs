@@ -59,6 +59,13 @@ async fn reads_at_a_revision_and_compaction() {
         (1, r4, r4),
         "recreated after the delete"
     );
+    // A read of the latest state says which revision it is consistent at.
+    let (latest, at) = client.get_with_revision(&a).await.expect("get");
+    assert!(
+        at >= r4,
+        "answer consistent at {at}, before the write at {r4}"
+    );
+    assert_eq!(client.get_at(&a, at).await.expect("get at"), latest);
     // A scan at a revision reads every region at that revision.
     let at_rb = client.scan_at(b"", b"", 0, rb).await.expect("scan");
     let got: Vec<(Vec<u8>, Vec<u8>)> = at_rb.into_iter().map(|kv| (kv.key, kv.value)).collect();
