@@ -260,6 +260,16 @@ impl Engine {
         Ok(None)
     }
 
+    /// A cursor over the keys of `[start, end)` of `cf`, for readers that jump (`mvcc`).
+    pub fn cursor(&self, cf: Cf, start: &[u8], end: &[u8]) -> Cursor<'_> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(start);
+        ro.set_iterate_upper_bound(end);
+        Cursor {
+            it: self.db.raw_iterator_cf_opt(self.cf(cf), ro),
+        }
+    }
+
     /// Runs `f` over a consistent point-in-time view of the whole instance.
     pub fn with_snapshot<T>(&self, f: impl FnOnce(&EngineSnapshot<'_>) -> T) -> T {
         let snap = self.db.snapshot();
@@ -303,6 +313,42 @@ fn scan_with(
     }
     it.status()?;
     Ok(())
+}
+
+/// A key and its value, borrowed from a cursor.
+pub type Entry<'a> = (&'a [u8], &'a [u8]);
+
+/// A positioned iterator over a key range (see [`Engine::cursor`]).
+pub struct Cursor<'a> {
+    it: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
+}
+
+impl Cursor<'_> {
+    /// Moves to the first key at or after `key`.
+    pub fn seek(&mut self, key: &[u8]) {
+        self.it.seek(key);
+    }
+
+    /// Moves to the last key at or before `key`.
+    pub fn seek_for_prev(&mut self, key: &[u8]) {
+        self.it.seek_for_prev(key);
+    }
+
+    pub fn next(&mut self) {
+        self.it.next();
+    }
+
+    /// The current key and value; `Ok(None)` past the range's end, an error if the
+    /// iterator failed.
+    pub fn entry(&self) -> Result<Option<Entry<'_>>, Error> {
+        if self.it.valid() {
+            if let (Some(k), Some(v)) = (self.it.key(), self.it.value()) {
+                return Ok(Some((k, v)));
+            }
+        }
+        self.it.status()?;
+        Ok(None)
+    }
 }
 
 /// A point-in-time view; reads through it never see later writes.

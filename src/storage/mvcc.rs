@@ -160,7 +160,9 @@ pub fn get_at(engine: &Engine, key: &[u8], revision: u64) -> Result<Option<KvRec
 }
 
 /// Calls `f` with each key in `[start, end)` that exists at `revision`, in key order, with
-/// its record then, until `f` returns `Ok(false)`.
+/// its record then, until `f` returns `Ok(false)`. Per key it jumps to the newest row at or
+/// below `revision` and then past the key's other rows: the cost is per key, not per
+/// version.
 pub fn scan_at(
     engine: &Engine,
     start: &[u8],
@@ -169,37 +171,39 @@ pub fn scan_at(
     mut f: impl FnMut(Vec<u8>, KvRecord) -> Result<bool, Error>,
 ) -> Result<(), Error> {
     let (lo, hi) = range_bounds(start, end);
-    // The newest row at or below `revision` of the key being read.
-    let mut current: Option<(Vec<u8>, Option<KvRecord>)> = None;
-    let mut go_on = true;
-    let mut emit =
-        |cur: Option<(Vec<u8>, Option<KvRecord>)>, go_on: &mut bool| -> Result<(), Error> {
-            if let Some((key, Some(rec))) = cur {
-                if *go_on && !is_tombstone(&rec) {
-                    *go_on = f(key, rec)?;
+    if lo >= hi {
+        return Ok(());
+    }
+    let mut cur = engine.cursor(Cf::History, &lo, &hi);
+    cur.seek(&lo);
+    loop {
+        let key = match cur.entry()? {
+            None => return Ok(()),
+            Some((k, _)) => {
+                parse_history_key(k)
+                    .ok_or_else(|| Error::corrupt(k, "not a history row"))?
+                    .0
+            }
+        };
+        cur.seek_for_prev(&history_key(&key, revision));
+        if let Some((k, v)) = cur.entry()? {
+            let (row_key, _) =
+                parse_history_key(k).ok_or_else(|| Error::corrupt(k, "not a history row"))?;
+            if row_key == key {
+                let rec: KvRecord = prost::Message::decode(v).map_err(|e| Error::corrupt(k, e))?;
+                if !is_tombstone(&rec) && !f(key.clone(), rec)? {
+                    return Ok(());
                 }
             }
-            Ok(())
-        };
-    engine.scan(Cf::History, &lo, &hi, |k, v| {
-        let (key, rev) =
-            parse_history_key(k).ok_or_else(|| Error::corrupt(k, "not a history row"))?;
-        if current.as_ref().is_none_or(|(c, _)| *c != key) {
-            emit(current.take(), &mut go_on)?;
-            if !go_on {
-                return Ok(false);
-            }
-            current = Some((key, None));
         }
-        if rev <= revision {
-            let rec: KvRecord = prost::Message::decode(v).map_err(|e| Error::corrupt(k, e))?;
-            if let Some((_, slot)) = current.as_mut() {
-                *slot = Some(rec);
+        // Past every row of this key: the first row after its newest possible revision.
+        cur.seek(&history_key(&key, u64::MAX));
+        if let Some((k, _)) = cur.entry()? {
+            if parse_history_key(k).is_some_and(|(row_key, _)| row_key == key) {
+                cur.next();
             }
         }
-        Ok(true)
-    })?;
-    emit(current, &mut go_on)
+    }
 }
 
 /// This node's compacted revision (0 = never compacted).

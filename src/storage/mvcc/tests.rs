@@ -99,6 +99,25 @@ fn reads_at_a_revision_see_the_newest_row_at_or_below_it() {
         pairs(&[("a", "a2"), ("a\0", "other"), ("b", "b1")])
     );
     assert_eq!(scan_values(&e, 30), pairs(&[("a\0", "other"), ("b", "b1")]));
+    // Keys with no row at or below the revision are skipped, whatever lies around them.
+    assert_eq!(scan_values(&e, 12), pairs(&[("a", "a1")]));
+    assert_eq!(scan_values(&e, 9), pairs(&[]));
+    // A scan stops when told to.
+    let mut seen = 0;
+    scan_at(&e, b"", b"", 25, |_, _| {
+        seen += 1;
+        Ok(false)
+    })
+    .unwrap();
+    assert_eq!(seen, 1);
+    // A range in the middle: only its keys.
+    let mut keys = Vec::new();
+    scan_at(&e, b"a\0", b"b", 100, |k, _| {
+        keys.push(k);
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(keys, vec![b"a\0".to_vec()]);
 }
 
 #[test]
