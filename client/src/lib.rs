@@ -394,17 +394,7 @@ impl Client {
     }
 
     pub async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>> {
-        self.execute(key, Mode::Idempotent, |conn, header| async move {
-            let r = conn
-                .get(proto::GetRequest {
-                    header: Some(header),
-                    key: key.to_vec(),
-                    revision: 0,
-                })
-                .await?;
-            Ok((r.region_error, r.kv))
-        })
-        .await
+        Ok(self.get_revisioned(key, 0).await?.0)
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<WriteResult> {

@@ -231,12 +231,7 @@ impl TsoClient {
         if rev <= self.seen.load(Ordering::Acquire) {
             return Ok(true);
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.ask(1, move |r| {
-            let _ = tx.send(r);
-        });
-        let first = rx.await.map_err(|_| "the node is stopping".to_string())??;
-        Ok(rev <= first)
+        Ok(rev <= self.latest().await?)
     }
 
     /// The latest revision: one newly handed out.

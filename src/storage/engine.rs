@@ -227,16 +227,7 @@ impl Engine {
 
     /// The last key in `[start, end)`, if there is one.
     pub fn last_key(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(start);
-        ro.set_iterate_upper_bound(end);
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
-        it.seek_to_last();
-        if let Some(k) = it.key().filter(|_| it.valid()) {
-            return Ok(Some(k.to_vec()));
-        }
-        it.status()?;
-        Ok(None)
+        Ok(self.last_entry(cf, start, end)?.map(|(k, _)| k))
     }
 
     /// The last key in `[start, end)` and its value, if there is one.

@@ -16,15 +16,21 @@ fn value(kv: Option<tessera::proto::KeyValue>) -> Option<String> {
     kv.map(|kv| String::from_utf8(kv.value).expect("utf-8"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_at_a_revision_and_compaction() {
-    let cluster = TestCluster::start(3, REGIONS, |_| {}).await;
+/// A 3-node cluster of `REGIONS` regions (configured by `tweak`), every region led.
+async fn started(tweak: impl Fn(&mut tessera::config::Config)) -> TestCluster {
+    let cluster = TestCluster::start(3, REGIONS, tweak).await;
     wait_for_leaders(
         &cluster.endpoints(),
         REGIONS as usize + 1,
         Duration::from_secs(60),
     )
     .await;
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_at_a_revision_and_compaction() {
+    let cluster = started(|_| {}).await;
     let client = cluster.client().await;
     let a = key_in_region(0, REGIONS, "/a");
     let b = key_in_region(2, REGIONS, "/b");
@@ -131,13 +137,7 @@ async fn reads_at_a_revision_and_compaction() {
 /// writes were in flight when R was handed out in another region.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_at_a_revision_never_changes() {
-    let cluster = TestCluster::start(3, REGIONS, |_| {}).await;
-    wait_for_leaders(
-        &cluster.endpoints(),
-        REGIONS as usize + 1,
-        Duration::from_secs(60),
-    )
-    .await;
+    let cluster = started(|_| {}).await;
     let client = cluster.client().await;
     let hot = key_in_region(0, REGIONS, "/hot");
     let other = key_in_region(3, REGIONS, "/other");
@@ -193,15 +193,9 @@ async fn a_read_at_a_revision_never_changes() {
 /// compacted without being asked; the newest stays readable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_compaction_keeps_the_last_revisions() {
-    let cluster = TestCluster::start(3, REGIONS, |c| {
+    let cluster = started(|c| {
         c.mvcc.auto_compaction = "revisions:50".into();
     })
-    .await;
-    wait_for_leaders(
-        &cluster.endpoints(),
-        REGIONS as usize + 1,
-        Duration::from_secs(60),
-    )
     .await;
     let client = cluster.client().await;
     let key = key_in_region(1, REGIONS, "/auto");
