@@ -57,13 +57,26 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MvccConfig {
     /// Automatic compaction of history, as etcd's: `"periodic:1h"` keeps the history of
     /// the last hour (units s, m, h, d), `"revisions:100000"` the last 100,000 revisions;
     /// empty or `"off"` compacts only when asked (`tessera compact`).
     pub auto_compaction: String,
+    /// How often a node raises the resolved revision of the regions it leads that have
+    /// watchers needing it (watches over several regions): an event of such a watch waits
+    /// up to about this long for the other regions. 1 to 10,000.
+    pub watch_resolve_interval_ms: u64,
+}
+
+impl Default for MvccConfig {
+    fn default() -> Self {
+        Self {
+            auto_compaction: String::new(),
+            watch_resolve_interval_ms: 50,
+        }
+    }
 }
 
 /// What `mvcc.auto_compaction` asks for.

@@ -1,7 +1,8 @@
 //! The `tessera` binary: one executable for the server and the command-line client.
 //!
 //! Invariants:
-//! - a command that fails prints one line on stderr and exits with status 2; success is 0
+//! - a command that fails prints one line on stderr and exits with status 2 (a watch: 3
+//!   compacted, 4 cluster lost); success is 0
 //!   (a node that must stop exits with 70 through `tessera::fatal`);
 //! - SIGPIPE gets its default action back for every command but `server`, so a closed pipe
 //!   ends a listing quietly and never kills a node;
@@ -65,6 +66,14 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Print the changes of the keys under PREFIX as they happen (from --rev R: history
+    /// first). Exit status 3: the start revision is compacted; 4: the cluster was lost.
+    Watch {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        args: cli::watch::WatchArgs,
+    },
     /// Drop the history below cluster revision REV: reads below it then fail with
     /// "revision compacted" (the same as `tessera kv compact REV`).
     Compact {
@@ -127,13 +136,14 @@ fn main() -> ExitCode {
         Command::Bench(args) => block_on(None, cli::bench::run(args)),
         Command::Nodes { conn, op } => block_on(None, cli::nodes::run(conn, op)),
         Command::Status { conn } => block_on(None, cli::status::run(conn)),
+        Command::Watch { conn, args } => block_on(None, cli::watch::run(conn, args)),
         Command::Compact { conn, rev } => block_on(None, cli::kv::run(conn, KvOp::Compact { rev })),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tessera: error: {e}");
-            ExitCode::from(2)
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -42,6 +42,19 @@ pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
     key >= start && (end.is_empty() || key < end)
 }
 
+/// The end of the range of keys that start with `prefix`: the least key above all of them,
+/// capped at the start of the system keyspace (so `prefix_end(b"")` is every user key).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return end.min(vec![SYSTEM_KEY_PREFIX]);
+        }
+    }
+    vec![SYSTEM_KEY_PREFIX]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +68,9 @@ mod tests {
         assert!(is_system_key(&[0xFF, 1]));
         assert!(!is_system_key(b"/topics"));
         assert!(!is_system_key(b""));
+        assert_eq!(prefix_end(b"/a/"), b"/a0");
+        assert_eq!(prefix_end(&[b'a', 0xFF]), b"b");
+        assert_eq!(prefix_end(b""), [0xFF]);
+        assert_eq!(prefix_end(&[0xFE, 0xFF]), [0xFF]);
     }
 }

@@ -74,6 +74,7 @@ mod mux;
 mod mvcc;
 mod retry;
 mod tso;
+mod watch;
 mod write_id;
 
 use std::sync::{Arc, RwLock};
@@ -94,6 +95,7 @@ use write_id::WriteIds;
 pub use cluster::Health;
 pub use tessera_api::limits::MAX_COMMANDS_MESSAGE_BYTES;
 pub use tessera_api::{ids, proto};
+pub use watch::{Event, EventKind, WatchOptions, WatchResponse, Watcher};
 
 pub use tessera_api::kv::{CasAction, Compare};
 
@@ -205,6 +207,8 @@ struct Inner {
     suspects: DashMap<u64, Instant>,
     /// This client's write ids (exactly-once writes).
     writes: WriteIds,
+    /// One watch stream per node address, shared by all watches.
+    watch_muxes: DashMap<String, watch::Mux>,
 }
 
 impl Client {
@@ -223,6 +227,7 @@ impl Client {
                 stats: ClientStats::default(),
                 suspects: DashMap::new(),
                 writes: WriteIds::new(),
+                watch_muxes: DashMap::new(),
             }),
         };
         if c.inner.opts.system || c.load_routes(&[], 0).await.is_err() {

@@ -303,6 +303,20 @@ mod tests {
         ) -> Unary<Self::CommandsStream> {
             Err(Status::unimplemented("no such method"))
         }
+        type WatchStream =
+            tokio_stream::wrappers::ReceiverStream<Result<proto::WatchResponse, Status>>;
+        async fn watch(
+            &self,
+            _: Request<Streaming<proto::WatchRequest>>,
+        ) -> Unary<Self::WatchStream> {
+            Err(Status::unimplemented("no such method"))
+        }
+        async fn revision(
+            &self,
+            _: Request<proto::RevisionRequest>,
+        ) -> Unary<proto::RevisionResponse> {
+            Err(Status::unimplemented(""))
+        }
         async fn get(&self, r: Request<proto::GetRequest>) -> Unary<proto::GetResponse> {
             Ok(Response::new(proto::GetResponse {
                 revision: 0,

@@ -14,6 +14,7 @@ fn client() -> Client {
             stats: ClientStats::default(),
             suspects: DashMap::new(),
             writes: WriteIds::new(),
+            watch_muxes: DashMap::new(),
         }),
     };
     for n in 1..=3 {

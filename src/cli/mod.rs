@@ -2,7 +2,8 @@
 //! text for people or, with `--json`, one JSON document per result, one line each
 //! (serialised by serde, so quotes and control characters are escaped; key and value bytes
 //! that are not UTF-8 are replaced, region boundaries are printed in hex). Failures are
-//! [`Error`]s: `main` prints one line on stderr and exits with status 2.
+//! [`Error`]s: `main` prints one line on stderr and exits with status 2 (`watch`: 3 when
+//! its start is compacted, 4 when it lost the cluster).
 //!
 //! Invariants:
 //! - no command panics on what the cluster returns: key and value bytes go through [`text`]
@@ -17,6 +18,7 @@ pub mod nodes;
 pub mod regions;
 pub mod server;
 pub mod status;
+pub mod watch;
 
 use tessera::client::{Client, ClientOptions};
 
@@ -50,6 +52,24 @@ pub enum Error {
     /// The load test could not run.
     #[error("{0}")]
     Bench(String),
+    /// A watch's start revision is compacted away.
+    #[error("revision compacted: history starts at revision {0}")]
+    WatchCompacted(u64),
+    /// A watch lost the cluster for longer than the client's deadline.
+    #[error("watch lost the cluster: {0}")]
+    WatchLost(String),
+}
+
+impl Error {
+    /// The process's exit status for this failure: 3 for a compacted watch, 4 for a watch
+    /// that lost the cluster, 2 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::WatchCompacted(_) => 3,
+            Error::WatchLost(_) => 4,
+            _ => 2,
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

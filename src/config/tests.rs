@@ -139,6 +139,7 @@ fn auto_compaction_modes_parse_and_bad_ones_are_refused() {
     let parse = |s: &str| {
         MvccConfig {
             auto_compaction: s.into(),
+            ..Default::default()
         }
         .auto_compaction()
     };

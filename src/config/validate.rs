@@ -36,6 +36,12 @@ impl Config {
             return Err(invalid("cluster.cluster_id", "must be a positive integer"));
         }
         self.mvcc.auto_compaction()?;
+        if !(1..=10_000).contains(&self.mvcc.watch_resolve_interval_ms) {
+            return Err(invalid(
+                "mvcc.watch_resolve_interval_ms",
+                "must be between 1 and 10000",
+            ));
+        }
         let advertise = self.advertise_addr()?;
         self.listen_addr()?;
         if !self.node.metrics_addr.is_empty() {

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use super::cmd::{key_value, ApplyResult, CasAction, Command};
 use super::msg::{RegionError, Reply};
-use crate::proto::KvRecord;
+use crate::proto::{self, KvRecord};
 use crate::storage::{keys, mvcc, Cf, Engine, WriteBatch};
 use prost::Message as _;
 
@@ -124,6 +124,12 @@ pub struct ApplyCtx {
     /// Peers of regions created by splits applied this round. The worker builds and starts
     /// them after the batch holding their state is written.
     pub new_peers: Vec<super::msg::NewPeer>,
+    /// Collect the applying command's events (its region has watchers on this node).
+    pub capture: bool,
+    events: Vec<proto::Event>,
+    /// The events of the round's commands in watched regions, published once the batch is
+    /// written: region, revision, events.
+    pub watched: Vec<(crate::ids::RegionId, u64, Vec<proto::Event>)>,
 }
 
 impl ApplyCtx {
@@ -146,6 +152,11 @@ impl ApplyCtx {
             self.cache.insert(k, v);
         }
         self.cache.trim();
+    }
+
+    /// The events the last command collected (see `capture`).
+    pub fn take_events(&mut self) -> Vec<proto::Event> {
+        std::mem::take(&mut self.events)
     }
 
     pub fn take_cache(&mut self) -> RecordCache {
@@ -199,6 +210,13 @@ impl ApplyCtx {
         let user_key = &data_key[1..];
         if !keys::is_system_key(user_key) {
             mvcc::record(wb, user_key, rec.mod_revision, &rec);
+            if self.capture {
+                self.events.push(proto::Event {
+                    r#type: proto::event::EventType::Put as i32,
+                    kv: Some(key_value(user_key, rec.clone())),
+                    prev_kv: old.map(|o| key_value(user_key, o.clone())),
+                });
+            }
         }
         self.overlay.insert(data_key, Some(rec));
     }
@@ -218,6 +236,13 @@ impl ApplyCtx {
         let user_key = &data_key[1..];
         if !keys::is_system_key(user_key) {
             mvcc::record(wb, user_key, revision, &mvcc::tombstone(revision));
+            if self.capture {
+                self.events.push(proto::Event {
+                    r#type: proto::event::EventType::Delete as i32,
+                    kv: Some(key_value(user_key, mvcc::tombstone(revision))),
+                    prev_kv: Some(key_value(user_key, o.clone())),
+                });
+            }
         }
         self.overlay.insert(data_key, None);
     }

@@ -14,6 +14,7 @@
 //! - [`local_read`]: lease reads served on the gRPC thread, without the worker;
 //! - [`clock`]: the lease clock (CLOCK_BOOTTIME, which counts suspend);
 //! - [`apply`]: the KV state machine;
+//! - [`hub`]: the watchers of the regions led here, fed by apply;
 //! - [`cmd`]: commands in the raft log and their results;
 //! - [`session`]: exactly-once writes — each region's record of the writes it applied;
 //! - [`msg`]: what reaches a worker and the errors that go back;
@@ -31,6 +32,7 @@ pub mod apply;
 pub mod bootstrap;
 pub mod clock;
 pub mod cmd;
+pub mod hub;
 pub mod local_read;
 pub mod msg;
 pub mod peer;

@@ -12,7 +12,9 @@
 //!   other kinds are fixed by a fresh route or a wait;
 //! - [`RegionError::to_proto`] keeps the kind and the `Display` text of every error.
 
-use tokio::sync::oneshot;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::cmd::{ApplyResult, Command};
 use crate::ids::{PeerId, RegionId};
@@ -186,6 +188,49 @@ pub enum ReadResult {
     },
 }
 
+// Watchers (see `hub`).
+
+/// One revision's events for one watcher.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HubBatch {
+    pub revision: u64,
+    pub events: Vec<proto::Event>,
+}
+
+/// Why a watcher's queue was closed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ended {
+    /// Its queue was full: it continues from history.
+    Lagged,
+    /// The region stopped serving it here (leadership, split, removal).
+    Region(RegionError),
+}
+
+/// What a watcher asks for.
+#[derive(Clone, Debug, Default)]
+pub struct WatchSpec {
+    pub start: Vec<u8>,
+    pub end: Vec<u8>,
+    pub prev_kv: bool,
+    pub no_put: bool,
+    pub no_delete: bool,
+    /// Whether it needs the region's resolved revision.
+    pub progress: bool,
+}
+
+/// A registered watcher's ends of the hub.
+pub struct Registration {
+    pub id: u64,
+    /// The region's highest applied revision when the watcher registered: every later
+    /// revision comes through `events`.
+    pub applied: u64,
+    pub events: mpsc::Receiver<HubBatch>,
+    /// Set before `events` closes (by the hub).
+    pub ended: Arc<Mutex<Option<Ended>>>,
+    /// The region's resolved revision.
+    pub resolved: watch::Receiver<u64>,
+}
+
 /// Work for one peer.
 pub enum PeerMsg {
     /// A raft message from another node, already checked to be addressed to this region.
@@ -207,6 +252,12 @@ pub enum PeerMsg {
         /// Read as of this cluster revision (0 = the latest state); always linearizable.
         at: u64,
         reply: Reply<ReadAnswer>,
+    },
+    /// Register a watcher of keys of this region (its leader only).
+    Watch {
+        spec: WatchSpec,
+        epoch: proto::RegionEpoch,
+        reply: Reply<Registration>,
     },
     /// The transport could not deliver to this peer.
     Unreachable(PeerId),

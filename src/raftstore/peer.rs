@@ -33,6 +33,7 @@ mod log_gc;
 mod propose;
 mod read;
 mod ready;
+mod watch;
 
 use propose::Proposal;
 use read::PendingRead;
@@ -307,7 +308,7 @@ impl Peer {
                 MessageType::MsgRequestPreVote | MessageType::MsgRequestVote => Some(Wake::Vote),
                 _ => Some(Wake::RaftOther),
             },
-            PeerMsg::Describe(_) | PeerMsg::Progress(_) => None,
+            PeerMsg::Describe(_) | PeerMsg::Progress(_) | PeerMsg::Watch { .. } => None,
             PeerMsg::Propose { .. } | PeerMsg::Read { .. } => Some(Wake::Request),
             _ => Some(Wake::Admin),
         };
@@ -329,6 +330,7 @@ impl Peer {
                 at,
                 reply,
             } => self.read(req, epoch, linearizable, at, reply),
+            PeerMsg::Watch { spec, epoch, reply } => self.watch(spec, epoch, reply),
             PeerMsg::Unreachable(p) => self.raw.report_unreachable(p.0),
             PeerMsg::SnapshotStatus { to, delivered } => {
                 let status = if delivered {

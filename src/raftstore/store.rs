@@ -42,6 +42,8 @@ pub struct StoreCtx {
     known_peers: Arc<Mutex<HashMap<u64, proto::Peer>>>,
     /// Lease views of this node's leaders, for reads served off the workers.
     pub reader: super::local_read::LocalReader,
+    /// Watchers of the regions led here, fed by apply.
+    pub hub: super::hub::WatchHub,
 }
 
 /// What keeps a peer from being created from a message: the region itself is already
@@ -74,6 +76,7 @@ impl StoreCtx {
             cfg,
             logger,
             reader: super::local_read::LocalReader::new(engine.clone()),
+            hub: Default::default(),
             engine,
             ranges: Arc::default(),
             creating: Arc::default(),

@@ -383,6 +383,7 @@ impl Worker {
         metrics::counter!("tessera_entries_applied_total").increment(actx.applied_entries);
         let mut born = self.start_new_peers(&mut actx);
         actx.send_replies();
+        self.publish_watched(&mut actx);
         count_cache_reads(&actx);
 
         let mut wb = engine.batch();
@@ -403,6 +404,7 @@ impl Worker {
         metrics::counter!("tessera_entries_applied_total").increment(actx.applied_entries);
         born.extend(self.start_new_peers(&mut actx));
         actx.send_replies();
+        self.publish_watched(&mut actx);
         count_cache_reads(&actx);
         self.cache = actx.take_cache();
 
@@ -435,6 +437,14 @@ impl Worker {
         more_work
     }
 
+    /// Hands the round's changes of watched regions to their watchers: after the batch
+    /// holding them is written, before any read (a resolved revision) is answered.
+    fn publish_watched(&self, actx: &mut ApplyCtx) {
+        for (region, revision, events) in actx.watched.drain(..) {
+            self.store.hub.publish(region, revision, &events);
+        }
+    }
+
     /// Destroys a removed peer: its raft state goes, a tombstone stays (synced, so a restart
     /// never brings the peer back), and the router forgets the region.
     fn destroy(&mut self, id: RegionId) {
@@ -442,6 +452,9 @@ impl Worker {
             return;
         };
         self.router.unregister(id);
+        self.store
+            .hub
+            .end_region(id, RegionError::RegionNotFound(id));
         // Its data may be deleted: no cached record of it can be trusted.
         self.cache.clear();
         let mut wb = self.engine.batch();

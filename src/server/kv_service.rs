@@ -44,6 +44,7 @@ use crate::transport::Transport;
 
 mod commands;
 mod tso;
+mod watch_stream;
 use commands::serve_commands;
 
 /// The `Kv` gRPC service; its state is shared with the tasks that serve `Commands` streams.
@@ -63,6 +64,8 @@ pub struct KvCore {
     /// it (reads at a revision check it is not in the future) and the node's placement
     /// client (compaction is recorded there).
     oracle: crate::placement::tso::Oracle,
+    /// Watchers of the regions led here.
+    hub: crate::raftstore::hub::WatchHub,
     /// Set when the node stops: `Commands` streams end (they would otherwise keep the
     /// node's state alive for as long as their clients stay connected).
     stopping: watch::Receiver<bool>,
@@ -77,7 +80,7 @@ impl KvService {
         transport: Transport,
         limits: ServerConfig,
         timeout: Duration,
-        local: LocalReader,
+        store: &crate::raftstore::store::StoreCtx,
         oracle: crate::placement::tso::Oracle,
         stopping: watch::Receiver<bool>,
     ) -> Self {
@@ -87,8 +90,9 @@ impl KvService {
                 transport,
                 limits,
                 timeout,
-                local,
+                local: store.reader.clone(),
                 oracle,
+                hub: store.hub.clone(),
                 stopping,
             }),
         }
@@ -485,6 +489,28 @@ impl Kv for KvService {
     ) -> Result<Response<Self::CommandsStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(serve_commands(self.core.clone(), request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn revision(
+        &self,
+        _request: Request<proto::RevisionRequest>,
+    ) -> Result<Response<proto::RevisionResponse>, Status> {
+        self.core.current_revision().await.map(Response::new)
+    }
+
+    type WatchStream = ReceiverStream<Result<proto::WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<proto::WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(watch_stream::serve_watch(
+            self.core.clone(),
+            request.into_inner(),
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

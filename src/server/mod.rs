@@ -11,6 +11,7 @@ pub mod kv_service;
 pub mod node_service;
 pub mod raft_service;
 pub mod reporter;
+mod resolver;
 mod start;
 
 use std::net::SocketAddr;
@@ -67,6 +68,7 @@ pub struct Node {
     heartbeat: tokio::task::JoinHandle<()>,
     reporter: tokio::task::JoinHandle<()>,
     compaction: tokio::task::JoinHandle<()>,
+    resolver: tokio::task::JoinHandle<()>,
     scheduler: tokio::task::JoinHandle<()>,
     removed: tokio::sync::watch::Receiver<bool>,
     asleep: Vec<Arc<AtomicUsize>>,
@@ -111,6 +113,7 @@ impl Node {
             heartbeat: tasks.heartbeat,
             reporter: tasks.reporter,
             compaction: tasks.compaction,
+            resolver: tasks.resolver,
             scheduler: tasks.scheduler,
             removed: tasks.removed,
             asleep: raft.asleep,
@@ -151,6 +154,7 @@ impl Node {
         self.heartbeat.abort();
         self.reporter.abort();
         self.compaction.abort();
+        self.resolver.abort();
         self.scheduler.abort();
         let _ = self.stopping.send(true);
         if let Some(tx) = self.stop_server.take() {

@@ -234,7 +234,7 @@ pub(super) async fn serve(
         raft.transport.clone(),
         cfg.server.clone(),
         REQUEST_TIMEOUT,
-        raft.store.reader.clone(),
+        &raft.store,
         Oracle {
             server: tso,
             client: raft.revisions.clone(),
@@ -289,6 +289,7 @@ pub(super) struct Tasks {
     pub(super) scheduler: tokio::task::JoinHandle<()>,
     pub(super) reporter: tokio::task::JoinHandle<()>,
     pub(super) compaction: tokio::task::JoinHandle<()>,
+    pub(super) resolver: tokio::task::JoinHandle<()>,
     /// Turns true once placement has removed this node.
     pub(super) removed: tokio::sync::watch::Receiver<bool>,
 }
@@ -335,6 +336,12 @@ pub(super) fn spawn_tasks(
         raft.revisions.clone(),
         cfg.mvcc.auto_compaction()?,
     ));
+    let resolver = tokio::spawn(super::resolver::resolve_loop(
+        raft.store.hub.clone(),
+        raft.router.clone(),
+        raft.revisions.clone(),
+        Duration::from_millis(cfg.mvcc.watch_resolve_interval_ms),
+    ));
     let reporter = tokio::spawn(reporter::report_loop(
         placement,
         raft.router.clone(),
@@ -351,6 +358,7 @@ pub(super) fn spawn_tasks(
         scheduler,
         reporter,
         compaction,
+        resolver,
         removed,
     })
 }

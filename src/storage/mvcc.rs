@@ -20,6 +20,8 @@
 //!   most one older row (its state at the compacted revision);
 //! - the node's compacted revision only rises; it is stored before any row is removed.
 
+use std::collections::BTreeMap;
+
 use super::keys::{self, COMPACTED_KEY};
 use super::{Cf, Engine, Error, WriteBatch};
 use crate::proto::{KvRecord, Region, SnapshotKv};
@@ -279,6 +281,87 @@ pub fn compact(engine: &Engine, revision: u64) -> Result<u64, Error> {
     }
     flush(&mut doomed, &mut removed)?;
     Ok(removed)
+}
+
+/// A key's change at a revision, with its record before (for watchers reading history).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    pub key: Vec<u8>,
+    /// The key's record as of the change (a tombstone for a delete).
+    pub record: KvRecord,
+    /// Its record just before, if it existed then.
+    pub prev: Option<KvRecord>,
+}
+
+/// The changes of the keys in `[start, end)` with revisions in `[from, to]`, by revision,
+/// each revision's changes in key order (the rows' order). At most about `limit` changes: when there are
+/// more, only the lowest revisions are returned, every change of each (at least one
+/// revision, however many changes it has), and the second value is the last revision the
+/// result covers completely (`to` when nothing was left out). Per key it jumps to its
+/// first row at or above `from`, so keys without changes cost one seek.
+pub fn changes(
+    engine: &Engine,
+    start: &[u8],
+    end: &[u8],
+    from: u64,
+    to: u64,
+    limit: usize,
+) -> Result<(BTreeMap<u64, Vec<Change>>, u64), Error> {
+    let mut out: BTreeMap<u64, Vec<Change>> = BTreeMap::new();
+    let mut upto = to;
+    let mut held = 0usize;
+    let (lo, hi) = range_bounds(start, end);
+    if lo >= hi || from == 0 || from > to {
+        return Ok((out, upto));
+    }
+    let row_of =
+        |k: &[u8]| parse_history_key(k).ok_or_else(|| Error::corrupt(k, "not a history row"));
+    let mut cur = engine.cursor(Cf::History, &lo, &hi);
+    cur.seek(&lo);
+    loop {
+        let key = match cur.entry()? {
+            None => return Ok((out, upto)),
+            Some((k, _)) => row_of(k)?.0,
+        };
+        // The key's record before `from`.
+        cur.seek_for_prev(&history_key(&key, from - 1));
+        let mut prev = match cur.entry()? {
+            Some((k, v)) if row_of(k)?.0 == key => {
+                let rec: KvRecord = prost::Message::decode(v).map_err(|e| Error::corrupt(k, e))?;
+                (!is_tombstone(&rec)).then_some(rec)
+            }
+            _ => None,
+        };
+        cur.seek(&history_key(&key, from));
+        while let Some((k, v)) = cur.entry()? {
+            let (row_key, rev) = row_of(k)?;
+            if row_key != key || rev > upto {
+                break;
+            }
+            let rec: KvRecord = prost::Message::decode(v).map_err(|e| Error::corrupt(k, e))?;
+            let next_prev = (!is_tombstone(&rec)).then(|| rec.clone());
+            out.entry(rev).or_default().push(Change {
+                key: key.clone(),
+                record: rec,
+                prev: std::mem::replace(&mut prev, next_prev),
+            });
+            held += 1;
+            // Over the limit: drop whole revisions from the top while more than one is left.
+            while held > limit && out.len() > 1 {
+                let (rev, dropped) = out.pop_last().expect("more than one revision");
+                held -= dropped.len();
+                upto = rev - 1;
+            }
+            cur.next();
+        }
+        // Past every row of this key.
+        cur.seek(&history_key(&key, u64::MAX));
+        if let Some((k, _)) = cur.entry()? {
+            if row_of(k)?.0 == key {
+                cur.next();
+            }
+        }
+    }
 }
 
 #[cfg(test)]

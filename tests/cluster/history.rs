@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tessera::client::Error;
 
-use super::common::{key_in_region, wait_for_leaders, TestCluster};
+use super::common::{key_in_region, TestCluster};
 
 const REGIONS: u32 = 4;
 
@@ -18,14 +18,7 @@ fn value(kv: Option<tessera::proto::KeyValue>) -> Option<String> {
 
 /// A 3-node cluster of `REGIONS` regions (configured by `tweak`), every region led.
 async fn started(tweak: impl Fn(&mut tessera::config::Config)) -> TestCluster {
-    let cluster = TestCluster::start(3, REGIONS, tweak).await;
-    wait_for_leaders(
-        &cluster.endpoints(),
-        REGIONS as usize + 1,
-        Duration::from_secs(60),
-    )
-    .await;
-    cluster
+    TestCluster::start_led(3, REGIONS, tweak).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

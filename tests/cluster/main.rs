@@ -13,3 +13,4 @@ mod placement;
 mod routing;
 mod snapshot;
 mod wake;
+mod watch;

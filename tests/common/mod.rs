@@ -93,6 +93,18 @@ impl TestCluster {
         }
     }
 
+    /// As [`Self::start`], then waits until every region (and placement's) has a leader.
+    pub async fn start_led(n: usize, regions: u32, tweak: impl Fn(&mut Config)) -> TestCluster {
+        let cluster = Self::start(n, regions, tweak).await;
+        wait_for_leaders(
+            &cluster.endpoints(),
+            regions as usize + 1,
+            Duration::from_secs(60),
+        )
+        .await;
+        cluster
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.addrs.iter().map(|a| a.to_string()).collect()
     }

@@ -240,6 +240,13 @@ impl Peer {
         });
         self.siblings = vec![right.clone()];
         self.changed = true;
+        // Watchers resume from history where their keys are now.
+        self.ctx.hub.end_region(
+            self.region_id,
+            RegionError::EpochNotMatch {
+                current: vec![left.clone(), right.clone()],
+            },
+        );
         metrics::counter!("tessera_region_splits_total").increment(1);
         tracing::info!(region = %self.region_id, new_region = new_region_id, index = e.index, "region split");
         Ok(ApplyResult::Split {

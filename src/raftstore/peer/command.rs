@@ -119,7 +119,14 @@ impl Peer {
         } else {
             e.index
         };
+        actx.capture = env.revision > 0 && self.ctx.hub.is_watched(self.region_id);
         let res = apply::exec(cmd, revision, self.raw.store().engine(), wb, actx);
+        if actx.capture {
+            let events = actx.take_events();
+            if !events.is_empty() {
+                actx.watched.push((self.region_id, revision, events));
+            }
+        }
         if let Some(w) = &env.write_id {
             self.sessions
                 .record(self.region_id, w, env.proposed_at_ms, &res, wb);

@@ -130,8 +130,10 @@ impl Peer {
         self.lease.expire(BootInstant::now());
         self.withdraw_lease();
         if !self.is_leader() {
-            // Reads waiting on a leadership that is gone can never be confirmed.
+            // Reads waiting on a leadership that is gone can never be confirmed; watchers
+            // continue where the region is led now.
             let err = self.not_leader();
+            self.ctx.hub.end_region(self.region_id, err.clone());
             let waiting = self
                 .reads_inflight
                 .drain(..)

@@ -101,4 +101,16 @@ impl KvCore {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(proto::CompactResponse { compact_revision })
     }
+
+    /// The cluster's current revision: a new one from the oracle, so at least the revision
+    /// of every write acknowledged before the call.
+    pub(super) async fn current_revision(&self) -> Result<proto::RevisionResponse, Status> {
+        let revision = self
+            .oracle
+            .client
+            .latest()
+            .await
+            .map_err(|e| Status::unavailable(format!("no revision from the oracle: {e}")))?;
+        Ok(proto::RevisionResponse { revision })
+    }
 }
