@@ -311,3 +311,148 @@ async fn cli_end_to_end_including_error_exits() {
     }
     drop(procs);
 }
+
+/// The revision in an "OK (revision N)" line.
+fn revision_of(out: &str) -> u64 {
+    out.trim()
+        .trim_start_matches("OK (revision ")
+        .trim_end_matches(')')
+        .parse()
+        .expect("a revision")
+}
+
+/// `tessera watch`: history from --rev as JSON, live changes as text, exit status 3 for a
+/// compacted start and 4 once the cluster is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_watch_prints_changes_and_tells_compacted_from_lost() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = common::test_dir("cli_watch_prints_changes_and_tells_compacted_from_lost");
+    let mut procs = start_process_cluster(dir.path(), 3, 4, |_| {});
+    let addrs = endpoints(&procs);
+    wait_serving(&addrs).await;
+    wait_for_leaders(&addrs, 5, Duration::from_secs(60)).await;
+    let ep = addrs.join(",");
+    let ep = ep.as_str();
+
+    let r1 = revision_of(&cli(&["kv", "-e", ep, "put", "/w/a", "1"]).1);
+    cli(&["kv", "-e", ep, "put", "/w/b", "2"]);
+    cli(&["kv", "-e", ep, "delete", "/w/a"]);
+    cli(&["kv", "-e", ep, "put", "/x", "not watched"]);
+    let (code, out, err) = cli(&[
+        "watch",
+        "-e",
+        ep,
+        "/w/",
+        "--rev",
+        &r1.to_string(),
+        "--json",
+        "--prev-kv",
+        "--count",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect();
+    let summary: Vec<(String, String, String)> = lines
+        .iter()
+        .map(|v| {
+            (
+                v["type"].as_str().unwrap_or_default().to_string(),
+                v["key"].as_str().unwrap_or_default().to_string(),
+                v["value"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("PUT".into(), "/w/a".into(), "1".into()),
+            ("PUT".into(), "/w/b".into(), "2".into()),
+            ("DELETE".into(), "/w/a".into(), String::new()),
+        ]
+    );
+    assert_eq!(lines[0]["revision"].as_u64(), Some(r1));
+    assert_eq!(lines[2]["prev_value"].as_str(), Some("1"));
+
+    // Live, as text: a watch started after the last write sees the next two.
+    let from = revision_of(&cli(&["kv", "-e", ep, "put", "/w/c", "3"]).1) + 1;
+    let mut live = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args([
+            "watch",
+            "-e",
+            ep,
+            "/w/",
+            "--rev",
+            &from.to_string(),
+            "--count",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run tessera watch");
+    let rd = revision_of(&cli(&["kv", "-e", ep, "put", "/w/d", "4"]).1);
+    let deleted: serde_json::Value =
+        serde_json::from_str(&cli(&["kv", "-e", ep, "--json", "delete", "/w/c"]).1).expect("JSON");
+    let re = deleted["revision"].as_u64().expect("revision");
+    let out = BufReader::new(live.stdout.take().expect("stdout"));
+    let got: Vec<String> = out.lines().map(|l| l.expect("line")).collect();
+    assert_eq!(
+        got,
+        vec![format!("{rd} PUT /w/d 4"), format!("{re} DELETE /w/c")]
+    );
+    assert!(live.wait().expect("watch exits").success());
+
+    // From a compacted revision: exit status 3.
+    cli(&["compact", "-e", ep, &rd.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, _, err) = cli(&[
+            "watch",
+            "-e",
+            ep,
+            "/w/",
+            "--rev",
+            &r1.to_string(),
+            "--count",
+            "1",
+        ]);
+        if code == 3 {
+            assert!(err.contains("revision compacted"), "{err}");
+            break;
+        }
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            Instant::now() < deadline,
+            "watch below the compaction served"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The cluster goes away under a running watch: exit status 4 after the deadline.
+    let mut lost = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["watch", "-e", ep, "/w/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tessera watch");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for p in procs.iter_mut() {
+        p.kill9();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = lost.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "watch did not give up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut lost.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(4), "{err}");
+    assert!(err.contains("lost the cluster"), "{err}");
+}
