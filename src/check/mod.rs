@@ -27,7 +27,9 @@
 use std::collections::{BTreeMap, HashSet};
 
 mod realtime;
+mod watch;
 pub use realtime::{revisions_out_of_real_time, OutOfOrder};
+pub use watch::{check_watch, WatchedEvent};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Input {

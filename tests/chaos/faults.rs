@@ -49,6 +49,9 @@ pub(crate) enum Fault {
     /// timestamp oracle (fail point `tso_cached_window`): the negative control of the check
     /// of revisions against real time.
     CachedTsoWindow,
+    /// No fault, but servers drop some live watch events (negative control of the watch
+    /// check).
+    SkipWatchEvents,
 }
 
 /// What a fault works with, and what it reports back.
@@ -81,6 +84,12 @@ pub(crate) async fn inject(fault: Fault, r: &mut FaultRun<'_>) {
         Fault::CachedTsoWindow => {
             for a in r.addrs {
                 set_failpoint(a, "tso_cached_window", "return").await;
+            }
+            no_fault(r).await
+        }
+        Fault::SkipWatchEvents => {
+            for a in r.addrs {
+                set_failpoint(a, "watch_skip_live_events", "return").await;
             }
             no_fault(r).await
         }

@@ -173,6 +173,8 @@ pub(crate) struct Outcome {
     /// Acknowledged writes whose revision is not above that of a write acknowledged
     /// before they were invoked (any keys: `check::revisions_out_of_real_time`).
     pub(crate) out_of_order: usize,
+    /// What the watch check found wrong, per watcher (`watchers::check_watchers`).
+    pub(crate) watch_problems: Vec<String>,
     /// Per fault that needed it: the time until every region had a leader on a live node
     /// again, or `None` if that did not happen within the wait.
     pub(crate) recoveries: Vec<Option<Duration>>,
@@ -246,6 +248,8 @@ pub(crate) async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) 
         opts: ClientOptions::default(),
         think_ms: many.then_some((10, 40)),
     });
+    let watches_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watchers = start_watchers(&addrs, watches_done.clone()).await;
     let watch_stop = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(watch_leaders(addrs.clone(), watch_stop.clone()));
     let clients: Vec<_> = (0..n_clients)
@@ -374,6 +378,10 @@ pub(crate) async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) 
     if let Some(o) = &first_out_of_order {
         eprintln!("{name}: {out_of_order} writes out of real-time order, first: {o:?}");
     }
+    let watch_problems = check_watchers(name, &addrs, watchers, watches_done, &history).await;
+    for p in &watch_problems {
+        eprintln!("{name}: watch: {p}");
+    }
     let verdict = check::check(&history);
     // Scraped until it shows a snapshot (or 10 s pass): the endpoint of a node that was
     // just resumed may answer slowly.
@@ -434,6 +442,7 @@ pub(crate) async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) 
         lost,
         stale,
         out_of_order,
+        watch_problems,
         recoveries,
     }
 }

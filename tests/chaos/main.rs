@@ -2,7 +2,9 @@
 //! operation, faults injected while they run (kill -9, SIGSTOP longer than an election), then
 //! healing and checking: linearizable per key (Wing–Gong/Lowe search over a register with
 //! CAS and revisions), no acknowledged write lost, no stale read, monotonic revisions per
-//! client, at most one leader per region and term, replicas converged.
+//! client, at most one leader per region and term, replicas converged, and watchers (the
+//! whole keyspace and half of it, from now and from revision 1) that received exactly the
+//! committed history of their ranges.
 //!
 //! Layout: `harness` (recording clients, one scenario's run), `faults` (one function per
 //! fault), `links` (link faults), `checks` (what a run is checked for), `moves` (the
@@ -21,6 +23,7 @@ mod faults;
 mod harness;
 mod links;
 mod moves;
+mod watchers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +43,7 @@ use common::{key_in_region, set_failpoint, start_process_cluster, Proc};
 use faults::*;
 use harness::*;
 use links::*;
+use watchers::*;
 
 const REGIONS: u32 = 8;
 const KEYS: u32 = 16;
@@ -172,6 +176,11 @@ async fn run_scenario(name: &str, fault: Fault) {
             o.out_of_order, 0,
             "{name}: revisions out of real-time order across keys"
         );
+        assert!(
+            o.watch_problems.is_empty(),
+            "{name} seed {seed}: watchers: {:?}",
+            o.watch_problems
+        );
         if let Verdict::Violation { key, ops } = &o.verdict {
             // The key's whole history, in invoke order, for a post-mortem.
             let mut ops = ops.clone();
@@ -290,6 +299,29 @@ async fn negative_control_cached_revision_windows_are_caught() {
     assert!(
         o.out_of_order > 0,
         "revisions from cached windows passed the real-time check"
+    );
+}
+
+/// The watch check is not a rubber stamp: servers that drop some live events (fail point
+/// `watch_skip_live_events`) are caught.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_watch_gaps_are_caught() {
+    let o = scenario(
+        "negative-control-watch",
+        Fault::SkipWatchEvents,
+        Reads::Linearizable,
+        1,
+    )
+    .await;
+    eprintln!(
+        "chaos negative-control-watch: ops ok {}, watch problems {:?}",
+        o.ok, o.watch_problems
+    );
+    assert!(o.ok > 100, "too little work done ({})", o.ok);
+    assert!(
+        !o.watch_problems.is_empty(),
+        "watchers missing live events passed the watch check"
     );
 }
 

@@ -296,6 +296,9 @@ impl Watch {
                 tokio::select! {
                     biased;
                     b = events.recv() => match b {
+                        // Test-only: drop some live events (the watch checker's negative
+                        // control must catch the gaps).
+                        Some(HubBatch { revision, .. }) if skip_live(revision) => {}
                         Some(HubBatch { revision, events }) => self.events(revision, events).await?,
                         None => break,
                     },
@@ -398,4 +401,14 @@ impl Watch {
             prev_kv,
         })
     }
+}
+
+#[cfg(feature = "failpoints")]
+fn skip_live(revision: u64) -> bool {
+    revision % 5 == 0 && fail::eval("watch_skip_live_events", |_| ()).is_some()
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn skip_live(_: u64) -> bool {
+    false
 }
