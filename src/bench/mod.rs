@@ -29,6 +29,7 @@
 
 pub mod keys;
 pub mod target;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -52,6 +53,9 @@ pub enum Workload {
     Scan,
     Cas,
     Metadata,
+    /// `--watchers` watchers on one prefix, writers at `--rate` puts/s under it: events
+    /// delivered per second and latency from a write's answer to its event.
+    Watch,
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -113,6 +117,9 @@ pub struct BenchArgs {
     /// Write every key once before a get, mixed or scan run.
     #[arg(long)]
     pub preload: bool,
+    /// Watchers (watch workload).
+    #[arg(long, default_value_t = 100)]
+    pub watchers: usize,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -295,6 +302,10 @@ async fn one_op(sh: &Shared, conn: usize, task: usize) -> Result<(), OpError> {
                 .await
                 .map(|_| ())
         }
+        // Runs its own loop (`watch::run`), never this one.
+        Workload::Watch => Err(OpError(
+            "the watch workload has no per-operation loop".into(),
+        )),
         Workload::Cas => {
             let k = key(i % a.cas_keys.max(1), a.key_size);
             loop {
@@ -430,6 +441,9 @@ fn progress(done: f64, total: f64, ops: u64, rate_now: f64, tty: bool) {
 }
 
 pub async fn run(args: BenchArgs) -> Result<Report, String> {
+    if args.workload == Workload::Watch {
+        return watch::run(args).await;
+    }
     if !(0.0..=1.0).contains(&args.read_ratio) {
         return Err("--read-ratio must be within 0..=1".into());
     }

@@ -32,6 +32,7 @@ fn args(target: TargetKind, endpoints: String, workload: Workload) -> BenchArgs 
         scan_length: 10,
         cas_keys: 4,
         preload: true,
+        watchers: 100,
         json: None,
     }
 }
@@ -62,6 +63,24 @@ async fn every_workload_against_tessera() {
     let cluster = TestCluster::start(3, 8, |_| {}).await;
     wait_for_leaders(&cluster.endpoints(), 9, Duration::from_secs(60)).await;
     every_workload(TargetKind::Tessera, cluster.endpoints().join(",")).await;
+
+    // Watch: every watcher gets every write's event.
+    let mut a = args(
+        TargetKind::Tessera,
+        cluster.endpoints().join(","),
+        Workload::Watch,
+    );
+    a.watchers = 10;
+    a.rate = 200.0;
+    a.concurrency = 2;
+    let r = bench::run(a).await.unwrap();
+    eprintln!("{}", r.text());
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(
+        r.ops > 1000,
+        "10 watchers of 200 writes/s for 1 s got {} events",
+        r.ops
+    );
 
     // The cas workload's counters add up: every counted increment really happened, with
     // requests multiplexed on streams (the default) and as unary calls.
