@@ -248,6 +248,7 @@ struct Sub {
     id: u64,
     mux: Mux,
     region: CachedRegion,
+    created: Instant,
 }
 
 /// Events that arrived but are not released yet, by revision.
@@ -313,14 +314,21 @@ struct Merger {
 /// The watch cannot go on.
 struct Stop;
 
-impl Merger {
-    async fn run(mut self) {
-        let _ = self.drive().await;
+/// However the watch ends (its task aborted when the `Watcher` is dropped included), its
+/// server watches are cancelled: a quiet range would otherwise keep them for good.
+impl Drop for Merger {
+    fn drop(&mut self) {
         for p in &mut self.pieces {
             if let Some(s) = p.sub.take() {
                 s.mux.cancel(s.id);
             }
         }
+    }
+}
+
+impl Merger {
+    async fn run(mut self) {
+        let _ = self.drive().await;
     }
 
     async fn drive(&mut self) -> std::result::Result<(), Stop> {
@@ -338,9 +346,13 @@ impl Merger {
                 }
                 _ = self.lost.notify.notified() => {
                     for id in self.lost.take() {
-                        if let Some(p) = self.pieces.iter_mut().find(|p| p.sub.as_ref().is_some_and(|s| s.id == id)) {
-                            p.sub = None;
-                            Self::schedule(p);
+                        if let Some(p) = self
+                            .pieces
+                            .iter_mut()
+                            .find(|p| p.sub.as_ref().is_some_and(|s| s.id == id))
+                        {
+                            let sub = p.sub.take().expect("found by its sub");
+                            Self::schedule(p, &sub);
                         }
                     }
                 }
@@ -352,7 +364,17 @@ impl Merger {
         }
     }
 
-    fn schedule(p: &mut Piece) {
+    /// The piece lost `sub`: try again after a backoff. A server watch that lasted a while
+    /// starts a new outage; one refused at once continues the outage it was meant to end
+    /// (so a region that no node serves ends the watch after the deadline).
+    fn schedule(p: &mut Piece, sub: &Sub) {
+        Self::retry_later(p);
+        if sub.created.elapsed() >= Duration::from_secs(1) {
+            p.down_since = Some(Instant::now());
+        }
+    }
+
+    fn retry_later(p: &mut Piece) {
         p.attempts += 1;
         let backoff = Duration::from_millis((10u64 << p.attempts.min(6)).min(500));
         p.retry_at = Instant::now() + backoff;
@@ -366,7 +388,8 @@ impl Merger {
         for p in self.pieces.iter().filter(|p| p.sub.is_none()) {
             wake = wake.min(p.retry_at);
         }
-        if self.opts.progress_notify {
+        // A notification is due only once there is something new to report.
+        if self.opts.progress_notify && self.buf.released > self.notified {
             wake = wake.min(self.last_yield + self.opts.progress_interval);
         }
         wake
@@ -396,7 +419,7 @@ impl Merger {
             }
             if let Err(why) = self.subscribe(i).await {
                 tracing::debug!(piece = ?self.pieces[i].start, %why, "watch not started yet");
-                Self::schedule(&mut self.pieces[i]);
+                Self::retry_later(&mut self.pieces[i]);
             }
             i += 1;
         }
@@ -450,8 +473,12 @@ impl Merger {
             .create(create, self.tx_sub.clone(), self.lost.clone())
             .ok_or_else(|| format!("{addr}: the watch stream closed"))?;
         let p = &mut self.pieces[i];
-        p.sub = Some(Sub { id, mux, region });
-        p.down_since = None;
+        p.sub = Some(Sub {
+            id,
+            mux,
+            region,
+            created: Instant::now(),
+        });
         Ok(())
     }
 
@@ -468,11 +495,13 @@ impl Merger {
         match msg {
             SubMsg::Events(revision, events) => {
                 p.attempts = 0;
+                p.down_since = None;
                 self.buf.add(&mut p.complete, revision, events);
             }
             SubMsg::Progress(revision) => {
                 p.complete = p.complete.max(revision);
                 p.attempts = 0;
+                p.down_since = None;
             }
             SubMsg::Canceled(c) => {
                 let sub = p.sub.take().expect("found by its sub");
@@ -491,7 +520,7 @@ impl Merger {
                     }
                     Some(e) => {
                         self.client.on_region_error(&sub.region, e).await;
-                        Self::schedule(&mut self.pieces[i]);
+                        Self::schedule(&mut self.pieces[i], &sub);
                     }
                     None => {
                         let _ = self.user.send(Err(Error::Server(c.reason))).await;

@@ -65,7 +65,7 @@ struct Inner {
 impl WatchHub {
     /// Whether apply should collect the region's events.
     pub fn is_watched(&self, region: RegionId) -> bool {
-        !self.inner.regions.is_empty() && self.inner.regions.contains_key(&region)
+        self.inner.regions.contains_key(&region)
     }
 
     /// Adds a watcher of `region`, whose highest applied revision is `applied` (called by

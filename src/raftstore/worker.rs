@@ -529,6 +529,9 @@ fn answer_missing(region: RegionId, msg: PeerMsg) {
         PeerMsg::ChangePeers { reply, .. } => {
             let _ = reply.send(Err(err));
         }
+        PeerMsg::Watch { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
         _ => {
             metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "region_not_found")
                 .increment(1);

@@ -449,9 +449,13 @@ impl KvCore {
         r: proto::BatchWriteRequest,
     ) -> Result<proto::BatchWriteResponse, Status> {
         self.check_batch_len(r.ops.len())?;
-        let mut total = 0usize;
+        let (mut total, mut keys) = (0usize, std::collections::HashSet::new());
         for op in &r.ops {
             self.check_key(&op.key, r.header.as_ref())?;
+            // One change per key and revision, as history and watchers see it (etcd too).
+            if !keys.insert(op.key.as_slice()) {
+                return Err(Status::invalid_argument("a batch names a key twice"));
+            }
             if let Some(v) = &op.value {
                 self.check_value(v)?;
                 total += v.len();

@@ -161,6 +161,15 @@ async fn a_watch_from_the_past_reads_history_and_a_compacted_start_is_refused() 
     client.put(&other, b"x").await.expect("put");
     let r2 = client.put(&k, b"v2").await.expect("put").revision;
     let r3 = client.delete(&k).await.expect("delete").revision;
+    // One change per key and revision: a batch naming a key twice is refused (live events
+    // and history would otherwise disagree on it).
+    match client
+        .batch_write(&[(k.clone(), Some(b"x".to_vec())), (k.clone(), None)])
+        .await
+    {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("twice"), "{m}"),
+        other => panic!("a batch naming a key twice: {other:?}"),
+    }
 
     let opts = WatchOptions {
         start_revision: r1,

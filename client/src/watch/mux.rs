@@ -99,18 +99,19 @@ impl Mux {
         tx: mpsc::Sender<(u64, SubMsg)>,
         lost: Arc<Lost>,
     ) -> Option<u64> {
-        if self.is_dead() {
-            return None;
-        }
         // Unique in the process, not only on this stream: a watch tells its server watches
         // on different nodes apart by id alone.
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed) + 1;
         c.watch_id = id;
-        self.inner
-            .subs
-            .lock()
-            .expect("watch mux lock poisoned")
-            .insert(id, Target { tx, lost });
+        {
+            // Checked under the lock the stream's end takes: a watch added after it would
+            // never be reported lost.
+            let mut subs = self.inner.subs.lock().expect("watch mux lock poisoned");
+            if self.is_dead() {
+                return None;
+            }
+            subs.insert(id, Target { tx, lost });
+        }
         let req = proto::WatchRequest {
             request: Some(Req::Create(c)),
         };
@@ -194,9 +195,11 @@ async fn drive(inner: Weak<Inner>, mut inbound: tonic::Streaming<proto::WatchRes
                 }
             }
             Ok(None) | Err(_) => {
-                inner.dead.store(true, Ordering::Release);
-                let subs =
-                    std::mem::take(&mut *inner.subs.lock().expect("watch mux lock poisoned"));
+                let subs = {
+                    let mut subs = inner.subs.lock().expect("watch mux lock poisoned");
+                    inner.dead.store(true, Ordering::Release);
+                    std::mem::take(&mut *subs)
+                };
                 for (id, t) in subs {
                     t.lost.push(id);
                 }

@@ -113,6 +113,8 @@ impl Peer {
                 // that the checkers' runs would show it.
                 metrics::counter!("tessera_revision_order_violations_total").increment(1);
                 tracing::error!(region = %self.region_id, index = e.index, revision = env.revision, applied, "write applies below the region's revision");
+                // Watchers drop what is below what they have seen: make them read history.
+                self.ctx.hub.end_region(self.region_id, self.not_leader());
             }
             self.raw.mut_store().note_revision(env.revision);
             env.revision

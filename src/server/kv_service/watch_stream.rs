@@ -65,7 +65,11 @@ pub(super) async fn serve_watch(
                             None
                         };
                         if let Some(reason) = refuse {
-                            let _ = tx.send(canceled(id, None, reason)).await;
+                            // Straight out: this loop is the only reader of `rx`.
+                            let messages = vec![canceled(id, None, reason)];
+                            if out.send(Ok(proto::WatchResponse { messages })).await.is_err() {
+                                return;
+                            }
                             continue;
                         }
                         let task = tasks.spawn(watch_one(core.clone(), c, tx.clone()));
@@ -192,7 +196,7 @@ async fn watch_one(
             progress: c.progress,
         },
         next: c.start_revision,
-        reported: c.start_revision - 1,
+        reported: c.start_revision.saturating_sub(1),
     };
     if let Err(reason) = core.check_watch(&c) {
         w.cancel(None, &reason).await;
@@ -272,8 +276,13 @@ impl Watch {
                     self.cancel(Some(e), &reason).await;
                     return Ok(());
                 }
+                // No answer from the region (a slow worker, the region just left this
+                // node): the client may try again.
                 Err(s) => {
-                    self.cancel(None, s.message()).await;
+                    let e = core.region_error(&RegionError::ServerBusy {
+                        reason: s.message().to_string(),
+                    });
+                    self.cancel(Some(e), s.message()).await;
                     return Ok(());
                 }
             };
@@ -308,10 +317,20 @@ impl Watch {
                             continue;
                         }
                         // Every event at or below it was queued before it was set: take
-                        // them first.
+                        // them first. A queue closed meanwhile may have lost some of them
+                        // (the watch fell behind): no progress then, history instead.
                         let to = *resolved.borrow_and_update();
-                        while let Ok(HubBatch { revision, events: e }) = events.try_recv() {
-                            self.events(revision, e).await?;
+                        let closed = loop {
+                            match events.try_recv() {
+                                Ok(HubBatch { revision, events: e }) => {
+                                    self.events(revision, e).await?
+                                }
+                                Err(mpsc::error::TryRecvError::Empty) => break false,
+                                Err(mpsc::error::TryRecvError::Disconnected) => break true,
+                            }
+                        };
+                        if closed {
+                            break;
                         }
                         self.complete_to(to).await?;
                     }
