@@ -13,7 +13,8 @@
 # Environment: DURATION (s per run, 10), KEYS (50000), REGIONS (tessera regions, 64),
 #              PROFILE (release|debug, release), WORKLOADS, SWEEP (concurrency list),
 #              ROUNDS (2), TESSERA_ARGS (more `tessera bench` flags for tessera's runs only,
-#              e.g. `--unary` to measure without the client's multiplexed stream).
+#              e.g. `--unary` to measure without the client's multiplexed stream), BOTH_ARGS
+#              (more flags for both, e.g. `--watchers 100 --rate 1000` for the watch workload).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -108,7 +109,7 @@ run() { # target workload concurrency round
   echo "== $target $workload concurrency $conc (round $round)" >&2
   "$BIN" bench "$workload" --target "$target" --endpoints "$(endpoints "$target")" \
     --concurrency "$conc" --connections 4 --keys "$KEYS" --value-size 256 \
-    --duration "$DURATION" --warmup 2 --json "$name.json" \
+    --duration "$DURATION" --warmup 2 --json "$name.json" ${BOTH_ARGS:-} \
     $([ "$target" = tessera ] && echo "${TESSERA_ARGS:-}") >"$name.txt" &
   bench=$!
   sleep 2 # the warm-up: CPU is counted over the measured part only

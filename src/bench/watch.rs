@@ -1,6 +1,7 @@
 //! `tessera bench watch`: W watchers on one prefix, writers putting keys under it at a fixed
 //! rate; measures delivered events per second and event latency, from the write's
-//! acknowledgement to the event reaching a watcher (tessera only so far).
+//! acknowledgement to the event reaching a watcher. Against etcd each watcher has its own
+//! `Watch` stream and writes are etcd `Put`s; against tessera, the client's watch.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,20 +12,117 @@ use dashmap::DashMap;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 
+use tonic::transport::{Channel, Endpoint};
+
 use super::{BenchArgs, Report, TargetKind};
 use crate::client::{Client, ClientOptions, WatchOptions};
+use crate::etcdpb;
+use crate::etcdpb::kv_client::KvClient as EtcdKv;
+use crate::etcdpb::watch_client::WatchClient as EtcdWatch;
 
 /// The prefix every watched key starts with.
 const PREFIX: &[u8] = b"bench/watch/";
 
-pub async fn run(args: BenchArgs) -> Result<Report, String> {
-    if args.target != TargetKind::Tessera {
-        return Err("the watch workload runs against tessera only so far".into());
+/// Where the writes go.
+#[derive(Clone)]
+enum Writer {
+    Tessera(Client),
+    Etcd(EtcdKv<Channel>),
+}
+
+impl Writer {
+    /// Puts `key`; returns the write's revision.
+    async fn put(&self, key: &[u8], value: &[u8]) -> Result<u64, String> {
+        match self {
+            Writer::Tessera(c) => c
+                .put(key, value)
+                .await
+                .map(|r| r.revision)
+                .map_err(|e| e.to_string()),
+            Writer::Etcd(kv) => kv
+                .clone()
+                .put(etcdpb::PutRequest {
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner().header.map_or(0, |h| h.revision as u64))
+                .map_err(|s| format!("{:?}", s.code()).to_lowercase()),
+        }
     }
-    let endpoints = crate::client::endpoint_list(&args.endpoints);
-    let client = Client::connect(&endpoints, ClientOptions::default())
+}
+
+/// A watcher's stream of (revision, events) as it delivers them.
+type Deliveries = futures::stream::BoxStream<'static, (u64, usize)>;
+
+async fn tessera_watcher(client: &Client) -> Result<Deliveries, String> {
+    let w = client
+        .watch_prefix(PREFIX, WatchOptions::default())
         .await
         .map_err(|e| e.to_string())?;
+    Ok(
+        w.filter_map(|r| async move { r.ok().map(|r| (r.revision, r.events.len())) })
+            .boxed(),
+    )
+}
+
+async fn etcd_watcher(ch: Channel) -> Result<Deliveries, String> {
+    let create = etcdpb::WatchRequest {
+        request_union: Some(etcdpb::watch_request::RequestUnion::CreateRequest(
+            etcdpb::WatchCreateRequest {
+                key: PREFIX.to_vec(),
+                range_end: tessera_api::keys::prefix_end(PREFIX),
+                ..Default::default()
+            },
+        )),
+    };
+    let mut stream = EtcdWatch::new(ch)
+        .watch(futures::stream::iter([create]).chain(futures::stream::pending()))
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    // Wait until etcd says the watch exists: writes after this are seen.
+    match stream.message().await {
+        Ok(Some(r)) if r.created => {}
+        other => return Err(format!("etcd did not create the watch: {other:?}")),
+    }
+    Ok(stream
+        .filter_map(|r| async move {
+            let r = r.ok()?;
+            let rev = r.events.first()?.kv.as_ref()?.mod_revision as u64;
+            Some((rev, r.events.len()))
+        })
+        .boxed())
+}
+
+async fn etcd_channel(ep: &str) -> Result<Channel, String> {
+    Endpoint::from_shared(format!("http://{ep}"))
+        .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| format!("etcd at {ep}: {e}"))
+}
+
+pub async fn run(args: BenchArgs) -> Result<Report, String> {
+    let endpoints = crate::client::endpoint_list(&args.endpoints);
+    if endpoints.is_empty() {
+        return Err("no endpoints given".into());
+    }
+    let (writer, client) = match args.target {
+        TargetKind::Tessera => {
+            let c = Client::connect(&endpoints, ClientOptions::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            (Writer::Tessera(c.clone()), Some(c))
+        }
+        TargetKind::Etcd => (
+            Writer::Etcd(EtcdKv::new(etcd_channel(&endpoints[0]).await?)),
+            None,
+        ),
+    };
     let rate = if args.rate > 0.0 { args.rate } else { 1000.0 };
     let duration = Duration::from_secs(args.duration.unwrap_or(10));
     let warmup = Duration::from_secs(args.warmup);
@@ -36,12 +134,19 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     let hist = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
     ));
+    // etcd: the watchers' streams spread over one channel per endpoint.
+    let mut etcd_channels = Vec::new();
+    if client.is_none() {
+        for ep in &endpoints {
+            etcd_channels.push(etcd_channel(ep).await?);
+        }
+    }
     let mut watchers = Vec::new();
-    for _ in 0..args.watchers.max(1) {
-        let mut w = client
-            .watch_prefix(PREFIX, WatchOptions::default())
-            .await
-            .map_err(|e| e.to_string())?;
+    for i in 0..args.watchers.max(1) {
+        let mut w = match &client {
+            Some(c) => tessera_watcher(c).await?,
+            None => etcd_watcher(etcd_channels[i % etcd_channels.len()].clone()).await?,
+        };
         let (acked, measuring, stop, events, hist) = (
             acked.clone(),
             measuring.clone(),
@@ -51,7 +156,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         );
         watchers.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let Ok(Some(Ok(resp))) =
+                let Ok(Some((revision, n))) =
                     tokio::time::timeout(Duration::from_millis(200), w.next()).await
                 else {
                     continue;
@@ -62,11 +167,11 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
                 }
                 // An event can beat its write's answer back: latency 0 then.
                 let lat = acked
-                    .get(&resp.revision)
+                    .get(&revision)
                     .map_or(0, |t| now.saturating_duration_since(*t).as_micros() as u64);
-                events.fetch_add(resp.events.len() as u64, Ordering::Relaxed);
+                events.fetch_add(n as u64, Ordering::Relaxed);
                 let mut h = hist.lock().expect("histogram lock");
-                for _ in &resp.events {
+                for _ in 0..n {
                     let _ = h.record(lat.max(1));
                 }
             }
@@ -77,8 +182,8 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     let errors: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let mut tasks = Vec::new();
     for t in 0..writers {
-        let (client, acked, stop, errors) =
-            (client.clone(), acked.clone(), stop.clone(), errors.clone());
+        let (writer, acked, stop, errors) =
+            (writer.clone(), acked.clone(), stop.clone(), errors.clone());
         let every = Duration::from_secs_f64(writers as f64 / rate);
         let value = vec![b'v'; args.value_size];
         let keys = args.keys.max(1);
@@ -89,9 +194,9 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
                 tick.tick().await;
                 let key = [PREFIX, format!("{:08}", i % keys).as_bytes()].concat();
                 i += writers as u64;
-                match client.put(&key, &value).await {
-                    Ok(r) => {
-                        acked.insert(r.revision, Instant::now());
+                match writer.put(&key, &value).await {
+                    Ok(revision) => {
+                        acked.insert(revision, Instant::now());
                     }
                     Err(e) => {
                         *errors
@@ -125,7 +230,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         elapsed,
         hist,
         errors,
-        retries: client.stats().retries.load(Ordering::Relaxed),
+        retries: client.map_or(0, |c| c.stats().retries.load(Ordering::Relaxed)),
         cas_conflicts: 0,
     })
 }

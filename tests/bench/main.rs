@@ -37,6 +37,22 @@ fn args(target: TargetKind, endpoints: String, workload: Workload) -> BenchArgs 
     }
 }
 
+/// Watch: 10 watchers of 200 writes/s for 1 s get about 2,000 events.
+async fn every_watcher_sees_every_write(target: TargetKind, endpoints: String) {
+    let mut a = args(target, endpoints, Workload::Watch);
+    a.watchers = 10;
+    a.rate = 200.0;
+    a.concurrency = 2;
+    let r = bench::run(a).await.unwrap();
+    eprintln!("{}", r.text());
+    assert!(r.errors.is_empty(), "{target:?}: {:?}", r.errors);
+    assert!(
+        r.ops > 1000,
+        "{target:?}: 10 watchers of 200 writes/s for 1 s got {} events",
+        r.ops
+    );
+}
+
 async fn every_workload(target: TargetKind, endpoints: String) {
     for w in [
         Workload::Put,
@@ -64,23 +80,7 @@ async fn every_workload_against_tessera() {
     wait_for_leaders(&cluster.endpoints(), 9, Duration::from_secs(60)).await;
     every_workload(TargetKind::Tessera, cluster.endpoints().join(",")).await;
 
-    // Watch: every watcher gets every write's event.
-    let mut a = args(
-        TargetKind::Tessera,
-        cluster.endpoints().join(","),
-        Workload::Watch,
-    );
-    a.watchers = 10;
-    a.rate = 200.0;
-    a.concurrency = 2;
-    let r = bench::run(a).await.unwrap();
-    eprintln!("{}", r.text());
-    assert!(r.errors.is_empty(), "{:?}", r.errors);
-    assert!(
-        r.ops > 1000,
-        "10 watchers of 200 writes/s for 1 s got {} events",
-        r.ops
-    );
+    every_watcher_sees_every_write(TargetKind::Tessera, cluster.endpoints().join(",")).await;
 
     // The cas workload's counters add up: every counted increment really happened, with
     // requests multiplexed on streams (the default) and as unary calls.
@@ -195,6 +195,7 @@ async fn every_workload_against_etcd() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     every_workload(TargetKind::Etcd, ep.clone()).await;
+    every_watcher_sees_every_write(TargetKind::Etcd, ep.clone()).await;
 
     // The bench really wrote into etcd: a preloaded key reads back with its value.
     let target = bench::target::Target::connect(TargetKind::Etcd, &[ep], 1, false, false)
