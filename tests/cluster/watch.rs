@@ -298,3 +298,43 @@ async fn a_thousand_watchers_on_one_prefix_each_see_every_change() {
         assert_eq!(seen, want, "watcher {i}");
     }
 }
+
+/// A watcher that stops reading while 1,500 revisions are written falls behind (its queues
+/// fill and its server watches are dropped), then resumes from history: when it reads
+/// again it gets every change once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_stops_reading_catches_up_from_history() {
+    let cluster = started().await;
+    let client = cluster.client().await;
+    let prefix = key_in_region(1, REGIONS, "/slow/");
+    let mut w = client
+        .watch_prefix(&prefix, WatchOptions::default())
+        .await
+        .expect("watch");
+    let writers: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (c, prefix) = (client.clone(), prefix.clone());
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                for i in 0..190u64 {
+                    let key = [
+                        prefix.clone(),
+                        format!("k{}", (t * 7 + i) % 40).into_bytes(),
+                    ]
+                    .concat();
+                    let value = format!("{t}-{i}").into_bytes();
+                    let r = c.put(&key, &value).await.expect("put");
+                    done.push((r.revision, key, EventKind::Put, value));
+                }
+                done
+            })
+        })
+        .collect();
+    let mut writes = Vec::new();
+    for t in writers {
+        writes.extend(t.await.expect("writer"));
+    }
+    let last = writes.iter().map(|w| w.0).max().expect("writes");
+    let seen = collect_until(&mut w, last, Duration::from_secs(60)).await;
+    assert_eq!(seen, expected(&writes, 0));
+}
