@@ -46,6 +46,18 @@ fn etcd_err(s: tonic::Status) -> OpError {
     OpError(format!("{:?}", s.code()).to_lowercase())
 }
 
+/// A channel to the etcd endpoint `ep` (host:port).
+pub async fn etcd_channel(ep: &str) -> Result<Channel, String> {
+    Endpoint::from_shared(format!("http://{ep}"))
+        .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .map_err(|e| format!("etcd at {ep}: {e}"))
+}
+
 /// A value with the key's version (0 = the key does not exist).
 pub struct Versioned {
     pub value: Vec<u8>,
@@ -95,14 +107,7 @@ impl Target {
                 let mut conns = Vec::with_capacity(connections);
                 for i in 0..connections {
                     let ep = &endpoints[i % endpoints.len()];
-                    let ch = Endpoint::from_shared(format!("http://{ep}"))
-                        .map_err(|e| e.to_string())?
-                        .tcp_nodelay(true)
-                        .connect_timeout(Duration::from_secs(2))
-                        .timeout(Duration::from_secs(30))
-                        .connect()
-                        .await
-                        .map_err(|e| format!("etcd at {ep}: {e}"))?;
+                    let ch = etcd_channel(ep).await?;
                     conns.push(EtcdKv::new(ch));
                 }
                 Ok(Target::Etcd {
@@ -166,11 +171,21 @@ impl Target {
     }
 
     pub async fn put(&self, conn: usize, key: &[u8], value: &[u8]) -> Result<(), OpError> {
+        self.put_revision(conn, key, value).await.map(|_| ())
+    }
+
+    /// A put that answers the write's revision.
+    pub async fn put_revision(
+        &self,
+        conn: usize,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<u64, OpError> {
         match self {
             Target::Tessera(c) => c[conn % c.len()]
                 .put(key, value)
                 .await
-                .map(|_| ())
+                .map(|r| r.revision)
                 .map_err(tessera_err),
             Target::Etcd { conns, .. } => conns[conn % conns.len()]
                 .clone()
@@ -180,7 +195,7 @@ impl Target {
                     ..Default::default()
                 })
                 .await
-                .map(|_| ())
+                .map(|r| r.into_inner().header.map_or(0, |h| h.revision as u64))
                 .map_err(etcd_err),
         }
     }

@@ -12,46 +12,16 @@ use dashmap::DashMap;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use super::{BenchArgs, Report, TargetKind};
-use crate::client::{Client, ClientOptions, WatchOptions};
+use super::target::{etcd_channel, Target};
+use super::{BenchArgs, Report};
+use crate::client::{Client, WatchOptions};
 use crate::etcdpb;
-use crate::etcdpb::kv_client::KvClient as EtcdKv;
 use crate::etcdpb::watch_client::WatchClient as EtcdWatch;
 
 /// The prefix every watched key starts with.
 const PREFIX: &[u8] = b"bench/watch/";
-
-/// Where the writes go.
-#[derive(Clone)]
-enum Writer {
-    Tessera(Client),
-    Etcd(EtcdKv<Channel>),
-}
-
-impl Writer {
-    /// Puts `key`; returns the write's revision.
-    async fn put(&self, key: &[u8], value: &[u8]) -> Result<u64, String> {
-        match self {
-            Writer::Tessera(c) => c
-                .put(key, value)
-                .await
-                .map(|r| r.revision)
-                .map_err(|e| e.to_string()),
-            Writer::Etcd(kv) => kv
-                .clone()
-                .put(etcdpb::PutRequest {
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                    ..Default::default()
-                })
-                .await
-                .map(|r| r.into_inner().header.map_or(0, |h| h.revision as u64))
-                .map_err(|s| format!("{:?}", s.code()).to_lowercase()),
-        }
-    }
-}
 
 /// A watcher's stream of (revision, events) as it delivers them.
 type Deliveries = futures::stream::BoxStream<'static, (u64, usize)>;
@@ -96,32 +66,16 @@ async fn etcd_watcher(ch: Channel) -> Result<Deliveries, String> {
         .boxed())
 }
 
-async fn etcd_channel(ep: &str) -> Result<Channel, String> {
-    Endpoint::from_shared(format!("http://{ep}"))
-        .map_err(|e| e.to_string())?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .map_err(|e| format!("etcd at {ep}: {e}"))
-}
-
 pub async fn run(args: BenchArgs) -> Result<Report, String> {
     let endpoints = crate::client::endpoint_list(&args.endpoints);
     if endpoints.is_empty() {
         return Err("no endpoints given".into());
     }
-    let (writer, client) = match args.target {
-        TargetKind::Tessera => {
-            let c = Client::connect(&endpoints, ClientOptions::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            (Writer::Tessera(c.clone()), Some(c))
-        }
-        TargetKind::Etcd => (
-            Writer::Etcd(EtcdKv::new(etcd_channel(&endpoints[0]).await?)),
-            None,
-        ),
+    let target =
+        Arc::new(Target::connect(args.target, &endpoints, args.connections, false, false).await?);
+    let client = match &*target {
+        Target::Tessera(clients) => Some(clients[0].clone()),
+        Target::Etcd { .. } => None,
     };
     let rate = if args.rate > 0.0 { args.rate } else { 1000.0 };
     let duration = Duration::from_secs(args.duration.unwrap_or(10));
@@ -182,8 +136,8 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     let errors: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let mut tasks = Vec::new();
     for t in 0..writers {
-        let (writer, acked, stop, errors) =
-            (writer.clone(), acked.clone(), stop.clone(), errors.clone());
+        let (target, acked, stop, errors) =
+            (target.clone(), acked.clone(), stop.clone(), errors.clone());
         let every = Duration::from_secs_f64(writers as f64 / rate);
         let value = vec![b'v'; args.value_size];
         let keys = args.keys.max(1);
@@ -194,17 +148,11 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
                 tick.tick().await;
                 let key = [PREFIX, format!("{:08}", i % keys).as_bytes()].concat();
                 i += writers as u64;
-                match writer.put(&key, &value).await {
+                match target.put_revision(t, &key, &value).await {
                     Ok(revision) => {
                         acked.insert(revision, Instant::now());
                     }
-                    Err(e) => {
-                        *errors
-                            .lock()
-                            .expect("errors lock")
-                            .entry(e.to_string())
-                            .or_default() += 1
-                    }
+                    Err(e) => *errors.lock().expect("errors lock").entry(e.0).or_default() += 1,
                 }
             }
         }));
@@ -230,7 +178,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         elapsed,
         hist,
         errors,
-        retries: client.map_or(0, |c| c.stats().retries.load(Ordering::Relaxed)),
+        retries: target.retries(),
         cas_conflicts: 0,
     })
 }
