@@ -372,13 +372,13 @@ impl Watch {
             })
             .await;
             metrics::counter!("tessera_watch_catch_up_reads_total").increment(1);
-            let (batch, upto) = match read {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    self.cancel(None, &format!("reading history failed: {e}"))
-                        .await;
-                    return Err(Gone);
-                }
+            let failed = match read {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let (batch, upto) = match failed {
+                Ok(r) => r,
                 Err(e) => {
                     self.cancel(None, &format!("reading history failed: {e}"))
                         .await;
