@@ -34,6 +34,7 @@ fn bench_cmd(c: &mut Criterion) {
     let put = Command::Put {
         key: b"/topics/orders/partition/0001".to_vec(),
         value: vec![b'v'; 256],
+        lease: None,
     };
     let epoch = RegionEpoch {
         conf_ver: 1,
@@ -87,6 +88,7 @@ fn bench_apply(c: &mut Criterion) {
                     .map(|i| Command::Put {
                         key: format!("/bench/{:06}", i * 7919 % 100_000).into_bytes(),
                         value: vec![b'v'; 256],
+                        lease: None,
                     })
                     .collect::<Vec<_>>()
             },

@@ -54,7 +54,35 @@ pub struct Config {
     pub placement: PlacementConfig,
     pub region: RegionConfig,
     pub mvcc: MvccConfig,
+    pub lease: LeaseConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// Most leases a node expires per second (the rest wait): an expiry storm is revoked
+    /// at a bounded rate instead of flooding the raft log (etcd's `leaseRevokeRate`).
+    /// 1 to 1,000,000.
+    pub max_expiries_per_second: u32,
+    /// A put with a lease must be proposed within this long of its attachment in the
+    /// lease's region; a revocation deletes the lease's keys only this long (plus
+    /// `max_clock_skew_ms`) after it, so that no put it races with survives it. 50 to
+    /// 10,000.
+    pub attach_window_ms: u64,
+    /// The most the wall clocks of two nodes may differ. Lease deadlines are wall-clock
+    /// instants (docs/architecture.md, "Leases"). 0 to 10,000.
+    pub max_clock_skew_ms: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            max_expiries_per_second: 1000,
+            attach_window_ms: 500,
+            max_clock_skew_ms: 100,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,6 +245,9 @@ pub struct ClusterConfig {
     pub split_keys: Vec<String>,
     /// Replicas per region (all nodes when the cluster is smaller).
     pub replicas: u32,
+    /// How many regions the lease keyspace starts with, split evenly over lease ids, so
+    /// that the leases' expiry timers are spread over several leaders. 1 to 64.
+    pub lease_regions: u32,
     /// Addresses of running nodes to join through (`host:port`). When set, an empty data
     /// directory registers with that cluster and gets its node id from it (`node.id` must be
     /// 0); `initial_cluster` is not used.
@@ -306,6 +337,7 @@ impl Default for ClusterConfig {
             initial_regions: 8,
             split_keys: Vec::new(),
             replicas: 3,
+            lease_regions: 2,
             join: Vec::new(),
         }
     }

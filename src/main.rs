@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 mod cli;
 
 use cli::kv::KvOp;
+use cli::lease::LeaseOp;
 use cli::nodes::NodesOp;
 use cli::regions::RegionsOp;
 use cli::server::ServerArgs;
@@ -44,6 +45,31 @@ enum Command {
         conn: ConnArgs,
         #[command(subcommand)]
         op: KvOp,
+    },
+    /// Grant, revoke, keep alive and inspect leases (keys attached to a lease are deleted
+    /// when it expires or is revoked).
+    Lease {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        op: LeaseOp,
+    },
+    /// Campaign in election NAME with PROPOSAL and hold leadership until interrupted, or
+    /// without PROPOSAL print the leader each time it changes.
+    Elect {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        args: cli::elect::ElectArgs,
+    },
+    /// Take lock NAME; run COMMAND (after `--`) while holding it, or hold it until
+    /// interrupted. COMMAND sees the lock's key and fencing token in TESSERA_LOCK_KEY and
+    /// TESSERA_LOCK_TOKEN.
+    Lock {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        args: cli::elect::LockArgs,
     },
     /// List the nodes in the placement registry with their state, or remove one.
     Nodes {
@@ -132,6 +158,9 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Kv { conn, op } => block_on(None, cli::kv::run(conn, op)),
+        Command::Lease { conn, op } => block_on(None, cli::lease::run(conn, op)),
+        Command::Elect { conn, args } => block_on(None, cli::elect::elect(conn, args)),
+        Command::Lock { conn, args } => block_on(None, cli::elect::lock(conn, args)),
         Command::Regions { conn, op } => block_on(None, cli::regions::run(conn, op)),
         Command::Bench(args) => block_on(None, cli::bench::run(args)),
         Command::Nodes { conn, op } => block_on(None, cli::nodes::run(conn, op)),

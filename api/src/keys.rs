@@ -37,6 +37,63 @@ pub fn tso_key() -> Vec<u8> {
     k
 }
 
+/// The lease keyspace `[0xFF 0xFF, +inf)`: one record per lease at [`lease_key`], followed
+/// by one row per key attached to it ([`lease_attached_row`]). It lies after every placement
+/// record (whose keys are `0xFF` and then ASCII), so it forms regions of its own, which split
+/// like data regions do, only between two leases.
+pub const LEASE_KEYSPACE: [u8; 2] = [SYSTEM_KEY_PREFIX, 0xFF];
+
+/// The record of lease `id`: the lease keyspace's prefix and the id, big-endian.
+pub fn lease_key(id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(LEASE_KEYSPACE.len() + 8);
+    k.extend_from_slice(&LEASE_KEYSPACE);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The length of every lease record's key.
+pub const LEASE_KEY_LEN: usize = LEASE_KEYSPACE.len() + 8;
+
+/// The row recording that `key` was attached to lease `id`; it sorts right after the lease's
+/// record and before the next lease's.
+pub fn lease_attached_row(id: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = lease_key(id);
+    k.push(0);
+    k.extend_from_slice(key);
+    k
+}
+
+/// The range `[start, end)` of lease `id`'s record and attached rows.
+pub fn lease_rows(id: u64) -> (Vec<u8>, Vec<u8>) {
+    let start = lease_key(id);
+    let mut end = start.clone();
+    end.push(1);
+    (start, end)
+}
+
+/// The lease id of a lease record's key, or `None` for any other key.
+pub fn parse_lease_key(key: &[u8]) -> Option<u64> {
+    let id = key.strip_prefix(&LEASE_KEYSPACE)?;
+    Some(u64::from_be_bytes(id.try_into().ok()?))
+}
+
+/// The attached key of an attached row of lease `id`, or `None` for any other key.
+pub fn parse_lease_attached_row(id: u64, row: &[u8]) -> Option<&[u8]> {
+    let rest = row.strip_prefix(lease_key(id).as_slice())?;
+    rest.strip_prefix(&[0])
+}
+
+/// Whether a range that ends at `end` (empty = +infinity) reaches into the lease keyspace
+/// (which runs to +infinity, so where the range starts does not matter).
+pub fn reaches_leases(end: &[u8]) -> bool {
+    end.is_empty() || end > &LEASE_KEYSPACE[..]
+}
+
+/// Whether `key` belongs to the lease keyspace.
+pub fn is_lease_key(key: &[u8]) -> bool {
+    key.starts_with(&LEASE_KEYSPACE)
+}
+
 /// Whether `key` lies in `[start, end)`, where an empty `end` is +infinity.
 pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
     key >= start && (end.is_empty() || key < end)
@@ -72,5 +129,19 @@ mod tests {
         assert_eq!(prefix_end(&[b'a', 0xFF]), b"b");
         assert_eq!(prefix_end(b""), [0xFF]);
         assert_eq!(prefix_end(&[0xFE, 0xFF]), [0xFF]);
+    }
+
+    #[test]
+    fn lease_rows_sort_with_their_lease() {
+        let (lo, hi) = lease_rows(7);
+        let row = lease_attached_row(7, b"/k");
+        assert!(lo < row && row < hi && hi < lease_key(8));
+        assert!(lease_key(7) > ids_key() && lease_key(0) > tso_key());
+        assert_eq!(parse_lease_key(&lease_key(7)), Some(7));
+        assert_eq!(parse_lease_key(&row), None);
+        assert_eq!(parse_lease_attached_row(7, &row), Some(&b"/k"[..]));
+        assert_eq!(parse_lease_attached_row(8, &row), None);
+        assert!(is_system_key(&lease_key(1)) && is_lease_key(&row));
+        assert!(reaches_leases(b"") && !reaches_leases(&LEASE_KEYSPACE));
     }
 }

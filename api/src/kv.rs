@@ -21,6 +21,9 @@ pub enum Compare {
     ModRevision(u64),
     /// The key's version must be this (0 = the key must not exist).
     Version(u64),
+    /// The key must be attached to this lease (0 = to none; an absent key is attached to
+    /// none).
+    Lease(u64),
 }
 
 /// What a compare-and-swap does when its comparison holds.
@@ -38,6 +41,7 @@ impl Compare {
             Compare::Value(v) => Target::Value(v.clone()),
             Compare::ModRevision(r) => Target::ModRevision(*r),
             Compare::Version(v) => Target::Version(*v),
+            Compare::Lease(l) => Target::Lease(*l),
         };
         proto::Compare { target: Some(t) }
     }
@@ -50,6 +54,7 @@ impl Compare {
             Target::Value(v) => Some(Compare::Value(v.clone())),
             Target::ModRevision(r) => Some(Compare::ModRevision(*r)),
             Target::Version(v) => Some(Compare::Version(*v)),
+            Target::Lease(l) => Some(Compare::Lease(*l)),
         }
     }
 
@@ -61,6 +66,7 @@ impl Compare {
             (Compare::Value(_), None) => false,
             (Compare::ModRevision(r), cur) => cur.map_or(0, |c| c.mod_revision) == *r,
             (Compare::Version(v), cur) => cur.map_or(0, |c| c.version) == *v,
+            (Compare::Lease(l), cur) => cur.map_or(0, |c| c.lease) == *l,
         }
     }
 }

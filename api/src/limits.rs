@@ -14,3 +14,10 @@ pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
 /// answers with: what else is ready waits for the next message. The server decodes messages
 /// up to at least twice this.
 pub const MAX_COMMANDS_MESSAGE_BYTES: usize = 4 << 20;
+
+/// The shortest lease TTL: a grant asking for less gets this (as etcd raises TTLs below
+/// one and a half election timeouts).
+pub const MIN_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The longest lease TTL (etcd's limit).
+pub const MAX_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(9_000_000_000);

@@ -70,6 +70,8 @@
 mod batch;
 pub mod cache;
 mod cluster;
+pub mod concurrency;
+mod lease;
 mod mux;
 mod mvcc;
 mod retry;
@@ -93,6 +95,7 @@ use tessera_api::keys::is_system_key;
 use write_id::WriteIds;
 
 pub use cluster::Health;
+pub use lease::{KeepAlive, LeaseStatus, MAX_LEASE_TTL, MIN_LEASE_TTL};
 pub use tessera_api::limits::MAX_COMMANDS_MESSAGE_BYTES;
 pub use tessera_api::{ids, proto};
 pub use watch::{Event, EventKind, WatchOptions, WatchResponse, Watcher};
@@ -402,7 +405,19 @@ impl Client {
         Ok(self.get_revisioned(key, 0).await?.0)
     }
 
+    /// Puts `key`, attached to no lease (a key attached to one is detached).
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<WriteResult> {
+        self.put_with_lease(key, value, 0).await
+    }
+
+    /// Puts `key` attached to lease `lease` (0 = to none): the key is deleted when the lease
+    /// expires or is revoked. [`Error::NotFound`] if the lease does not exist (any more).
+    pub async fn put_with_lease(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: u64,
+    ) -> Result<WriteResult> {
         let ticket = self.inner.writes.start();
         self.execute(key, Mode::Write(&ticket), |conn, header| async move {
             let r = conn
@@ -410,6 +425,7 @@ impl Client {
                     header: Some(header),
                     key: key.to_vec(),
                     value: value.to_vec(),
+                    lease,
                 })
                 .await?;
             Ok((
@@ -444,35 +460,7 @@ impl Client {
     }
 
     pub async fn cas(&self, key: &[u8], compare: Compare, action: CasAction) -> Result<CasResult> {
-        let compare = compare.to_proto();
-        let action = match action {
-            CasAction::Put(v) => proto::cas_request::Action::Put(v),
-            CasAction::Delete => proto::cas_request::Action::Delete(true),
-        };
-        let ticket = self.inner.writes.start();
-        self.execute(key, Mode::Write(&ticket), |conn, header| {
-            let compare = compare.clone();
-            let action = action.clone();
-            async move {
-                let r = conn
-                    .cas(proto::CasRequest {
-                        header: Some(header),
-                        key: key.to_vec(),
-                        compare: Some(compare),
-                        action: Some(action),
-                    })
-                    .await?;
-                Ok((
-                    r.region_error,
-                    CasResult {
-                        succeeded: r.succeeded,
-                        prev: r.prev_kv,
-                        revision: r.revision,
-                    },
-                ))
-            }
-        })
-        .await
+        self.cas_with_lease(key, compare, action, 0).await
     }
 
     /// Creates `key` only if it does not exist; returns whether this call created it.

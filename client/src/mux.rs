@@ -140,6 +140,7 @@ impl Conn {
     command!(delete, DeleteRequest, DeleteResponse, Delete, delete);
     command!(cas, CasRequest, CasResponse, Cas, compare_and_swap);
     command!(tso, TsoRequest, TsoResponse, Tso, tso);
+    command!(lease, LeaseRequest, LeaseResponse, Lease, lease);
 }
 
 fn mismatch(a: &Answer) -> Status {
@@ -149,6 +150,7 @@ fn mismatch(a: &Answer) -> Status {
         Answer::Delete(_) => "delete",
         Answer::Cas(_) => "compare-and-swap",
         Answer::Tso(_) => "revisions",
+        Answer::Lease(_) => "lease",
         Answer::Error(_) => "error",
     };
     Status::internal(format!("the server answered with a {kind} result"))
@@ -363,6 +365,17 @@ mod tests {
             _: Request<proto::CompactRequest>,
         ) -> Unary<proto::CompactResponse> {
             Err(Status::unimplemented(""))
+        }
+        async fn lease(&self, _: Request<proto::LeaseRequest>) -> Unary<proto::LeaseResponse> {
+            Err(Status::unimplemented(""))
+        }
+        type LeaseKeepAliveStream =
+            tokio_stream::wrappers::ReceiverStream<Result<proto::LeaseKeepAliveResponse, Status>>;
+        async fn lease_keep_alive(
+            &self,
+            _: Request<Streaming<proto::LeaseKeepAliveRequest>>,
+        ) -> Unary<Self::LeaseKeepAliveStream> {
+            Err(Status::unimplemented("no such method"))
         }
     }
 

@@ -303,6 +303,7 @@ impl Client {
             Err(s) if s.code() == Code::InvalidArgument => {
                 Err(Error::InvalidArgument(s.message().into()))
             }
+            Err(s) if s.code() == Code::NotFound => Err(Error::NotFound(s.message().into())),
             Err(s) if s.code() == Code::ResourceExhausted || s.code() == Code::OutOfRange => {
                 Err(Error::InvalidArgument(s.message().into()))
             }

@@ -33,7 +33,14 @@ pub enum KvOp {
     },
     /// Set KEY to VALUE; without VALUE, the value is read from standard input (all of it,
     /// as bytes), so values of any size and content can be written.
-    Put { key: String, value: Option<String> },
+    Put {
+        key: String,
+        value: Option<String>,
+        /// Attach the key to this lease (hex id, from `tessera lease grant`): it is deleted
+        /// when the lease expires or is revoked.
+        #[arg(long)]
+        lease: Option<String>,
+    },
     /// Delete KEY; prints whether it existed.
     Delete { key: String },
     /// Keys in [START, END) in order; END empty = to the end.
@@ -70,6 +77,9 @@ struct KvJson {
     create_revision: u64,
     mod_revision: u64,
     version: u64,
+    /// The lease the key is attached to (hex), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<String>,
 }
 
 impl From<&KeyValue> for KvJson {
@@ -80,6 +90,7 @@ impl From<&KeyValue> for KvJson {
             create_revision: kv.create_revision,
             mod_revision: kv.mod_revision,
             version: kv.version,
+            lease: (kv.lease != 0).then(|| format!("{:x}", kv.lease)),
         }
     }
 }
@@ -143,13 +154,16 @@ pub async fn run(conn: ConnArgs, op: KvOp) -> Result<()> {
             Some(kv) => println!("{}", text(&kv.value)),
             None => return Err(Error::KeyNotFound(key)),
         },
-        KvOp::Put { key, value } => {
+        KvOp::Put { key, value, lease } => {
             let value = match (value, stdin_value) {
                 (Some(v), _) => v.into_bytes(),
                 (None, Some(v)) => v,
                 (None, None) => Vec::new(),
             };
-            let r = client.put(key.as_bytes(), &value).await?;
+            let lease = lease.as_deref().map(super::lease::parse_id).transpose()?;
+            let r = client
+                .put_with_lease(key.as_bytes(), &value, lease.unwrap_or(0))
+                .await?;
             if conn.json {
                 print_json(&Revision {
                     revision: r.revision,

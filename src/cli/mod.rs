@@ -13,7 +13,9 @@
 //!   linearizably unless a command asks for a serializable read.
 
 pub mod bench;
+pub mod elect;
 pub mod kv;
+pub mod lease;
 pub mod nodes;
 pub mod regions;
 pub mod server;

@@ -42,6 +42,24 @@ impl Config {
                 "must be between 1 and 10000",
             ));
         }
+        if !(1..=64).contains(&self.cluster.lease_regions) {
+            return Err(invalid("cluster.lease_regions", "must be between 1 and 64"));
+        }
+        if !(1..=1_000_000).contains(&self.lease.max_expiries_per_second) {
+            return Err(invalid(
+                "lease.max_expiries_per_second",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if !(50..=10_000).contains(&self.lease.attach_window_ms) {
+            return Err(invalid(
+                "lease.attach_window_ms",
+                "must be between 50 and 10000",
+            ));
+        }
+        if self.lease.max_clock_skew_ms > 10_000 {
+            return Err(invalid("lease.max_clock_skew_ms", "must be at most 10000"));
+        }
         let advertise = self.advertise_addr()?;
         self.listen_addr()?;
         if !self.node.metrics_addr.is_empty() {

@@ -12,13 +12,15 @@
 //! Several entries in one round may touch the same key before the batch is written, so reads
 //! go through [`ApplyCtx::overlay`] first, then the worker's [`RecordCache`], then the engine.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use super::cmd::{key_value, ApplyResult, CasAction, Command};
 use super::msg::{RegionError, Reply};
 use crate::proto::{self, KvRecord};
 use crate::storage::{keys, mvcc, Cf, Engine, WriteBatch};
 use prost::Message as _;
+
+pub mod lease;
 
 /// The current records of recently applied keys, kept by a worker across rounds.
 ///
@@ -130,6 +132,9 @@ pub struct ApplyCtx {
     /// The events of the round's commands in watched regions, published once the batch is
     /// written: region, revision, events.
     pub watched: Vec<(crate::ids::RegionId, u64, Vec<proto::Event>)>,
+    /// What the round's lease commands changed, for the node's lessor once the batch is
+    /// written.
+    pub lease_changes: Vec<(crate::ids::RegionId, lease::LeaseChange)>,
 }
 
 impl ApplyCtx {
@@ -193,6 +198,26 @@ impl ApplyCtx {
         }
     }
 
+    /// The data keys in `[start, end)` that exist as this round's apply sees them.
+    fn live_keys(&self, engine: &Engine, start: &[u8], end: &[u8]) -> Vec<Vec<u8>> {
+        let mut found = BTreeSet::new();
+        let scanned = engine.scan(Cf::Data, start, end, |k, _| {
+            found.insert(k.to_vec());
+            Ok(true)
+        });
+        if let Err(e) = scanned {
+            crate::fatal(&format!("apply cannot scan {start:02x?}: {e}"));
+        }
+        let within = |k: &[u8]| k >= start && k < end;
+        for (k, v) in self.overlay.iter().filter(|(k, _)| within(k)) {
+            match v {
+                Some(_) => found.insert(k.clone()),
+                None => found.remove(k),
+            };
+        }
+        found.into_iter().collect()
+    }
+
     fn put(
         &mut self,
         wb: &mut WriteBatch<'_>,
@@ -253,12 +278,13 @@ impl ApplyCtx {
     }
 }
 
-fn put_record(cur: Option<&KvRecord>, value: Vec<u8>, revision: u64) -> KvRecord {
+fn put_record(cur: Option<&KvRecord>, value: Vec<u8>, revision: u64, lease: u64) -> KvRecord {
     KvRecord {
         value,
         create_revision: cur.map_or(revision, |c| c.create_revision),
         mod_revision: revision,
         version: cur.map_or(1, |c| c.version + 1),
+        lease,
     }
 }
 
@@ -271,10 +297,11 @@ pub fn exec(
     ctx: &mut ApplyCtx,
 ) -> ApplyResult {
     match cmd {
-        Command::Put { key, value } => {
+        Command::Put { key, value, lease } => {
             let dkey = keys::data_key(&key);
             let cur = ctx.current(engine, &dkey);
-            let rec = put_record(cur.as_ref(), value, revision);
+            let lease = lease.map_or(0, |a| a.lease);
+            let rec = put_record(cur.as_ref(), value, revision, lease);
             ctx.put(wb, dkey, cur.as_ref(), rec);
             let prev = cur.map(|r| key_value(&key, r));
             ApplyResult::Put { prev, revision }
@@ -290,6 +317,7 @@ pub fn exec(
             key,
             compare,
             action,
+            lease,
         } => {
             let dkey = keys::data_key(&key);
             let cur = ctx.current(engine, &dkey);
@@ -297,7 +325,8 @@ pub fn exec(
             if succeeded {
                 match action {
                     CasAction::Put(value) => {
-                        let rec = put_record(cur.as_ref(), value, revision);
+                        let lease = lease.map_or(0, |a| a.lease);
+                        let rec = put_record(cur.as_ref(), value, revision, lease);
                         ctx.put(wb, dkey, cur.as_ref(), rec);
                     }
                     CasAction::Delete => ctx.delete(wb, dkey, cur.as_ref(), revision),
@@ -315,7 +344,7 @@ pub fn exec(
                 let cur = ctx.current(engine, &dkey);
                 match value {
                     Some(v) => {
-                        let rec = put_record(cur.as_ref(), v, revision);
+                        let rec = put_record(cur.as_ref(), v, revision, 0);
                         ctx.put(wb, dkey, cur.as_ref(), rec);
                     }
                     None => ctx.delete(wb, dkey, cur.as_ref(), revision),
@@ -325,6 +354,7 @@ pub fn exec(
         }
         // Admin commands change the region, not its data: the peer applies them.
         Command::Split { .. } => crate::fatal("invariant: a split reached the data apply path"),
+        Command::Lease(_) => crate::fatal("invariant: a lease command reached the data path"),
     }
 }
 
@@ -370,6 +400,7 @@ mod tests {
         Command::Put {
             key: key.to_vec(),
             value: value.to_vec(),
+            lease: None,
         }
     }
 
@@ -479,6 +510,7 @@ mod tests {
             create_revision: 2,
             mod_revision: 20,
             version: 4,
+            lease: 0,
         };
         wb.delete_range(Cf::Data, &keys::data_key(b"a"), &keys::data_end_key(b"m"));
         wb.put_msg(Cf::Data, &keys::data_key(b"b"), &snap);

@@ -1,8 +1,9 @@
 //! First start and restart of a node's store.
 //!
-//! The initial regions are the user keyspace split as configured, plus the placement region
-//! `[0xFF, +inf)` (placement's records), whose id counter is seeded here so that ids
-//! handed out later never collide with the bootstrap ids.
+//! The initial regions are the user keyspace split as configured, the placement region
+//! `[0xFF, 0xFF 0xFF)` (placement's records), whose id counter is seeded here so that ids
+//! handed out later never collide with the bootstrap ids, and the lease keyspace
+//! `[0xFF 0xFF, +inf)` split evenly over lease ids into `cluster.lease_regions` regions.
 //!
 //! On the first start with an empty data directory every founding member computes the same
 //! initial regions from the same config — same ranges, same region and peer ids — with no
@@ -11,9 +12,10 @@
 //! settings. A data directory of another cluster or node is refused.
 //!
 //! Invariants:
-//! - [`initial_regions`] depends only on the member ids (not their order), the split keys
-//!   and the replica count: regions `1..=n` tile the keyspace, the last is `[0xFF, +inf)`,
-//!   and peer ids count up from `n + 1`, never repeating;
+//! - [`initial_regions`] depends only on the member ids (not their order), the split keys,
+//!   the replica count and the number of lease regions: regions `1..=n` tile the keyspace,
+//!   the placement region is `[0xFF, 0xFF 0xFF)`, the lease regions follow it, and peer ids
+//!   count up from `n + 1`, never repeating;
 //! - a store is bootstrapped at most once: its regions and identity go in one synced batch,
 //!   and a store with an identity never bootstraps again;
 //! - a store of another cluster or node, or one with regions but no identity, is refused;
@@ -24,12 +26,18 @@ use crate::ids::{ClusterId, NodeId, RegionId};
 use crate::proto::{Peer, PeerRole, PeerState, Region, RegionEpoch, RegionLocalState, StoreIdent};
 use crate::storage::{keys, Cf, Engine, PeerStorage};
 
-/// The initial regions of a cluster: `split_keys.len() + 1` ranges covering the keyspace,
-/// each on `replicas` members (all when fewer), spread round-robin — except the placement
-/// region (the last one), which lives on the first `replicas` members by id, so operators
-/// know where the cluster's metadata is (docs/architecture.md, "Bootstrap and restart"). Region ids
-/// are `1..=n`; peer ids follow, in region order.
-pub fn initial_regions(members: &[Member], split_keys: &[Vec<u8>], replicas: u32) -> Vec<Region> {
+/// The initial regions of a cluster: `split_keys.len() + 1` user ranges, the placement
+/// region and `lease_regions` lease regions, covering the keyspace, each on `replicas`
+/// members (all when fewer), spread round-robin — except the placement region, which lives
+/// on the first `replicas` members by id, so operators know where the cluster's metadata is
+/// (docs/architecture.md, "Bootstrap and restart"). Region ids are `1..=n`; peer ids follow,
+/// in region order.
+pub fn initial_regions(
+    members: &[Member],
+    split_keys: &[Vec<u8>],
+    replicas: u32,
+    lease_regions: u32,
+) -> Vec<Region> {
     let mut nodes: Vec<NodeId> = members.iter().map(|m| m.id).collect();
     nodes.sort();
     let mut split_keys: Vec<Vec<u8>> = split_keys
@@ -38,6 +46,12 @@ pub fn initial_regions(members: &[Member], split_keys: &[Vec<u8>], replicas: u32
         .cloned()
         .collect();
     split_keys.push(vec![keys::SYSTEM_KEY_PREFIX]);
+    split_keys.push(tessera_api::keys::LEASE_KEYSPACE.to_vec());
+    // Lease ids are below 2^63 (etcd's): split that range evenly.
+    let leases = u64::from(lease_regions.max(1));
+    for i in 1..leases {
+        split_keys.push(tessera_api::keys::lease_key(((i << 63) / leases).max(1)));
+    }
     let n = split_keys.len() as u64 + 1;
     let r = (replicas as usize).min(nodes.len()).max(1);
     let mut next_peer = n + 1;
@@ -47,7 +61,8 @@ pub fn initial_regions(members: &[Member], split_keys: &[Vec<u8>], replicas: u32
     bounds.push(Vec::new());
     (0..n as usize)
         .map(|i| {
-            let first = if i as u64 == n - 1 { 0 } else { i };
+            let placement = bounds[i] == [keys::SYSTEM_KEY_PREFIX];
+            let first = if placement { 0 } else { i };
             let peers = (0..r)
                 .map(|j| {
                     let p = Peer {
@@ -99,6 +114,7 @@ pub fn prepare_store(
     members: &[Member],
     split_keys: &[Vec<u8>],
     replicas: u32,
+    lease_regions: u32,
 ) -> Result<Vec<RegionId>, BootstrapError> {
     match engine.get_msg::<StoreIdent>(Cf::Raft, &keys::NODE_IDENT_KEY)? {
         Some(ident) if ident.cluster_id == cluster.0 && ident.node_id == node.0 => {}
@@ -115,7 +131,7 @@ pub fn prepare_store(
                 return Err(BootstrapError::NoIdentity);
             }
             let mut wb = engine.batch();
-            let regions = initial_regions(members, split_keys, replicas);
+            let regions = initial_regions(members, split_keys, replicas, lease_regions);
             let mut hosted = 0;
             let max_id = regions
                 .iter()
@@ -197,6 +213,7 @@ fn seed_id_counter(wb: &mut crate::storage::WriteBatch<'_>, max_bootstrap_id: u6
         create_revision: crate::storage::peer_storage::RAFT_INIT_LOG_INDEX,
         mod_revision: crate::storage::peer_storage::RAFT_INIT_LOG_INDEX,
         version: 1,
+        lease: 0,
     };
     wb.put_msg(Cf::Data, &keys::data_key(&keys::ids_key()), &rec);
 }
@@ -217,13 +234,19 @@ mod tests {
     #[test]
     fn initial_regions_are_deterministic_and_cover_the_keyspace() {
         let splits: Vec<Vec<u8>> = vec![b"b".to_vec(), b"m".to_vec(), b"t".to_vec()];
-        let a = initial_regions(&members(3), &splits, 3);
+        let a = initial_regions(&members(3), &splits, 3, 2);
         let mut shuffled = members(3);
         shuffled.reverse();
-        assert_eq!(a, initial_regions(&shuffled, &splits, 3));
-        assert_eq!(a.len(), 5, "4 user regions and the placement region");
+        assert_eq!(a, initial_regions(&shuffled, &splits, 3, 2));
+        assert_eq!(
+            a.len(),
+            7,
+            "4 user regions, the placement region, 2 lease regions"
+        );
         assert_eq!(a[4].start_key, vec![0xFF]);
-        assert!(a[0].start_key.is_empty() && a[4].end_key.is_empty());
+        assert_eq!(a[4].end_key, vec![0xFF, 0xFF]);
+        assert_eq!(a[6].start_key, tessera_api::keys::lease_key(1 << 62));
+        assert!(a[0].start_key.is_empty() && a[6].end_key.is_empty());
         for w in a.windows(2) {
             assert_eq!(w[0].end_key, w[1].start_key);
         }
@@ -233,9 +256,9 @@ mod tests {
             .collect();
         peer_ids.sort();
         peer_ids.dedup();
-        assert_eq!(peer_ids.len(), 15, "peer ids are unique");
+        assert_eq!(peer_ids.len(), 21, "peer ids are unique");
         assert!(
-            peer_ids.iter().all(|p| *p > 4),
+            peer_ids.iter().all(|p| *p > 7),
             "peer ids never clash with region ids"
         );
         for r in &a {
@@ -247,18 +270,28 @@ mod tests {
 
     #[test]
     fn fewer_replicas_spread_round_robin() {
-        let a = initial_regions(&members(5), &[b"a".to_vec(), b"b".to_vec()], 3);
+        let a = initial_regions(&members(5), &[b"a".to_vec(), b"b".to_vec()], 3, 1);
         let nodes: Vec<Vec<u64>> = a
             .iter()
             .map(|r| r.peers.iter().map(|p| p.node_id).collect())
             .collect();
         assert_eq!(
             nodes,
-            vec![vec![1, 2, 3], vec![2, 3, 4], vec![3, 4, 5], vec![1, 2, 3]],
-            "user regions round-robin, the placement region on the first voters"
+            vec![
+                vec![1, 2, 3],
+                vec![2, 3, 4],
+                vec![3, 4, 5],
+                vec![1, 2, 3],
+                vec![5, 1, 2]
+            ],
+            "user and lease regions round-robin, the placement region on the first voters"
         );
-        let single = initial_regions(&members(1), &[], 3);
-        assert_eq!(single.len(), 2, "one user region and the placement region");
+        let single = initial_regions(&members(1), &[], 3, 1);
+        assert_eq!(
+            single.len(),
+            3,
+            "one user region, the placement and the lease region"
+        );
         assert_eq!(single[0].peers.len(), 1);
     }
 
@@ -267,14 +300,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(dir.path(), &Default::default()).unwrap();
         let m = members(3);
-        let ids = prepare_store(&engine, ClusterId(1), NodeId(2), &m, &[b"k".to_vec()], 3).unwrap();
-        assert_eq!(ids, vec![RegionId(1), RegionId(2), RegionId(3)]);
+        let ids =
+            prepare_store(&engine, ClusterId(1), NodeId(2), &m, &[b"k".to_vec()], 3, 1).unwrap();
+        assert_eq!(
+            ids,
+            vec![RegionId(1), RegionId(2), RegionId(3), RegionId(4)]
+        );
         // Restart: same regions, no second bootstrap even if the config changed.
-        let again = prepare_store(&engine, ClusterId(1), NodeId(2), &m, &[], 3).unwrap();
+        let again = prepare_store(&engine, ClusterId(1), NodeId(2), &m, &[], 3, 1).unwrap();
         assert_eq!(again, ids);
-        let e = prepare_store(&engine, ClusterId(9), NodeId(2), &m, &[], 3).unwrap_err();
+        let e = prepare_store(&engine, ClusterId(9), NodeId(2), &m, &[], 3, 1).unwrap_err();
         assert!(matches!(e, BootstrapError::WrongIdentity { .. }), "{e}");
-        let e = prepare_store(&engine, ClusterId(1), NodeId(3), &m, &[], 3).unwrap_err();
+        let e = prepare_store(&engine, ClusterId(1), NodeId(3), &m, &[], 3, 1).unwrap_err();
         assert!(e.to_string().contains("node 2"), "{e}");
     }
 }

@@ -25,6 +25,8 @@ pub enum Command {
     Put {
         key: Vec<u8>,
         value: Vec<u8>,
+        /// The lease the key is attached to (`None`: attached to none).
+        lease: Option<Box<Attachment>>,
     },
     Delete {
         key: Vec<u8>,
@@ -33,6 +35,8 @@ pub enum Command {
         key: Vec<u8>,
         compare: Compare,
         action: CasAction,
+        /// The lease a put attaches the key to (`None`: to none).
+        lease: Option<Box<Attachment>>,
     },
     /// Puts (`Some(value)`) and deletes (`None`) of keys of one region, applied together at
     /// one revision.
@@ -46,17 +50,82 @@ pub enum Command {
         new_region_id: u64,
         new_peer_ids: Vec<u64>,
     },
+    /// A write to the lease keyspace (`lease`).
+    Lease(LeaseCmd),
+}
+
+/// A put's lease: attached in the lease's region until `deadline_ms`, by when the put must
+/// be proposed (docs/architecture.md, "Leases"). Boxed in commands: few puts carry one, and
+/// every worker message is as large as the largest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub lease: u64,
+    pub deadline_ms: u64,
+}
+
+/// The writes of the lease keyspace (applied by `apply::lease`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseCmd {
+    Grant {
+        id: u64,
+        ttl_ms: u64,
+    },
+    /// Each live lease's deadline becomes the proposer's clock plus its TTL.
+    Renew {
+        ids: Vec<u64>,
+    },
+    /// Revokes the leases; an expiry (`deadlines_ms` non-empty, one per id) only those whose
+    /// deadline is still the one given, and past.
+    Revoke {
+        ids: Vec<u64>,
+        deadlines_ms: Vec<u64>,
+    },
+    /// Records that `key` is about to be put with lease `id`, if the lease is live; the put
+    /// must be proposed within `window_ms`.
+    Attach {
+        id: u64,
+        key: Vec<u8>,
+        window_ms: u64,
+    },
+    /// Removes revoked leases whose keys are deleted: their records and attached rows.
+    Remove {
+        ids: Vec<u64>,
+    },
+}
+
+impl LeaseCmd {
+    pub fn ids(&self) -> Vec<u64> {
+        match self {
+            LeaseCmd::Grant { id, .. } | LeaseCmd::Attach { id, .. } => vec![*id],
+            LeaseCmd::Renew { ids } | LeaseCmd::Revoke { ids, .. } | LeaseCmd::Remove { ids } => {
+                ids.clone()
+            }
+        }
+    }
 }
 
 impl Command {
     /// Every key the command writes.
-    pub fn keys(&self) -> Vec<&[u8]> {
+    pub fn keys(&self) -> Vec<Vec<u8>> {
+        match self {
+            Command::Lease(l) => l
+                .ids()
+                .into_iter()
+                .map(tessera_api::keys::lease_key)
+                .collect(),
+            other => other.written().into_iter().map(<[u8]>::to_vec).collect(),
+        }
+    }
+
+    /// The keys of the user and placement keyspaces the command writes.
+    fn written(&self) -> Vec<&[u8]> {
         match self {
             Command::Put { key, .. }
             | Command::Delete { key }
             | Command::CompareAndSwap { key, .. } => vec![key],
             Command::Batch(ops) => ops.iter().map(|(k, _)| k.as_slice()).collect(),
             Command::Split { split_key, .. } => vec![split_key],
+            Command::Lease(_) => Vec::new(),
         }
     }
 
@@ -65,8 +134,8 @@ impl Command {
     /// the oracle's mark among them) and admin commands keep their raft index.
     pub fn needs_revision(&self) -> bool {
         match self {
-            Command::Split { .. } => false,
-            other => other.keys().iter().any(|k| !keys::is_system_key(k)),
+            Command::Split { .. } | Command::Lease(_) => false,
+            other => other.written().iter().any(|k| !keys::is_system_key(k)),
         }
     }
 }
@@ -89,6 +158,13 @@ pub enum ApplyResult {
     },
     Batch {
         revision: u64,
+    },
+    /// A lease command: per lease id of the command, its TTL if it is live afterwards (and
+    /// for a grant: was granted by it; for a revoke: was live before), else 0; and for an
+    /// attach, the deadline of the put.
+    Lease {
+        ttls_ms: Vec<u64>,
+        attach_deadline_ms: u64,
     },
     /// The regions covering the split region's old range, in key order.
     Split {
@@ -137,16 +213,21 @@ impl Envelope {
 pub fn encode(cmd: &Command, env: &Envelope) -> Vec<u8> {
     use proto::raft_command::Cmd;
     let c = match cmd {
-        Command::Put { key, value } => Cmd::Put(proto::PutCmd {
+        Command::Put { key, value, lease } => Cmd::Put(proto::PutCmd {
             key: key.clone(),
             value: value.clone(),
+            lease: lease.as_ref().map_or(0, |a| a.lease),
+            attach_deadline_ms: lease.as_ref().map_or(0, |a| a.deadline_ms),
         }),
         Command::Delete { key } => Cmd::Delete(proto::DeleteCmd { key: key.clone() }),
         Command::CompareAndSwap {
             key,
             compare,
             action,
+            lease,
         } => Cmd::Cas(proto::CasCmd {
+            lease: lease.as_ref().map_or(0, |a| a.lease),
+            attach_deadline_ms: lease.as_ref().map_or(0, |a| a.deadline_ms),
             key: key.clone(),
             compare: Some(compare.to_proto()),
             action: Some(match action {
@@ -172,6 +253,7 @@ pub fn encode(cmd: &Command, env: &Envelope) -> Vec<u8> {
             new_region_id: *new_region_id,
             new_peer_ids: new_peer_ids.clone(),
         }),
+        Command::Lease(l) => Cmd::Lease(encode_lease(l)),
     };
     prost::Message::encode_to_vec(&proto::RaftCommand {
         region_epoch: Some(env.epoch),
@@ -192,6 +274,12 @@ pub fn decode(data: &[u8]) -> Result<(Command, Envelope), DecodeError> {
         Cmd::Put(p) => Command::Put {
             key: p.key,
             value: p.value,
+            lease: (p.lease != 0).then(|| {
+                Box::new(Attachment {
+                    lease: p.lease,
+                    deadline_ms: p.attach_deadline_ms,
+                })
+            }),
         },
         Cmd::Delete(d) => Command::Delete { key: d.key },
         Cmd::Cas(c) => Command::CompareAndSwap {
@@ -201,6 +289,12 @@ pub fn decode(data: &[u8]) -> Result<(Command, Envelope), DecodeError> {
                 proto::cas_cmd::Action::Put(v) => CasAction::Put(v),
                 proto::cas_cmd::Action::Delete(_) => CasAction::Delete,
             },
+            lease: (c.lease != 0).then(|| {
+                Box::new(Attachment {
+                    lease: c.lease,
+                    deadline_ms: c.attach_deadline_ms,
+                })
+            }),
             key: c.key,
         },
         Cmd::Batch(b) => Command::Batch(b.ops.into_iter().map(|o| (o.key, o.value)).collect()),
@@ -209,6 +303,7 @@ pub fn decode(data: &[u8]) -> Result<(Command, Envelope), DecodeError> {
             new_region_id: s.new_region_id,
             new_peer_ids: s.new_peer_ids,
         },
+        Cmd::Lease(l) => Command::Lease(decode_lease(l)?),
     };
     let env = Envelope {
         epoch,
@@ -220,6 +315,50 @@ pub fn decode(data: &[u8]) -> Result<(Command, Envelope), DecodeError> {
     Ok((cmd, env))
 }
 
+fn encode_lease(l: &LeaseCmd) -> proto::LeaseCmd {
+    use proto::lease_cmd::Op;
+    let ids = |ids: &[u64]| proto::LeaseIds { ids: ids.to_vec() };
+    let op = match l {
+        LeaseCmd::Grant { id, ttl_ms } => Op::Grant(proto::LeaseGrantOp {
+            id: *id,
+            ttl_ms: *ttl_ms,
+        }),
+        LeaseCmd::Renew { ids: i } => Op::Renew(ids(i)),
+        LeaseCmd::Revoke { ids, deadlines_ms } => Op::Revoke(proto::LeaseRevokeCmd {
+            ids: ids.clone(),
+            deadlines_ms: deadlines_ms.clone(),
+        }),
+        LeaseCmd::Attach { id, key, window_ms } => Op::Attach(proto::LeaseAttachCmd {
+            id: *id,
+            key: key.clone(),
+            window_ms: *window_ms,
+        }),
+        LeaseCmd::Remove { ids: i } => Op::Remove(ids(i)),
+    };
+    proto::LeaseCmd { op: Some(op) }
+}
+
+fn decode_lease(l: proto::LeaseCmd) -> Result<LeaseCmd, DecodeError> {
+    use proto::lease_cmd::Op;
+    Ok(match l.op.ok_or(DecodeError::Missing("lease operation"))? {
+        Op::Grant(g) => LeaseCmd::Grant {
+            id: g.id,
+            ttl_ms: g.ttl_ms,
+        },
+        Op::Renew(r) => LeaseCmd::Renew { ids: r.ids },
+        Op::Revoke(r) => LeaseCmd::Revoke {
+            ids: r.ids,
+            deadlines_ms: r.deadlines_ms,
+        },
+        Op::Attach(a) => LeaseCmd::Attach {
+            id: a.id,
+            key: a.key,
+            window_ms: a.window_ms,
+        },
+        Op::Remove(r) => LeaseCmd::Remove { ids: r.ids },
+    })
+}
+
 /// A key's stored record as the client sees it.
 pub fn key_value(key: &[u8], rec: proto::KvRecord) -> proto::KeyValue {
     proto::KeyValue {
@@ -228,6 +367,7 @@ pub fn key_value(key: &[u8], rec: proto::KvRecord) -> proto::KeyValue {
         create_revision: rec.create_revision,
         mod_revision: rec.mod_revision,
         version: rec.version,
+        lease: rec.lease,
     }
 }
 
@@ -249,15 +389,48 @@ mod tests {
             Just(CasAction::Delete)
         ];
         prop_oneof![
-            (bytes.clone(), bytes.clone()).prop_map(|(key, value)| Command::Put { key, value }),
+            (
+                bytes.clone(),
+                bytes.clone(),
+                proptest::option::of((1..u64::MAX, any::<u64>()))
+            )
+                .prop_map(|(key, value, l)| Command::Put {
+                    key,
+                    value,
+                    lease: l
+                        .map(|(lease, deadline_ms)| Box::new(Attachment { lease, deadline_ms })),
+                }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(id, ttl_ms)| Command::Lease(LeaseCmd::Grant { id, ttl_ms })),
+            proptest::collection::vec(any::<u64>(), 0..4)
+                .prop_map(|ids| Command::Lease(LeaseCmd::Renew { ids })),
+            (
+                proptest::collection::vec(any::<u64>(), 0..4),
+                proptest::collection::vec(any::<u64>(), 0..4)
+            )
+                .prop_map(|(ids, deadlines_ms)| Command::Lease(LeaseCmd::Revoke {
+                    ids,
+                    deadlines_ms
+                })),
+            (any::<u64>(), bytes.clone(), any::<u64>()).prop_map(|(id, key, window_ms)| {
+                Command::Lease(LeaseCmd::Attach { id, key, window_ms })
+            }),
+            proptest::collection::vec(any::<u64>(), 0..4)
+                .prop_map(|ids| Command::Lease(LeaseCmd::Remove { ids })),
             bytes.clone().prop_map(|key| Command::Delete { key }),
-            (bytes.clone(), compare, action).prop_map(|(key, compare, action)| {
-                Command::CompareAndSwap {
+            (
+                bytes.clone(),
+                compare,
+                action,
+                proptest::option::of((1..u64::MAX, any::<u64>()))
+            )
+                .prop_map(|(key, compare, action, l)| Command::CompareAndSwap {
                     key,
                     compare,
                     action,
-                }
-            }),
+                    lease: l
+                        .map(|(lease, deadline_ms)| Box::new(Attachment { lease, deadline_ms })),
+                }),
             proptest::collection::vec((bytes.clone(), proptest::option::of(bytes.clone())), 0..4)
                 .prop_map(Command::Batch),
             (
@@ -314,6 +487,7 @@ mod tests {
             create_revision: 3,
             mod_revision: 7,
             version: 2,
+            lease: 9,
         };
         assert!(Compare::Absent.matches(None));
         assert!(!Compare::Absent.matches(Some(&rec)));
@@ -322,6 +496,9 @@ mod tests {
         assert!(!Compare::Value(vec![]).matches(None));
         assert!(Compare::ModRevision(7).matches(Some(&rec)));
         assert!(Compare::ModRevision(0).matches(None));
+        assert!(Compare::Lease(9).matches(Some(&rec)));
+        assert!(!Compare::Lease(8).matches(Some(&rec)));
+        assert!(Compare::Lease(0).matches(None));
         assert!(Compare::Version(2).matches(Some(&rec)));
         assert!(!Compare::Version(1).matches(Some(&rec)));
         assert!(decode(&[]).is_err());

@@ -15,6 +15,7 @@
 //! - [`clock`]: the lease clock (CLOCK_BOOTTIME, which counts suspend);
 //! - [`apply`]: the KV state machine;
 //! - [`hub`]: the watchers of the regions led here, fed by apply;
+//! - [`lessor`]: the leases of the lease regions led here, with their expiry times;
 //! - [`cmd`]: commands in the raft log and their results;
 //! - [`session`]: exactly-once writes — each region's record of the writes it applied;
 //! - [`msg`]: what reaches a worker and the errors that go back;
@@ -33,6 +34,7 @@ pub mod bootstrap;
 pub mod clock;
 pub mod cmd;
 pub mod hub;
+pub mod lessor;
 pub mod local_read;
 pub mod msg;
 pub mod peer;

@@ -98,6 +98,9 @@ pub struct Peer {
     writes_applied: u64,
     /// Leadership or the descriptor changed: placement should hear about it now.
     changed: bool,
+    /// This leader's leases are to be loaded into the node's lessor after the round's
+    /// write (see `lessor`).
+    reload_leases: bool,
     /// Regions this one's last split created, sent with `EpochNotMatch` so a client with a
     /// stale route learns the whole new layout from one error.
     siblings: Vec<proto::Region>,
@@ -223,6 +226,7 @@ impl Peer {
             log_gc_threshold: cfg.log_gc_threshold,
             writes_applied: 0,
             changed: false,
+            reload_leases: false,
             siblings: Vec::new(),
             idle_ticks: 0,
             asleep: false,

@@ -251,6 +251,18 @@ impl ClientState {
 }
 
 fn to_outcome(res: &ApplyResult) -> proto::WriteOutcome {
+    if let ApplyResult::Lease {
+        ttls_ms,
+        attach_deadline_ms,
+    } = res
+    {
+        return proto::WriteOutcome {
+            kind: Kind::Lease as i32,
+            lease_ttls_ms: ttls_ms.clone(),
+            attach_deadline_ms: *attach_deadline_ms,
+            ..Default::default()
+        };
+    }
     let (kind, prev, revision, succeeded) = match res {
         ApplyResult::Put { prev, revision } => (Kind::Put, prev.clone(), *revision, true),
         ApplyResult::Delete { prev, revision } => (Kind::Delete, prev.clone(), *revision, true),
@@ -260,6 +272,7 @@ fn to_outcome(res: &ApplyResult) -> proto::WriteOutcome {
             revision,
         } => (Kind::Cas, prev.clone(), *revision, *succeeded),
         ApplyResult::Batch { revision } => (Kind::Batch, None, *revision, true),
+        ApplyResult::Lease { .. } => unreachable!("answered above"),
         // Admin commands carry no write id; `Peer::apply_command` never records them.
         ApplyResult::Split { .. } | ApplyResult::ChangePeers { .. } => {
             crate::fatal("invariant: an admin command's answer reached the write records")
@@ -270,6 +283,7 @@ fn to_outcome(res: &ApplyResult) -> proto::WriteOutcome {
         prev,
         revision,
         succeeded,
+        ..Default::default()
     }
 }
 
@@ -290,6 +304,10 @@ fn from_outcome(o: proto::WriteOutcome) -> Option<ApplyResult> {
             revision,
         },
         Kind::Batch => ApplyResult::Batch { revision },
+        Kind::Lease => ApplyResult::Lease {
+            ttls_ms: o.lease_ttls_ms,
+            attach_deadline_ms: o.attach_deadline_ms,
+        },
     })
 }
 

@@ -44,6 +44,8 @@ pub struct StoreCtx {
     pub reader: super::local_read::LocalReader,
     /// Watchers of the regions led here, fed by apply.
     pub hub: super::hub::WatchHub,
+    /// The leases of the lease regions led here, fed by apply.
+    pub lessor: super::lessor::Lessor,
 }
 
 /// What keeps a peer from being created from a message: the region itself is already
@@ -77,6 +79,7 @@ impl StoreCtx {
             logger,
             reader: super::local_read::LocalReader::new(engine.clone()),
             hub: Default::default(),
+            lessor: Default::default(),
             engine,
             ranges: Arc::default(),
             creating: Arc::default(),

@@ -419,6 +419,7 @@ impl Worker {
                 }
                 p.serve_ready_reads();
                 p.publish_lease();
+                p.load_leases();
                 if p.take_changed() {
                     let _ = self.hooks.changes.send(id);
                 }
@@ -443,6 +444,11 @@ impl Worker {
         for (region, revision, events) in actx.watched.drain(..) {
             self.store.hub.publish(region, revision, &events);
         }
+        for (region, change) in actx.lease_changes.drain(..) {
+            self.store
+                .lessor
+                .apply(region, std::slice::from_ref(&change));
+        }
     }
 
     /// Destroys a removed peer: its raft state goes, a tombstone stays (synced, so a restart
@@ -455,6 +461,7 @@ impl Worker {
         self.store
             .hub
             .end_region(id, RegionError::RegionNotFound(id));
+        self.store.lessor.forget(id);
         // Its data may be deleted: no cached record of it can be trusted.
         self.cache.clear();
         let mut wb = self.engine.batch();

@@ -27,13 +27,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tokio::sync::{oneshot, watch};
+use tonic::Status;
 
 use crate::config::ServerConfig;
 use crate::ids::{NodeId, RegionId};
-use crate::proto::kv_server::Kv;
 use crate::proto::{self, ReadConsistency, RequestHeader};
 use crate::raftstore::cmd::{ApplyResult, CasAction, Command, Compare};
 use crate::raftstore::local_read::{self, LocalReader};
@@ -43,9 +41,10 @@ use crate::storage::keys::is_system_key;
 use crate::transport::Transport;
 
 mod commands;
+mod grpc;
+mod lease;
 mod tso;
 mod watch_stream;
-use commands::serve_commands;
 
 /// The `Kv` gRPC service; its state is shared with the tasks that serve `Commands` streams.
 #[derive(Clone)]
@@ -66,6 +65,11 @@ pub struct KvCore {
     oracle: crate::placement::tso::Oracle,
     /// Watchers of the regions led here.
     hub: crate::raftstore::hub::WatchHub,
+    /// The leases of the lease regions led here, their settings, and the keeper that
+    /// expires and revokes them (woken when a revocation is waiting).
+    lessor: crate::raftstore::lessor::Lessor,
+    lease_cfg: crate::config::LeaseConfig,
+    keeper: Arc<tokio::sync::Notify>,
     /// Set when the node stops: `Commands` streams end (they would otherwise keep the
     /// node's state alive for as long as their clients stay connected).
     stopping: watch::Receiver<bool>,
@@ -74,12 +78,21 @@ pub struct KvCore {
 /// The answer of a region: a value, or a routing error for the client.
 type Routed<T> = Result<T, proto::RegionError>;
 
+/// The service's settings.
+pub struct KvSettings {
+    pub limits: ServerConfig,
+    /// How long a request may wait for its region.
+    pub timeout: Duration,
+    pub lease: crate::config::LeaseConfig,
+    /// Wakes the node's lease keeper.
+    pub keeper: Arc<tokio::sync::Notify>,
+}
+
 impl KvService {
     pub fn new(
         router: Router,
         transport: Transport,
-        limits: ServerConfig,
-        timeout: Duration,
+        settings: KvSettings,
         store: &crate::raftstore::store::StoreCtx,
         oracle: crate::placement::tso::Oracle,
         stopping: watch::Receiver<bool>,
@@ -88,11 +101,14 @@ impl KvService {
             core: Arc::new(KvCore {
                 router,
                 transport,
-                limits,
-                timeout,
+                limits: settings.limits,
+                timeout: settings.timeout,
                 local: store.reader.clone(),
                 oracle,
                 hub: store.hub.clone(),
+                lessor: store.lessor.clone(),
+                lease_cfg: settings.lease,
+                keeper: settings.keeper,
                 stopping,
             }),
         }
@@ -283,9 +299,14 @@ impl KvCore {
     async fn put(&self, r: proto::PutRequest) -> Result<proto::PutResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
         self.check_value(&r.value)?;
+        let lease = match r.lease {
+            0 => None,
+            id => Some(Box::new(self.attach(id, &r.key).await?)),
+        };
         let cmd = Command::Put {
             key: r.key,
             value: r.value,
+            lease,
         };
         let resp = match self.propose(r.header, cmd).await? {
             Ok(ApplyResult::Put { prev, revision }) => proto::PutResponse {
@@ -390,10 +411,15 @@ impl KvCore {
             Some(proto::cas_request::Action::Delete(_)) => CasAction::Delete,
             None => return Err(Status::invalid_argument("compare-and-swap has no action")),
         };
+        let lease = match (r.lease, &action) {
+            (0, _) | (_, CasAction::Delete) => None,
+            (id, CasAction::Put(_)) => Some(Box::new(self.attach(id, &r.key).await?)),
+        };
         let cmd = Command::CompareAndSwap {
             key: r.key,
             compare,
             action,
+            lease,
         };
         let resp = match self.propose(r.header, cmd).await? {
             Ok(ApplyResult::Cas {
@@ -480,122 +506,5 @@ impl KvCore {
             },
         };
         Ok(resp)
-    }
-}
-
-#[tonic::async_trait]
-impl Kv for KvService {
-    type CommandsStream = ReceiverStream<Result<proto::KvCommandResults, Status>>;
-
-    async fn commands(
-        &self,
-        request: Request<Streaming<proto::KvCommands>>,
-    ) -> Result<Response<Self::CommandsStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(serve_commands(self.core.clone(), request.into_inner(), tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-
-    async fn revision(
-        &self,
-        _request: Request<proto::RevisionRequest>,
-    ) -> Result<Response<proto::RevisionResponse>, Status> {
-        self.core.current_revision().await.map(Response::new)
-    }
-
-    type WatchStream = ReceiverStream<Result<proto::WatchResponse, Status>>;
-
-    async fn watch(
-        &self,
-        request: Request<Streaming<proto::WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(watch_stream::serve_watch(
-            self.core.clone(),
-            request.into_inner(),
-            tx,
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-
-    async fn get(
-        &self,
-        request: Request<proto::GetRequest>,
-    ) -> Result<Response<proto::GetResponse>, Status> {
-        self.core.get(request.into_inner()).await.map(Response::new)
-    }
-
-    async fn put(
-        &self,
-        request: Request<proto::PutRequest>,
-    ) -> Result<Response<proto::PutResponse>, Status> {
-        self.core.put(request.into_inner()).await.map(Response::new)
-    }
-
-    async fn delete(
-        &self,
-        request: Request<proto::DeleteRequest>,
-    ) -> Result<Response<proto::DeleteResponse>, Status> {
-        self.core
-            .delete(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn scan(
-        &self,
-        request: Request<proto::ScanRequest>,
-    ) -> Result<Response<proto::ScanResponse>, Status> {
-        self.core
-            .scan(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn compare_and_swap(
-        &self,
-        request: Request<proto::CasRequest>,
-    ) -> Result<Response<proto::CasResponse>, Status> {
-        self.core
-            .compare_and_swap(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn batch_get(
-        &self,
-        request: Request<proto::BatchGetRequest>,
-    ) -> Result<Response<proto::BatchGetResponse>, Status> {
-        self.core
-            .batch_get(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn batch_write(
-        &self,
-        request: Request<proto::BatchWriteRequest>,
-    ) -> Result<Response<proto::BatchWriteResponse>, Status> {
-        self.core
-            .batch_write(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn tso(
-        &self,
-        request: Request<proto::TsoRequest>,
-    ) -> Result<Response<proto::TsoResponse>, Status> {
-        self.core.tso(request.into_inner()).await.map(Response::new)
-    }
-
-    async fn compact(
-        &self,
-        request: Request<proto::CompactRequest>,
-    ) -> Result<Response<proto::CompactResponse>, Status> {
-        self.core
-            .compact(request.into_inner())
-            .await
-            .map(Response::new)
     }
 }

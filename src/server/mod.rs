@@ -8,6 +8,7 @@
 pub mod admin;
 mod compaction;
 pub mod kv_service;
+mod lease_keeper;
 pub mod node_service;
 pub mod raft_service;
 pub mod reporter;
@@ -69,6 +70,7 @@ pub struct Node {
     reporter: tokio::task::JoinHandle<()>,
     compaction: tokio::task::JoinHandle<()>,
     resolver: tokio::task::JoinHandle<()>,
+    lease_keeper: tokio::task::JoinHandle<()>,
     scheduler: tokio::task::JoinHandle<()>,
     removed: tokio::sync::watch::Receiver<bool>,
     asleep: Vec<Arc<AtomicUsize>>,
@@ -91,6 +93,7 @@ impl Node {
             &store.members,
             &cfg.initial_split_keys(),
             cfg.cluster.replicas,
+            cfg.cluster.lease_regions,
         )?;
         let (raft, changes) = start::start_raft(&cfg, &store, &region_ids)?;
         let grpc = start::serve(&cfg, listener, &raft).await?;
@@ -114,6 +117,7 @@ impl Node {
             reporter: tasks.reporter,
             compaction: tasks.compaction,
             resolver: tasks.resolver,
+            lease_keeper: tasks.lease_keeper,
             scheduler: tasks.scheduler,
             removed: tasks.removed,
             asleep: raft.asleep,
@@ -155,6 +159,7 @@ impl Node {
         self.reporter.abort();
         self.compaction.abort();
         self.resolver.abort();
+        self.lease_keeper.abort();
         self.scheduler.abort();
         let _ = self.stopping.send(true);
         if let Some(tx) = self.stop_server.take() {

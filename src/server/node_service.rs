@@ -171,8 +171,12 @@ impl node_server::Node for NodeService {
             }
             if region.start_key == [crate::storage::keys::SYSTEM_KEY_PREFIX] {
                 st.placement_leader_node = r.leader.map_or(0, |l| l.node_id);
-            } else if let Some(l) = &r.load {
-                // User data only: the placement region's own records are not the user's.
+            } else if let Some(l) = r
+                .load
+                .as_ref()
+                .filter(|_| !crate::storage::keys::is_system_key(&region.start_key))
+            {
+                // User data only: placement's records and the leases are not the user's.
                 st.total_keys += l.keys;
                 st.total_bytes += l.bytes;
             }

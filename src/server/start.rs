@@ -89,6 +89,8 @@ pub(super) struct Raft {
     pub(super) revisions: TsoClient,
     /// The oracle's serving side on this node.
     pub(super) oracle: crate::placement::tso::SharedTso,
+    /// Wakes the lease keeper (a revocation is waiting).
+    pub(super) lease_keeper: Arc<tokio::sync::Notify>,
 }
 
 /// Regions whose leadership or descriptor changed, reported by the workers for the reporter.
@@ -181,6 +183,7 @@ pub(super) fn start_raft(
         placement,
         revisions: tso_client,
         oracle,
+        lease_keeper: Default::default(),
     };
     Ok((raft, changes))
 }
@@ -232,8 +235,12 @@ pub(super) async fn serve(
     let kv = KvServer::new(kv_service::KvService::new(
         raft.router.clone(),
         raft.transport.clone(),
-        cfg.server.clone(),
-        REQUEST_TIMEOUT,
+        kv_service::KvSettings {
+            limits: cfg.server.clone(),
+            timeout: REQUEST_TIMEOUT,
+            lease: cfg.lease.clone(),
+            keeper: raft.lease_keeper.clone(),
+        },
         &raft.store,
         Oracle {
             server: tso,
@@ -290,6 +297,7 @@ pub(super) struct Tasks {
     pub(super) reporter: tokio::task::JoinHandle<()>,
     pub(super) compaction: tokio::task::JoinHandle<()>,
     pub(super) resolver: tokio::task::JoinHandle<()>,
+    pub(super) lease_keeper: tokio::task::JoinHandle<()>,
     /// Turns true once placement has removed this node.
     pub(super) removed: tokio::sync::watch::Receiver<bool>,
 }
@@ -342,6 +350,16 @@ pub(super) fn spawn_tasks(
         raft.revisions.clone(),
         Duration::from_millis(cfg.mvcc.watch_resolve_interval_ms),
     ));
+    let lease_keeper = tokio::spawn(super::lease_keeper::keep_loop(
+        super::lease_keeper::Keeper {
+            lessor: raft.store.lessor.clone(),
+            router: raft.router.clone(),
+            engine: engine.clone(),
+            placement: placement.clone(),
+            cfg: cfg.lease.clone(),
+            wake: raft.lease_keeper.clone(),
+        },
+    ));
     let reporter = tokio::spawn(reporter::report_loop(
         placement,
         raft.router.clone(),
@@ -359,6 +377,7 @@ pub(super) fn spawn_tasks(
         reporter,
         compaction,
         resolver,
+        lease_keeper,
         removed,
     })
 }

@@ -29,7 +29,10 @@ use crate::ids::RegionId;
 
 pub const LOCAL_PREFIX: u8 = 0x01;
 
-pub use tessera_api::keys::{ids_key, in_range, is_system_key, tso_key, SYSTEM_KEY_PREFIX};
+pub use tessera_api::keys::{
+    ids_key, in_range, is_lease_key, is_system_key, lease_key, parse_lease_key, tso_key,
+    SYSTEM_KEY_PREFIX,
+};
 pub const DATA_PREFIX: u8 = b'z';
 
 const NODE_IDENT_SUFFIX: u8 = 0x01;

@@ -138,6 +138,7 @@ pub fn tombstone(revision: u64) -> KvRecord {
         create_revision: 0,
         mod_revision: revision,
         version: 0,
+        lease: 0,
     }
 }
 

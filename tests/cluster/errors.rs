@@ -50,6 +50,7 @@ async fn region_errors_are_structured() {
         header: h,
         key,
         value,
+        lease: 0,
     };
 
     // Not leader: the follower names the leader and its address.
@@ -142,6 +143,7 @@ async fn region_errors_are_structured() {
             key: key.clone(),
             compare: None,
             action: None,
+            lease: 0,
         })
         .await
         .unwrap_err();
@@ -357,6 +359,7 @@ async fn commands_stream_answers_each_command_and_survives_bad_ones() {
             header: h,
             key: key.clone(),
             value,
+            lease: 0,
         })),
     };
     let mut unknown = region.clone();

@@ -39,6 +39,7 @@ async fn raw_put(
                     }),
                     key: key.to_vec(),
                     value: value.to_vec(),
+                    lease: 0,
                 })
                 .await;
             match r.map(|r| r.into_inner()) {
@@ -153,6 +154,7 @@ async fn a_write_sent_twice_applies_once() {
                     target: Some(compare::Target::Version(2)),
                 }),
                 action: Some(cas_request::Action::Put(b"x".to_vec())),
+                lease: 0,
             })
             .await;
         assert_eq!(

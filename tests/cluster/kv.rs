@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tessera::client::{CasAction, Compare};
 
-use super::common::{key_in_region, wait_for_leaders, TestCluster};
+use super::common::{key_in_region, wait_for_leaders, TestCluster, SYSTEM_REGIONS};
 
 const REGIONS: u32 = 64;
 
@@ -14,14 +14,14 @@ async fn every_region_elects_and_serves() {
     let cluster = TestCluster::start(3, REGIONS, |_| {}).await;
     let leaders = wait_for_leaders(
         &cluster.endpoints(),
-        REGIONS as usize + 1,
+        REGIONS as usize + SYSTEM_REGIONS,
         Duration::from_secs(60),
     )
     .await;
     assert_eq!(
         leaders.len(),
-        REGIONS as usize + 1,
-        "user regions and the placement region"
+        REGIONS as usize + SYSTEM_REGIONS,
+        "user regions, the placement region and the lease region"
     );
     let client = cluster.client().await;
 
@@ -184,8 +184,8 @@ async fn restart_recovers_regions_and_data_without_rebootstrap() {
     }
     assert_eq!(
         client.regions().await.unwrap().len(),
-        9,
-        "8 user regions + placement"
+        8 + SYSTEM_REGIONS,
+        "8 user regions + placement + leases"
     );
 
     // A data dir of another cluster is refused with a clear error.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tessera::client::Client;
 use tessera::ids::{NodeId, RegionId};
 
-use super::common::{patient_client, wait_for_leaders, TestCluster};
+use super::common::{patient_client, wait_for_leaders, TestCluster, SYSTEM_REGIONS};
 
 fn fast(c: &mut tessera::config::Config) {
     c.placement.heartbeat_interval_ms = 200;
@@ -361,7 +361,12 @@ async fn membership_changes_under_load() {
     };
     let mut cluster = TestCluster::start(3, REGIONS, manual).await;
     let eps = cluster.endpoints();
-    wait_for_leaders(&eps, REGIONS as usize + 1, Duration::from_secs(60)).await;
+    wait_for_leaders(
+        &eps,
+        REGIONS as usize + SYSTEM_REGIONS,
+        Duration::from_secs(60),
+    )
+    .await;
     let client = patient_client(&eps).await;
     // Some data for the snapshots to carry.
     for i in 0..REGIONS {
@@ -374,7 +379,12 @@ async fn membership_changes_under_load() {
     let four_addr = cluster.endpoints()[four].clone();
     let four_id = node_id_at(&client, &four_addr).await;
     let writers = Writers::start(&client, REGIONS, "member", Duration::from_millis(5));
-    let routes = wait_for_routes(&client, REGIONS as usize + 1, Duration::from_secs(20)).await;
+    let routes = wait_for_routes(
+        &client,
+        REGIONS as usize + SYSTEM_REGIONS,
+        Duration::from_secs(20),
+    )
+    .await;
     let user: Vec<_> = routes
         .iter()
         .filter(|r| !r.region.as_ref().unwrap().start_key.starts_with(&[0xFF]))
@@ -597,7 +607,12 @@ async fn scheduler_balances_a_join_and_replaces_a_dead_node() {
     };
     let mut cluster = TestCluster::start(3, REGIONS, tweak).await;
     let eps = cluster.endpoints();
-    wait_for_leaders(&eps, REGIONS as usize + 1, Duration::from_secs(60)).await;
+    wait_for_leaders(
+        &eps,
+        REGIONS as usize + SYSTEM_REGIONS,
+        Duration::from_secs(60),
+    )
+    .await;
     let client = patient_client(&eps).await;
     for i in 0..REGIONS {
         let ops: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..200)
@@ -648,9 +663,13 @@ async fn scheduler_balances_a_join_and_replaces_a_dead_node() {
 
     // Node 2 dies for good: its replicas are replaced on the three others.
     cluster.stop(1).await;
-    let took =
-        super::common::wait_replaced(&client, REGIONS as usize + 1, 2, Duration::from_secs(60))
-            .await;
+    let took = super::common::wait_replaced(
+        &client,
+        REGIONS as usize + SYSTEM_REGIONS,
+        2,
+        Duration::from_secs(60),
+    )
+    .await;
     eprintln!("replicas of the dead node replaced {took:?} after it stopped");
 
     writers.finish(&client).await;

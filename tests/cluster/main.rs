@@ -8,6 +8,7 @@ mod errors;
 mod exactly_once;
 mod history;
 mod kv;
+mod leases;
 mod lifecycle;
 mod placement;
 mod routing;

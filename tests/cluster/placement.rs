@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tessera::proto::node_client::NodeClient;
 use tessera::proto::{ListNodesRequest, NodeState};
 
-use super::common::{wait_for_leaders, TestCluster};
+use super::common::{wait_for_leaders, TestCluster, SYSTEM_REGIONS};
 
 async fn node_states(addr: &str) -> Option<HashMap<u64, NodeState>> {
     let mut c = NodeClient::connect(format!("http://{addr}")).await.ok()?;
@@ -124,7 +124,10 @@ async fn registry_ids_and_reserved_keys() {
     let t = Instant::now();
     loop {
         let st = user.status().await.unwrap();
-        if st.regions == 5 && st.regions_without_leader == 0 && st.max_id >= c.start {
+        if st.regions == 4 + SYSTEM_REGIONS as u64
+            && st.regions_without_leader == 0
+            && st.max_id >= c.start
+        {
             break;
         }
         assert!(

@@ -12,7 +12,7 @@ use tessera::ids::{NodeId, RegionId};
 use tessera::proto::node_client::NodeClient;
 use tessera::proto::{LocateKeyRequest, RegionRoute};
 
-use super::common::{key_in_region, node_regions, wait_for_leaders, TestCluster};
+use super::common::{key_in_region, node_regions, wait_for_leaders, TestCluster, SYSTEM_REGIONS};
 
 const REGIONS: u32 = 16;
 
@@ -56,9 +56,19 @@ async fn actual_leader(eps: &[String], region: u64) -> Option<u64> {
 async fn table_is_filled_and_locate_key_routes() {
     let cluster = TestCluster::start(3, REGIONS, fast).await;
     let eps = cluster.endpoints();
-    wait_for_leaders(&eps, REGIONS as usize + 1, Duration::from_secs(60)).await;
+    wait_for_leaders(
+        &eps,
+        REGIONS as usize + SYSTEM_REGIONS,
+        Duration::from_secs(60),
+    )
+    .await;
     let client = cluster.client().await;
-    let routes = wait_for_table(&client, REGIONS as u64 + 1, Duration::from_secs(20)).await;
+    let routes = wait_for_table(
+        &client,
+        REGIONS as u64 + SYSTEM_REGIONS as u64,
+        Duration::from_secs(20),
+    )
+    .await;
     // The table covers the keyspace without gaps or overlaps, in order.
     let mut expect: Vec<u8> = Vec::new();
     for r in &routes {
@@ -133,7 +143,11 @@ async fn table_is_filled_and_locate_key_routes() {
             break st;
         }
     };
-    assert_eq!(st.regions, u64::from(REGIONS), "{st:?}");
+    assert_eq!(
+        st.regions,
+        u64::from(REGIONS) + SYSTEM_REGIONS as u64 - 1,
+        "{st:?}"
+    );
     assert_eq!(st.routing_gaps.len(), 1, "{st:?}");
     assert_eq!(st.routing_gaps[0].start_key, b"");
     assert_eq!(st.routing_gaps[0].end_key, first.end_key);
@@ -147,7 +161,7 @@ async fn table_is_filled_and_locate_key_routes() {
     loop {
         let st = client.status().await.unwrap();
         if st.routing_gaps.is_empty() {
-            assert_eq!(st.regions, u64::from(REGIONS) + 1);
+            assert_eq!(st.regions, u64::from(REGIONS) + SYSTEM_REGIONS as u64);
             assert_eq!(Health::of(&st), Health::Healthy, "{st:?}");
             break;
         }
@@ -167,9 +181,19 @@ async fn table_is_filled_and_locate_key_routes() {
 async fn client_rides_through_leader_transfers_and_a_dead_node() {
     let mut cluster = TestCluster::start(3, REGIONS, fast).await;
     let eps = cluster.endpoints();
-    wait_for_leaders(&eps, REGIONS as usize + 1, Duration::from_secs(60)).await;
+    wait_for_leaders(
+        &eps,
+        REGIONS as usize + SYSTEM_REGIONS,
+        Duration::from_secs(60),
+    )
+    .await;
     let client = super::common::patient_client(&eps).await;
-    let routes = wait_for_table(&client, REGIONS as u64 + 1, Duration::from_secs(20)).await;
+    let routes = wait_for_table(
+        &client,
+        REGIONS as u64 + SYSTEM_REGIONS as u64,
+        Duration::from_secs(20),
+    )
+    .await;
 
     // Writers: one per region, each overwriting its own key with a counter.
     let stop = Arc::new(AtomicBool::new(false));
@@ -296,9 +320,9 @@ async fn client_rides_through_leader_transfers_and_a_dead_node() {
 async fn join_restart_double_join_and_removal() {
     let mut cluster = TestCluster::start(3, 4, fast).await;
     let eps = cluster.endpoints();
-    wait_for_leaders(&eps, 5, Duration::from_secs(60)).await;
+    wait_for_leaders(&eps, 4 + SYSTEM_REGIONS, Duration::from_secs(60)).await;
     let client = cluster.client().await;
-    wait_for_table(&client, 5, Duration::from_secs(20)).await;
+    wait_for_table(&client, 4 + SYSTEM_REGIONS as u64, Duration::from_secs(20)).await;
     let max_before = client.status().await.unwrap().max_id;
 
     let j = cluster.join(1, fast).await;
@@ -389,7 +413,7 @@ async fn batch_calls_split_per_region() {
     let cluster = TestCluster::start(3, REGIONS, fast).await;
     wait_for_leaders(
         &cluster.endpoints(),
-        REGIONS as usize + 1,
+        REGIONS as usize + SYSTEM_REGIONS,
         Duration::from_secs(60),
     )
     .await;

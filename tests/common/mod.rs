@@ -16,6 +16,9 @@ use tessera::proto::{RegionInfo, RegionsRequest};
 use tessera::server::Node;
 
 /// Config for node `id` of a loopback cluster whose members are `addrs` (index = id - 1).
+/// Regions besides the user regions in the test clusters: placement's and one lease region.
+pub const SYSTEM_REGIONS: usize = 2;
+
 pub fn node_config(dir: &Path, id: u64, addrs: &[SocketAddr], regions: u32) -> Config {
     let mut c = Config::default();
     c.node.id = id;
@@ -27,6 +30,7 @@ pub fn node_config(dir: &Path, id: u64, addrs: &[SocketAddr], regions: u32) -> C
         .map(|(i, a)| format!("{}@{a}", i + 1))
         .collect();
     c.cluster.initial_regions = regions;
+    c.cluster.lease_regions = 1;
     c.raft.tick_interval_ms = 50;
     c.raft.election_ticks = 10;
     c.raft.heartbeat_ticks = 2;
@@ -98,7 +102,7 @@ impl TestCluster {
         let cluster = Self::start(n, regions, tweak).await;
         wait_for_leaders(
             &cluster.endpoints(),
-            regions as usize + 1,
+            regions as usize + SYSTEM_REGIONS,
             Duration::from_secs(60),
         )
         .await;

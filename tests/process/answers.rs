@@ -40,6 +40,7 @@ async fn put_at(addr: &str, region: &Region, key: &[u8], value: &[u8]) -> bool {
                 header: header(region),
                 key: key.to_vec(),
                 value: value.to_vec(),
+                lease: 0,
             })
             .await
             .ok()?
@@ -161,6 +162,7 @@ async fn a_returning_leader_answers_each_proposal_from_its_own_entry() {
                         target: Some(compare::Target::Version(base + i)),
                     }),
                     action: Some(cas_request::Action::Put(format!("cas{i}").into_bytes())),
+                    lease: 0,
                 })
                 .await;
             match r.map(|r| r.into_inner()) {

@@ -4,7 +4,7 @@
 use super::*;
 
 /// Runs the CLI; returns (exit code, stdout, stderr).
-fn cli(args: &[&str]) -> (i32, String, String) {
+pub(super) fn cli(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(args)
         .output()

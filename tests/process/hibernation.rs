@@ -26,7 +26,12 @@ async fn sleeping_regions_elect_when_a_busy_one_finds_their_leaders_node_hung() 
     });
     let addrs = endpoints(&procs);
     wait_serving(&addrs).await;
-    let leaders = wait_for_leaders(&addrs, REGIONS as usize + 1, Duration::from_secs(90)).await;
+    let leaders = wait_for_leaders(
+        &addrs,
+        REGIONS as usize + common::SYSTEM_REGIONS,
+        Duration::from_secs(90),
+    )
+    .await;
     let mut count: HashMap<u64, usize> = HashMap::new();
     for (_, l) in &leaders {
         *count.entry(*l).or_default() += 1;

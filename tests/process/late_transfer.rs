@@ -127,6 +127,7 @@ async fn a_late_transfer_does_not_elect_beside_a_lease() {
                 header: header(&region),
                 key: key.clone(),
                 value: b"new".to_vec(),
+                lease: 0,
             });
             if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), put).await {
                 if r.into_inner().region_error.is_none() {

@@ -29,6 +29,7 @@ async fn put_at(addr: &str, region: &tessera::proto::Region, key: &[u8], value: 
                 }),
                 key: key.to_vec(),
                 value: value.to_vec(),
+                lease: 0,
             })
             .await
             .ok()?

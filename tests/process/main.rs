@@ -17,6 +17,7 @@ mod hibernation;
 // Link faults cut the leader off.
 #[cfg(feature = "failpoints")]
 mod lease;
+mod leases;
 mod replacement;
 mod revisions;
 
@@ -34,6 +35,28 @@ type Progress = HashMap<Vec<u8>, (u64, u64)>;
 
 fn endpoints(procs: &[common::Proc]) -> Vec<String> {
     procs.iter().map(|p| p.addr.clone()).collect()
+}
+
+/// Starts `n` processes with `regions` user regions (default settings), waits until every
+/// region is led, and connects a client with its default options.
+async fn start_led_with_client(
+    dir: &std::path::Path,
+    n: usize,
+    regions: u32,
+) -> (Vec<common::Proc>, Vec<String>, Client) {
+    let procs = start_process_cluster(dir, n, regions, |_| {});
+    let addrs = endpoints(&procs);
+    wait_serving(&addrs).await;
+    wait_for_leaders(
+        &addrs,
+        regions as usize + common::SYSTEM_REGIONS,
+        Duration::from_secs(90),
+    )
+    .await;
+    let client = Client::connect(&addrs, ClientOptions::default())
+        .await
+        .expect("client connects");
+    (procs, addrs, client)
 }
 
 async fn wait_serving(addrs: &[String]) {

@@ -22,7 +22,9 @@ async fn a_node_killed_for_good_is_replaced() {
     let t = Instant::now();
     loop {
         if let Ok(st) = client.status().await {
-            if st.regions == u64::from(REGIONS) + 1 && st.regions_without_leader == 0 {
+            if st.regions == u64::from(REGIONS) + common::SYSTEM_REGIONS as u64
+                && st.regions_without_leader == 0
+            {
                 break;
             }
         }
@@ -42,8 +44,13 @@ async fn a_node_killed_for_good_is_replaced() {
     }
     // Node 4 holds replicas of the user regions (round-robin), not of placement.
     procs[3].kill9();
-    let took =
-        common::wait_replaced(&client, REGIONS as usize + 1, 4, Duration::from_secs(60)).await;
+    let took = common::wait_replaced(
+        &client,
+        REGIONS as usize + common::SYSTEM_REGIONS,
+        4,
+        Duration::from_secs(60),
+    )
+    .await;
     eprintln!("replicas of a kill -9'd node replaced after {took:?}");
     for (key, value) in &written {
         let kv = client

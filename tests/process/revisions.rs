@@ -30,13 +30,7 @@ async fn write_round(client: &Client, round: u32, regions: u32) -> Vec<u64> {
 async fn revisions_keep_rising_across_kill9_of_the_oracle_node() {
     const REGIONS: u32 = 4;
     let dir = common::test_dir("revisions_keep_rising_across_kill9_of_the_oracle_node");
-    let mut procs = start_process_cluster(dir.path(), 3, REGIONS, |_| {});
-    let addrs = endpoints(&procs);
-    wait_serving(&addrs).await;
-    wait_for_leaders(&addrs, REGIONS as usize + 1, Duration::from_secs(90)).await;
-    let client = Client::connect(&addrs, ClientOptions::default())
-        .await
-        .expect("client connects");
+    let (mut procs, addrs, client) = start_led_with_client(dir.path(), 3, REGIONS).await;
 
     let mut last = 0u64;
     for round in 0..3u32 {

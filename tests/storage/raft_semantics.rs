@@ -256,6 +256,7 @@ fn apply_snapshot_replaces_range_log_and_state() {
         create_revision: rev,
         mod_revision: rev,
         version: 1,
+        lease: 0,
     };
     let mut b = src_engine.batch();
     mvcc::record(&mut b, b"b1", 40, &rec(b"old", 40));

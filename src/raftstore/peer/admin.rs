@@ -166,8 +166,12 @@ impl Peer {
         if split_key == region.start_key {
             return refuse("the split key is the region's start");
         }
-        if keys::is_system_key(&region.start_key) {
+        if keys::is_system_key(&region.start_key) && !keys::is_lease_key(&region.start_key) {
             return refuse("the placement region does not split");
+        }
+        if keys::is_lease_key(&region.start_key) && keys::parse_lease_key(&split_key).is_none() {
+            // A lease's record and its attached rows stay in one region.
+            return refuse("a lease region splits only at a lease's record");
         }
         if new_region_id == 0 || new_peer_ids.contains(&0) {
             return refuse("malformed split command");
@@ -240,6 +244,8 @@ impl Peer {
         });
         self.siblings = vec![right.clone()];
         self.changed = true;
+        // Its leases are now those of the smaller range.
+        self.reload_leases = self.is_leader();
         // Watchers resume from history where their keys are now.
         self.ctx.hub.end_region(
             self.region_id,

@@ -61,7 +61,7 @@ impl Peer {
     ) -> Result<ApplyResult, RegionError> {
         let (cmd, env) = cmd::decode(&e.data).unwrap_or_else(|err| self.undecodable(e, &err));
         for key in cmd.keys() {
-            self.check_route(&env.epoch, key)?;
+            self.check_route(&env.epoch, &key)?;
         }
         if let Command::Split {
             split_key,
@@ -104,6 +104,21 @@ impl Peer {
                 }
             }
         }
+        if let Command::Put { lease: Some(a), .. }
+        | Command::CompareAndSwap { lease: Some(a), .. } = &cmd
+        {
+            // Proposed too late to be sure a revocation of the lease sees it (see
+            // `apply::lease`): the server attaches again. Not recorded, so the retry applies.
+            if env.proposed_at_ms == 0 || env.proposed_at_ms > a.deadline_ms {
+                metrics::counter!("tessera_lease_attachments_expired_total").increment(1);
+                return Err(RegionError::ServerBusy {
+                    reason: format!(
+                        "the attachment to lease {} expired before the put was proposed",
+                        a.lease
+                    ),
+                });
+            }
+        }
         actx.delta_keys = 0;
         actx.delta_bytes = 0;
         let revision = if env.revision > 0 {
@@ -122,7 +137,19 @@ impl Peer {
             e.index
         };
         actx.capture = env.revision > 0 && self.ctx.hub.is_watched(self.region_id);
-        let res = apply::exec(cmd, revision, self.raw.store().engine(), wb, actx);
+        let engine = self.raw.store().engine();
+        let res = match cmd {
+            Command::Lease(l) => {
+                let mut changes = Vec::new();
+                let now = env.proposed_at_ms;
+                let res = apply::lease::exec(l, revision, now, engine, wb, actx, &mut changes);
+                let region = self.region_id;
+                actx.lease_changes
+                    .extend(changes.into_iter().map(|c| (region, c)));
+                res
+            }
+            cmd => apply::exec(cmd, revision, engine, wb, actx),
+        };
         if actx.capture {
             let events = actx.take_events();
             if !events.is_empty() {

@@ -78,7 +78,7 @@ impl Peer {
             return Err(self.not_leader());
         }
         for key in cmd.keys() {
-            self.check_route(epoch, key)?;
+            self.check_route(epoch, &key)?;
         }
         Ok(())
     }

@@ -16,10 +16,30 @@ use super::super::apply::ApplyCtx;
 use super::super::clock::BootInstant;
 use super::super::session::Sessions;
 use super::Peer;
-use crate::storage::WriteBatch;
+use crate::storage::{keys, WriteBatch};
 use crate::transport::Transport;
+use tessera_api::keys::{reaches_leases, LEASE_KEYSPACE};
 
 impl Peer {
+    /// Loads this leader's leases into the node's lessor when its leadership or range
+    /// changed. Called after the round's batch is written: the engine then holds every
+    /// lease command applied so far, and the lessor sees each later one.
+    pub fn load_leases(&mut self) {
+        if !std::mem::take(&mut self.reload_leases) || !self.is_leader() {
+            return;
+        }
+        let region = self.region();
+        let start = keys::data_key(region.start_key.as_slice().max(&LEASE_KEYSPACE[..]));
+        let end = keys::data_end_key(&region.end_key);
+        match super::super::apply::lease::load(self.raw.store().engine(), &start, &end) {
+            Ok(leases) => {
+                let margin = self.ctx.cfg.election_timeout();
+                self.ctx.lessor.lead(self.region_id, leases, margin);
+            }
+            Err(e) => crate::fatal(&format!("{}: loading leases: {e}", self.region_id)),
+        }
+    }
+
     pub fn has_ready(&self) -> bool {
         self.raw.has_ready()
     }
@@ -127,6 +147,10 @@ impl Peer {
 
     pub(super) fn on_role_change(&mut self) {
         self.changed = true;
+        self.reload_leases = self.is_leader() && reaches_leases(&self.region().end_key);
+        if !self.reload_leases {
+            self.ctx.lessor.forget(self.region_id);
+        }
         self.lease.expire(BootInstant::now());
         self.withdraw_lease();
         if !self.is_leader() {

@@ -50,6 +50,7 @@ fn put(key: &[u8]) -> Command {
     Command::Put {
         key: key.to_vec(),
         value: b"v".to_vec(),
+        lease: None,
     }
 }
 

@@ -40,6 +40,7 @@ impl KvCore {
             Some(Q::Delete(r)) => self.delete(r).await.map(A::Delete),
             Some(Q::Cas(r)) => self.compare_and_swap(r).await.map(A::Cas),
             Some(Q::Tso(r)) => self.tso(r).await.map(A::Tso),
+            Some(Q::Lease(r)) => self.lease(r).await.map(A::Lease),
             None => Err(Status::invalid_argument("command carries no request")),
         };
         proto::KvCommandResult {

@@ -13,6 +13,7 @@ fn live(value: &str, rev: u64, version: u64) -> KvRecord {
         create_revision: rev + 1 - version,
         mod_revision: rev,
         version,
+        lease: 0,
     }
 }
 
@@ -183,7 +184,7 @@ proptest! {
             let prev = state.get(&key).cloned();
             let rec = if *is_put {
                 let version = prev.as_ref().map_or(1, |p| p.version + 1);
-                KvRecord { value: vec![*k; 3], create_revision: rev, mod_revision: rev, version }
+                KvRecord { value: vec![*k; 3], create_revision: rev, mod_revision: rev, version, lease: 0 }
             } else if prev.is_some() {
                 tombstone(rev)
             } else {

@@ -1,0 +1,152 @@
+//! The `Kv` gRPC service's methods: each hands its request to [`KvCore`].
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::commands::serve_commands;
+use super::{lease, watch_stream, KvService};
+use crate::proto;
+use crate::proto::kv_server::Kv;
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    type CommandsStream = ReceiverStream<Result<proto::KvCommandResults, Status>>;
+
+    async fn commands(
+        &self,
+        request: Request<Streaming<proto::KvCommands>>,
+    ) -> Result<Response<Self::CommandsStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(serve_commands(self.core.clone(), request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn revision(
+        &self,
+        _request: Request<proto::RevisionRequest>,
+    ) -> Result<Response<proto::RevisionResponse>, Status> {
+        self.core.current_revision().await.map(Response::new)
+    }
+
+    type WatchStream = ReceiverStream<Result<proto::WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<proto::WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(watch_stream::serve_watch(
+            self.core.clone(),
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get(
+        &self,
+        request: Request<proto::GetRequest>,
+    ) -> Result<Response<proto::GetResponse>, Status> {
+        self.core.get(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn put(
+        &self,
+        request: Request<proto::PutRequest>,
+    ) -> Result<Response<proto::PutResponse>, Status> {
+        self.core.put(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn delete(
+        &self,
+        request: Request<proto::DeleteRequest>,
+    ) -> Result<Response<proto::DeleteResponse>, Status> {
+        self.core
+            .delete(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn scan(
+        &self,
+        request: Request<proto::ScanRequest>,
+    ) -> Result<Response<proto::ScanResponse>, Status> {
+        self.core
+            .scan(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        request: Request<proto::CasRequest>,
+    ) -> Result<Response<proto::CasResponse>, Status> {
+        self.core
+            .compare_and_swap(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn batch_get(
+        &self,
+        request: Request<proto::BatchGetRequest>,
+    ) -> Result<Response<proto::BatchGetResponse>, Status> {
+        self.core
+            .batch_get(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn batch_write(
+        &self,
+        request: Request<proto::BatchWriteRequest>,
+    ) -> Result<Response<proto::BatchWriteResponse>, Status> {
+        self.core
+            .batch_write(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn tso(
+        &self,
+        request: Request<proto::TsoRequest>,
+    ) -> Result<Response<proto::TsoResponse>, Status> {
+        self.core.tso(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn compact(
+        &self,
+        request: Request<proto::CompactRequest>,
+    ) -> Result<Response<proto::CompactResponse>, Status> {
+        self.core
+            .compact(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn lease(
+        &self,
+        request: Request<proto::LeaseRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        self.core
+            .lease(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type LeaseKeepAliveStream = ReceiverStream<Result<proto::LeaseKeepAliveResponse, Status>>;
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<proto::LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(lease::serve_keep_alive(
+            self.core.clone(),
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

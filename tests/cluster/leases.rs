@@ -1,0 +1,272 @@
+//! Leases: keys attached to a lease go when it expires or is revoked (seen by watchers),
+//! keep-alives keep it, a leader change continues it with what was left, and bad requests
+//! get clear errors.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tessera::client::{Client, Error, EventKind, WatchOptions};
+use tessera::ids::{NodeId, RegionId};
+
+use super::common::{key_in_region, TestCluster};
+
+const REGIONS: u32 = 4;
+/// One election timeout of the test clusters (10 ticks of 100 ms).
+const ELECTION: Duration = Duration::from_secs(1);
+
+async fn started() -> TestCluster {
+    TestCluster::start_led(3, REGIONS, |_| {}).await
+}
+
+/// Keys of the lease's test, one in each user region.
+fn keys(tag: &str) -> Vec<Vec<u8>> {
+    (0..REGIONS)
+        .map(|i| key_in_region(i, REGIONS, &format!("/lease/{tag}")))
+        .collect()
+}
+
+async fn present(client: &Client, keys: &[Vec<u8>]) -> usize {
+    let got = client.batch_get(keys).await.expect("batch get");
+    got.iter().filter(|k| k.is_some()).count()
+}
+
+/// Polls until none of `keys` exists; returns when that was seen.
+async fn wait_gone(client: &Client, keys: &[Vec<u8>], within: Duration) -> Instant {
+    let deadline = Instant::now() + within;
+    loop {
+        if present(client, keys).await == 0 {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keys of the lease still there after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_lease_takes_its_keys_in_every_region_and_watchers_see_the_deletes() {
+    let cluster = started().await;
+    let client = cluster.client().await;
+    let (id, ttl) = client
+        .lease_grant(Duration::from_secs(2))
+        .await
+        .expect("grant");
+    assert_eq!(ttl, Duration::from_secs(2));
+    let keys = keys("expire");
+    let mut watcher = client
+        .watch_prefix(b"", WatchOptions::default())
+        .await
+        .expect("watch");
+    let mut last_renewal = Instant::now();
+    for k in &keys {
+        client.put_with_lease(k, b"up", id).await.expect("put");
+    }
+    // Kept alive for a while: nothing goes.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let ttls = client.lease_renew(&[id]).await.expect("renew");
+        assert_eq!(ttls, vec![Some(ttl)]);
+        last_renewal = Instant::now();
+    }
+    assert_eq!(present(&client, &keys).await, keys.len());
+    let status = client.lease_time_to_live(id, true).await.expect("ttl");
+    assert_eq!(status.ttl, ttl);
+    assert!(status.remaining > Duration::ZERO && status.remaining <= ttl);
+    let mut attached = status.keys.clone();
+    attached.sort();
+    assert_eq!(attached, keys, "every attached key is listed");
+    assert!(client
+        .leases()
+        .await
+        .expect("list")
+        .iter()
+        .any(|l| l.id == id));
+
+    // No more renewals: gone within the TTL plus an election timeout plus one second.
+    let gone = wait_gone(&client, &keys, Duration::from_secs(10)).await;
+    let took = gone - last_renewal;
+    assert!(
+        took <= ttl + ELECTION + Duration::from_secs(1),
+        "keys went {took:?} after the last renewal"
+    );
+    assert!(
+        took >= ttl,
+        "keys went {took:?} after the last renewal, before the TTL"
+    );
+    assert!(matches!(
+        client.lease_time_to_live(id, false).await,
+        Err(Error::NotFound(_))
+    ));
+    // The watcher sees one put and one delete per key.
+    let mut deletes = Vec::new();
+    let mut puts = 0;
+    while deletes.len() < keys.len() {
+        let resp = tokio::time::timeout(Duration::from_secs(10), watcher.next())
+            .await
+            .expect("watch delivers the deletes")
+            .expect("watch open")
+            .expect("watch response");
+        for e in resp.events {
+            match e.kind {
+                EventKind::Put => {
+                    assert_eq!(e.kv.lease, id, "a put event carries its lease");
+                    puts += 1;
+                }
+                EventKind::Delete => deletes.push(e.kv.key),
+            }
+        }
+    }
+    deletes.sort();
+    assert_eq!((puts, deletes), (keys.len(), keys.clone()));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keep_alive_holds_a_lease_revoke_ends_it_and_a_put_without_it_detaches() {
+    let cluster = started().await;
+    let client = cluster.client().await;
+    let (id, ttl) = client
+        .lease_grant(Duration::from_secs(2))
+        .await
+        .expect("grant");
+    let keys = keys("revoke");
+    for k in &keys {
+        client.put_with_lease(k, b"v", id).await.expect("put");
+    }
+    // One key is put again without the lease: it stays after the revoke.
+    client.put(&keys[0], b"mine now").await.expect("put");
+    let keeper = client.keep_alive(id, ttl);
+    tokio::time::sleep(ttl * 3).await;
+    assert!(!keeper.is_lost(), "the keep-alive lost the lease");
+    assert_eq!(present(&client, &keys).await, keys.len());
+
+    client.lease_revoke(id).await.expect("revoke");
+    // Revoke returns once the keys are gone.
+    let got = client.batch_get(&keys).await.expect("read");
+    assert_eq!(
+        got[0].as_ref().map(|kv| kv.value.clone()),
+        Some(b"mine now".to_vec())
+    );
+    assert!(got[1..].iter().all(Option::is_none), "{got:?}");
+    let mut keeper = keeper;
+    let why = tokio::time::timeout(ttl * 2, keeper.lost())
+        .await
+        .expect("the keep-alive reports the loss");
+    assert!(why.contains("expired or was revoked"), "{why}");
+    // The revoked lease is gone for every operation.
+    assert!(matches!(
+        client.put_with_lease(b"/lease/late", b"v", id).await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        client.lease_revoke(id).await,
+        Err(Error::NotFound(_))
+    ));
+    assert_eq!(client.lease_renew(&[id]).await.expect("renew"), vec![None]);
+    assert!(client.get(b"/lease/late").await.expect("get").is_none());
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_lease_requests_get_clear_errors() {
+    let cluster = started().await;
+    let client = cluster.client().await;
+    fn invalid<T>(r: Result<T, Error>) -> bool {
+        matches!(r, Err(Error::InvalidArgument(_)))
+    }
+    assert!(invalid(client.lease_grant(Duration::ZERO).await));
+    assert!(invalid(
+        client
+            .lease_grant(Duration::from_secs(10_000_000_000))
+            .await
+    ));
+    assert!(invalid(
+        client.lease_grant_with_id(0, Duration::from_secs(5)).await
+    ));
+    assert!(invalid(
+        client
+            .lease_grant_with_id(u64::MAX, Duration::from_secs(5))
+            .await
+    ));
+    // Below the minimum: raised to it, as etcd does.
+    let (_, ttl) = client
+        .lease_grant(Duration::from_millis(10))
+        .await
+        .expect("grant");
+    assert_eq!(ttl, tessera::client::MIN_LEASE_TTL);
+    let unknown = 4242;
+    assert!(matches!(
+        client.lease_revoke(unknown).await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        client.lease_time_to_live(unknown, true).await,
+        Err(Error::NotFound(_))
+    ));
+    assert_eq!(
+        client.lease_renew(&[unknown]).await.expect("renew"),
+        vec![None]
+    );
+    assert!(matches!(
+        client.put_with_lease(b"/lease/x", b"v", unknown).await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(client.get(b"/lease/x").await.expect("get").is_none());
+    client
+        .lease_grant_with_id(77, Duration::from_secs(5))
+        .await
+        .expect("grant with an id");
+    assert!(matches!(
+        client.lease_grant_with_id(77, Duration::from_secs(5)).await,
+        Err(Error::Refused(_))
+    ));
+    cluster.shutdown().await;
+}
+
+/// The lease region's route: the region and its leader's node.
+async fn lease_leader(client: &Client, id: u64) -> (RegionId, u64) {
+    let key = tessera::storage::keys::lease_key(id);
+    for r in client.routes().await.expect("routes") {
+        let region = r.region.unwrap_or_default();
+        let inside = key >= region.start_key && (region.end_key.is_empty() || key < region.end_key);
+        if inside {
+            if let Some(l) = r.leader {
+                return (RegionId(region.id), l.node_id);
+            }
+        }
+    }
+    panic!("no led region holds lease {id}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_change_continues_a_lease_with_what_was_left() {
+    let cluster = started().await;
+    let client = cluster.client().await;
+    let ttl = Duration::from_secs(60);
+    let (id, _) = client.lease_grant(ttl).await.expect("grant");
+    let granted = Instant::now();
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (region, leader) = lease_leader(&client, id).await;
+        let to = if leader == 3 { 1 } else { leader + 1 };
+        client
+            .transfer_leader(region, NodeId(to))
+            .await
+            .expect("transfer");
+        let status = client.lease_time_to_live(id, false).await.expect("ttl");
+        let left = ttl.saturating_sub(granted.elapsed());
+        assert!(
+            status.remaining <= left + ELECTION + Duration::from_millis(200),
+            "after change {round}: {:?} left, expected at most {left:?} + an election timeout",
+            status.remaining
+        );
+        assert!(
+            status.remaining + Duration::from_millis(200) >= left,
+            "after change {round}: {:?} left, less than the {left:?} that was",
+            status.remaining
+        );
+    }
+    cluster.shutdown().await;
+}
