@@ -15,7 +15,6 @@
 //! - waiting reads the contenders at one revision `R` and watches the predecessor from
 //!   `R + 1`, so a deletion between the read and the watch is not missed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -25,15 +24,6 @@ use super::watch::{EventKind, WatchOptions};
 use super::{CasAction, Client, Compare, Error, Result};
 use crate::proto::KeyValue;
 use tessera_api::keys::prefix_end;
-
-/// Test-only: contenders skip the wait for their predecessors (a broken lock), so that a
-/// checker of mutual exclusion can be shown to catch the bug.
-static SKIP_PREDECESSOR_WAIT: AtomicBool = AtomicBool::new(false);
-
-#[doc(hidden)]
-pub fn break_locks_for_testing(on: bool) {
-    SKIP_PREDECESSOR_WAIT.store(on, Ordering::SeqCst);
-}
 
 /// A lease kept alive until it is closed or lost.
 pub struct Session {
@@ -109,16 +99,17 @@ async fn contenders(client: &Client, prefix: &[u8], rev: u64) -> Result<Vec<KeyV
 }
 
 /// Waits until no key under `prefix` has a `create_revision` below `mine`: each round
-/// watches only the nearest older one.
-async fn wait_predecessors(client: &Client, prefix: &[u8], mine: u64) -> Result<()> {
-    if SKIP_PREDECESSOR_WAIT.load(Ordering::SeqCst) {
-        return Ok(());
-    }
+/// watches only the nearest older one. Returns the revision at which none was left.
+/// `broken` (tests only) skips the wait: a lock that is not one.
+async fn wait_predecessors(client: &Client, prefix: &[u8], mine: u64, broken: bool) -> Result<u64> {
     loop {
         let rev = client.current_revision().await?;
+        if broken {
+            return Ok(rev);
+        }
         let all = contenders(client, prefix, rev).await?;
         let Some(pred) = all.iter().rev().find(|kv| kv.create_revision < mine) else {
-            return Ok(());
+            return Ok(rev);
         };
         let mut end = pred.key.clone();
         end.push(0);
@@ -173,6 +164,8 @@ pub struct Mutex {
     prefix: Vec<u8>,
     key: Vec<u8>,
     rev: u64,
+    acquired: u64,
+    broken: bool,
 }
 
 impl Mutex {
@@ -183,14 +176,29 @@ impl Mutex {
             prefix: prefix.to_vec(),
             key: contender_key(prefix, session.lease),
             rev: 0,
+            acquired: 0,
+            broken: false,
         }
     }
 
     /// Waits until this session holds the lock.
     pub async fn lock(&mut self) -> Result<()> {
         self.rev = enter(&self.client, &self.key, b"", self.lease).await?;
-        wait_predecessors(&self.client, &self.prefix, self.rev).await?;
+        self.acquired =
+            wait_predecessors(&self.client, &self.prefix, self.rev, self.broken).await?;
         still_ours(&self.client, &self.key, self.lease, self.rev).await
+    }
+
+    /// The revision at which the lock was found free of older contenders.
+    pub fn acquired_revision(&self) -> u64 {
+        self.acquired
+    }
+
+    /// Tests only: a lock that does not wait for the contenders before it — a broken lock,
+    /// for showing that a checker of mutual exclusion catches one.
+    #[doc(hidden)]
+    pub fn break_for_testing(&mut self) {
+        self.broken = true;
     }
 
     /// Releases the lock (deletes this session's key).
@@ -220,6 +228,8 @@ pub struct Election {
     prefix: Vec<u8>,
     key: Vec<u8>,
     rev: u64,
+    acquired: u64,
+    broken: bool,
 }
 
 impl Election {
@@ -230,13 +240,28 @@ impl Election {
             prefix: prefix.to_vec(),
             key: contender_key(prefix, session.lease),
             rev: 0,
+            acquired: 0,
+            broken: false,
         }
+    }
+
+    /// The revision at which this session was found to lead (no older contender left).
+    pub fn acquired_revision(&self) -> u64 {
+        self.acquired
+    }
+
+    /// Tests only: campaign without waiting for older contenders — a broken election, for
+    /// showing that a checker of mutual exclusion catches one.
+    #[doc(hidden)]
+    pub fn break_for_testing(&mut self) {
+        self.broken = true;
     }
 
     /// Waits until this session leads, proclaiming `value`.
     pub async fn campaign(&mut self, value: &[u8]) -> Result<()> {
         self.rev = enter(&self.client, &self.key, value, self.lease).await?;
-        wait_predecessors(&self.client, &self.prefix, self.rev).await?;
+        self.acquired =
+            wait_predecessors(&self.client, &self.prefix, self.rev, self.broken).await?;
         still_ours(&self.client, &self.key, self.lease, self.rev).await?;
         self.proclaim(value).await
     }

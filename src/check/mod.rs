@@ -26,8 +26,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+mod election;
 mod realtime;
 mod watch;
+pub use election::{check_election, ElectionProblem, KeyLife, Term};
 pub use realtime::{revisions_out_of_real_time, OutOfOrder};
 pub use watch::{check_watch, WatchedEvent};
 

@@ -19,6 +19,7 @@
 mod checks;
 #[path = "../common/mod.rs"]
 mod common;
+mod elections;
 mod faults;
 mod harness;
 mod links;
