@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::lease::KeepAlive;
+use super::keepalive::KeepAlive;
 use super::watch::{EventKind, WatchOptions};
 use super::{CasAction, Client, Compare, Error, Result};
 use crate::proto::KeyValue;

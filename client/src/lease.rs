@@ -8,14 +8,12 @@
 //! Invariants:
 //! - grant and revoke carry a write id (exactly-once across retries); renewals and reads
 //!   are idempotent and retried freely;
-//! - a [`KeepAlive`] renews at a third of the TTL and reports the lease lost once the
-//!   cluster says it is gone, or once the TTL passed without a successful renewal.
+//! - keep-alives are renewed by one task per client (`keepalive`).
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::watch;
 
 use super::retry::Mode;
 use super::{CasAction, CasResult, Client, Compare, Error, Result};
@@ -255,65 +253,5 @@ impl Client {
         out.sort_by_key(|l| l.id);
         out.dedup_by_key(|l| l.id);
         Ok(out)
-    }
-
-    /// Keeps lease `id` (of TTL `ttl`) alive in the background until the handle is dropped.
-    pub fn keep_alive(&self, id: u64, ttl: Duration) -> KeepAlive {
-        let (tx, rx) = watch::channel(None);
-        let client = self.clone();
-        let task = tokio::spawn(async move {
-            let mut last_ok = Instant::now();
-            let period = (ttl / 3).max(Duration::from_millis(100));
-            loop {
-                tokio::time::sleep(period).await;
-                match client.lease_renew(&[id]).await {
-                    Ok(t) if t.first().copied().flatten().is_some() => last_ok = Instant::now(),
-                    Ok(_) => {
-                        let _ = tx.send(Some(format!("lease {id} expired or was revoked")));
-                        return;
-                    }
-                    Err(e) if last_ok.elapsed() >= ttl => {
-                        let _ = tx.send(Some(format!(
-                            "lease {id} not renewed for its TTL ({ttl:?}): {e}"
-                        )));
-                        return;
-                    }
-                    Err(_) => {}
-                }
-            }
-        });
-        KeepAlive { id, lost: rx, task }
-    }
-}
-
-/// A lease kept alive by a background task (see [`Client::keep_alive`]).
-pub struct KeepAlive {
-    pub id: u64,
-    lost: watch::Receiver<Option<String>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl KeepAlive {
-    /// Waits until the lease is lost, and says why.
-    pub async fn lost(&mut self) -> String {
-        loop {
-            if let Some(why) = self.lost.borrow().clone() {
-                return why;
-            }
-            if self.lost.changed().await.is_err() {
-                return format!("lease {}'s keep-alive stopped", self.id);
-            }
-        }
-    }
-
-    /// Whether the lease was lost already.
-    pub fn is_lost(&self) -> bool {
-        self.lost.borrow().is_some()
-    }
-}
-
-impl Drop for KeepAlive {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }

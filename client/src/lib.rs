@@ -71,6 +71,7 @@ mod batch;
 pub mod cache;
 mod cluster;
 pub mod concurrency;
+mod keepalive;
 mod lease;
 mod mux;
 mod mvcc;
@@ -95,7 +96,8 @@ use tessera_api::keys::is_system_key;
 use write_id::WriteIds;
 
 pub use cluster::Health;
-pub use lease::{KeepAlive, LeaseStatus, MAX_LEASE_TTL, MIN_LEASE_TTL};
+pub use keepalive::KeepAlive;
+pub use lease::{LeaseStatus, MAX_LEASE_TTL, MIN_LEASE_TTL};
 pub use tessera_api::limits::MAX_COMMANDS_MESSAGE_BYTES;
 pub use tessera_api::{ids, proto};
 pub use watch::{Event, EventKind, WatchOptions, WatchResponse, Watcher};
@@ -212,6 +214,8 @@ struct Inner {
     writes: WriteIds,
     /// One watch stream per node address, shared by all watches.
     watch_muxes: DashMap<String, watch::Mux>,
+    /// The leases kept alive through this client.
+    keepalives: keepalive::KeepAlives,
 }
 
 impl Client {
@@ -231,6 +235,7 @@ impl Client {
                 suspects: DashMap::new(),
                 writes: WriteIds::new(),
                 watch_muxes: DashMap::new(),
+                keepalives: Default::default(),
             }),
         };
         if c.inner.opts.system || c.load_routes(&[], 0).await.is_err() {

@@ -15,6 +15,7 @@ fn client() -> Client {
             suspects: DashMap::new(),
             writes: WriteIds::new(),
             watch_muxes: DashMap::new(),
+            keepalives: Default::default(),
         }),
     };
     for n in 1..=3 {

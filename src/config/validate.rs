@@ -57,8 +57,12 @@ impl Config {
                 "must be between 50 and 10000",
             ));
         }
-        if self.lease.max_clock_skew_ms > 10_000 {
-            return Err(invalid("lease.max_clock_skew_ms", "must be at most 10000"));
+        if self.lease.max_clock_skew_ms >= self.raft.election_timeout().as_millis() as u64 {
+            // A new leader gives inherited leases one election timeout for clock differences.
+            return Err(invalid(
+                "lease.max_clock_skew_ms",
+                "must be below the election timeout (raft.tick_interval_ms × raft.election_ticks)",
+            ));
         }
         let advertise = self.advertise_addr()?;
         self.listen_addr()?;

@@ -50,7 +50,8 @@ pub fn initial_regions(
     // Lease ids are below 2^63 (etcd's): split that range evenly.
     let leases = u64::from(lease_regions.max(1));
     for i in 1..leases {
-        split_keys.push(tessera_api::keys::lease_key(((i << 63) / leases).max(1)));
+        let first_id = (u128::from(i) << 63) / u128::from(leases);
+        split_keys.push(tessera_api::keys::lease_key((first_id as u64).max(1)));
     }
     let n = split_keys.len() as u64 + 1;
     let r = (replicas as usize).min(nodes.len()).max(1);
@@ -265,6 +266,28 @@ mod tests {
             let mut nodes: Vec<u64> = r.peers.iter().map(|p| p.node_id).collect();
             nodes.sort();
             assert_eq!(nodes, vec![1, 2, 3]);
+        }
+    }
+
+    #[test]
+    fn many_lease_regions_tile_the_lease_keyspace() {
+        for leases in [1, 3, 4, 7, 64] {
+            let a = initial_regions(&members(3), &[], 3, leases);
+            assert_eq!(a.len(), 2 + leases as usize);
+            for w in a.windows(2) {
+                assert_eq!(w[0].end_key, w[1].start_key);
+                assert!(
+                    w[1].end_key.is_empty() || w[1].start_key < w[1].end_key,
+                    "{leases}"
+                );
+            }
+            let ids: Vec<u64> = a[2..]
+                .iter()
+                .skip(1)
+                .filter_map(|r| tessera_api::keys::parse_lease_key(&r.start_key))
+                .collect();
+            assert_eq!(ids.len(), leases as usize - 1, "{leases}");
+            assert!(ids.iter().all(|id| *id < 1 << 63), "{leases}: {ids:?}");
         }
     }
 

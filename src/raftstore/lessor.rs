@@ -4,10 +4,10 @@
 //! Only a region's leader holds its leases here. On taking the lead it loads them from its
 //! applied state; from then on every lease command the region applies updates them, after
 //! the round's batch is written. Deadlines are stored as wall-clock instants (the proposer's
-//! clock); here each becomes a monotonic instant when loaded or applied, so a clock step
-//! after that changes nothing. A lease a leader inherits gets `margin` (one election timeout)
-//! on top of what its record says is left: never less than what is left, at most that much
-//! more.
+//! clock, which may be another node's); here each becomes a monotonic instant when loaded or
+//! applied — what is left by this node's clock plus `margin` (one election timeout, covering
+//! clock differences) — so a clock step after that changes nothing, and a lease is never
+//! expired before what is left of it, at most `margin` after.
 //!
 //! Invariants:
 //! - a region is here only while this node leads it, loaded after the batch that made it
@@ -42,13 +42,16 @@ struct Held {
     expires: Instant,
     /// Revoked at (wall clock, ms); 0 = live.
     revoked_at_ms: u64,
+    /// When this node learnt of the revocation (applied or loaded it).
+    revoked_seen: Option<Instant>,
     /// When its expiry was last handed out.
     expiry_proposed: Option<Instant>,
 }
 
 #[derive(Default)]
 struct Inner {
-    regions: HashMap<RegionId, HashMap<u64, Held>>,
+    /// Per led region: its margin and leases.
+    regions: HashMap<RegionId, (Duration, HashMap<u64, Held>)>,
 }
 
 /// The node's leases, shared by its workers (which apply) and the lease keeper (which
@@ -78,12 +81,13 @@ impl Lessor {
                     deadline_ms: l.deadline_ms,
                     expires: expires_at(now, now_ms, l.deadline_ms, margin),
                     revoked_at_ms: l.revoked_at_ms,
+                    revoked_seen: (l.revoked_at_ms > 0).then_some(now),
                     expiry_proposed: None,
                 };
                 (id, h)
             })
             .collect();
-        self.lock().regions.insert(region, held);
+        self.lock().regions.insert(region, (margin, held));
     }
 
     /// This node no longer leads `region` (or the peer is gone).
@@ -98,9 +102,10 @@ impl Lessor {
     /// Applies what `region` applied (ignored unless this node leads it).
     pub fn apply(&self, region: RegionId, changes: &[LeaseChange]) {
         let mut inner = self.lock();
-        let Some(leases) = inner.regions.get_mut(&region) else {
+        let Some((margin, leases)) = inner.regions.get_mut(&region) else {
             return;
         };
+        let margin = *margin;
         let (now, now_ms) = (Instant::now(), wall_clock_ms());
         for c in changes {
             match *c {
@@ -112,8 +117,9 @@ impl Lessor {
                     let h = Held {
                         ttl_ms,
                         deadline_ms,
-                        expires: expires_at(now, now_ms, deadline_ms, Duration::ZERO),
+                        expires: expires_at(now, now_ms, deadline_ms, margin),
                         revoked_at_ms: 0,
+                        revoked_seen: None,
                         expiry_proposed: None,
                     };
                     leases.insert(id, h);
@@ -121,6 +127,7 @@ impl Lessor {
                 LeaseChange::Revoked { id, at_ms } => {
                     if let Some(h) = leases.get_mut(&id) {
                         h.revoked_at_ms = at_ms;
+                        h.revoked_seen = Some(now);
                     }
                 }
                 LeaseChange::Removed { id } => {
@@ -137,7 +144,7 @@ impl Lessor {
         let mut inner = self.lock();
         let mut out = Vec::new();
         let mut n = 0;
-        for (region, leases) in inner.regions.iter_mut() {
+        for (region, (_, leases)) in inner.regions.iter_mut() {
             let mut due = Vec::new();
             for (id, h) in leases.iter_mut() {
                 if n >= limit {
@@ -157,15 +164,16 @@ impl Lessor {
         out
     }
 
-    /// Revoked leases whose revocation is at or before `before_ms`, grouped by region.
-    pub fn revoked(&self, before_ms: u64) -> Vec<(RegionId, Vec<u64>)> {
+    /// Revoked leases this node learnt of at least `wait` ago, grouped by region.
+    pub fn revoked(&self, wait: Duration) -> Vec<(RegionId, Vec<u64>)> {
+        let now = Instant::now();
         self.lock()
             .regions
             .iter()
-            .filter_map(|(region, leases)| {
+            .filter_map(|(region, (_, leases))| {
                 let ids: Vec<u64> = leases
                     .iter()
-                    .filter(|(_, h)| h.revoked_at_ms > 0 && h.revoked_at_ms <= before_ms)
+                    .filter(|(_, h)| h.revoked_seen.is_some_and(|t| now - t >= wait))
                     .map(|(id, _)| *id)
                     .collect();
                 (!ids.is_empty()).then_some((*region, ids))
@@ -173,13 +181,16 @@ impl Lessor {
             .collect()
     }
 
-    fn info(id: u64, h: &Held, now: Instant) -> LeaseInfo {
+    /// What a client is told: the remaining TTL without the margin this node adds.
+    fn info(id: u64, h: &Held, now: Instant, margin: Duration) -> LeaseInfo {
         let live = h.revoked_at_ms == 0;
         LeaseInfo {
             id,
             ttl_ms: if live { h.ttl_ms } else { 0 },
             remaining_ms: if live {
-                h.expires.saturating_duration_since(now).as_millis() as u64
+                h.expires
+                    .saturating_duration_since(now + margin)
+                    .as_millis() as u64
             } else {
                 0
             },
@@ -190,32 +201,32 @@ impl Lessor {
     /// the region); a lease that does not exist or is revoked has TTL 0.
     pub fn get(&self, region: RegionId, id: u64) -> Option<LeaseInfo> {
         let inner = self.lock();
-        let leases = inner.regions.get(&region)?;
+        let (margin, leases) = inner.regions.get(&region)?;
         let now = Instant::now();
         Some(leases.get(&id).map_or(
             LeaseInfo {
                 id,
                 ..Default::default()
             },
-            |h| Self::info(id, h, now),
+            |h| Self::info(id, h, now, *margin),
         ))
     }
 
     /// Whether lease `id` of `region` is still held here, live or revoked (`None` when this
     /// node does not lead the region).
     pub fn holds(&self, region: RegionId, id: u64) -> Option<bool> {
-        Some(self.lock().regions.get(&region)?.contains_key(&id))
+        Some(self.lock().regions.get(&region)?.1.contains_key(&id))
     }
 
     /// The live leases of `region`, by id (`None` when this node does not lead it).
     pub fn list(&self, region: RegionId) -> Option<Vec<LeaseInfo>> {
         let inner = self.lock();
-        let leases = inner.regions.get(&region)?;
+        let (margin, leases) = inner.regions.get(&region)?;
         let now = Instant::now();
         let mut out: Vec<LeaseInfo> = leases
             .iter()
             .filter(|(_, h)| h.revoked_at_ms == 0)
-            .map(|(id, h)| Self::info(*id, h, now))
+            .map(|(id, h)| Self::info(*id, h, now, *margin))
             .collect();
         out.sort_by_key(|l| l.id);
         Some(out)
@@ -226,7 +237,7 @@ impl Lessor {
         self.lock()
             .regions
             .values()
-            .map(|l| l.values().filter(|h| h.revoked_at_ms == 0).count())
+            .map(|(_, l)| l.values().filter(|h| h.revoked_at_ms == 0).count())
             .sum()
     }
 }
@@ -253,8 +264,9 @@ mod tests {
             vec![(1, record(now_ms + 4_000)), (2, record(now_ms - 1))],
             Duration::from_millis(1_000),
         );
+        // What is left is reported without the margin.
         let left = l.get(r, 1).unwrap().remaining_ms;
-        assert!((4_900..=5_000).contains(&left), "{left}");
+        assert!((3_900..=4_000).contains(&left), "{left}");
         // Lease 2's deadline passed, but an inherited lease gets the margin first.
         assert!(l.expired(10).is_empty());
         assert_eq!(l.get(r, 3).unwrap().ttl_ms, 0);
@@ -286,11 +298,11 @@ mod tests {
                 at_ms: now_ms,
             }],
         );
-        assert_eq!(l.revoked(now_ms), vec![(r, vec![1])]);
-        assert!(l.revoked(now_ms - 1).is_empty());
+        assert_eq!(l.revoked(Duration::ZERO), vec![(r, vec![1])]);
+        assert!(l.revoked(Duration::from_secs(60)).is_empty());
         assert_eq!(l.list(r).unwrap().len(), 0);
         l.apply(r, &[LeaseChange::Removed { id: 1 }]);
-        assert!(l.revoked(now_ms).is_empty());
+        assert!(l.revoked(Duration::ZERO).is_empty());
         // Not led: ignored.
         l.apply(
             RegionId(9),

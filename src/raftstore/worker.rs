@@ -382,6 +382,7 @@ impl Worker {
         }
         metrics::counter!("tessera_entries_applied_total").increment(actx.applied_entries);
         let mut born = self.start_new_peers(&mut actx);
+        self.publish_leases(&mut actx);
         actx.send_replies();
         self.publish_watched(&mut actx);
         count_cache_reads(&actx);
@@ -403,6 +404,7 @@ impl Worker {
         }
         metrics::counter!("tessera_entries_applied_total").increment(actx.applied_entries);
         born.extend(self.start_new_peers(&mut actx));
+        self.publish_leases(&mut actx);
         actx.send_replies();
         self.publish_watched(&mut actx);
         count_cache_reads(&actx);
@@ -444,6 +446,11 @@ impl Worker {
         for (region, revision, events) in actx.watched.drain(..) {
             self.store.hub.publish(region, revision, &events);
         }
+    }
+
+    /// Hands the round's lease changes to the node's lessor: after the batch holding them is
+    /// written, before their answers go (a time-to-live right after a grant sees it).
+    fn publish_leases(&self, actx: &mut ApplyCtx) {
         for (region, change) in actx.lease_changes.drain(..) {
             self.store
                 .lessor

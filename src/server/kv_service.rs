@@ -124,6 +124,11 @@ impl KvCore {
         if key.is_empty() {
             return Err(Status::invalid_argument("key must not be empty"));
         }
+        if crate::storage::keys::is_lease_key(key) {
+            return Err(Status::invalid_argument(
+                "the lease keyspace is written by lease requests only",
+            ));
+        }
         if is_system_key(key) && !header.is_some_and(|h| h.system) {
             return Err(Status::invalid_argument(
                 "keys starting with byte 0xFF are reserved for placement data",
@@ -301,7 +306,15 @@ impl KvCore {
         self.check_value(&r.value)?;
         let lease = match r.lease {
             0 => None,
-            id => Some(Box::new(self.attach(id, &r.key).await?)),
+            id => match self.attach(id, &r.key).await? {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    return Ok(proto::PutResponse {
+                        region_error: Some(e),
+                        ..Default::default()
+                    })
+                }
+            },
         };
         let cmd = Command::Put {
             key: r.key,
@@ -413,7 +426,15 @@ impl KvCore {
         };
         let lease = match (r.lease, &action) {
             (0, _) | (_, CasAction::Delete) => None,
-            (id, CasAction::Put(_)) => Some(Box::new(self.attach(id, &r.key).await?)),
+            (id, CasAction::Put(_)) => match self.attach(id, &r.key).await? {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    return Ok(proto::CasResponse {
+                        region_error: Some(e),
+                        ..Default::default()
+                    })
+                }
+            },
         };
         let cmd = Command::CompareAndSwap {
             key: r.key,

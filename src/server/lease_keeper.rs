@@ -7,10 +7,12 @@
 //!    the leadership of each region with a linearizable read, and proposes their expiry:
 //!    a revoke that applies only to a lease whose deadline is still the one seen here, and
 //!    past by the proposer's clock;
-//! 2. for every revoked lease whose revocation is `attach_window_ms + max_clock_skew_ms`
-//!    old — no put attached before the revocation can still be proposed — deletes each
-//!    attached key that is still attached to it (a compare-and-swap on the key's lease, in
-//!    the key's region, through the node's system client), then proposes the lease's removal.
+//! 2. in a task of its own (one pass at a time, so a slow key region never holds up
+//!    expiries), for every revoked lease this node learnt of `attach_window_ms +
+//!    2 × max_clock_skew_ms` ago by its own monotonic clock — no put attached before the
+//!    revocation can still be proposed — deletes each attached key that is still attached to
+//!    it (a compare-and-swap on the key's lease, in the key's region, through the node's
+//!    system client, each bounded by `DELETE_TIMEOUT`), then proposes the lease's removal.
 //!
 //! A leader that fails half way, or loses the lead, leaves the lease revoked and not removed:
 //! the next leader loads it and does the rest. Deletes are conditional, so repeating one is
@@ -32,7 +34,7 @@ use crate::config::LeaseConfig;
 use crate::ids::RegionId;
 use crate::placement::client::SystemClient;
 use crate::raftstore::cmd::{ApplyResult, CasAction, Command, Compare, LeaseCmd};
-use crate::raftstore::lessor::{wall_clock_ms, Lessor};
+use crate::raftstore::lessor::Lessor;
 use crate::raftstore::msg::{PeerMsg, ReadRequest};
 use crate::raftstore::router::Router;
 use crate::storage::{keys, Cf, Engine};
@@ -44,7 +46,10 @@ const MAX_REVOKE_PER_PASS: usize = 1024;
 /// Key deletions in flight at once.
 const DELETES_IN_FLIGHT: usize = 64;
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// One key deletion; one that takes longer is tried again in a later pass.
+const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
 
+#[derive(Clone)]
 pub(super) struct Keeper {
     pub lessor: Lessor,
     pub router: Router,
@@ -59,6 +64,8 @@ pub(super) async fn keep_loop(k: Keeper) {
     let cap = (rate * TICK.as_secs_f64()).max(1.0);
     let mut tokens = cap;
     let mut last = Instant::now();
+    let k = Arc::new(k);
+    let mut revoking: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -70,7 +77,9 @@ pub(super) async fn keep_loop(k: Keeper) {
         if tokens >= 1.0 {
             tokens -= expire(&k, tokens as usize).await as f64;
         }
-        revoke(&k).await;
+        if revoking.as_ref().is_none_or(|t| t.is_finished()) {
+            revoking = Some(tokio::spawn(revoke(k.clone())));
+        }
         metrics::gauge!("tessera_leases").set(k.lessor.live() as f64);
     }
 }
@@ -157,9 +166,9 @@ fn attached(engine: &Engine, id: u64) -> Result<Vec<Vec<u8>>, String> {
 }
 
 /// Deletes the keys of revoked leases that are old enough, then removes the leases.
-async fn revoke(k: &Keeper) {
-    let wait = k.cfg.attach_window_ms + k.cfg.max_clock_skew_ms;
-    let due = k.lessor.revoked(wall_clock_ms().saturating_sub(wait));
+async fn revoke(k: Arc<Keeper>) {
+    let wait = k.cfg.attach_window_ms + 2 * k.cfg.max_clock_skew_ms;
+    let due = k.lessor.revoked(Duration::from_millis(wait));
     if due.is_empty() {
         return;
     }
@@ -185,20 +194,19 @@ async fn revoke(k: &Keeper) {
             .map(|(id, key)| {
                 let client = client.clone();
                 async move {
-                    let r = client
-                        .cas(&key, Compare::Lease(id), CasAction::Delete)
-                        .await;
-                    match r {
-                        Ok(res) => {
+                    let cas = client.cas(&key, Compare::Lease(id), CasAction::Delete);
+                    match tokio::time::timeout(DELETE_TIMEOUT, cas).await {
+                        Ok(Ok(res)) => {
                             if res.succeeded {
                                 metrics::counter!("tessera_lease_keys_deleted_total").increment(1);
                             }
                             None
                         }
-                        Err(e) => {
+                        Ok(Err(e)) => {
                             tracing::debug!(lease = id, error = %e, "lease key not deleted yet");
                             Some(id)
                         }
+                        Err(_) => Some(id),
                     }
                 }
             })

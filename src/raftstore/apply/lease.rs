@@ -38,9 +38,15 @@ pub enum LeaseChange {
 fn read(ctx: &mut ApplyCtx, engine: &Engine, id: u64) -> Option<(KvRecord, proto::LeaseRecord)> {
     let dkey = keys::data_key(&lease_key(id));
     let rec = ctx.current(engine, &dkey)?;
+    // Only lease commands write here (the service refuses other writes), but a record that
+    // does not decode is taken as absent — the same on every replica — rather than
+    // stopping every node of the region.
     match proto::LeaseRecord::decode(rec.value.as_slice()) {
         Ok(l) => Some((rec, l)),
-        Err(e) => crate::fatal(&format!("lease {id}'s record does not decode: {e}")),
+        Err(e) => {
+            tracing::error!(lease = id, error = %e, "lease record does not decode; taken as absent");
+            None
+        }
     }
 }
 
@@ -179,12 +185,13 @@ pub fn load(
             Ok(true)
         })
         .map_err(|e| e.to_string())?;
-    raw.into_iter()
-        .map(|(id, v)| {
-            let rec = KvRecord::decode(v.as_slice()).map_err(|e| format!("lease {id}: {e}"))?;
-            let lease = proto::LeaseRecord::decode(rec.value.as_slice())
-                .map_err(|e| format!("lease {id}: {e}"))?;
-            Ok((id, lease))
+    // Records that do not decode are absent for apply too (`read`).
+    Ok(raw
+        .into_iter()
+        .filter_map(|(id, v)| {
+            let rec = KvRecord::decode(v.as_slice()).ok()?;
+            let lease = proto::LeaseRecord::decode(rec.value.as_slice()).ok()?;
+            Some((id, lease))
         })
-        .collect()
+        .collect())
 }

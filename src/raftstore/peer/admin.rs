@@ -245,7 +245,8 @@ impl Peer {
         self.siblings = vec![right.clone()];
         self.changed = true;
         // Its leases are now those of the smaller range.
-        self.reload_leases = self.is_leader();
+        self.reload_leases =
+            self.is_leader() && tessera_api::keys::reaches_leases(&self.region().end_key);
         // Watchers resume from history where their keys are now.
         self.ctx.hub.end_region(
             self.region_id,

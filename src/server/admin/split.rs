@@ -94,7 +94,10 @@ pub struct SplitLimits {
 
 impl SplitLimits {
     pub fn exceeded_by(&self, info: &RegionInfo) -> bool {
-        !keys::is_system_key(&info.region.start_key)
+        // Placement's region never splits; lease regions do, like data regions.
+        let placement = keys::is_system_key(&info.region.start_key)
+            && !keys::is_lease_key(&info.region.start_key);
+        !placement
             && ((self.max_keys > 0 && info.keys > self.max_keys)
                 || (self.max_bytes > 0 && info.bytes > self.max_bytes))
     }
@@ -164,6 +167,16 @@ pub async fn split_oversized(
                 continue;
             }
             Err(_) => continue,
+        };
+        // A lease's record and attached rows stay together: a lease region splits only at a
+        // record.
+        let key = if keys::is_lease_key(&info.region.start_key) {
+            match key.get(..tessera_api::keys::LEASE_KEY_LEN) {
+                Some(k) if k > info.region.start_key.as_slice() => k.to_vec(),
+                _ => continue,
+            }
+        } else {
+            key
         };
         match split_region(router, placement, id, info.region.epoch, key).await {
             Ok(regions) => tracing::info!(

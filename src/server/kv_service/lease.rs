@@ -232,8 +232,9 @@ impl KvCore {
             .map_err(|e| Status::unavailable(format!("no client to the cluster: {e}")))
     }
 
-    /// Waits until the revoked leases are removed (their keys deleted) by the keeper, while
-    /// this node leads the region, for at most the request timeout.
+    /// Waits until the revoked leases are removed (their keys deleted) by the keeper, for at
+    /// most the request timeout, and only while this node leads the region (a new leader
+    /// finishes the deletion; the answer then comes before it).
     async fn await_removal(&self, region: RegionId, ids: &[u64]) {
         self.keeper.notify_one();
         let until = Instant::now() + self.timeout;
@@ -248,19 +249,31 @@ impl KvCore {
         }
     }
 
-    /// Attaches `key` to lease `id` in the lease's region, wherever it is led.
-    pub(super) async fn attach(&self, id: u64, key: &[u8]) -> Result<Attachment, Status> {
+    /// Attaches `key` to lease `id` in the lease's region, wherever it is led. A lease that
+    /// does not exist is `NotFound`; any other failure is `ServerBusy` for the client to retry
+    /// (nothing was written).
+    pub(super) async fn attach(
+        &self,
+        id: u64,
+        key: &[u8],
+    ) -> Result<Result<Box<Attachment>, proto::RegionError>, Status> {
         check_id(id)?;
-        let client = self.system_client().await?;
+        let busy = |why: String| {
+            Ok(Err(self.region_error(&RegionError::ServerBusy {
+                reason: format!("cannot attach the key to lease {id}: {why}"),
+            })))
+        };
+        let client = match self.system_client().await {
+            Ok(c) => c,
+            Err(s) => return busy(s.message().to_string()),
+        };
         match client.lease_attach(id, key).await {
-            Ok(deadline_ms) => Ok(Attachment {
+            Ok(deadline_ms) => Ok(Ok(Box::new(Attachment {
                 lease: id,
                 deadline_ms,
-            }),
+            }))),
             Err(crate::client::Error::NotFound(m)) => Err(Status::not_found(m)),
-            Err(e) => Err(Status::unavailable(format!(
-                "cannot attach the key to lease {id}: {e}"
-            ))),
+            Err(e) => busy(e.to_string()),
         }
     }
 }
