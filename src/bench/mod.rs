@@ -28,6 +28,7 @@
 //! - the arguments are checked before anything connects.
 
 pub mod keys;
+mod lease;
 pub mod target;
 mod watch;
 
@@ -56,6 +57,9 @@ pub enum Workload {
     /// `--watchers` watchers on one prefix, writers at `--rate` puts/s under it: events
     /// delivered per second and latency from a write's answer to its event.
     Watch,
+    /// `--sessions` leases of `--ttl` seconds, each with a registration key, kept alive at a
+    /// third of the TTL: keep-alives per second and their latency.
+    Lease,
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -120,6 +124,12 @@ pub struct BenchArgs {
     /// Watchers (watch workload).
     #[arg(long, default_value_t = 100)]
     pub watchers: usize,
+    /// Sessions: leases with a registration key each (lease workload).
+    #[arg(long, default_value_t = 1000)]
+    pub sessions: usize,
+    /// Lease TTL in seconds (lease workload); renewed at a third of it.
+    #[arg(long, default_value_t = 60)]
+    pub ttl: u64,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -303,8 +313,8 @@ async fn one_op(sh: &Shared, conn: usize, task: usize) -> Result<(), OpError> {
                 .map(|_| ())
         }
         // Runs its own loop (`watch::run`), never this one.
-        Workload::Watch => Err(OpError(
-            "the watch workload has no per-operation loop".into(),
+        Workload::Watch | Workload::Lease => Err(OpError(
+            "the watch and lease workloads run their own loops".into(),
         )),
         Workload::Cas => {
             let k = key(i % a.cas_keys.max(1), a.key_size);
@@ -441,6 +451,9 @@ fn progress(done: f64, total: f64, ops: u64, rate_now: f64, tty: bool) {
 }
 
 pub async fn run(args: BenchArgs) -> Result<Report, String> {
+    if args.workload == Workload::Lease {
+        return lease::run(args).await;
+    }
     if args.workload == Workload::Watch {
         return watch::run(args).await;
     }

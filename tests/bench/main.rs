@@ -33,6 +33,8 @@ fn args(target: TargetKind, endpoints: String, workload: Workload) -> BenchArgs 
         cas_keys: 4,
         preload: true,
         watchers: 100,
+        sessions: 1000,
+        ttl: 60,
         json: None,
     }
 }
@@ -49,6 +51,23 @@ async fn every_watcher_sees_every_write(target: TargetKind, endpoints: String) {
     assert!(
         r.ops > 1000,
         "{target:?}: 10 watchers of 200 writes/s for 1 s got {} events",
+        r.ops
+    );
+}
+
+/// Lease: 200 sessions of a 3 s TTL renewed at a third of it for 2 s: about 200 keep-alives
+/// a second, none of them finding its lease gone.
+async fn every_session_is_kept(target: TargetKind, endpoints: String) {
+    let mut a = args(target, endpoints, Workload::Lease);
+    a.sessions = 200;
+    a.ttl = 3;
+    a.duration = Some(2);
+    let r = bench::run(a).await.unwrap();
+    eprintln!("{}", r.text());
+    assert!(r.errors.is_empty(), "{target:?}: {:?}", r.errors);
+    assert!(
+        (300..=500).contains(&r.ops),
+        "{target:?}: 200 sessions renewed every second for 2 s made {} keep-alives",
         r.ops
     );
 }
@@ -81,6 +100,7 @@ async fn every_workload_against_tessera() {
     every_workload(TargetKind::Tessera, cluster.endpoints().join(",")).await;
 
     every_watcher_sees_every_write(TargetKind::Tessera, cluster.endpoints().join(",")).await;
+    every_session_is_kept(TargetKind::Tessera, cluster.endpoints().join(",")).await;
 
     // The cas workload's counters add up: every counted increment really happened, with
     // requests multiplexed on streams (the default) and as unary calls.
@@ -196,6 +216,7 @@ async fn every_workload_against_etcd() {
     }
     every_workload(TargetKind::Etcd, ep.clone()).await;
     every_watcher_sees_every_write(TargetKind::Etcd, ep.clone()).await;
+    every_session_is_kept(TargetKind::Etcd, ep.clone()).await;
 
     // The bench really wrote into etcd: a preloaded key reads back with its value.
     let target = bench::target::Target::connect(TargetKind::Etcd, &[ep], 1, false, false)
