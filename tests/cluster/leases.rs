@@ -320,3 +320,102 @@ async fn leases_live_on_across_a_split_of_their_region() {
     assert_eq!(listed, vec![low]);
     cluster.shutdown().await;
 }
+
+/// An expiry storm: `TESSERA_STORM_LEASES` (default 2,000) leases with a key each expire at
+/// once while writes go on and other leases are kept alive. Every key goes, no kept lease is
+/// lost; the writes' p99 during the storm is printed (a figure, docs/benchmarks.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expiry_storm_is_spread_out_and_kept_leases_survive_it() {
+    let n: usize = std::env::var("TESSERA_STORM_LEASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let cluster = TestCluster::start_led(3, REGIONS, |c| {
+        c.cluster.lease_regions = 2;
+        c.lease.max_expiries_per_second = 2_000;
+    })
+    .await;
+    let client = cluster.client().await;
+    let ttl = Duration::from_secs(2);
+    let granted = Instant::now();
+    let storm: Vec<(u64, Vec<u8>)> = futures::stream::iter(0..n)
+        .map(|i| {
+            let client = client.clone();
+            async move {
+                let (id, _) = client.lease_grant(ttl).await.expect("grant");
+                let key = key_in_region(i as u32 % REGIONS, REGIONS, &format!("/storm/{i}"));
+                client.put_with_lease(&key, b"s", id).await.expect("put");
+                (id, key)
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    eprintln!("storm: {n} leases with keys in {:?}", granted.elapsed());
+    let mut kept = Vec::new();
+    for _ in 0..20 {
+        let (id, ttl) = client.lease_grant(ttl).await.expect("grant");
+        kept.push(client.keep_alive(id, ttl));
+    }
+    // Writes through the storm, one at a time, timed.
+    let writer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let until = Instant::now() + Duration::from_secs(8);
+            let mut i = 0u32;
+            while Instant::now() < until {
+                let key = key_in_region(i % REGIONS, REGIONS, "/storm-writer");
+                let t = Instant::now();
+                client
+                    .put(&key, b"w")
+                    .await
+                    .expect("write during the storm");
+                lat.push(t.elapsed());
+                i += 1;
+            }
+            lat
+        })
+    };
+    let keys: Vec<Vec<u8>> = storm.iter().map(|(_, k)| k.clone()).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut left = 0;
+        for chunk in keys.chunks(500) {
+            left += present(&client, chunk).await;
+        }
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} keys of expired leases left"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "storm: every key gone {:?} after the grants began",
+        granted.elapsed()
+    );
+    let mut lat = writer.await.expect("writer");
+    lat.sort();
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+    eprintln!(
+        "storm: {} writes during it, p50 {:?} p99 {:?} max {:?}",
+        lat.len(),
+        p(0.5),
+        p(0.99),
+        lat[lat.len() - 1]
+    );
+    for k in &kept {
+        assert!(!k.is_lost(), "a kept lease was lost in the storm");
+    }
+    let ids: Vec<u64> = kept.iter().map(|k| k.id).collect();
+    assert!(client
+        .lease_renew(&ids)
+        .await
+        .expect("renew")
+        .iter()
+        .all(Option::is_some));
+    cluster.shutdown().await;
+}
