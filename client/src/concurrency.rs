@@ -36,12 +36,15 @@ pub struct Session {
 impl Session {
     /// Grants a lease of `ttl` and keeps it alive.
     pub async fn new(client: &Client, ttl: Duration) -> Result<Session> {
+        // The grant may apply well before its answer comes (a retry answered from the first
+        // attempt): the lease's time runs from when it was asked for.
+        let asked = std::time::Instant::now();
         let (lease, ttl) = client.lease_grant(ttl).await?;
         Ok(Session {
             client: client.clone(),
             lease,
             ttl,
-            keep: client.keep_alive(lease, ttl),
+            keep: client.keep_alive_since(lease, ttl, asked),
         })
     }
 

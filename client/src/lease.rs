@@ -210,6 +210,47 @@ impl Client {
         .await
     }
 
+    /// Renews each lease as [`Client::lease_renew`] does, but a lease region that fails does
+    /// not fail the others: the answer holds the leases whose region answered (a TTL, or
+    /// `None` for a lease that is gone). A group that fails is tried again lease by lease,
+    /// so that leases whose region split apart are routed anew.
+    pub(super) async fn lease_renew_each(&self, ids: &[u64]) -> HashMap<u64, Option<Duration>> {
+        let mut by_region: HashMap<u64, Vec<u64>> = HashMap::new();
+        for &id in ids {
+            if let Ok(region) = self.locate(&lease_key(id)).await {
+                by_region.entry(region.region.id).or_default().push(id);
+            }
+        }
+        let renew = |group: Vec<u64>| async move {
+            let op = Op::Renew(proto::LeaseIds { ids: group.clone() });
+            match self.lease_call(group[0], Mode::Idempotent, op).await {
+                Ok(r) if r.leases.len() == group.len() => group
+                    .into_iter()
+                    .zip(r.leases)
+                    .map(|(id, a)| (id, (a.ttl_ms > 0).then(|| Duration::from_millis(a.ttl_ms))))
+                    .collect::<Vec<_>>(),
+                _ => Vec::new(),
+            }
+        };
+        let groups = by_region.into_values().map(|group| async move {
+            let done = renew(group.clone()).await;
+            if !done.is_empty() || group.len() == 1 {
+                return done;
+            }
+            let one_by_one = group.into_iter().map(|id| renew(vec![id]));
+            futures::future::join_all(one_by_one)
+                .await
+                .into_iter()
+                .flatten()
+                .collect()
+        });
+        futures::future::join_all(groups)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// Lease `id`'s TTL and what is left of it (and its keys with `keys`);
     /// [`Error::NotFound`] if it does not exist.
     pub async fn lease_time_to_live(&self, id: u64, keys: bool) -> Result<LeaseStatus> {

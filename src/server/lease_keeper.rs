@@ -65,7 +65,8 @@ pub(super) async fn keep_loop(k: Keeper) {
     let mut tokens = cap;
     let mut last = Instant::now();
     let k = Arc::new(k);
-    let mut revoking: Option<tokio::task::JoinHandle<()>> = None;
+    // Aborted with this loop (at shutdown), not left running on its own.
+    let mut revoking: Option<AbortOnDrop> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -77,10 +78,18 @@ pub(super) async fn keep_loop(k: Keeper) {
         if tokens >= 1.0 {
             tokens -= expire(&k, tokens as usize).await as f64;
         }
-        if revoking.as_ref().is_none_or(|t| t.is_finished()) {
-            revoking = Some(tokio::spawn(revoke(k.clone())));
+        if revoking.as_ref().is_none_or(|t| t.0.is_finished()) {
+            revoking = Some(AbortOnDrop(tokio::spawn(revoke(k.clone()))));
         }
         metrics::gauge!("tessera_leases").set(k.lessor.live() as f64);
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -168,7 +177,16 @@ fn attached(engine: &Engine, id: u64) -> Result<Vec<Vec<u8>>, String> {
 /// Deletes the keys of revoked leases that are old enough, then removes the leases.
 async fn revoke(k: Arc<Keeper>) {
     let wait = k.cfg.attach_window_ms + 2 * k.cfg.max_clock_skew_ms;
-    let due = k.lessor.revoked(Duration::from_millis(wait));
+    let mut due = k.lessor.revoked(Duration::from_millis(wait));
+    // In random order: leases whose keys cannot be deleted now do not starve the others.
+    {
+        use rand::seq::SliceRandom;
+        let mut rng = rand::rng();
+        due.shuffle(&mut rng);
+        for (_, ids) in due.iter_mut() {
+            ids.shuffle(&mut rng);
+        }
+    }
     if due.is_empty() {
         return;
     }
@@ -197,6 +215,8 @@ async fn revoke(k: Arc<Keeper>) {
                     let cas = client.cas(&key, Compare::Lease(id), CasAction::Delete);
                     match tokio::time::timeout(DELETE_TIMEOUT, cas).await {
                         Ok(Ok(res)) => {
+                            // Tests: the keeper's node dies half way through a revocation.
+                            fail::fail_point!("lease_key_deleted", |_| std::process::exit(75));
                             if res.succeeded {
                                 metrics::counter!("tessera_lease_keys_deleted_total").increment(1);
                             }

@@ -419,3 +419,78 @@ async fn an_expiry_storm_is_spread_out_and_kept_leases_survive_it() {
         .all(Option::is_some));
     cluster.shutdown().await;
 }
+
+/// `Kv.LeaseKeepAlive`, as etcd's clients use it: one stream at any node (followers
+/// forward) renews many leases; a lease that is gone answers TTL 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_keep_alive_stream_renews_many_leases_at_any_node() {
+    use tessera::proto::kv_client::KvClient;
+    use tessera::proto::LeaseKeepAliveRequest;
+    let cluster = started().await;
+    let client = cluster.client().await;
+    let ttl = Duration::from_secs(2);
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(client.lease_grant(ttl).await.expect("grant").0);
+    }
+    for addr in cluster.endpoints() {
+        let mut kv = KvClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        // Three rounds a third of the TTL apart, plus an unknown lease: the leases live on.
+        for _ in 0..3 {
+            let reqs: Vec<LeaseKeepAliveRequest> = ids
+                .iter()
+                .chain([&4242u64])
+                .map(|id| LeaseKeepAliveRequest { id: *id })
+                .collect();
+            let mut answers = kv
+                .lease_keep_alive(futures::stream::iter(reqs))
+                .await
+                .expect("stream")
+                .into_inner();
+            let mut got = Vec::new();
+            while let Some(a) = answers.message().await.expect("answer") {
+                assert!(a.error.is_empty(), "{}: {}", addr, a.error);
+                got.push((a.id, a.ttl_ms));
+            }
+            let mut want: Vec<(u64, u64)> = ids.iter().map(|id| (*id, 2000)).collect();
+            want.push((4242, 0));
+            assert_eq!(got, want, "at {addr}");
+            tokio::time::sleep(ttl / 3).await;
+        }
+    }
+    // Renewed through every node for three TTLs: still alive.
+    let ttls = client.lease_renew(&ids).await.expect("renew");
+    assert!(ttls.iter().all(Option::is_some), "{ttls:?}");
+    cluster.shutdown().await;
+}
+
+/// A keep-alive that can no longer reach the cluster tells its holder the lease is lost
+/// within the TTL of the last successful renewal — before the cluster could have expired
+/// it and handed the holder's lock to another — not when some call finally times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_keep_alive_reports_the_loss_within_the_ttl() {
+    let mut cluster = started().await;
+    let client = cluster.client().await;
+    let ttl = Duration::from_secs(2);
+    let asked = Instant::now();
+    let (id, ttl) = client.lease_grant(ttl).await.expect("grant");
+    let mut keeper = client.keep_alive_since(id, ttl, asked);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!keeper.is_lost());
+    for i in 0..3 {
+        cluster.stop(i).await;
+    }
+    let stopped = Instant::now();
+    let why = tokio::time::timeout(Duration::from_secs(10), keeper.lost())
+        .await
+        .expect("the loss is reported");
+    // The last renewal was sent at most a third of the TTL (plus a tick) before the stop.
+    let took = stopped.elapsed();
+    assert!(
+        took <= ttl + Duration::from_millis(300),
+        "told after {took:?}: {why}"
+    );
+    assert!(why.contains("not renewed for its TTL"), "{why}");
+}

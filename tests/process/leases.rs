@@ -223,3 +223,76 @@ async fn cli_leases_locks_and_elections() {
         p.terminate(Duration::from_secs(10));
     }
 }
+
+/// A revocation is driven to completion across a crash of its driver: the lease's leader
+/// dies (fail point `lease_key_deleted`) after deleting its first key; once it is back, the
+/// lease's leader then deletes the rest and removes the lease.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_survives_the_crash_of_its_driver() {
+    const REGIONS: u32 = 4;
+    let dir = common::test_dir("a_revocation_survives_the_crash_of_its_driver");
+    let (mut procs, addrs, client) = start_led_with_client(dir.path(), 3, REGIONS).await;
+    let (id, _) = client
+        .lease_grant(Duration::from_secs(30))
+        .await
+        .expect("grant");
+    let keys: Vec<Vec<u8>> = (0..REGIONS * 2)
+        .map(|i| key_in_region(i % REGIONS, REGIONS, &format!("/driver/{i}")))
+        .collect();
+    for k in &keys {
+        client.put_with_lease(k, b"v", id).await.expect("put");
+    }
+    let leader = lease_leader(&addrs[0], id).await.expect("a lease leader") as usize - 1;
+    common::set_failpoint(&addrs[leader], "lease_key_deleted", "return").await;
+    // The revoke's answer is lost with the node; what matters is what happens to the keys.
+    let revoke = tokio::spawn({
+        let client = client.clone();
+        async move { client.lease_revoke(id).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = procs[leader]
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the driver never reached the fail point"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(75), "the driver died at the fail point");
+    let left = client
+        .batch_get(&keys)
+        .await
+        .expect("read")
+        .iter()
+        .filter(|k| k.is_some())
+        .count();
+    eprintln!("driver died with {left} of {} keys left", keys.len());
+    procs[leader].restart(&dir.path().join(format!("node{}.log", leader + 1)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = client.batch_get(&keys).await.expect("read");
+        let gone = matches!(
+            client.lease_time_to_live(id, false).await,
+            Err(tessera::client::Error::NotFound(_))
+        );
+        if gone && got.iter().all(Option::is_none) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revocation not finished after the driver's crash"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = revoke.await;
+    for p in procs.iter_mut() {
+        p.terminate(Duration::from_secs(10));
+    }
+}
