@@ -35,7 +35,10 @@ if [ "${1:-}" = stop ]; then
   exit 0
 fi
 
-cargo build --all-targets -q
+# Cargo's own progress is shown: a first build compiles RocksDB's C++ sources for 10-15
+# minutes, and a silent terminal would look hung.
+echo "building tessera (the first build takes 10-15 minutes; later ones seconds)"
+cargo build --all-targets
 mkdir -p "$RUN"
 for i in 1 2 3; do
   if [ -f "$RUN/node$i.pid" ] && kill -0 "$(cat "$RUN/node$i.pid")" 2>/dev/null; then

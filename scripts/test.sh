@@ -12,6 +12,14 @@ if ! command -v etcd >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
 fi
 
+# The alert rules are checked with promtool (Debian's prometheus).
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "installing prometheus (promtool) to check the alert rules" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
+fi
+
 start=$(date +%s)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -19,6 +27,9 @@ echo "== cargo clippy --all-targets (every crate of the workspace)"
 cargo clippy --workspace --all-targets --features tessera/failpoints --quiet -- -D warnings
 # Without the feature too: code used only by fail-point tests must be gated like them.
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== alert rules (promtool)"
+promtool check rules deploy/prometheus/alerts.yml
+promtool check config deploy/prometheus/prometheus.yml
 echo "== no import cycles between modules"
 python3 scripts/module-deps.py
 echo "== the client crate depends on neither RocksDB nor raft"

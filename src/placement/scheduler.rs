@@ -292,6 +292,12 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
         if !leads_placement {
             continue;
         }
+        if let Ok(t) = crate::placement::route_table(&client).await {
+            let leaderless = t.routes.iter().filter(|r| r.leader.is_none()).count();
+            metrics::gauge!("tessera_cluster_regions").set(t.routes.len() as f64);
+            metrics::gauge!("tessera_cluster_regions_without_leader").set(leaderless as f64);
+            metrics::gauge!("tessera_cluster_routing_gaps").set(t.gaps.len() as f64);
+        }
         let records = match crate::placement::node_records(&client).await {
             Ok(r) => r,
             Err(e) => {

@@ -369,11 +369,14 @@ impl Worker {
             let sync = must_sync && self.sync_writes;
             // Chaos tests: crash (exit 75) or stall just before or after the log write.
             fail::fail_point!("raft_before_write", |_| std::process::exit(75));
+            let started = std::time::Instant::now();
             if let Err(e) = engine.write(wb, sync) {
                 crate::fatal(&format!("raft worker {} write failed: {e}", self.index));
             }
             fail::fail_point!("raft_after_write", |_| std::process::exit(75));
             if sync {
+                metrics::histogram!("tessera_fsync_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 metrics::counter!("tessera_fsyncs_total").increment(1);
                 metrics::counter!("tessera_raft_entries_persisted_total").increment(entries as u64);
                 metrics::histogram!("tessera_entries_per_fsync").record(entries as f64);

@@ -274,6 +274,24 @@ async fn join_cluster(
     Err(StartError::Join(last))
 }
 
+/// The free and total bytes of the file system holding the node's data (for the "disk
+/// nearly full" alert).
+pub(crate) fn disk_gauges(dir: &std::path::Path) {
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a valid C string and `st` is written by statvfs before it is read.
+    let ok = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) } == 0;
+    if ok {
+        // SAFETY: statvfs returned 0, so it filled `st`.
+        let st = unsafe { st.assume_init() };
+        let block = st.f_frsize as f64;
+        metrics::gauge!("tessera_disk_free_bytes").set(st.f_bavail as f64 * block);
+        metrics::gauge!("tessera_disk_total_bytes").set(st.f_blocks as f64 * block);
+    }
+}
+
 /// Writes this node's registry record into the placement region every `interval`, with its
 /// region and leader counts, and learns the addresses of the other nodes from the registry.
 /// Failures (placement region without a leader yet, a partition) are logged and retried on
@@ -306,7 +324,9 @@ async fn heartbeat_loop(
             .iter()
             .map(|l| l.load(Ordering::Relaxed) as u64)
             .sum();
-        match crate::placement::heartbeat(&client, &record).await {
+        let beat = crate::placement::heartbeat(&client, &record).await;
+        metrics::gauge!("tessera_placement_reachable").set(if beat.is_ok() { 1.0 } else { 0.0 });
+        match beat {
             Ok(crate::placement::Beat::Written) => {}
             Ok(crate::placement::Beat::Removed) => {
                 tracing::error!(

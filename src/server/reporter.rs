@@ -74,6 +74,9 @@ pub async fn report_loop(
         while let Ok(id) = changes.try_recv() {
             urgent.insert(id);
         }
+        if full {
+            super::disk_gauges(engine.path());
+        }
         let ids: Vec<RegionId> = if full {
             router.region_ids()
         } else {

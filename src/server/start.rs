@@ -304,6 +304,24 @@ pub(super) struct Tasks {
 
 /// Starts the heartbeat to placement, the scheduler (active on the placement leader's node)
 /// and the region reporter.
+/// Registers the metrics the dashboard and alert rules (`deploy/`) name but that a healthy
+/// node may not have touched yet (drops, snapshots), so that they are exported as 0 rather
+/// than missing.
+fn register_metrics() {
+    for name in [
+        "tessera_raft_messages_dropped_total",
+        "tessera_snapshots_sent_total",
+        "tessera_snapshots_received_total",
+        "tessera_snapshots_failed_total",
+        "tessera_lease_expiries_total",
+        "tessera_lease_revocations_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    metrics::gauge!("tessera_watchers").increment(0.0);
+    metrics::gauge!("tessera_placement_reachable").set(0.0);
+}
+
 pub(super) fn spawn_tasks(
     cfg: &Config,
     engine: &Engine,
@@ -311,6 +329,7 @@ pub(super) fn spawn_tasks(
     placement: SystemClient,
     changes: Changes,
 ) -> Result<Tasks, StartError> {
+    register_metrics();
     let (removed_tx, removed) = tokio::sync::watch::channel(false);
     let heartbeat = tokio::spawn(heartbeat_loop(
         placement.clone(),

@@ -22,7 +22,7 @@ async fn a_kept_lease_survives_kill9_of_its_leader_and_a_dropped_one_takes_its_k
     let dir = common::test_dir("a_kept_lease_survives_kill9_of_its_leader");
     let (mut procs, addrs, client) = start_led_with_client(dir.path(), 3, REGIONS).await;
     let (id, ttl) = client
-        .lease_grant(Duration::from_secs(3))
+        .lease_grant(Duration::from_secs(5))
         .await
         .expect("grant");
     let keys: Vec<Vec<u8>> = (0..REGIONS)

@@ -18,6 +18,7 @@ mod hibernation;
 #[cfg(feature = "failpoints")]
 mod lease;
 mod leases;
+mod monitoring;
 mod replacement;
 mod revisions;
 

@@ -34,6 +34,16 @@ impl KvCore {
     async fn execute(self: Arc<Self>, c: proto::KvCommand) -> proto::KvCommandResult {
         use proto::kv_command::Request as Q;
         use proto::kv_command_result::Response as A;
+        let op = match &c.request {
+            Some(Q::Get(_)) => "get",
+            Some(Q::Put(_)) => "put",
+            Some(Q::Delete(_)) => "delete",
+            Some(Q::Cas(_)) => "cas",
+            Some(Q::Tso(_)) => "tso",
+            Some(Q::Lease(_)) => "lease",
+            None => "none",
+        };
+        let started = std::time::Instant::now();
         let answer = match c.request {
             Some(Q::Get(r)) => self.get(r).await.map(A::Get),
             Some(Q::Put(r)) => self.put(r).await.map(A::Put),
@@ -43,6 +53,8 @@ impl KvCore {
             Some(Q::Lease(r)) => self.lease(r).await.map(A::Lease),
             None => Err(Status::invalid_argument("command carries no request")),
         };
+        metrics::histogram!("tessera_request_seconds", "op" => op)
+            .record(started.elapsed().as_secs_f64());
         proto::KvCommandResult {
             id: c.id,
             response: Some(answer.unwrap_or_else(|s| {

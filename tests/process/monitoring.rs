@@ -1,0 +1,84 @@
+//! The dashboard and alert rules in `deploy/` name only metrics that running nodes export.
+
+use super::*;
+
+/// Every `tessera_*` metric named in the file at `path` (repository-relative), without the
+/// `_bucket`/`_count`/`_sum` suffixes of histograms.
+fn named(path: &str) -> std::collections::BTreeSet<String> {
+    let text = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .expect("read a deploy file");
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("tessera_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        out.insert(base.to_string());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_alerts_name_only_exported_metrics() {
+    let dir = common::test_dir("the_dashboard_and_alerts_name_only_exported_metrics");
+    let metrics: Vec<String> = common::free_addrs(3)
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let m = metrics.clone();
+    let procs = start_process_cluster(dir.path(), 3, 2, move |c| {
+        c.node.metrics_addr = m[c.node.id as usize - 1].clone();
+    });
+    let addrs = endpoints(&procs);
+    wait_serving(&addrs).await;
+    wait_for_leaders(&addrs, 2 + common::SYSTEM_REGIONS, Duration::from_secs(90)).await;
+    let client = Client::connect(&addrs, ClientOptions::default())
+        .await
+        .expect("client connects");
+    for i in 0..20 {
+        client
+            .put(format!("/monitored/{i}").as_bytes(), b"v")
+            .await
+            .expect("put");
+        client
+            .get(format!("/monitored/{i}").as_bytes())
+            .await
+            .expect("get");
+    }
+    let mut wanted = named("deploy/grafana/tessera.json");
+    wanted.extend(named("deploy/prometheus/alerts.yml"));
+    assert!(wanted.len() >= 15, "too few metrics found: {wanted:?}");
+    // Heartbeats, the scheduler's look at the routing table: within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pages: Vec<String> = metrics.iter().map(|a| scrape_metrics(a)).collect();
+        let missing: Vec<&String> = wanted
+            .iter()
+            .filter(|name| {
+                !pages.iter().any(|p| {
+                    p.lines().any(|l| {
+                        l.strip_prefix(name.as_str())
+                            .is_some_and(|r| r.starts_with([' ', '{']) || r.starts_with("_bucket"))
+                    })
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "named in deploy/ but exported by no node: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for mut p in procs {
+        p.terminate(Duration::from_secs(10));
+    }
+}
