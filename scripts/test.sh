@@ -20,6 +20,14 @@ if ! command -v promtool >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
 fi
 
+# The systemd unit is checked with systemd-analyze.
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  echo "installing systemd (systemd-analyze) to check the unit" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq systemd >/dev/null
+fi
+
 start=$(date +%s)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -39,6 +47,12 @@ if cargo tree -p tessera-client -e normal,build --prefix none | grep -E '^(libro
 fi
 echo "== cargo build (tests and the tessera binary)"
 cargo build --workspace --all-targets --features tessera/failpoints --quiet
+echo "== the systemd unit (with the binary just built in ExecStart)"
+unit_dir=$(mktemp -d)
+sed "s|/usr/local/bin/tessera|$CARGO_TARGET_DIR/$CARGO_BUILD_TARGET/debug/tessera|" \
+  deploy/systemd/tessera.service > "$unit_dir/tessera.service"
+systemd-analyze verify "$unit_dir/tessera.service"
+rm -rf "$unit_dir"
 echo "== cargo test"
 cargo test --workspace --all-targets --features tessera/failpoints --no-fail-fast
 echo "== cargo test --doc (the examples in the API docs compile)"

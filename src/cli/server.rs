@@ -122,11 +122,13 @@ pub async fn run(args: ServerArgs, cfg: Config) -> Result<()> {
         .await
         .map_err(|e| Error::Server(e.to_string()))?;
     eprintln!("tessera: node serving on {}", node.local_addr());
+    sd_notify("READY=1");
     let removed = tokio::select! {
         _ = wait_for_signal() => false,
         _ = node.wait_removed() => true,
     };
     eprintln!("tessera: shutting down");
+    sd_notify("STOPPING=1");
     node.shutdown().await;
     if removed {
         return Err(Error::Server(
@@ -136,4 +138,27 @@ pub async fn run(args: ServerArgs, cfg: Config) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`, deploy/systemd/tessera.service) how the node is doing,
+/// when it runs under systemd (`NOTIFY_SOCKET` set); otherwise does nothing. Best effort: a
+/// failure is logged, never fatal.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| {
+        let sock = UnixDatagram::unbound()?;
+        sock.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        tracing::warn!(socket = %path, error = %e, "cannot notify systemd");
+    }
 }

@@ -21,6 +21,9 @@ async fn a_kept_lease_survives_kill9_of_its_leader_and_a_dropped_one_takes_its_k
     const REGIONS: u32 = 4;
     let dir = common::test_dir("a_kept_lease_survives_kill9_of_its_leader");
     let (mut procs, addrs, client) = start_led_with_client(dir.path(), 3, REGIONS).await;
+    // A keep-alive tells the loss a TTL after its last successful renewal was sent, so the
+    // TTL leaves room for a failover on a loaded 2-core machine: renewals every 1.7 s leave
+    // 3.3 s to elect a new leader and reach it.
     let (id, ttl) = client
         .lease_grant(Duration::from_secs(5))
         .await

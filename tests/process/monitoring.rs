@@ -82,3 +82,31 @@ async fn the_dashboard_and_alerts_name_only_exported_metrics() {
         p.terminate(Duration::from_secs(10));
     }
 }
+
+/// Under systemd (`Type=notify`), a node says READY=1 once it serves and STOPPING=1 when it
+/// is asked to stop: a socket made here stands in for systemd's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_tells_systemd_it_is_ready_and_stopping() {
+    let dir = common::test_dir("a_node_tells_systemd_it_is_ready_and_stopping");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut procs = start_process_cluster(dir.path(), 1, 1, |_| {});
+    let notify = socket_path.to_string_lossy().into_owned();
+    let log = dir.path().join("node1.log");
+    procs[0].restart_env(&log, &[("NOTIFY_SOCKET", notify.as_str())]);
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).expect("READY=1 within a minute");
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means serving.
+    let addrs = endpoints(&procs);
+    assert!(
+        node_regions(&addrs[0]).await.is_some(),
+        "ready but not serving"
+    );
+    procs[0].terminate(Duration::from_secs(20));
+    let n = socket.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}
