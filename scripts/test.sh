@@ -28,6 +28,14 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq systemd >/dev/null
 fi
 
+# The status page is tested in headless Chromium.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "installing chromium to test the status page" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+
 start=$(date +%s)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -102,25 +102,37 @@ pub async fn run(args: ServerArgs, cfg: Config) -> Result<()> {
         return Ok(());
     }
     tessera::logging::init(&cfg.log.level, &cfg.log.file).map_err(Error::Config)?;
+    // The metrics port: Prometheus text and the status page (`server::status_page`).
+    let mut metrics_port = None;
     if !cfg.node.metrics_addr.is_empty() {
         let addr: std::net::SocketAddr = cfg
             .node
             .metrics_addr
             .parse()
             .map_err(|_| Error::Config("node.metrics_addr is not a socket address".into()))?;
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
             .set_buckets(&[
                 0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 2.0, 4.0,
                 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0,
             ])
             .map_err(|e| Error::Server(format!("metrics: {e}")))?
-            .install()
+            .install_recorder()
+            .map_err(|e| Error::Server(format!("metrics: {e}")))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
             .map_err(|e| Error::Server(format!("cannot serve metrics on {addr}: {e}")))?;
+        metrics_port = Some((listener, handle));
     }
     let node = tessera::server::Node::start(cfg, None)
         .await
         .map_err(|e| Error::Server(e.to_string()))?;
+    let status_page = metrics_port.map(|(listener, handle)| {
+        tokio::spawn(tessera::server::status_page::serve(
+            listener,
+            handle,
+            node.local_addr(),
+        ))
+    });
     eprintln!("tessera: node serving on {}", node.local_addr());
     sd_notify("READY=1");
     let removed = tokio::select! {
@@ -129,6 +141,9 @@ pub async fn run(args: ServerArgs, cfg: Config) -> Result<()> {
     };
     eprintln!("tessera: shutting down");
     sd_notify("STOPPING=1");
+    if let Some(task) = status_page {
+        task.abort();
+    }
     node.shutdown().await;
     if removed {
         return Err(Error::Server(

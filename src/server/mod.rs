@@ -14,6 +14,7 @@ pub mod raft_service;
 pub mod reporter;
 mod resolver;
 mod start;
+pub mod status_page;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -110,3 +110,114 @@ async fn a_node_tells_systemd_it_is_ready_and_stopping() {
     let n = socket.recv(&mut buf).expect("STOPPING=1");
     assert_eq!(&buf[..n], b"STOPPING=1");
 }
+
+/// A plain HTTP GET of `path` at `addr`: the whole answer, headers included.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The page a browser shows (headless Chromium, as installed by `scripts/test.sh`), after its
+/// script has run.
+fn browse(url: &str) -> String {
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=4000",
+            "--dump-dom",
+            url,
+        ])
+        .output()
+        .expect("run chromium (scripts/test.sh installs Debian's chromium)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The status page on the metrics port shows the three nodes, and changes when one dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_the_nodes_and_a_node_going_down() {
+    let dir = common::test_dir("the_status_page_shows_the_nodes_and_a_node_going_down");
+    let metrics: Vec<String> = common::free_addrs(3)
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let m = metrics.clone();
+    let mut procs = start_process_cluster(dir.path(), 3, 2, move |c| {
+        c.node.metrics_addr = m[c.node.id as usize - 1].clone();
+        c.placement.heartbeat_interval_ms = 200;
+        c.placement.node_down_after_ms = 2000;
+    });
+    let addrs = endpoints(&procs);
+    wait_serving(&addrs).await;
+    wait_for_leaders(&addrs, 2 + common::SYSTEM_REGIONS, Duration::from_secs(90)).await;
+    let url = format!("http://{}/", metrics[0]);
+    let state_of = |page: &str, node: u64| -> Option<String> {
+        // "<td>node N</td><td>ADDR</td><td class="STATE">STATE</td>"
+        let row = page
+            .split("<tr>")
+            .find(|r| r.contains(&format!(">node {node}<")))?;
+        let at = row.find("<td class=\"")? + "<td class=\"".len();
+        Some(row[at..].split('"').next()?.to_string())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let started = Instant::now();
+    loop {
+        let page = browse(&url);
+        let states: Vec<Option<String>> = (1..=3).map(|n| state_of(&page, n)).collect();
+        if states.iter().all(|s| s.as_deref() == Some("up")) {
+            assert!(page.contains("tessera"), "{page}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "three nodes up never shown: {states:?}\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "status page showed three nodes up {:?} after the cluster was led",
+        started.elapsed()
+    );
+    let t = Instant::now();
+    let page = http_get(&metrics[0], "/");
+    let html = t.elapsed();
+    let t = Instant::now();
+    let json = http_get(&metrics[0], "/status.json");
+    eprintln!(
+        "status page: / in {html:?} ({} bytes), /status.json in {:?} ({} bytes)",
+        page.len(),
+        t.elapsed(),
+        json.len()
+    );
+    assert!(
+        json.starts_with("HTTP/1.1 200") && json.contains("\"nodes\":["),
+        "{json}"
+    );
+    assert!(http_get(&metrics[0], "/nope").starts_with("HTTP/1.1 404"));
+    procs[2].kill9();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = browse(&url);
+        if state_of(&page, 3).as_deref() == Some("down") {
+            assert_eq!(state_of(&page, 1).as_deref(), Some("up"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 never shown down:\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The same port still serves the metrics.
+    assert!(scrape_metrics(&metrics[0]).contains("tessera_fsyncs_total"));
+    for p in procs.iter_mut() {
+        p.terminate(Duration::from_secs(10));
+    }
+}
