@@ -368,6 +368,9 @@ pub struct NewPeer {
     pub campaign: bool,
     /// Drop vote requests for this long (a restarted node's peers, see `peer::lease`).
     pub refuse_votes_for: Option<std::time::Duration>,
+    /// Start-up's: where the worker says whether the peer could be built. Without it, a
+    /// peer that cannot be built stops the node.
+    pub built: Option<std::sync::mpsc::Sender<(RegionId, Result<(), String>)>>,
 }
 
 impl NewPeer {
@@ -377,6 +380,7 @@ impl NewPeer {
             sessions: None,
             campaign: false,
             refuse_votes_for: None,
+            built: None,
         }
     }
 }

@@ -144,6 +144,7 @@ impl Peer {
             sessions,
             campaign: _,
             refuse_votes_for,
+            built: _,
         } = new;
         let (node, cfg, logger) = (ctx.node, &ctx.cfg, &ctx.logger);
         let region = storage.region().clone();

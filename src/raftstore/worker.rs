@@ -248,8 +248,25 @@ impl Worker {
                 None => answer_missing(region, msg),
             },
             WorkerMsg::Revisions(first) => self.hand_out_revisions(first, touched),
-            WorkerMsg::AddPeer(new) => {
-                let p = self.build_peer(*new);
+            WorkerMsg::AddPeer(mut new) => {
+                let built = new.built.take();
+                let region = new.storage.region_id();
+                let p = match (Peer::new(*new, &self.store), built) {
+                    (Ok(p), report) => {
+                        if let Some(tx) = report {
+                            let _ = tx.send((region, Ok(())));
+                        }
+                        p
+                    }
+                    // Start-up turns this into its error and stops the node.
+                    (Err(e), Some(tx)) => {
+                        let _ = tx.send((region, Err(e.to_string())));
+                        return false;
+                    }
+                    (Err(e), None) => {
+                        crate::fatal(&format!("cannot build the peer of region {region}: {e}"))
+                    }
+                };
                 let id = p.region_id();
                 self.peers.insert(id, p);
                 touched.insert(id);

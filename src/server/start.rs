@@ -127,6 +127,9 @@ pub(super) fn start_raft(
         engine.clone(),
     );
     let election_timeout = cfg.raft.election_timeout();
+    // Each worker says whether it could build each peer: a region whose stored state cannot
+    // make one fails the start with an error naming it (not a stopped process later).
+    let (built_tx, built) = std::sync::mpsc::channel();
     for id in region_ids {
         let storage = PeerStorage::open(engine.clone(), *id).map_err(|e| StartError::Region {
             region: *id,
@@ -138,6 +141,7 @@ pub(super) fn start_raft(
         }
         let peer = NewPeer {
             refuse_votes_for: store.restarted.then_some(election_timeout),
+            built: Some(built_tx.clone()),
             ..NewPeer::new(storage)
         };
         let w = router.worker_for(*id);
@@ -171,6 +175,19 @@ pub(super) fn start_raft(
             },
         );
         workers.push(w.spawn().map_err(StartError::Thread)?);
+    }
+    drop(built_tx);
+    for _ in region_ids {
+        match built.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok((_, Ok(()))) => {}
+            Ok((region, Err(reason))) => return Err(StartError::Region { region, reason }),
+            Err(_) => {
+                return Err(StartError::Region {
+                    region: RegionId(0),
+                    reason: "a raft worker did not build its peers within 60 s".into(),
+                })
+            }
+        }
     }
     metrics::gauge!("tessera_node_regions").set(region_ids.len() as f64);
     let raft = Raft {

@@ -228,3 +228,38 @@ async fn large_values_through_the_multiplexed_client() {
     assert_eq!(rpc_errors, 0, "no call failed and was retried");
     cluster.shutdown().await;
 }
+
+/// A region whose stored state cannot make a peer (here: its descriptor no longer names
+/// this node) fails the node's start with an error naming the region, rather than stopping
+/// the process from a raft worker after start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_that_cannot_be_built_fails_the_start_with_its_name() {
+    use tessera::proto::RegionLocalState;
+    use tessera::storage::{keys, Cf, Engine};
+    let mut cluster = TestCluster::start_led(3, 2, |_| {}).await;
+    cluster.stop(0).await;
+    let cfg = cluster.configs[0].clone();
+    {
+        let engine = Engine::open(&cfg.node.data_dir.join("db"), &Default::default())
+            .expect("open the stopped node's store");
+        let key = keys::region_state_key(tessera::ids::RegionId(1));
+        let mut state: RegionLocalState = engine
+            .get_msg(Cf::Raft, &key)
+            .expect("read")
+            .expect("region 1 is stored");
+        let region = state.region.as_mut().expect("descriptor");
+        region.peers.retain(|p| p.node_id != cfg.node.id);
+        let mut wb = engine.batch();
+        wb.put_msg(Cf::Raft, &key, &state);
+        engine.write(wb, true).expect("write");
+    }
+    let err = match tessera::server::Node::start(cfg.clone(), None).await {
+        Ok(_) => panic!("a node with an unbuildable region started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("r1") && err.contains(&format!("no peer on node {}", cfg.node.id)),
+        "{err}"
+    );
+    cluster.shutdown().await;
+}
