@@ -178,6 +178,12 @@ impl Peer {
     /// heartbeats reach it before the leader itself sleeps. The leader sleeps only when every
     /// follower has its whole log and nothing is pending, so a sleeping region is consistent.
     pub(super) fn may_sleep(&self) -> bool {
+        // Lease regions never sleep: their leases must expire on time, which needs a leader
+        // that can commit, and a follower of a sleeping region would not notice a leader cut
+        // off from it until some request came (docs/architecture.md, "Leases").
+        if tessera_api::keys::reaches_leases(&self.region().end_key) {
+            return false;
+        }
         if !self.proposals.is_empty()
             || !self.unstamped.is_empty()
             || self.has_waiting_reads()
