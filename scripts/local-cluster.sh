@@ -71,7 +71,7 @@ set -x
 
 cat <<MSG
 
-tessera is running: 3 nodes, 64 user regions + the placement region.
+tessera is running: 3 nodes, 64 user regions, the placement region and 2 lease regions.
   talk to it:   $BIN kv --endpoints $EP get|put|delete|scan|cas ...
                 $BIN regions --endpoints $EP
                 $BIN nodes --endpoints $EP
