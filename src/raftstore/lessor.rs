@@ -27,6 +27,9 @@ use crate::proto::{LeaseInfo, LeaseRecord};
 /// How long an expiry proposal may take before it is handed out again.
 const REPROPOSE: Duration = Duration::from_secs(1);
 
+/// The wall clock in ms since the Unix epoch (0 before 1970): the time a leader stamps on
+/// the entries it proposes (the log's time, see `session`), from which lease deadlines are
+/// computed at apply — and so the clock this table turns them back into instants with.
 pub fn wall_clock_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -197,7 +197,7 @@ impl Peer {
         let env = Envelope {
             epoch,
             write_id: write_id.map(|w| *w),
-            proposed_at_ms: wall_clock_ms(),
+            proposed_at_ms: super::super::lessor::wall_clock_ms(),
             session_ttl_ms: self.session_ttl_ms,
             revision,
         };
@@ -222,12 +222,4 @@ impl Peer {
             reply,
         });
     }
-}
-
-/// The wall clock in ms since the Unix epoch: the time a leader stamps on the entries it
-/// proposes (the log's time, see `session`). 0 if the clock is before 1970.
-fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
