@@ -133,47 +133,23 @@ async fn wait_predecessors(client: &Client, prefix: &[u8], mine: u64, broken: bo
     }
 }
 
-/// Puts this session's contender key (if absent) and returns its `create_revision`.
-async fn enter(client: &Client, key: &[u8], value: &[u8], lease: u64) -> Result<u64> {
-    let r = client
-        .cas_with_lease(key, Compare::Absent, CasAction::Put(value.to_vec()), lease)
-        .await?;
-    if r.succeeded {
-        return Ok(r.revision);
-    }
-    match r.prev {
-        Some(kv) if kv.lease == lease => Ok(kv.create_revision),
-        _ => Err(Error::Refused(format!(
-            "{} is held by another lease",
-            String::from_utf8_lossy(key)
-        ))),
-    }
-}
-
-/// Whether `key` still exists with `lease` (the session did not end meanwhile).
-async fn still_ours(client: &Client, key: &[u8], lease: u64, rev: u64) -> Result<()> {
-    match client.get(key).await? {
-        Some(kv) if kv.lease == lease && kv.create_revision == rev => Ok(()),
-        _ => Err(Error::Refused(
-            "the session's lease ended while waiting".into(),
-        )),
-    }
-}
-
-/// A distributed lock under a key prefix.
-pub struct Mutex {
+/// One contender under a prefix: what a lock and an election both are.
+struct Contender {
     client: Client,
     lease: u64,
     prefix: Vec<u8>,
     key: Vec<u8>,
+    /// The key's `create_revision` (the fencing token); 0 when not contending.
     rev: u64,
+    /// The revision at which no older contender was left.
     acquired: u64,
+    /// Tests only: do not wait for older contenders.
     broken: bool,
 }
 
-impl Mutex {
-    pub fn new(session: &Session, prefix: &[u8]) -> Mutex {
-        Mutex {
+impl Contender {
+    fn new(session: &Session, prefix: &[u8]) -> Contender {
+        Contender {
             client: session.client.clone(),
             lease: session.lease,
             prefix: prefix.to_vec(),
@@ -184,101 +160,126 @@ impl Mutex {
         }
     }
 
-    /// Waits until this session holds the lock.
-    pub async fn lock(&mut self) -> Result<()> {
-        self.rev = enter(&self.client, &self.key, b"", self.lease).await?;
+    /// Puts the contender's key with `value` (if absent), waits until no older contender is
+    /// left, and checks the key is still there (the lease did not end meanwhile).
+    async fn win(&mut self, value: &[u8]) -> Result<()> {
+        let r = self
+            .client
+            .cas_with_lease(
+                &self.key,
+                Compare::Absent,
+                CasAction::Put(value.to_vec()),
+                self.lease,
+            )
+            .await?;
+        self.rev = match r.prev {
+            _ if r.succeeded => r.revision,
+            Some(kv) if kv.lease == self.lease => kv.create_revision,
+            _ => {
+                return Err(Error::Refused(format!(
+                    "{} is held by another lease",
+                    String::from_utf8_lossy(&self.key)
+                )))
+            }
+        };
         self.acquired =
             wait_predecessors(&self.client, &self.prefix, self.rev, self.broken).await?;
-        still_ours(&self.client, &self.key, self.lease, self.rev).await
+        match self.client.get(&self.key).await? {
+            Some(kv) if kv.lease == self.lease && kv.create_revision == self.rev => Ok(()),
+            _ => Err(Error::Refused(
+                "the contender's lease ended while waiting".into(),
+            )),
+        }
     }
 
-    /// The revision at which the lock was found free of older contenders.
-    pub fn acquired_revision(&self) -> u64 {
-        self.acquired
-    }
-
-    /// Tests only: a lock that does not wait for the contenders before it — a broken lock,
-    /// for showing that a checker of mutual exclusion catches one.
-    #[doc(hidden)]
-    pub fn break_for_testing(&mut self) {
-        self.broken = true;
-    }
-
-    /// Releases the lock (deletes this session's key).
-    pub async fn unlock(&mut self) -> Result<()> {
+    /// Deletes the contender's key (if it is still this lease's).
+    async fn leave(&mut self) -> Result<()> {
         self.client
             .cas(&self.key, Compare::Lease(self.lease), CasAction::Delete)
             .await?;
         self.rev = 0;
         Ok(())
     }
+}
 
-    /// The key this session holds the lock with.
+/// A distributed lock under a key prefix.
+pub struct Mutex(Contender);
+
+impl Mutex {
+    pub fn new(session: &Session, prefix: &[u8]) -> Mutex {
+        Mutex(Contender::new(session, prefix))
+    }
+
+    /// Waits until the session holds the lock.
+    pub async fn lock(&mut self) -> Result<()> {
+        self.0.win(b"").await
+    }
+
+    /// The revision at which the lock was found free of older contenders.
+    pub fn acquired_revision(&self) -> u64 {
+        self.0.acquired
+    }
+
+    /// Tests only: a lock that does not wait for the contenders before it — a broken lock,
+    /// for showing that a checker of mutual exclusion catches one.
+    #[doc(hidden)]
+    pub fn break_for_testing(&mut self) {
+        self.0.broken = true;
+    }
+
+    /// Releases the lock (deletes the holder's key).
+    pub async fn unlock(&mut self) -> Result<()> {
+        self.0.leave().await
+    }
+
+    /// The key the lock is held with.
     pub fn key(&self) -> &[u8] {
-        &self.key
+        &self.0.key
     }
 
     /// The fencing token: the holder key's `create_revision` (0 when not locked).
     pub fn token(&self) -> u64 {
-        self.rev
+        self.0.rev
     }
 }
 
 /// A leader election under a key prefix.
-pub struct Election {
-    client: Client,
-    lease: u64,
-    prefix: Vec<u8>,
-    key: Vec<u8>,
-    rev: u64,
-    acquired: u64,
-    broken: bool,
-}
+pub struct Election(Contender);
 
 impl Election {
     pub fn new(session: &Session, prefix: &[u8]) -> Election {
-        Election {
-            client: session.client.clone(),
-            lease: session.lease,
-            prefix: prefix.to_vec(),
-            key: contender_key(prefix, session.lease),
-            rev: 0,
-            acquired: 0,
-            broken: false,
-        }
+        Election(Contender::new(session, prefix))
     }
 
-    /// The revision at which this session was found to lead (no older contender left).
+    /// The revision at which the candidate was found to lead (no older contender left).
     pub fn acquired_revision(&self) -> u64 {
-        self.acquired
+        self.0.acquired
     }
 
     /// Tests only: campaign without waiting for older contenders — a broken election, for
     /// showing that a checker of mutual exclusion catches one.
     #[doc(hidden)]
     pub fn break_for_testing(&mut self) {
-        self.broken = true;
+        self.0.broken = true;
     }
 
-    /// Waits until this session leads, proclaiming `value`.
+    /// Waits until the session leads, proclaiming `value`.
     pub async fn campaign(&mut self, value: &[u8]) -> Result<()> {
-        self.rev = enter(&self.client, &self.key, value, self.lease).await?;
-        self.acquired =
-            wait_predecessors(&self.client, &self.prefix, self.rev, self.broken).await?;
-        still_ours(&self.client, &self.key, self.lease, self.rev).await?;
+        self.0.win(value).await?;
         self.proclaim(value).await
     }
 
-    /// Sets the leader's value; [`Error::Refused`] unless this session leads (or
+    /// Sets the leader's value; [`Error::Refused`] unless the session leads (or
     /// campaigns).
     pub async fn proclaim(&self, value: &[u8]) -> Result<()> {
-        let r = self
+        let c = &self.0;
+        let r = c
             .client
             .cas_with_lease(
-                &self.key,
-                Compare::Lease(self.lease),
+                &c.key,
+                Compare::Lease(c.lease),
                 CasAction::Put(value.to_vec()),
-                self.lease,
+                c.lease,
             )
             .await?;
         if r.succeeded {
@@ -292,21 +293,17 @@ impl Election {
 
     /// Gives up leadership (or the candidacy).
     pub async fn resign(&mut self) -> Result<()> {
-        self.client
-            .cas(&self.key, Compare::Lease(self.lease), CasAction::Delete)
-            .await?;
-        self.rev = 0;
-        Ok(())
+        self.0.leave().await
     }
 
-    /// This session's key under the election's prefix.
+    /// The candidate's key under the election's prefix.
     pub fn key_bytes(&self) -> &[u8] {
-        &self.key
+        &self.0.key
     }
 
-    /// The fencing token: this leader key's `create_revision` (0 when not campaigning).
+    /// The fencing token: the leader key's `create_revision` (0 when not campaigning).
     pub fn token(&self) -> u64 {
-        self.rev
+        self.0.rev
     }
 
     /// The current leader under `prefix`: its key and value.
