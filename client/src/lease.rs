@@ -119,36 +119,48 @@ impl Client {
     /// Renews each lease to its full TTL: one request per lease region. Returns each
     /// lease's TTL, `None` for a lease that is gone.
     pub async fn lease_renew(&self, ids: &[u64]) -> Result<Vec<Option<Duration>>> {
-        let mut by_region: HashMap<u64, Vec<u64>> = HashMap::new();
-        for &id in ids {
-            let region = self.locate(&lease_key(id)).await?;
-            by_region.entry(region.region.id).or_default().push(id);
-        }
-        let calls = by_region.into_values().map(|group| async move {
-            let op = Op::Renew(proto::LeaseIds { ids: group.clone() });
-            let r = self.lease_call(group[0], Mode::Idempotent, op).await?;
-            Ok::<_, Error>((group, r.leases))
-        });
-        let mut ttl: HashMap<u64, u64> = HashMap::new();
-        for res in futures::future::join_all(calls).await {
-            let (group, answers) = res?;
-            if answers.len() != group.len() {
-                return Err(Error::Server(format!(
-                    "renewal of {} leases answered {} times",
-                    group.len(),
-                    answers.len()
-                )));
-            }
-            for (id, a) in group.into_iter().zip(answers) {
-                ttl.insert(id, a.ttl_ms);
-            }
+        let mut ttl: HashMap<u64, Option<Duration>> = HashMap::new();
+        let groups = self.lease_groups(ids, true).await?;
+        let calls = groups.into_iter().map(|group| self.renew_group(group));
+        for answers in futures::future::join_all(calls).await {
+            ttl.extend(answers?);
         }
         Ok(ids
             .iter()
-            .map(|id| {
-                let t = ttl.get(id).copied().unwrap_or(0);
-                (t > 0).then(|| Duration::from_millis(t))
-            })
+            .map(|id| ttl.get(id).copied().flatten())
+            .collect())
+    }
+
+    /// `ids` grouped by the lease region holding them; with `strict`, a lease whose region
+    /// cannot be found fails the call, else it is left out.
+    async fn lease_groups(&self, ids: &[u64], strict: bool) -> Result<Vec<Vec<u64>>> {
+        let mut by_region: HashMap<u64, Vec<u64>> = HashMap::new();
+        for &id in ids {
+            match self.locate(&lease_key(id)).await {
+                Ok(region) => by_region.entry(region.region.id).or_default().push(id),
+                Err(e) if strict => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(by_region.into_values().collect())
+    }
+
+    /// Renews the leases of one region in one request: each lease's TTL, `None` if gone.
+    async fn renew_group(&self, group: Vec<u64>) -> Result<Vec<(u64, Option<Duration>)>> {
+        let op = Op::Renew(proto::LeaseIds { ids: group.clone() });
+        let r = self.lease_call(group[0], Mode::Idempotent, op).await?;
+        if r.leases.len() != group.len() {
+            return Err(Error::Server(format!(
+                "renewal of {} leases answered {} times",
+                group.len(),
+                r.leases.len()
+            )));
+        }
+        let ttl = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+        Ok(group
+            .into_iter()
+            .zip(r.leases)
+            .map(|(id, a)| (id, ttl(a.ttl_ms)))
             .collect())
     }
 
@@ -215,34 +227,21 @@ impl Client {
     /// `None` for a lease that is gone). A group that fails is tried again lease by lease,
     /// so that leases whose region split apart are routed anew.
     pub(super) async fn lease_renew_each(&self, ids: &[u64]) -> HashMap<u64, Option<Duration>> {
-        let mut by_region: HashMap<u64, Vec<u64>> = HashMap::new();
-        for &id in ids {
-            if let Ok(region) = self.locate(&lease_key(id)).await {
-                by_region.entry(region.region.id).or_default().push(id);
+        let groups = self.lease_groups(ids, false).await.unwrap_or_default();
+        let groups = groups.into_iter().map(|group| async move {
+            match self.renew_group(group.clone()).await {
+                Ok(done) => done,
+                Err(_) if group.len() > 1 => {
+                    let one_by_one = group.into_iter().map(|id| self.renew_group(vec![id]));
+                    futures::future::join_all(one_by_one)
+                        .await
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .collect()
+                }
+                Err(_) => Vec::new(),
             }
-        }
-        let renew = |group: Vec<u64>| async move {
-            let op = Op::Renew(proto::LeaseIds { ids: group.clone() });
-            match self.lease_call(group[0], Mode::Idempotent, op).await {
-                Ok(r) if r.leases.len() == group.len() => group
-                    .into_iter()
-                    .zip(r.leases)
-                    .map(|(id, a)| (id, (a.ttl_ms > 0).then(|| Duration::from_millis(a.ttl_ms))))
-                    .collect::<Vec<_>>(),
-                _ => Vec::new(),
-            }
-        };
-        let groups = by_region.into_values().map(|group| async move {
-            let done = renew(group.clone()).await;
-            if !done.is_empty() || group.len() == 1 {
-                return done;
-            }
-            let one_by_one = group.into_iter().map(|id| renew(vec![id]));
-            futures::future::join_all(one_by_one)
-                .await
-                .into_iter()
-                .flatten()
-                .collect()
         });
         futures::future::join_all(groups)
             .await
