@@ -52,21 +52,7 @@ trap cleanup EXIT
 
 base=$(( 23000 + RANDOM % 2000 ))
 # etcd: client ports base+1..3, peer ports base+11..13. fsync is always on in etcd.
-peers=""
-for i in 1 2 3; do peers+="e$i=http://127.0.0.1:$((base + 10 + i)),"; done
-peers=${peers%,}
-for i in 1 2 3; do
-  etcd --name "e$i" --data-dir "$DIR/etcd$i" \
-    --listen-client-urls "http://127.0.0.1:$((base + i))" \
-    --advertise-client-urls "http://127.0.0.1:$((base + i))" \
-    --listen-peer-urls "http://127.0.0.1:$((base + 10 + i))" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$((base + 10 + i))" \
-    --initial-cluster "$peers" --initial-cluster-state new \
-    --initial-cluster-token tessera-compare \
-    --quota-backend-bytes 8589934592 >"$DIR/etcd$i.log" 2>&1 &
-  ETCD_PIDS+=($!)
-done
-ETCD_EP="127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2)),127.0.0.1:$((base + 3))"
+etcd_cluster "$DIR" "$base" tessera-compare
 
 # tessera: ports base+21..23 (metrics base+121..123), fsync on (the default made explicit),
 # 3 replicas.

@@ -32,23 +32,11 @@ trap cleanup EXIT
 
 base=$(( 23000 + RANDOM % 2000 ))
 if [ "$TARGET" = etcd ]; then
-  cluster=""
-  for i in 1 2 3; do cluster+="e$i=http://127.0.0.1:$((base + 10 + i)),"; done
-  for i in 1 2 3; do
-    etcd --name "e$i" --data-dir "$DIR/etcd$i" \
-      --listen-client-urls "http://127.0.0.1:$((base + i))" \
-      --advertise-client-urls "http://127.0.0.1:$((base + i))" \
-      --listen-peer-urls "http://127.0.0.1:$((base + 10 + i))" \
-      --initial-advertise-peer-urls "http://127.0.0.1:$((base + 10 + i))" \
-      --initial-cluster "${cluster%,}" --initial-cluster-state new \
-      --quota-backend-bytes 8589934592 >"$DIR/etcd$i.log" 2>&1 &
-    PIDS+=($!)
-  done
-  EP="127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2)),127.0.0.1:$((base + 3))"
-  for _ in $(seq 1 60); do
-    ETCDCTL_API=3 etcdctl --endpoints "$EP" endpoint health >/dev/null 2>&1 && break
-    sleep 0.5
-  done
+  etcd_cluster "$DIR" "$base" tessera-lease
+  PIDS=("${ETCD_PIDS[@]}")
+  ETCD_PIDS=()
+  EP=$ETCD_EP
+  etcd_wait_healthy "$EP"
 else
   tessera_cluster "$BIN" "$DIR" "$base" 4 ""
   PIDS=("${TESSERA_PIDS[@]}")

@@ -5,6 +5,11 @@
 # starts the three servers, appends their pids to TESSERA_PIDS and sets TESSERA_EP.
 #   tessera_wait_led BIN EP REGIONS
 # waits (up to a minute) until every region, the placement region included, has a leader.
+#   etcd_cluster DIR BASE TOKEN
+# starts a 3-member etcd cluster (client ports BASE+1..3, peer ports BASE+11..13, fsync on
+# as always in etcd), appends the pids to ETCD_PIDS and sets ETCD_EP.
+#   etcd_wait_healthy EP
+# waits (up to a minute) until every member answers.
 
 TESSERA_PIDS=()
 
@@ -42,4 +47,32 @@ tessera_wait_led() {
     sleep 0.5
   done
   echo "warning: not every region has a leader yet" >&2
+}
+
+ETCD_PIDS=()
+
+etcd_cluster() {
+  local dir=$1 base=$2 token=$3 peers="" i
+  for i in 1 2 3; do peers+="e$i=http://127.0.0.1:$((base + 10 + i)),"; done
+  peers=${peers%,}
+  for i in 1 2 3; do
+    etcd --name "e$i" --data-dir "$dir/etcd$i" \
+      --listen-client-urls "http://127.0.0.1:$((base + i))" \
+      --advertise-client-urls "http://127.0.0.1:$((base + i))" \
+      --listen-peer-urls "http://127.0.0.1:$((base + 10 + i))" \
+      --initial-advertise-peer-urls "http://127.0.0.1:$((base + 10 + i))" \
+      --initial-cluster "$peers" --initial-cluster-state new \
+      --initial-cluster-token "$token" \
+      --quota-backend-bytes 8589934592 >"$dir/etcd$i.log" 2>&1 &
+    ETCD_PIDS+=($!)
+  done
+  ETCD_EP="127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2)),127.0.0.1:$((base + 3))"
+}
+
+etcd_wait_healthy() {
+  for _ in $(seq 1 120); do
+    ETCDCTL_API=3 etcdctl --endpoints "$1" endpoint health >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  echo "warning: etcd is not healthy yet" >&2
 }
