@@ -329,7 +329,7 @@ async fn idle_regions_hibernate_and_wake() {
                 }
             }
         }
-        if led_regions.len() == 17 {
+        if led_regions.len() == 16 + SYSTEM_REGIONS {
             break;
         }
         assert!(
