@@ -5,7 +5,8 @@
 //! The workspace has three crates: `tessera-api` (wire types generated from `proto/`, ids,
 //! key rules, limits), `tessera-client` (the Rust client, which builds without the server),
 //! and this one. Dependencies point one way: the server modules use `api`; only placement
-//! (and the node service, through it), the CLI and the load generator use `client`.
+//! (and the node service, through it), the CLI, backups and the load generator use
+//! `client`.
 //!
 //! - [`config`]: the node configuration (TOML), its defaults and validation;
 //! - [`storage`]: one RocksDB per node — key layout, engine, `raft::Storage` per region;
@@ -15,6 +16,8 @@
 //! - [`placement`]: the cluster's metadata (node registry, id counter, routing table) in its
 //!   own region, and the scheduler;
 //! - [`server`]: a running node — start-up, gRPC services, shutdown;
+//! - [`backup`]: backups of the user data at one revision, and restoring one into a new
+//!   cluster;
 //! - [`bench`]: the load generator behind `tessera bench`;
 //! - [`check`]: the linearizability and history checks the chaos tests run;
 //! - [`logging`]: `tracing` setup and the raft-rs log bridge;
@@ -30,6 +33,7 @@
 //! - a failure a node must not survive (a failed synced write, a non-deterministic apply
 //!   error, a panicked raft worker) ends in [`fatal`]: it logs and exits with status 70.
 
+pub mod backup;
 pub mod bench;
 pub mod check;
 pub mod config;

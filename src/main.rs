@@ -100,6 +100,17 @@ enum Command {
         #[command(flatten)]
         args: cli::watch::WatchArgs,
     },
+    /// Write a backup of the cluster's user data, all of it as of one cluster revision,
+    /// into the new directory OUT (a manifest with checksums and one file per region).
+    Backup {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        args: cli::backup::BackupArgs,
+    },
+    /// Seed this founding node of a new cluster (its config: a new cluster id, an empty
+    /// data directory) from a backup; run it on every founding node, then start them.
+    Restore(cli::backup::RestoreArgs),
     /// Drop the history below cluster revision REV: reads below it then fail with
     /// "revision compacted" (the same as `tessera kv compact REV`).
     Compact {
@@ -166,6 +177,8 @@ fn main() -> ExitCode {
         Command::Nodes { conn, op } => block_on(None, cli::nodes::run(conn, op)),
         Command::Status { conn } => block_on(None, cli::status::run(conn)),
         Command::Watch { conn, args } => block_on(None, cli::watch::run(conn, args)),
+        Command::Backup { conn, args } => block_on(None, cli::backup::backup(conn, args)),
+        Command::Restore(args) => cli::backup::restore(args),
         Command::Compact { conn, rev } => block_on(None, cli::kv::run(conn, KvOp::Compact { rev })),
     };
     match result {

@@ -8,7 +8,8 @@
 use super::{system_key, update, Update};
 use crate::client::{Client, Error};
 
-fn compact_key() -> Vec<u8> {
+/// The system key holding the cluster's compacted revision (8 bytes, big-endian).
+pub fn compact_key() -> Vec<u8> {
     system_key(b"compact")
 }
 

@@ -179,7 +179,7 @@ pub fn write_joined_ident(
     Ok(())
 }
 
-fn put_ident(wb: &mut crate::storage::WriteBatch<'_>, cluster: ClusterId, node: NodeId) {
+pub(crate) fn put_ident(wb: &mut crate::storage::WriteBatch<'_>, cluster: ClusterId, node: NodeId) {
     wb.put_msg(
         Cf::Raft,
         &keys::NODE_IDENT_KEY,
@@ -208,7 +208,7 @@ pub fn load_region_ids(engine: &Engine) -> Result<Vec<RegionId>, crate::storage:
 
 /// Writes placement's initial id counter (the highest id bootstrap used) into the placement
 /// region's data: every replica of it starts with the same counter.
-fn seed_id_counter(wb: &mut crate::storage::WriteBatch<'_>, max_bootstrap_id: u64) {
+pub(crate) fn seed_id_counter(wb: &mut crate::storage::WriteBatch<'_>, max_bootstrap_id: u64) {
     let rec = crate::proto::KvRecord {
         value: max_bootstrap_id.to_be_bytes().to_vec(),
         create_revision: crate::storage::peer_storage::RAFT_INIT_LOG_INDEX,

@@ -67,6 +67,17 @@ impl PeerStorage {
     /// Writes the initial state of a region created at cluster bootstrap (or by a split): a log
     /// truncated at [`RAFT_INIT_LOG_INDEX`] and the region's membership as its conf state.
     pub fn write_initial_state(batch: &mut WriteBatch<'_>, region: &Region) {
+        Self::write_seeded_state(batch, region, (0, 0), 0);
+    }
+
+    /// As [`Self::write_initial_state`], for a region whose data was written before its
+    /// first start (a restore): `data_keys`/`data_bytes` and the highest revision of it.
+    pub fn write_seeded_state(
+        batch: &mut WriteBatch<'_>,
+        region: &Region,
+        (data_keys, data_bytes): (u64, u64),
+        max_revision: u64,
+    ) {
         let id = RegionId(region.id);
         let raft_state = RaftLocalState {
             term: RAFT_INIT_LOG_TERM,
@@ -78,7 +89,9 @@ impl PeerStorage {
             applied_index: RAFT_INIT_LOG_INDEX,
             truncated_index: RAFT_INIT_LOG_INDEX,
             truncated_term: RAFT_INIT_LOG_TERM,
-            ..Default::default()
+            data_keys,
+            data_bytes,
+            max_revision,
         };
         let region_state = RegionLocalState {
             state: PeerState::Normal as i32,
