@@ -536,15 +536,31 @@ impl Client {
         revision: u64,
     ) -> Result<(Vec<KeyValue>, bool, Vec<u8>)> {
         self.execute(start, Mode::Idempotent, |conn, header| {
+            // Where the region this request goes to ends: from the cached region the header
+            // was made from. If the cache has moved on since, nothing is guessed (an empty
+            // end would end the scan early): the attempt is retried.
             let region_end = self
                 .inner
                 .cache
                 .read()
                 .expect("region cache lock poisoned")
                 .locate(start)
-                .map(|c| c.region.end_key.clone())
-                .unwrap_or_default();
+                .filter(|c| {
+                    c.region.id == header.region_id && c.region.epoch == header.region_epoch
+                })
+                .map(|c| c.region.end_key.clone());
             async move {
+                let Some(region_end) = region_end else {
+                    let stale = proto::RegionError {
+                        message: "the region changed while the scan was sent".into(),
+                        error: Some(proto::region_error::Error::RegionNotFound(
+                            proto::RegionNotFound {
+                                region_id: header.region_id,
+                            },
+                        )),
+                    };
+                    return Ok((Some(stale), (Vec::new(), false, Vec::new())));
+                };
                 let r = Self::kv(conn.ch)
                     .scan(proto::ScanRequest {
                         header: Some(header),

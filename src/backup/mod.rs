@@ -56,6 +56,8 @@ pub struct Manifest {
     pub cluster_id: u64,
     /// Every key is as of this cluster revision.
     pub revision: u64,
+    /// The cluster's revision when the backup finished: revisions up to it were in use.
+    pub end_revision: u64,
     /// When the backup was taken (ms since the Unix epoch).
     pub created_at_ms: u64,
     pub regions: Vec<RegionEntry>,
@@ -282,6 +284,17 @@ pub(crate) fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
     Ok(())
 }
 
+/// What a restoring cluster takes: keys and values above these sizes are refused.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_key_size: usize,
+    pub max_value_size: usize,
+}
+
+/// Revisions a backup may name: far enough below `u64::MAX` (and i64's) that a restored
+/// cluster still has room for every revision bump and oracle window.
+const MAX_REVISION: u64 = 1 << 62;
+
 /// A region of a backup, decoded.
 #[derive(Clone, Debug)]
 pub struct BackupRegion {
@@ -369,12 +382,23 @@ pub fn read_manifest(dir: &Path) -> Result<(Manifest, Vec<BackupRegion>)> {
     if expect != user_end {
         return Err(corrupt(&path, "the regions do not cover the user keyspace"));
     }
-    if m.regions.iter().map(|r| r.keys).sum::<u64>() != m.keys {
+    let sum = m
+        .regions
+        .iter()
+        .try_fold(0u64, |acc, r| acc.checked_add(r.keys));
+    if sum != Some(m.keys) {
         return Err(corrupt(&path, "the regions' key counts do not add up"));
     }
-    for l in &m.leases {
-        if l.id == 0 || l.id > i64::MAX as u64 || l.ttl_ms == 0 {
+    if m.revision == 0 || m.revision > m.end_revision || m.end_revision > MAX_REVISION {
+        return Err(corrupt(&path, "its revisions are not valid"));
+    }
+    let max_ttl = tessera_api::limits::MAX_LEASE_TTL.as_millis() as u64;
+    for (i, l) in m.leases.iter().enumerate() {
+        if l.id == 0 || l.id > i64::MAX as u64 || l.ttl_ms == 0 || l.ttl_ms > max_ttl {
             return Err(corrupt(&path, format!("lease {} is not valid", l.id)));
+        }
+        if i > 0 && m.leases[i - 1].id >= l.id {
+            return Err(corrupt(&path, "the leases are not in increasing id order"));
         }
     }
     Ok((m, regions))
@@ -384,6 +408,7 @@ pub fn read_manifest(dir: &Path) -> Result<(Manifest, Vec<BackupRegion>)> {
 /// each to `each`.
 pub fn read_region(
     m: &Manifest,
+    limits: &Limits,
     i: usize,
     r: &BackupRegion,
     mut each: impl FnMut(KeyValue) -> Result<()>,
@@ -400,14 +425,20 @@ pub fn read_region(
         if last.as_ref().is_some_and(|l| kv.key <= *l) {
             return Err(bad("keys out of order"));
         }
+        if kv.key.is_empty() || kv.key.len() > limits.max_key_size {
+            return Err(bad("key empty or over the key size limit"));
+        }
+        if kv.value.len() > limits.max_value_size {
+            return Err(bad("value over the value size limit"));
+        }
         if kv.version == 0
-            || kv.mod_revision == 0
+            || kv.create_revision == 0
             || kv.create_revision > kv.mod_revision
             || kv.mod_revision > m.revision
         {
             return Err(bad("revisions not valid for the backup"));
         }
-        if kv.lease != 0 && !m.leases.iter().any(|l| l.id == kv.lease) {
+        if kv.lease != 0 && m.leases.binary_search_by_key(&kv.lease, |l| l.id).is_err() {
             return Err(bad("attached to a lease the manifest does not list"));
         }
         last = Some(kv.key.clone());
@@ -430,11 +461,11 @@ pub fn read_region(
 }
 
 /// Reads the whole backup and checks every file against the manifest.
-pub fn verify(dir: &Path, mut progress: impl FnMut(u64)) -> Result<Verified> {
+pub fn verify(dir: &Path, limits: &Limits, mut progress: impl FnMut(u64)) -> Result<Verified> {
     let (manifest, regions) = read_manifest(dir)?;
     let mut done = 0;
     for (i, r) in regions.iter().enumerate() {
-        read_region(&manifest, i, r, |_| {
+        read_region(&manifest, limits, i, r, |_| {
             done += 1;
             if done % 4096 == 0 {
                 progress(done);

@@ -7,6 +7,7 @@
 //! - memory holds one page of keys per region being read, never the backup;
 //! - the manifest is written last: an interrupted backup has none and is refused.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,8 +20,10 @@ use super::{
 };
 use crate::client::Client;
 
-/// Keys read per request.
+/// Most keys read per request.
 const PAGE: usize = 1024;
+/// Fewest keys read per request (a page of the largest values: 16 MiB).
+const MIN_PAGE: usize = 16;
 /// Regions read at a time.
 const PARALLEL: usize = 4;
 
@@ -105,41 +108,13 @@ pub async fn take(client: &Client, out: &Path, progress: &Progress) -> Result<Su
         .try_collect()
         .await?;
 
-    // The leases the keys name, read after the keys: a lease that ended since the revision
-    // is recorded as already expired, so its keys go soon after a restore, as they would
-    // have gone here.
-    let listed = client.leases().await?;
-    let listed_at = now_ms();
-    let mut named: Vec<u64> = Vec::new();
-    for (i, _) in regions.iter().enumerate() {
-        let mut rd = super::RecordReader::open(&out.join(region_file(i)))?;
-        while let Some(kv) = rd.next_record()? {
-            if kv.lease != 0 {
-                named.push(kv.lease);
-            }
-        }
-    }
-    named.sort_unstable();
-    named.dedup();
-    let leases: Vec<LeaseEntry> = named
-        .into_iter()
-        .map(|id| match listed.iter().find(|l| l.id == id) {
-            Some(l) => LeaseEntry {
-                id,
-                ttl_ms: l.ttl.as_millis() as u64,
-                deadline_ms: listed_at + l.remaining.as_millis() as u64,
-            },
-            None => LeaseEntry {
-                id,
-                ttl_ms: 1,
-                deadline_ms: listed_at,
-            },
-        })
-        .collect();
+    let leases = leases_of(client, out, regions.len()).await?;
+    let end_revision = client.current_revision().await?;
     let manifest = Manifest {
         format: FORMAT.into(),
         cluster_id,
         revision,
+        end_revision,
         created_at_ms,
         keys: regions.iter().map(|r| r.keys).sum(),
         bytes: regions.iter().map(|r| r.bytes).sum(),
@@ -147,6 +122,11 @@ pub async fn take(client: &Client, out: &Path, progress: &Progress) -> Result<Su
         regions,
     };
     write_manifest(out, &manifest)?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io(parent))?;
+    }
     Ok(Summary {
         revision,
         regions: manifest.regions.len(),
@@ -154,6 +134,60 @@ pub async fn take(client: &Client, out: &Path, progress: &Progress) -> Result<Su
         bytes: manifest.bytes,
         leases: manifest.leases.len(),
     })
+}
+
+/// Keys per request: as many as fit in about 8 MiB at the largest record seen so far in the
+/// region, between [`MIN_PAGE`] and [`PAGE`].
+fn page_for(largest_record: u64) -> usize {
+    ((8u64 << 20) / largest_record.max(1)).clamp(MIN_PAGE as u64, PAGE as u64) as usize
+}
+
+/// Every live lease, and every lease a key of the backup names, read after the keys. A lease
+/// that ended since the revision is recorded as ended at once, so its keys go soon after a
+/// restore, as they would have gone here.
+async fn leases_of(client: &Client, out: &Path, regions: usize) -> Result<Vec<LeaseEntry>> {
+    let listed_at = now_ms();
+    let mut leases: BTreeMap<u64, LeaseEntry> = client
+        .leases()
+        .await?
+        .into_iter()
+        .map(|l| {
+            let e = LeaseEntry {
+                id: l.id,
+                ttl_ms: l.ttl.as_millis() as u64,
+                deadline_ms: listed_at + l.remaining.as_millis() as u64,
+            };
+            (l.id, e)
+        })
+        .collect();
+    let mut named = BTreeSet::new();
+    for i in 0..regions {
+        let mut rd = super::RecordReader::open(&out.join(region_file(i)))?;
+        while let Some(kv) = rd.next_record()? {
+            if kv.lease != 0 && !leases.contains_key(&kv.lease) {
+                named.insert(kv.lease);
+            }
+        }
+    }
+    // Not listed (a lease region the listing missed, or a lease that ended since): asked
+    // one by one; only a definite "no such lease" counts as ended.
+    for id in named {
+        let entry = match client.lease_time_to_live(id, false).await {
+            Ok(st) if !st.ttl.is_zero() => LeaseEntry {
+                id,
+                ttl_ms: st.ttl.as_millis() as u64,
+                deadline_ms: now_ms() + st.remaining.as_millis() as u64,
+            },
+            Ok(_) | Err(crate::client::Error::NotFound(_)) => LeaseEntry {
+                id,
+                ttl_ms: 1,
+                deadline_ms: listed_at,
+            },
+            Err(e) => return Err(e.into()),
+        };
+        leases.insert(id, entry);
+    }
+    Ok(leases.into_values().collect())
 }
 
 async fn backup_region(
@@ -167,9 +201,15 @@ async fn backup_region(
 ) -> Result<RegionEntry> {
     let file = region_file(i);
     let mut w = RecordWriter::create(&out.join(&file))?;
-    let mut cursor = start.clone();
+    // Each page starts at the last key written (inclusive: one past it could exceed the
+    // key size limit or meet the range's end), which comes back first and is skipped. The
+    // range is done when a page brings nothing new: a short page proves nothing.
+    let mut last: Option<Vec<u8>> = None;
+    let mut largest = 0u64;
     loop {
-        let kvs = match client.scan_at(&cursor, &end, PAGE, revision).await {
+        let cursor = last.clone().unwrap_or_else(|| start.clone());
+        let page = page_for(largest);
+        let kvs = match client.scan_at(&cursor, &end, page, revision).await {
             Ok(kvs) => kvs,
             Err(crate::client::Error::Compacted { compact_revision }) => {
                 return Err(Error::Refused(format!(
@@ -180,21 +220,33 @@ async fn backup_region(
             }
             Err(e) => return Err(e.into()),
         };
-        let full = kvs.len() == PAGE;
-        let before = w.bytes;
-        for kv in &kvs {
-            w.write(kv)?;
+        let before = (w.keys, w.bytes);
+        for kv in kvs {
+            if last.as_ref() == Some(&kv.key) {
+                continue;
+            }
+            if last.as_ref().is_some_and(|l| kv.key <= *l) || kv.key < start || kv.key >= end {
+                return Err(Error::Refused(format!(
+                    "the cluster answered key {:?} out of order or outside [{}, {}): backup \
+                     stopped",
+                    String::from_utf8_lossy(&kv.key),
+                    hex(&start),
+                    hex(&end)
+                )));
+            }
+            let b = w.bytes;
+            w.write(&kv)?;
+            largest = largest.max(w.bytes - b);
+            last = Some(kv.key);
         }
-        progress.keys.fetch_add(kvs.len() as u64, Ordering::Relaxed);
+        progress
+            .keys
+            .fetch_add(w.keys - before.0, Ordering::Relaxed);
         progress
             .bytes
-            .fetch_add(w.bytes - before, Ordering::Relaxed);
-        match kvs.last() {
-            Some(last) if full => {
-                cursor = last.key.clone();
-                cursor.push(0);
-            }
-            _ => break,
+            .fetch_add(w.bytes - before.1, Ordering::Relaxed);
+        if w.keys == before.0 {
+            break;
         }
     }
     let keys = w.keys;

@@ -1,5 +1,10 @@
 use super::*;
 
+const LIMITS: Limits = Limits {
+    max_key_size: 4096,
+    max_value_size: 1 << 20,
+};
+
 fn kv(key: &[u8], rev: u64, lease: u64) -> KeyValue {
     KeyValue {
         key: key.to_vec(),
@@ -39,6 +44,7 @@ fn write_backup(dir: &Path, keys: u64) -> Manifest {
         format: FORMAT.into(),
         cluster_id: 1,
         revision: 10 + keys,
+        end_revision: 20 + keys,
         created_at_ms: 1,
         keys: regions.iter().map(|r| r.keys).sum(),
         bytes: regions.iter().map(|r| r.bytes).sum(),
@@ -54,7 +60,7 @@ fn write_backup(dir: &Path, keys: u64) -> Manifest {
 }
 
 fn refused(dir: &Path) -> String {
-    match verify(dir, |_| {}) {
+    match verify(dir, &LIMITS, |_| {}) {
         Ok(_) => panic!("a damaged backup was accepted"),
         Err(e) => e.to_string(),
     }
@@ -64,12 +70,12 @@ fn refused(dir: &Path) -> String {
 fn a_backup_reads_back_whole() {
     let dir = tempfile::tempdir().unwrap();
     let m = write_backup(dir.path(), 300);
-    let v = verify(dir.path(), |_| {}).unwrap();
+    let v = verify(dir.path(), &LIMITS, |_| {}).unwrap();
     assert_eq!(v.manifest, m);
     assert_eq!(v.regions.len(), 2);
     assert_eq!(v.regions[1].start, b"m");
     let mut seen = Vec::new();
-    read_region(&v.manifest, 1, &v.regions[1], |kv| {
+    read_region(&v.manifest, &LIMITS, 1, &v.regions[1], |kv| {
         seen.push(kv);
         Ok(())
     })
@@ -148,6 +154,14 @@ fn records_that_break_the_manifests_promises_are_refused() {
         (kv(b"a", 1_000, 0), "revisions"),
         (kv(b"a", 5, 99), "lease the manifest does not list"),
         (kv(b"zz", 5, 0), "outside the region"),
+        (kv(&[b'a'; 5000], 5, 0), "key size"),
+        (
+            KeyValue {
+                create_revision: 0,
+                ..kv(b"a", 5, 0)
+            },
+            "revisions",
+        ),
     ] {
         let mut w = RecordWriter::create(&dir.path().join(region_file(0))).unwrap();
         w.write(&bad).unwrap();
@@ -159,6 +173,13 @@ fn records_that_break_the_manifests_promises_are_refused() {
         let e = refused(dir.path());
         assert!(e.contains(why), "{why}: {e}");
     }
+
+    // Leases listed twice.
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = write_backup(dir.path(), 3);
+    m.leases.push(m.leases[0].clone());
+    write_manifest(dir.path(), &m).unwrap();
+    assert!(refused(dir.path()).contains("increasing id order"));
 
     // Regions that leave a gap.
     let dir = tempfile::tempdir().unwrap();

@@ -29,6 +29,11 @@ pub struct RestoreArgs {
     /// other than the backup's and an empty data directory.
     #[arg(long, short)]
     pub config: PathBuf,
+    /// Start the new cluster's revisions this far above the last one the backed-up cluster
+    /// had handed out when the backup finished, so that revisions its clients saw are not
+    /// reused (reads below the new start are "compacted"). Give every node the same value.
+    #[arg(long, default_value_t = backup::restore::DEFAULT_BUMP)]
+    pub bump_revision: u64,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -148,7 +153,7 @@ pub fn restore(args: RestoreArgs) -> Result<()> {
     let cfg = super::server::load_config(&server)?;
     let started = Instant::now();
     let mut meter = Meter::new();
-    let summary = backup::restore::restore(&cfg, &args.backup, |what, n| {
+    let summary = backup::restore::restore(&cfg, &args.backup, args.bump_revision, |what, n| {
         meter.show(&format!("{what} {n} keys"), false);
     })?;
     meter.show(&format!("written {} keys", summary.keys), true);
@@ -156,6 +161,7 @@ pub fn restore(args: RestoreArgs) -> Result<()> {
     if args.json {
         print_json(&serde_json::json!({
             "revision": summary.revision,
+            "base_revision": summary.base_revision,
             "node": cfg.node.id,
             "cluster_id": cfg.cluster.cluster_id,
             "regions": summary.regions,
@@ -166,7 +172,7 @@ pub fn restore(args: RestoreArgs) -> Result<()> {
     } else {
         println!(
             "restored revision {} into node {} of cluster {}: {} regions, {} keys, {} leases \
-             ({:.0} keys/s); start the node with this config",
+             ({:.0} keys/s); new revisions start after {}; start the node with this config",
             summary.revision,
             cfg.node.id,
             cfg.cluster.cluster_id,
@@ -174,6 +180,7 @@ pub fn restore(args: RestoreArgs) -> Result<()> {
             summary.keys,
             summary.leases,
             summary.keys as f64 / secs,
+            summary.base_revision,
         );
     }
     Ok(())

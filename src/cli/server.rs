@@ -85,6 +85,10 @@ pub async fn run(args: ServerArgs, cfg: Config) -> Result<()> {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     if args.check {
+        if let Some(dir) = tessera::backup::restore::unfinished(&cfg.node.data_dir) {
+            let e = tessera::server::StartError::UnfinishedRestore(dir.display().to_string());
+            return Err(Error::Server(e.to_string()));
+        }
         let engine =
             tessera::storage::Engine::open(&cfg.node.data_dir.join("db"), &Default::default())
                 .map_err(|e| {

@@ -57,6 +57,12 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error("cannot join the cluster: {0}")]
     Join(String),
+    /// A restore into this data directory did not finish: its partial store is not started.
+    #[error(
+        "{0} holds an unfinished restore: run `tessera restore` again (it starts over), or \
+         delete it to start without the backup"
+    )]
+    UnfinishedRestore(String),
 }
 
 pub struct Node {

@@ -48,6 +48,9 @@ pub(super) struct Store {
 pub(super) async fn open_store(cfg: &mut Config) -> Result<Store, StartError> {
     let mut members = cfg.members()?;
     cfg.prepare_data_dir()?;
+    if let Some(dir) = crate::backup::restore::unfinished(&cfg.node.data_dir) {
+        return Err(StartError::UnfinishedRestore(dir.display().to_string()));
+    }
     let db_path = cfg.node.data_dir.join("db");
     let engine = Engine::open(
         &db_path,

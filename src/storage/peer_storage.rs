@@ -43,6 +43,9 @@ use crate::proto::{
 /// empty (index 0) by a message can always be told apart from one that has the initial state
 /// and must be caught up by snapshot.
 pub const RAFT_INIT_LOG_INDEX: u64 = 5;
+/// Where a restored region's log starts (see [`PeerStorage::write_restored_state`]).
+pub const RESTORED_LOG_INDEX: u64 = RAFT_INIT_LOG_INDEX + 1;
+pub const RESTORED_LOG_TERM: u64 = RAFT_INIT_LOG_TERM + 1;
 pub const RAFT_INIT_LOG_TERM: u64 = 5;
 
 /// Off-thread snapshot generation, polled by [`raft::Storage::snapshot`].
@@ -67,28 +70,43 @@ impl PeerStorage {
     /// Writes the initial state of a region created at cluster bootstrap (or by a split): a log
     /// truncated at [`RAFT_INIT_LOG_INDEX`] and the region's membership as its conf state.
     pub fn write_initial_state(batch: &mut WriteBatch<'_>, region: &Region) {
-        Self::write_seeded_state(batch, region, (0, 0), 0);
+        let at = (RAFT_INIT_LOG_INDEX, RAFT_INIT_LOG_TERM);
+        Self::write_state_at(batch, region, at, (0, 0), 0);
     }
 
-    /// As [`Self::write_initial_state`], for a region whose data was written before its
-    /// first start (a restore): `data_keys`/`data_bytes` and the highest revision of it.
-    pub fn write_seeded_state(
+    /// As [`Self::write_initial_state`], for a region whose data a restore wrote before its
+    /// first start: its sizes (`data_keys`, `data_bytes`) and the revision the data is at.
+    /// Its log starts one entry later than a first start's ([`RESTORED_LOG_INDEX`]), so an
+    /// empty replica on a node that was not restored is behind the restored ones: it cannot
+    /// win an election against them, and gets the data by snapshot.
+    pub fn write_restored_state(
         batch: &mut WriteBatch<'_>,
         region: &Region,
+        sizes: (u64, u64),
+        max_revision: u64,
+    ) {
+        let at = (RESTORED_LOG_INDEX, RESTORED_LOG_TERM);
+        Self::write_state_at(batch, region, at, sizes, max_revision);
+    }
+
+    fn write_state_at(
+        batch: &mut WriteBatch<'_>,
+        region: &Region,
+        (index, term): (u64, u64),
         (data_keys, data_bytes): (u64, u64),
         max_revision: u64,
     ) {
         let id = RegionId(region.id);
         let raft_state = RaftLocalState {
-            term: RAFT_INIT_LOG_TERM,
+            term,
             vote: 0,
-            commit: RAFT_INIT_LOG_INDEX,
-            last_index: RAFT_INIT_LOG_INDEX,
+            commit: index,
+            last_index: index,
         };
         let apply_state = RaftApplyState {
-            applied_index: RAFT_INIT_LOG_INDEX,
-            truncated_index: RAFT_INIT_LOG_INDEX,
-            truncated_term: RAFT_INIT_LOG_TERM,
+            applied_index: index,
+            truncated_index: index,
+            truncated_term: term,
             data_keys,
             data_bytes,
             max_revision,

@@ -316,6 +316,25 @@ pub async fn wait_for_leaders(
     regions: usize,
     timeout: Duration,
 ) -> Vec<(u64, u64)> {
+    wait_led(addrs, regions, true, timeout).await
+}
+
+/// As [`wait_for_leaders`], for a cluster whose nodes each host only some of the regions
+/// (more nodes than replicas): `regions` counts the regions of all nodes together.
+pub async fn wait_for_leaders_spread(
+    addrs: &[String],
+    regions: usize,
+    timeout: Duration,
+) -> Vec<(u64, u64)> {
+    wait_led(addrs, regions, false, timeout).await
+}
+
+async fn wait_led(
+    addrs: &[String],
+    regions: usize,
+    everywhere: bool,
+    timeout: Duration,
+) -> Vec<(u64, u64)> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut ok = true;
@@ -323,7 +342,7 @@ pub async fn wait_for_leaders(
         for a in addrs {
             match node_regions(a).await {
                 Some(rs) => {
-                    if rs.len() < regions {
+                    if everywhere && rs.len() < regions {
                         ok = false;
                     }
                     for r in rs {
