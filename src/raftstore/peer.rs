@@ -25,14 +25,16 @@ use super::clock::BootInstant;
 use raft::eraftpb::{self, MessageType};
 use raft::{RawNode, StateRole};
 
-mod admin;
 mod command;
+mod conf_change;
 mod hibernate;
 mod lease;
+mod life;
 mod log_gc;
 mod propose;
 mod read;
 mod ready;
+mod split;
 mod watch;
 
 use propose::Proposal;
