@@ -1,11 +1,13 @@
 //! One replica of one region: the `RawNode`, its pending proposals and reads, and the two
 //! halves of its Ready handling that a worker round calls around the shared synced write.
 //!
-//! This file holds the state, the dispatch of messages and raft's inbound path; each
-//! feature has its own child module, working on the same private state:
-//! `propose` (client writes to raft), `read` (lease and ReadIndex reads), `ready` (the
-//! Ready halves), `command` (applying entries and answering proposals), `admin` (split,
-//! conf change, destroy), `lease`, `hibernate` and `log_gc`.
+//! This file holds the shared state, the dispatch of messages and raft's inbound path; each
+//! feature has its own child module, and the features with state of their own keep it in
+//! a struct there: `propose` (client writes to raft; `Stamps`, writes waiting for their
+//! revisions), `read` (lease and ReadIndex reads; `Reads`), `ready` (the Ready halves),
+//! `command` (applying entries and answering proposals), `split`, `conf_change`, `life`
+//! (destruction; `Life`), `lease` (the leader lease; `Lease`), `hibernate` (`Sleep`),
+//! `log_gc` and `watch`.
 //!
 //! Invariants:
 //! - only the owning worker thread touches a `Peer` (no lock);
@@ -19,8 +21,6 @@
 
 use std::collections::VecDeque;
 use std::time::Instant;
-
-use super::clock::BootInstant;
 
 use raft::eraftpb::{self, MessageType};
 use raft::{RawNode, StateRole};
@@ -38,7 +38,6 @@ mod split;
 mod watch;
 
 use propose::Proposal;
-use read::PendingRead;
 
 use super::msg::{NewPeer, PeerMsg, RegionError, RegionInfo, Wake};
 use super::session::Sessions;
@@ -69,32 +68,12 @@ pub struct Peer {
     peer_id: PeerId,
     raw: RawNode<PeerStorage>,
     proposals: VecDeque<Proposal>,
-    /// User-data writes waiting for their cluster revisions (see `propose`).
-    unstamped: VecDeque<propose::Unstamped>,
-    /// The highest revision this peer proposed as leader.
-    proposed_revision: u64,
-    /// No write is proposed with a revision at or below this: a read at that revision was
-    /// served (see `read`).
-    revision_floor: u64,
-    /// Reads that arrived this round; they share one ReadIndex request.
-    reads_unsent: Vec<PendingRead>,
-    /// Reads at a revision waiting for writes whose revisions were asked for (see `read`).
-    reads_after_stamps: Vec<PendingRead>,
-    /// ReadIndex requests sent to raft: context, send time (for the lease), reads.
-    reads_inflight: VecDeque<(u64, BootInstant, Vec<PendingRead>)>,
-    /// Reads whose read index is known, served once the region has applied that far.
-    reads_ready: VecDeque<(u64, Vec<PendingRead>)>,
-    next_read_ctx: u64,
+    /// Writes waiting for their cluster revisions, and the revisions' bounds (`propose`).
+    stamps: propose::Stamps,
+    /// A leader's linearizable reads on their way (`read`).
+    reads: read::Reads,
+    /// The leader lease and what hangs on it (`lease`).
     lease: lease::Lease,
-    /// A lease read served this round found the lease past half: send a ReadIndex round
-    /// (with no reads) to renew it.
-    renew_lease: bool,
-    /// The term in which this leader has applied an entry of its own (lease reads need it).
-    applied_own_term: u64,
-    /// Vote requests are dropped until then (a restarted peer, see `lease`).
-    refuse_votes_until: Option<Instant>,
-    /// The lease end and epoch version published to the node's local reader, if any.
-    published: Option<(BootInstant, u64)>,
     log_gc_threshold: u64,
     /// Write commands applied since start (load reporting).
     writes_applied: u64,
@@ -106,23 +85,10 @@ pub struct Peer {
     /// Regions this one's last split created, sent with `EpochNotMatch` so a client with a
     /// stale route learns the whole new layout from one error.
     siblings: Vec<proto::Region>,
-    /// Ticks since the last activity (anything but heartbeats), and whether the peer sleeps:
-    /// a sleeping peer is not ticked (no heartbeats, no election timer) until activity.
-    idle_ticks: usize,
-    asleep: bool,
-    /// When this follower last got a message from its leader (the election timer's real
-    /// start, see `hibernate`).
-    leader_heard: Option<Instant>,
-    /// Set by a tick whose election timeout ran out on a follower: the leader's node.
-    leader_silent: Option<u64>,
-    /// Set when this peer was removed from its region: the worker destroys it after the
-    /// round's write.
-    pending_destroy: bool,
-    /// Ask the leader (or, not knowing it, every other peer) to wake, at the next round
-    /// (see `hibernate`).
-    wake_others: bool,
-    /// Peers this leader removed, to be told so (they may not learn it from the log).
-    tombstones: Vec<proto::Peer>,
+    /// Hibernation: idle ticks, sleeping, the leader's silence (`hibernate`).
+    sleep: hibernate::Sleep,
+    /// Removal: destruction pending, peers to tell they are gone (`life`).
+    life: life::Life,
     /// The region's exactly-once write records (replicated state, see `session`).
     sessions: Sessions,
     session_ttl_ms: u64,
@@ -207,14 +173,8 @@ impl Peer {
             peer_id,
             raw,
             proposals: VecDeque::new(),
-            unstamped: VecDeque::new(),
-            proposed_revision: 0,
-            revision_floor: 0,
-            reads_unsent: Vec::new(),
-            reads_after_stamps: Vec::new(),
-            reads_inflight: VecDeque::new(),
-            reads_ready: VecDeque::new(),
-            next_read_ctx: 1,
+            stamps: propose::Stamps::default(),
+            reads: read::Reads::new(),
             // The timestamp oracle serves only under its region's lease (`placement::tso`),
             // so the region holding its key keeps a lease whatever the configuration says.
             lease: lease::Lease::new(
@@ -222,24 +182,15 @@ impl Peer {
                 cfg.tick_interval(),
                 cfg.election_ticks,
             ),
-            renew_lease: false,
-            applied_own_term: 0,
-            refuse_votes_until: None,
-            published: None,
             log_gc_threshold: cfg.log_gc_threshold,
             writes_applied: 0,
             changed: false,
             reload_leases: false,
             siblings: Vec::new(),
-            idle_ticks: 0,
-            asleep: false,
-            leader_heard: None,
-            leader_silent: None,
-            pending_destroy: false,
             // A peer loaded at start (a restart) may belong to a sleeping region whose leader
             // would not heartbeat before this peer's election timer runs out.
-            wake_others: storage_initialized,
-            tombstones: Vec::new(),
+            sleep: hibernate::Sleep::new(storage_initialized),
+            life: life::Life::default(),
             sessions,
             session_ttl_ms: cfg.client_session_ttl_secs.saturating_mul(1000),
             ctx: ctx.clone(),
@@ -373,7 +324,7 @@ impl Peer {
                 let ours = self.epoch();
                 if peer == self.peer_id.0 && epoch.conf_ver > ours.conf_ver && !self.is_leader() {
                     tracing::info!(region = %self.region_id, "told by the leader that this peer was removed");
-                    self.pending_destroy = true;
+                    self.life.pending_destroy = true;
                 }
             }
             PeerMsg::Progress(tx) => {
@@ -454,8 +405,8 @@ impl Peer {
             && !self.region().peers.iter().any(|p| p.id == m.from)
         {
             if let Some(p) = self.ctx.known_peer(m.from) {
-                if !self.tombstones.contains(&p) {
-                    self.tombstones.push(p);
+                if !self.life.tombstones.contains(&p) {
+                    self.life.tombstones.push(p);
                 }
             }
         }
@@ -498,7 +449,7 @@ impl Peer {
             metrics::counter!("tessera_raft_messages_dropped_total", "reason" => "step_error")
                 .increment(1);
         } else if from == self.raw.raft.leader_id && self.raw.raft.state == StateRole::Follower {
-            self.leader_heard = Some(Instant::now());
+            self.sleep.leader_heard = Some(Instant::now());
         }
         // A follower may ask the leader to transfer leadership.
         self.check_transfer();

@@ -176,9 +176,9 @@ impl Peer {
         store.set_conf_state(&cs, wb);
         self.changed = true;
         if !new_region.peers.iter().any(|p| p.id == self.peer_id.0) {
-            self.pending_destroy = true;
+            self.life.pending_destroy = true;
         } else if self.is_leader() {
-            self.tombstones.extend(removed.iter().copied());
+            self.life.tombstones.extend(removed.iter().copied());
         }
         metrics::counter!("tessera_conf_changes_total").increment(1);
         tracing::info!(region = %self.region_id, conf_ver = epoch.conf_ver, peers = ?new_region.peers, "membership changed");

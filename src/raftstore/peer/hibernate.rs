@@ -47,15 +47,42 @@ fn timer_on_waking(
     frozen.max(passed)
 }
 
+/// A peer's hibernation state.
+pub(super) struct Sleep {
+    /// Ticks since the last activity (anything but heartbeats).
+    pub(super) idle_ticks: usize,
+    /// A sleeping peer is not ticked (no heartbeats, no election timer) until activity.
+    pub(super) asleep: bool,
+    /// When this follower last got a message from its leader (the election timer's real
+    /// start).
+    pub(super) leader_heard: Option<std::time::Instant>,
+    /// Set by a tick whose election timeout ran out on a follower: the leader's node.
+    pub(super) leader_silent: Option<u64>,
+    /// Ask the leader (or, not knowing it, every other peer) to wake, at the next round.
+    pub(super) wake_others: bool,
+}
+
+impl Sleep {
+    pub(super) fn new(wake_others: bool) -> Self {
+        Self {
+            idle_ticks: 0,
+            asleep: false,
+            leader_heard: None,
+            leader_silent: None,
+            wake_others,
+        }
+    }
+}
+
 impl Peer {
     /// One raft tick, unless the region hibernates. Returns whether raft ticked.
     pub fn tick(&mut self) -> bool {
-        if self.asleep {
+        if self.sleep.asleep {
             return false;
         }
-        self.idle_ticks += 1;
+        self.sleep.idle_ticks += 1;
         if self.ctx.cfg.hibernate_regions && self.may_sleep() {
-            self.asleep = true;
+            self.sleep.asleep = true;
             metrics::counter!("tessera_region_hibernations_total").increment(1);
             return false;
         }
@@ -71,7 +98,7 @@ impl Peer {
         {
             // The election timer ran out: nothing came from that node's leader for a whole
             // election timeout.
-            self.leader_silent = self
+            self.sleep.leader_silent = self
                 .region()
                 .peers
                 .iter()
@@ -85,11 +112,11 @@ impl Peer {
     /// The node whose leader this follower stopped hearing from, at its last tick (taken
     /// once). Its sleeping regions here do not notice by themselves (see [`Self::wake`]).
     pub fn take_leader_silent(&mut self) -> Option<u64> {
-        self.leader_silent.take()
+        self.sleep.leader_silent.take()
     }
 
     pub fn is_asleep(&self) -> bool {
-        self.asleep
+        self.sleep.asleep
     }
 
     /// Something other than a heartbeat happened: tick again (if asleep) and start counting
@@ -106,15 +133,15 @@ impl Peer {
     /// first sit out a whole timeout of its own. Lease reads stay safe (see `lease`): the
     /// timer never runs ahead of the real time since the leader's last message arrived.
     pub fn wake(&mut self, why: Wake) {
-        self.idle_ticks = 0;
-        if self.asleep {
+        self.sleep.idle_ticks = 0;
+        if self.sleep.asleep {
             metrics::counter!("tessera_region_wakeups_total", "reason" => why.label()).increment(1);
-            self.asleep = false;
+            self.sleep.asleep = false;
             let raft = &mut self.raw.raft;
             raft.election_elapsed = match raft.state {
                 StateRole::Follower if why.leader_may_be_gone() => timer_on_waking(
                     raft.election_elapsed,
-                    self.leader_heard.map(|at| at.elapsed()),
+                    self.sleep.leader_heard.map(|at| at.elapsed()),
                     self.ctx.cfg.tick_interval(),
                     self.ctx.cfg.election_ticks,
                 ),
@@ -137,7 +164,7 @@ impl Peer {
             // and start an election that the other follower, woken by the pre-vote, grants.
             // Waking the leader instead keeps the leadership where it is.
             if raft.state == StateRole::Follower && matches!(why, Wake::Request | Wake::Admin) {
-                self.wake_others = true;
+                self.sleep.wake_others = true;
             }
         }
     }
@@ -145,7 +172,7 @@ impl Peer {
     /// Sends the wake-up asked for by [`Self::wake`] (or by a restart): to the leader, or to
     /// every other peer when the leader is unknown.
     pub(super) fn send_wake_up(&mut self, transport: &crate::transport::Transport) {
-        if !std::mem::take(&mut self.wake_others) || self.is_leader() {
+        if !std::mem::take(&mut self.sleep.wake_others) || self.is_leader() {
             return;
         }
         let targets: Vec<crate::proto::Peer> = match self.leader() {
@@ -168,7 +195,7 @@ impl Peer {
     /// The node hosting this region's leader looks down (`why` says who noticed): wake so
     /// the election timer runs, from where it would be had it never slept.
     pub fn leader_node_down(&mut self, node: crate::ids::NodeId, why: Wake) {
-        if self.asleep && self.leader().is_none_or(|l| l.node_id == node.get()) {
+        if self.sleep.asleep && self.leader().is_none_or(|l| l.node_id == node.get()) {
             self.wake(why);
         }
     }
@@ -185,9 +212,9 @@ impl Peer {
             return false;
         }
         if !self.proposals.is_empty()
-            || !self.unstamped.is_empty()
+            || !self.stamps.unstamped.is_empty()
             || self.has_waiting_reads()
-            || !self.reads_inflight.is_empty()
+            || !self.reads.inflight.is_empty()
         {
             return false;
         }
@@ -196,14 +223,14 @@ impl Peer {
         match raft.state {
             StateRole::Leader => {
                 let last = raft.raft_log.last_index();
-                self.idle_ticks >= 2 * e
+                self.sleep.idle_ticks >= 2 * e
                     && raft.lead_transferee.is_none()
                     && raft.raft_log.committed == last
                     && !self.raw.store().in_joint_config()
                     && raft.prs().iter().all(|(_, pr)| pr.matched == last)
             }
             StateRole::Follower => {
-                self.idle_ticks >= ((e - h) / 2).max(1)
+                self.sleep.idle_ticks >= ((e - h) / 2).max(1)
                     && raft.leader_id != raft::INVALID_ID
                     && raft.election_elapsed <= h
             }

@@ -60,6 +60,15 @@ pub(super) struct Lease {
     /// No acknowledgement renews the lease until the log has committed this index (the
     /// barrier entry proposed after an abandoned transfer).
     barrier: Option<u64>,
+    /// A lease read served this round found the lease past half: send a ReadIndex round
+    /// (with no reads) to renew it.
+    pub(super) renew: bool,
+    /// The term in which this leader has applied an entry of its own (lease reads need it).
+    pub(super) applied_own_term: u64,
+    /// Vote requests are dropped until then (a restarted peer, see the module doc).
+    pub(super) refuse_votes_until: Option<std::time::Instant>,
+    /// The lease end and epoch version published to the node's local reader, if any.
+    pub(super) published: Option<(BootInstant, u64)>,
 }
 
 impl Lease {
@@ -76,6 +85,10 @@ impl Lease {
             after_transfer: tick * (2 * election_ticks as u32),
             transfer_seen: false,
             barrier: None,
+            renew: false,
+            applied_own_term: 0,
+            refuse_votes_until: None,
+            published: None,
         }
     }
 
@@ -122,13 +135,13 @@ impl Peer {
     /// acknowledged a leader, whose lease counts on it, just before the process died.
     pub fn refuse_votes_for(&mut self, d: Duration) {
         if self.lease.enabled() {
-            self.refuse_votes_until = Some(Instant::now() + d);
+            self.lease.refuse_votes_until = Some(Instant::now() + d);
         }
     }
 
     /// Whether `m` is a (pre-)vote request this restarted peer must still drop.
     pub(super) fn refuses_vote(&mut self, m: &eraftpb::Message) -> bool {
-        let Some(until) = self.refuse_votes_until else {
+        let Some(until) = self.lease.refuse_votes_until else {
             return false;
         };
         if !matches!(
@@ -139,7 +152,7 @@ impl Peer {
             return false;
         }
         if Instant::now() >= until {
-            self.refuse_votes_until = None;
+            self.lease.refuse_votes_until = None;
             return false;
         }
         true
@@ -195,6 +208,7 @@ impl Peer {
         };
         let version = self.epoch().version;
         let stale = self
+            .lease
             .published
             .is_none_or(|(u, v)| v != version || until > u + self.lease.max / 4);
         if stale {
@@ -206,13 +220,13 @@ impl Peer {
                     term: self.raw.raft.term,
                 },
             );
-            self.published = Some((until, version));
+            self.lease.published = Some((until, version));
         }
     }
 
     /// Withdraws the published lease view, before anything but time ends the lease.
     pub(super) fn withdraw_lease(&mut self) {
-        if self.published.take().is_some() {
+        if self.lease.published.take().is_some() {
             self.ctx.reader.withdraw(self.region_id);
         }
     }
@@ -236,12 +250,12 @@ impl Peer {
             return false;
         }
         let term = self.raw.raft.term;
-        if self.applied_own_term != term {
+        if self.lease.applied_own_term != term {
             let applied = self.raw.store().applied_index();
             if self.raw.raft.raft_log.term(applied).ok() != Some(term) {
                 return false;
             }
-            self.applied_own_term = term;
+            self.lease.applied_own_term = term;
         }
         true
     }

@@ -11,10 +11,20 @@ use super::Peer;
 use crate::storage::WriteBatch;
 use crate::transport::Transport;
 
+/// A peer's removal state.
+#[derive(Default)]
+pub(super) struct Life {
+    /// Set when this peer was removed from its region: the worker destroys it after the
+    /// round's write.
+    pub(super) pending_destroy: bool,
+    /// Peers this leader removed, to be told so (they may not learn it from the log).
+    pub(super) tombstones: Vec<crate::proto::Peer>,
+}
+
 impl Peer {
     /// Whether this peer was removed from its region and must be destroyed.
     pub fn should_destroy(&self) -> bool {
-        self.pending_destroy
+        self.life.pending_destroy
     }
 
     /// Removes this peer from the node, in `wb`: its raft log and states go, a tombstone
@@ -37,7 +47,7 @@ impl Peer {
         self.proposals.clear();
         // Writes still waiting for their revisions were never proposed: definitely not
         // applied, so the client may send them again.
-        for u in self.unstamped.drain(..) {
+        for u in self.stamps.unstamped.drain(..) {
             u.refuse(RegionError::RegionNotFound(self.region_id));
         }
         self.on_role_change();
@@ -48,11 +58,11 @@ impl Peer {
     /// Tells peers this leader removed that they are gone (best effort: a peer that misses
     /// it learns it from the log if it catches up, or stays harmless behind prevote).
     pub(super) fn send_tombstones(&mut self, transport: &Transport) {
-        if self.tombstones.is_empty() {
+        if self.life.tombstones.is_empty() {
             return;
         }
         let region = self.region().clone();
-        for p in std::mem::take(&mut self.tombstones) {
+        for p in std::mem::take(&mut self.life.tombstones) {
             transport.send_tombstone(&region, self.peer_id, p);
         }
     }

@@ -47,6 +47,18 @@ impl Unstamped {
     }
 }
 
+/// User-data writes waiting for their cluster revisions, and the bounds a revision must
+/// clear before a write is proposed with it.
+#[derive(Default)]
+pub(super) struct Stamps {
+    pub(super) unstamped: std::collections::VecDeque<Unstamped>,
+    /// The highest revision this peer proposed as leader.
+    pub(super) proposed: u64,
+    /// No write is proposed with a revision at or below this: a read at that revision was
+    /// served (see `read`).
+    pub(super) floor: u64,
+}
+
 impl Peer {
     pub(super) fn propose(
         &mut self,
@@ -61,7 +73,7 @@ impl Peer {
         }
         if cmd.needs_revision() {
             // Proposed once the worker has its revision from the oracle (`stamp`).
-            self.unstamped.push_back(Unstamped {
+            self.stamps.unstamped.push_back(Unstamped {
                 cmd,
                 epoch,
                 write_id,
@@ -89,14 +101,19 @@ impl Peer {
     pub fn revisions_wanted(&mut self) -> u32 {
         if !self.is_leader() {
             // Never proposed: the client may retry them at the new leader.
-            while let Some(u) = self.unstamped.pop_front() {
+            while let Some(u) = self.stamps.unstamped.pop_front() {
                 let _ = u.reply.send(Err(self.not_leader()));
             }
             return 0;
         }
         let term = self.raw.raft.term;
         let mut n = 0;
-        for u in self.unstamped.iter_mut().filter(|u| u.asked_in.is_none()) {
+        for u in self
+            .stamps
+            .unstamped
+            .iter_mut()
+            .filter(|u| u.asked_in.is_none())
+        {
             u.asked_in = Some(term);
             n += 1;
         }
@@ -112,10 +129,10 @@ impl Peer {
     pub fn stamp(&mut self, first: Result<u64, String>, n: u32) {
         let mut waiting = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            match self.unstamped.pop_front() {
+            match self.stamps.unstamped.pop_front() {
                 Some(u) if u.asked_in.is_some() => waiting.push(u),
                 Some(u) => {
-                    self.unstamped.push_front(u);
+                    self.stamps.unstamped.push_front(u);
                     break;
                 }
                 None => break,
@@ -150,11 +167,11 @@ impl Peer {
                 });
                 continue;
             }
-            self.proposed_revision = rev;
+            self.stamps.proposed = rev;
             self.propose_now(u.cmd, u.epoch, u.write_id, rev, u.reply);
         }
         for u in retry.into_iter().rev() {
-            self.unstamped.push_front(u);
+            self.stamps.unstamped.push_front(u);
         }
         // A read at a revision waited for the writes asked before it (`read`).
         if !self.has_asked() {
@@ -167,12 +184,12 @@ impl Peer {
 
     /// Whether writes wait for revisions asked for but not answered yet.
     pub(super) fn has_asked(&self) -> bool {
-        self.unstamped.iter().any(|u| u.asked_in.is_some())
+        self.stamps.unstamped.iter().any(|u| u.asked_in.is_some())
     }
 
     /// Whether writes wait for revisions that have not been asked for.
     pub fn has_unasked(&self) -> bool {
-        self.unstamped.iter().any(|u| u.asked_in.is_none())
+        self.stamps.unstamped.iter().any(|u| u.asked_in.is_none())
     }
 
     /// The highest revision this region has applied, this leader proposed, or a read at a
@@ -181,8 +198,8 @@ impl Peer {
         self.raw
             .store()
             .max_revision()
-            .max(self.proposed_revision)
-            .max(self.revision_floor)
+            .max(self.stamps.proposed)
+            .max(self.stamps.floor)
     }
 
     fn propose_now(

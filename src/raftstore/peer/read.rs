@@ -15,6 +15,8 @@
 //!   (no later write of the region takes a revision at or below R) and every entry
 //!   proposed before it arrived is applied.
 
+use std::collections::VecDeque;
+
 use super::super::clock::BootInstant;
 use super::super::local_read;
 use super::super::msg::{ReadAnswer, ReadRequest, RegionError, Reply};
@@ -33,6 +35,32 @@ pub(super) struct PendingRead {
     /// entry proposed when it arrived (its writes may have revisions at or below `at`).
     pub(super) min_applied: u64,
     pub(super) reply: Reply<ReadAnswer>,
+}
+
+/// A leader's linearizable reads on their way: waiting for this round's ReadIndex request,
+/// for stamps, for their read index, and for apply to reach it.
+pub(super) struct Reads {
+    /// Reads that arrived this round; they share one ReadIndex request.
+    pub(super) unsent: Vec<PendingRead>,
+    /// Reads at a revision waiting for writes whose revisions were asked for.
+    pub(super) after_stamps: Vec<PendingRead>,
+    /// ReadIndex requests sent to raft: context, send time (for the lease), reads.
+    pub(super) inflight: VecDeque<(u64, BootInstant, Vec<PendingRead>)>,
+    /// Reads whose read index is known, served once the region has applied that far.
+    pub(super) ready: VecDeque<(u64, Vec<PendingRead>)>,
+    pub(super) next_ctx: u64,
+}
+
+impl Reads {
+    pub(super) fn new() -> Self {
+        Self {
+            unsent: Vec::new(),
+            after_stamps: Vec::new(),
+            inflight: VecDeque::new(),
+            ready: VecDeque::new(),
+            next_ctx: 1,
+        }
+    }
 }
 
 impl Peer {
@@ -71,11 +99,11 @@ impl Peer {
         if self.lease_read_ok(now) {
             metrics::counter!("tessera_reads_total", "path" => "lease").increment(1);
             let _ = reply.send(self.serve_read(&req));
-            self.renew_lease |= self.lease.wants_renewal(now);
+            self.lease.renew |= self.lease.wants_renewal(now);
             return;
         }
         metrics::counter!("tessera_reads_total", "path" => "read_index").increment(1);
-        self.reads_unsent.push(PendingRead {
+        self.reads.unsent.push(PendingRead {
             req,
             epoch,
             at: 0,
@@ -106,21 +134,21 @@ impl Peer {
         // for them to be proposed rather than make them ask again (a steady stream of reads
         // at fresh revisions would otherwise keep them asking).
         if self.has_asked() {
-            self.reads_after_stamps.push(read);
+            self.reads.after_stamps.push(read);
             return;
         }
         self.start_read_at(read);
     }
 
     fn start_read_at(&mut self, mut read: PendingRead) {
-        self.revision_floor = self.revision_floor.max(read.at);
+        self.stamps.floor = self.stamps.floor.max(read.at);
         read.min_applied = self.raw.raft.raft_log.last_index();
-        self.reads_unsent.push(read);
+        self.reads.unsent.push(read);
     }
 
     /// Starts the reads at a revision that waited for the writes asked before them.
     pub(super) fn release_reads_at(&mut self) {
-        for read in std::mem::take(&mut self.reads_after_stamps) {
+        for read in std::mem::take(&mut self.reads.after_stamps) {
             if !self.is_leader() {
                 let _ = read.reply.send(Err(self.not_leader()));
                 continue;
@@ -132,13 +160,13 @@ impl Peer {
     /// Sends one ReadIndex request for every read that arrived this round (or, with none,
     /// to renew a lease that a lease read found past half).
     pub fn flush_reads(&mut self) {
-        let renew = std::mem::take(&mut self.renew_lease) && self.reads_inflight.is_empty();
-        if self.reads_unsent.is_empty() && !renew {
+        let renew = std::mem::take(&mut self.lease.renew) && self.reads.inflight.is_empty();
+        if self.reads.unsent.is_empty() && !renew {
             return;
         }
         if !self.is_leader() {
             let err = self.not_leader();
-            for r in self.reads_unsent.drain(..) {
+            for r in self.reads.unsent.drain(..) {
                 let _ = r.reply.send(Err(err.clone()));
             }
             return;
@@ -149,19 +177,19 @@ impl Peer {
         if log.term(log.committed).unwrap_or(0) != self.raw.raft.term {
             return;
         }
-        let ctx = self.next_read_ctx;
-        self.next_read_ctx += 1;
+        let ctx = self.reads.next_ctx;
+        self.reads.next_ctx += 1;
         let sent = BootInstant::now();
         self.raw.read_index(ctx.to_be_bytes().to_vec());
-        let reads = std::mem::take(&mut self.reads_unsent);
-        self.reads_inflight.push_back((ctx, sent, reads));
+        let reads = std::mem::take(&mut self.reads.unsent);
+        self.reads.inflight.push_back((ctx, sent, reads));
     }
 
     /// Serves reads whose read index has been applied. Call after the round's writes.
     pub fn serve_ready_reads(&mut self) {
         let applied = self.raw.store().applied_index();
-        while self.reads_ready.front().is_some_and(|(i, _)| *i <= applied) {
-            let (_, reads) = self.reads_ready.pop_front().expect("checked front");
+        while self.reads.ready.front().is_some_and(|(i, _)| *i <= applied) {
+            let (_, reads) = self.reads.ready.pop_front().expect("checked front");
             for r in reads {
                 // A split applied while the read waited moves keys to another region, whose
                 // newer writes this replica may not have applied yet: refuse, don't serve.
@@ -174,9 +202,9 @@ impl Peer {
     }
 
     pub fn has_waiting_reads(&self) -> bool {
-        !self.reads_unsent.is_empty()
-            || !self.reads_ready.is_empty()
-            || !self.reads_after_stamps.is_empty()
+        !self.reads.unsent.is_empty()
+            || !self.reads.ready.is_empty()
+            || !self.reads.after_stamps.is_empty()
     }
 
     fn serve_read(&self, req: &ReadRequest) -> Result<ReadAnswer, RegionError> {

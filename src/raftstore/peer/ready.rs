@@ -100,20 +100,20 @@ impl Peer {
         }
         for rs in rd.take_read_states() {
             let ctx = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
-            while let Some((c, _, _)) = self.reads_inflight.front() {
+            while let Some((c, _, _)) = self.reads.inflight.front() {
                 if *c > ctx {
                     break;
                 }
-                let (c, sent, reads) = self.reads_inflight.pop_front().expect("checked front");
+                let (c, sent, reads) = self.reads.inflight.pop_front().expect("checked front");
                 if c == ctx {
                     // A quorum answered the heartbeat this leader sent at `sent`.
                     self.renew_lease(sent);
                     // Reads at a revision also wait for the entries proposed before them.
                     let index = reads.iter().map(|r| r.min_applied).fold(rs.index, u64::max);
-                    self.reads_ready.push_back((index, reads));
+                    self.reads.ready.push_back((index, reads));
                 } else {
                     // An older request raft never answered (it was dropped): retry the reads.
-                    self.reads_unsent.extend(reads);
+                    self.reads.unsent.extend(reads);
                 }
             }
         }
@@ -159,13 +159,14 @@ impl Peer {
             let err = self.not_leader();
             self.ctx.hub.end_region(self.region_id, err.clone());
             let waiting = self
-                .reads_inflight
+                .reads
+                .inflight
                 .drain(..)
                 .map(|(_, _, r)| r)
-                .chain(self.reads_ready.drain(..).map(|(_, r)| r))
+                .chain(self.reads.ready.drain(..).map(|(_, r)| r))
                 .flatten()
-                .chain(self.reads_unsent.drain(..))
-                .chain(self.reads_after_stamps.drain(..));
+                .chain(self.reads.unsent.drain(..))
+                .chain(self.reads.after_stamps.drain(..));
             for r in waiting {
                 let _ = r.reply.send(Err(err.clone()));
             }
