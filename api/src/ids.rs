@@ -35,6 +35,18 @@ macro_rules! id_type {
                 $name(v)
             }
         }
+
+        /// A number, with or without the display prefix (`7` or `r7` for region 7).
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                s.strip_prefix($prefix)
+                    .unwrap_or(s)
+                    .parse::<u64>()
+                    .map($name)
+                    .map_err(|_| format!(concat!("{:?} is not a ", stringify!($name)), s))
+            }
+        }
     };
 }
 

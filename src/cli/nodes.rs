@@ -13,7 +13,7 @@ use super::{print_json, state_name, ConnArgs, Result};
 pub enum NodesOp {
     /// Mark a node removed: it stops serving and may never come back with its data. Its
     /// region replicas are not moved elsewhere by this command.
-    Remove { node_id: u64 },
+    Remove { node_id: NodeId },
 }
 
 #[derive(Serialize)]
@@ -34,7 +34,8 @@ struct NodeJson<'a> {
 pub async fn run(conn: ConnArgs, op: Option<NodesOp>) -> Result<()> {
     let client = conn.connect(false).await?;
     if let Some(NodesOp::Remove { node_id }) = op {
-        client.remove_node(NodeId(node_id)).await?;
+        client.remove_node(node_id).await?;
+        let node_id = node_id.get();
         if conn.json {
             print_json(&Removed { removed: node_id });
         } else {

@@ -15,7 +15,10 @@ use super::{decode_hex, hex, print_json, ConnArgs, Result};
 #[derive(clap::Subcommand)]
 pub enum RegionsOp {
     /// Hand the leadership of REGION to its replica on NODE, and wait until it has moved.
-    TransferLeader { region_id: u64, node_id: u64 },
+    TransferLeader {
+        region_id: RegionId,
+        node_id: NodeId,
+    },
     /// Split the region holding KEY so that a new region starts at KEY (UTF-8, or hex with
     /// --hex). Regions also split by themselves past the [region] size limits.
     Split {
@@ -26,16 +29,23 @@ pub enum RegionsOp {
     },
     /// Move REGION's replica on node FROM to node TO: a learner is added on TO and caught up
     /// (by snapshot), then promoted while FROM's replica is removed, in one joint change.
-    Move { region_id: u64, from: u64, to: u64 },
+    Move {
+        region_id: RegionId,
+        from: NodeId,
+        to: NodeId,
+    },
     /// Add a replica of REGION on NODE (a voter, or a learner with --learner).
     AddPeer {
-        region_id: u64,
-        node_id: u64,
+        region_id: RegionId,
+        node_id: NodeId,
         #[arg(long)]
         learner: bool,
     },
     /// Remove REGION's replica on NODE (transfer leadership away from NODE first).
-    RemovePeer { region_id: u64, node_id: u64 },
+    RemovePeer {
+        region_id: RegionId,
+        node_id: NodeId,
+    },
 }
 
 #[derive(Serialize)]
@@ -84,9 +94,8 @@ pub async fn run(conn: ConnArgs, op: Option<RegionsOp>) -> Result<()> {
     let changed = match op {
         None => return list(&conn, &client).await,
         Some(RegionsOp::TransferLeader { region_id, node_id }) => {
-            client
-                .transfer_leader(RegionId(region_id), NodeId(node_id))
-                .await?;
+            client.transfer_leader(region_id, node_id).await?;
+            let (region_id, node_id) = (region_id.get(), node_id.get());
             if conn.json {
                 print_json(&Transferred {
                     region: region_id,
@@ -112,9 +121,9 @@ pub async fn run(conn: ConnArgs, op: Option<RegionsOp>) -> Result<()> {
         }) => {
             client
                 .move_replica(
-                    RegionId(region_id),
-                    Some(NodeId(from)),
-                    NodeId(to),
+                    region_id,
+                    Some(from),
+                    to,
                     std::time::Duration::from_secs(600),
                 )
                 .await?
@@ -129,16 +138,11 @@ pub async fn run(conn: ConnArgs, op: Option<RegionsOp>) -> Result<()> {
             } else {
                 PeerChangeKind::AddVoter
             };
-            client
-                .change_peers(RegionId(region_id), &[(kind, NodeId(node_id))])
-                .await?
+            client.change_peers(region_id, &[(kind, node_id)]).await?
         }
         Some(RegionsOp::RemovePeer { region_id, node_id }) => {
             client
-                .change_peers(
-                    RegionId(region_id),
-                    &[(PeerChangeKind::Remove, NodeId(node_id))],
-                )
+                .change_peers(region_id, &[(PeerChangeKind::Remove, node_id)])
                 .await?
         }
     };

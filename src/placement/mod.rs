@@ -50,6 +50,7 @@ pub use routes::{locate_key, report_region, route_key, route_table, scan_routes,
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::client::{CasAction, Client, Compare, Error};
+use crate::ids::NodeId;
 use crate::proto::{KeyValue, NodeInfo, NodeRecord, NodeState};
 use crate::storage::keys::SYSTEM_KEY_PREFIX;
 
@@ -62,9 +63,9 @@ fn system_key(suffix: &[u8]) -> Vec<u8> {
 
 pub use crate::storage::keys::ids_key;
 
-pub fn node_key(node_id: u64) -> Vec<u8> {
+pub fn node_key(node_id: NodeId) -> Vec<u8> {
     let mut k = system_key(b"nodes/");
-    k.extend_from_slice(&node_id.to_be_bytes());
+    k.extend_from_slice(&node_id.get().to_be_bytes());
     k
 }
 

@@ -26,12 +26,18 @@ fn decode_node(v: &[u8]) -> Result<NodeRecord, Error> {
 /// removed, which a heartbeat must never undo (hence the compare-and-swap).
 pub async fn heartbeat(client: &Client, record: &NodeRecord) -> Result<Beat, Error> {
     let value = prost::Message::encode_to_vec(record);
-    update(client, &node_key(record.node_id), 10, "heartbeat", |cur| {
-        Ok(match cur {
-            Some(kv) if decode_node(&kv.value)?.removed => Update::Keep(Beat::Removed),
-            _ => Update::Write(value.clone(), Beat::Written),
-        })
-    })
+    update(
+        client,
+        &node_key(NodeId(record.node_id)),
+        10,
+        "heartbeat",
+        |cur| {
+            Ok(match cur {
+                Some(kv) if decode_node(&kv.value)?.removed => Update::Keep(Beat::Removed),
+                _ => Update::Write(value.clone(), Beat::Written),
+            })
+        },
+    )
     .await
 }
 
@@ -100,7 +106,7 @@ pub async fn join(client: &Client, addr: &str) -> Result<u64, JoinError> {
         ..Default::default()
     };
     let created = client
-        .create(&node_key(id), &prost::Message::encode_to_vec(&rec))
+        .create(&node_key(NodeId(id)), &prost::Message::encode_to_vec(&rec))
         .await?;
     if !created {
         return Err(Error::Server(format!("fresh node id {id} is already registered")).into());
@@ -110,7 +116,7 @@ pub async fn join(client: &Client, addr: &str) -> Result<u64, JoinError> {
 
 /// Marks a node removed. Its record stays (ids are never reused) and it can never heartbeat
 /// again; the node stops when it sees the mark.
-pub async fn remove_node(client: &Client, node_id: u64) -> Result<(), Error> {
+pub async fn remove_node(client: &Client, node_id: NodeId) -> Result<(), Error> {
     update(client, &node_key(node_id), 10, "node removal", |cur| {
         let kv =
             cur.ok_or_else(|| Error::InvalidArgument(format!("node {node_id} is not registered")))?;

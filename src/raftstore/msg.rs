@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::cmd::{ApplyResult, Command};
-use crate::ids::{PeerId, RegionId};
+use crate::ids::{NodeId, PeerId, RegionId};
 use crate::proto;
 
 /// Why a region did not serve a request (docs/architecture.md, "Region errors"). Most kinds
@@ -267,7 +267,7 @@ pub enum PeerMsg {
     Describe(oneshot::Sender<RegionInfo>),
     /// Hand leadership to the region's peer on `to_node` (answered once raft started the
     /// transfer; the transfer itself completes, or is abandoned, within an election timeout).
-    TransferLeader { to_node: u64, reply: Reply<()> },
+    TransferLeader { to_node: NodeId, reply: Reply<()> },
     /// Change the region's membership (answered once the change applied).
     ChangePeers {
         changes: Vec<(proto::PeerChangeKind, proto::Peer)>,
@@ -276,7 +276,7 @@ pub enum PeerMsg {
     },
     /// The region's leader removed `peer` at membership `epoch`.
     Tombstone {
-        peer: u64,
+        peer: PeerId,
         epoch: proto::RegionEpoch,
     },
     /// The leader's view of replication (for waiting until a new learner caught up).

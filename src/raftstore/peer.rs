@@ -42,7 +42,7 @@ use propose::Proposal;
 use super::msg::{NewPeer, PeerMsg, RegionError, RegionInfo, Wake};
 use super::session::Sessions;
 use super::store::StoreCtx;
-use crate::ids::{PeerId, RegionId};
+use crate::ids::{NodeId, PeerId, RegionId};
 use crate::proto::{self, RegionEpoch};
 use crate::storage::{keys, PeerStorage};
 
@@ -322,7 +322,7 @@ impl Peer {
             } => self.propose_change_peers(changes, epoch, reply),
             PeerMsg::Tombstone { peer, epoch } => {
                 let ours = self.epoch();
-                if peer == self.peer_id.0 && epoch.conf_ver > ours.conf_ver && !self.is_leader() {
+                if peer == self.peer_id && epoch.conf_ver > ours.conf_ver && !self.is_leader() {
                     tracing::info!(region = %self.region_id, "told by the leader that this peer was removed");
                     self.life.pending_destroy = true;
                 }
@@ -346,13 +346,18 @@ impl Peer {
         }
     }
 
-    fn transfer_leader(&mut self, to_node: u64) -> Result<(), RegionError> {
+    fn transfer_leader(&mut self, to_node: NodeId) -> Result<(), RegionError> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
-        let Some(to) = self.region().peers.iter().find(|p| p.node_id == to_node) else {
+        let Some(to) = self
+            .region()
+            .peers
+            .iter()
+            .find(|p| p.node_id == to_node.get())
+        else {
             return Err(RegionError::Refused {
-                reason: format!("{} has no peer on node {to_node}", self.region_id),
+                reason: format!("{} has no peer on node {}", self.region_id, to_node.get()),
             });
         };
         if to.id != self.peer_id.0 {

@@ -304,6 +304,14 @@ impl KvCore {
     async fn put(&self, r: proto::PutRequest) -> Result<proto::PutResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
         self.check_value(&r.value)?;
+        if busy_for_testing(&r.key) {
+            return Ok(proto::PutResponse {
+                region_error: Some(self.region_error(&RegionError::ServerBusy {
+                    reason: "fail point kv_put_busy".into(),
+                })),
+                ..Default::default()
+            });
+        }
         let lease = match r.lease {
             0 => None,
             id => match self.attach(id, &r.key).await? {
@@ -528,4 +536,18 @@ impl KvCore {
         };
         Ok(resp)
     }
+}
+
+/// Test builds only: fail point `kv_put_busy` with the key as its argument answers puts of
+/// that key `ServerBusy` (nothing proposed), to test how clients take a transient refusal.
+#[cfg(feature = "failpoints")]
+fn busy_for_testing(key: &[u8]) -> bool {
+    fail::eval("kv_put_busy", |arg| {
+        arg.is_some_and(|k| k.as_bytes() == key)
+    }) == Some(true)
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn busy_for_testing(_key: &[u8]) -> bool {
+    false
 }

@@ -225,7 +225,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<RemoveNodeResponse>, Status> {
         let id = request.into_inner().node_id;
         let client = self.system().await?;
-        match placement::remove_node(&client, id).await {
+        match placement::remove_node(&client, NodeId(id)).await {
             Ok(()) => {
                 tracing::warn!(node = id, "node marked removed");
                 Ok(Response::new(RemoveNodeResponse {}))
@@ -245,7 +245,7 @@ impl node_server::Node for NodeService {
         let res = match self.router.send(
             region,
             PeerMsg::TransferLeader {
-                to_node: req.to_node,
+                to_node: NodeId(req.to_node),
                 reply: tx,
             },
         ) {

@@ -21,7 +21,7 @@ use protobuf::Message as _;
 use raft::eraftpb;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::ids::{ClusterId, NodeId, RegionId};
+use crate::ids::{ClusterId, NodeId, PeerId, RegionId};
 use crate::proto::raft_transport_server::RaftTransport;
 use crate::proto::{Done, RaftMessage, RaftMessageBatch, SnapshotChunk};
 use crate::raftstore::msg::PeerMsg;
@@ -185,7 +185,7 @@ impl RaftService {
             return;
         };
         let msg = PeerMsg::Tombstone {
-            peer: to.id,
+            peer: PeerId(to.id),
             epoch: m.region_epoch.unwrap_or_default(),
         };
         if self.router.send(RegionId(m.region_id), msg).is_err() {

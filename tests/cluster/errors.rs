@@ -468,3 +468,48 @@ async fn commands_stream_answers_each_command_and_survives_bad_ones() {
     assert_eq!(client.get(&key).await.unwrap().unwrap().value, b"after");
     cluster.shutdown().await;
 }
+
+/// `ServerBusy` means "not done, try again": the client retries it until it clears and the
+/// write then applies once. Fail point `kv_put_busy` answers puts of one key busy until it
+/// is removed.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_server_busy_is_retried_until_it_clears() {
+    let cluster = TestCluster::start(3, 2, |_| {}).await;
+    wait_for_leaders(&cluster.endpoints(), 2, Duration::from_secs(60)).await;
+    let client = cluster.client().await;
+    let key = b"/busy/transient-put";
+    client.put(b"/busy/warm-up", b"x").await.expect("put");
+    fail::cfg("kv_put_busy", "return(/busy/transient-put)").expect("fail point");
+    let clear = tokio::spawn(async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        fail::remove("kv_put_busy");
+    });
+    let before = client
+        .stats()
+        .region_errors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let w = client.put(key, b"v").await;
+    clear.await.expect("clear");
+    let w = w.expect("a put refused as busy succeeds once the refusal clears");
+    let busy = client
+        .stats()
+        .region_errors
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    assert!(
+        busy >= 2,
+        "the put was answered busy and retried ({busy} region errors)"
+    );
+    let kv = client
+        .get(key)
+        .await
+        .expect("get")
+        .expect("the put applied");
+    assert_eq!((kv.value.as_slice(), kv.version), (&b"v"[..], 1));
+    assert_eq!(
+        kv.mod_revision, w.revision,
+        "applied once, by the retry that succeeded"
+    );
+    cluster.shutdown().await;
+}

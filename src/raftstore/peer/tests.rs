@@ -236,7 +236,7 @@ fn leadership_goes_only_to_a_peer_ready_to_take_it() {
     pr.recent_active = false;
     pr.become_replicate();
     pr.matched = last;
-    match peer.transfer_leader(2) {
+    match peer.transfer_leader(crate::ids::NodeId(2)) {
         Err(RegionError::ServerBusy { reason }) => {
             assert!(reason.contains("not answered"), "{reason}")
         }
@@ -252,7 +252,7 @@ fn leadership_goes_only_to_a_peer_ready_to_take_it() {
         peer.raw.propose(vec![], b"x".to_vec()).expect("propose");
     }
     assert!(matches!(
-        peer.transfer_leader(2),
+        peer.transfer_leader(crate::ids::NodeId(2)),
         Err(RegionError::ServerBusy { .. })
     ));
     assert_eq!(peer.raw.raft.lead_transferee, None);
@@ -263,7 +263,7 @@ fn leadership_goes_only_to_a_peer_ready_to_take_it() {
     pr.matched = last;
     pr.become_snapshot(last);
     assert!(matches!(
-        peer.transfer_leader(2),
+        peer.transfer_leader(crate::ids::NodeId(2)),
         Err(RegionError::ServerBusy { .. })
     ));
 
@@ -272,12 +272,13 @@ fn leadership_goes_only_to_a_peer_ready_to_take_it() {
     let pr = peer.raw.raft.mut_prs().get_mut(12).expect("peer 12");
     pr.become_probe();
     pr.matched = last;
-    peer.transfer_leader(2).expect("transfer starts");
+    peer.transfer_leader(crate::ids::NodeId(2))
+        .expect("transfer starts");
     assert_eq!(peer.raw.raft.lead_transferee, Some(12));
 
     // A node without a replica: refused for good.
     assert!(matches!(
-        peer.transfer_leader(3),
+        peer.transfer_leader(crate::ids::NodeId(3)),
         Err(RegionError::Refused { .. })
     ));
 }

@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use super::{ask, describe, led_region, progress, AdminError};
-use crate::ids::RegionId;
+use crate::ids::{NodeId, RegionId};
 use crate::placement::client::SystemClient;
 use crate::proto::{self, PeerChangeKind, Region, RegionEpoch};
 use crate::raftstore::cmd::ApplyResult;
@@ -172,7 +172,7 @@ pub async fn move_replica(
             .map(|p| p.node_id)
             .ok_or_else(|| bad("no other voter to hand leadership to".into()))?;
         let res = ask(router, region, |reply| PeerMsg::TransferLeader {
-            to_node: target,
+            to_node: NodeId(target),
             reply,
         })
         .await?;
