@@ -20,7 +20,8 @@
 //! Files: `ids` (the id counter), `nodes` (registry, heartbeats, join and removal), `routes`
 //! (the routing table), `tso` (the timestamp oracle), `compaction` (the cluster's compacted
 //! revision), `client` (the system-keyspace client a node reaches placement with),
-//! `scheduler` (replica repair and balancing, run by the placement leader's node). A node's
+//! `scheduler` (replica repair and balancing, run by the placement leader's node), `status`
+//! (the cluster at a glance). A node's
 //! region reports come from `server::reporter`, which also starts the node's size-triggered
 //! splits and so lives with the node's admin drivers.
 //!
@@ -41,6 +42,7 @@ mod ids;
 mod nodes;
 mod routes;
 pub mod scheduler;
+pub mod status;
 pub mod tso;
 
 pub use ids::{alloc_ids, max_id};

@@ -27,9 +27,9 @@ use crate::placement::client::SystemClient;
 use crate::proto::node_server;
 use crate::proto::{
     ChangePeersRequest, ChangePeersResponse, ClusterStatusRequest, ClusterStatusResponse,
-    JoinRequest, JoinResponse, KeyRange, ListNodesRequest, ListNodesResponse, LocateKeyRequest,
-    LocateKeyResponse, MoveReplicaRequest, MoveReplicaResponse, NodeAddress, NodeState,
-    RegionsRequest, RegionsResponse, RemoveNodeRequest, RemoveNodeResponse, ScanRegionsRequest,
+    JoinRequest, JoinResponse, ListNodesRequest, ListNodesResponse, LocateKeyRequest,
+    LocateKeyResponse, MoveReplicaRequest, MoveReplicaResponse, NodeAddress, RegionsRequest,
+    RegionsResponse, RemoveNodeRequest, RemoveNodeResponse, ScanRegionsRequest,
     ScanRegionsResponse, SetFailpointRequest, SetFailpointResponse, SplitRegionRequest,
     SplitRegionResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
@@ -130,58 +130,9 @@ impl node_server::Node for NodeService {
         _request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         let client = self.system().await?;
-        let nodes = placement::list_nodes(&client, self.down_after)
+        let st = placement::status::cluster_status(&client, self.cluster_id, self.down_after)
             .await
             .map_err(placement_failed)?;
-        let table = placement::route_table(&client)
-            .await
-            .map_err(placement_failed)?;
-        let routes = table.routes;
-        let max_id = placement::max_id(&client).await.map_err(placement_failed)?;
-        let up: std::collections::HashSet<u64> = nodes
-            .iter()
-            .filter(|n| n.state == NodeState::Up as i32)
-            .filter_map(|n| n.record.as_ref().map(|r| r.node_id))
-            .collect();
-        let mut st = ClusterStatusResponse {
-            cluster_id: self.cluster_id.0,
-            regions: routes.len() as u64,
-            max_id,
-            routing_gaps: table
-                .gaps
-                .into_iter()
-                .map(|(start_key, end_key)| KeyRange { start_key, end_key })
-                .collect(),
-            ..Default::default()
-        };
-        for r in &routes {
-            let Some(region) = r.region.as_ref() else {
-                continue;
-            };
-            if r.leader.is_none() {
-                st.regions_without_leader += 1;
-            }
-            let live = region
-                .peers
-                .iter()
-                .filter(|p| up.contains(&p.node_id))
-                .count();
-            if live * 2 <= region.peers.len() {
-                st.regions_unavailable += 1;
-            }
-            if region.start_key == [crate::storage::keys::SYSTEM_KEY_PREFIX] {
-                st.placement_leader_node = r.leader.map_or(0, |l| l.node_id);
-            } else if let Some(l) = r
-                .load
-                .as_ref()
-                .filter(|_| !crate::storage::keys::is_system_key(&region.start_key))
-            {
-                // User data only: placement's records and the leases are not the user's.
-                st.total_keys += l.keys;
-                st.total_bytes += l.bytes;
-            }
-        }
-        st.nodes = nodes;
         Ok(Response::new(st))
     }
 
