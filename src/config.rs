@@ -56,6 +56,7 @@ pub struct Config {
     pub mvcc: MvccConfig,
     pub lease: LeaseConfig,
     pub log: LogConfig,
+    pub security: SecurityConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -531,7 +532,10 @@ fn parse_addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|_| invalid(field, format!("{s:?} is not a socket address (ip:port)")))
 }
 
+mod security;
 mod validate;
+
+pub use security::{SecurityConfig, TlsFiles};
 
 #[cfg(test)]
 mod tests;

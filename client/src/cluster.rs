@@ -99,7 +99,7 @@ impl Client {
                     }
                     _ => {
                         self.forget_channel(&addr);
-                        last = format!("{addr}: {}", s.message());
+                        last = crate::status_text(&addr, self.inner.opts.tls.is_some(), &s);
                     }
                 },
             }

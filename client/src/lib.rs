@@ -76,6 +76,7 @@ mod lease;
 mod mux;
 mod mvcc;
 mod retry;
+pub mod tls;
 mod tso;
 mod watch;
 mod write_id;
@@ -84,7 +85,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::proto::kv_client::KvClient;
 use crate::proto::node_client::NodeClient;
@@ -100,6 +101,7 @@ pub use keepalive::KeepAlive;
 pub use lease::{LeaseStatus, MAX_LEASE_TTL, MIN_LEASE_TTL};
 pub use tessera_api::limits::MAX_COMMANDS_MESSAGE_BYTES;
 pub use tessera_api::{ids, proto};
+pub use tls::TlsOptions;
 pub use watch::{Event, EventKind, WatchOptions, WatchResponse, Watcher};
 
 pub use tessera_api::kv::{CasAction, Compare};
@@ -158,6 +160,8 @@ pub struct ClientOptions {
     /// stream per node (`Kv.Commands`), as TiKV's client does, rather than one unary call
     /// each. Same answers and errors; far less CPU per request on both sides under load.
     pub multiplex: bool,
+    /// TLS to the nodes (`None`: plaintext).
+    pub tls: Option<TlsOptions>,
 }
 
 impl Default for ClientOptions {
@@ -168,6 +172,7 @@ impl Default for ClientOptions {
             consistency: ReadConsistency::Linearizable,
             system: false,
             multiplex: true,
+            tls: None,
         }
     }
 }
@@ -273,14 +278,13 @@ impl Client {
         if let Some(c) = self.inner.channels.get(addr) {
             return Ok(c.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
+        let ch = tls::endpoint(addr, self.inner.opts.tls.as_ref())?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .timeout(self.inner.opts.rpc_timeout)
             .connect()
             .await
-            .map_err(|e| format!("{addr}: {e}"))?;
+            .map_err(|e| tls::connect_error(addr, self.inner.opts.tls.is_some(), &e))?;
         let conn = Conn::new(ch, self.inner.opts.multiplex, self.inner.opts.rpc_timeout);
         self.inner.channels.insert(addr.to_string(), conn.clone());
         Ok(conn)
@@ -320,7 +324,7 @@ impl Client {
                 }
                 Err(s) => {
                     self.forget_channel(&addr);
-                    last_err = format!("{addr}: {}", s.message());
+                    last_err = status_text(&addr, self.inner.opts.tls.is_some(), &s);
                 }
             }
         }
@@ -577,6 +581,22 @@ impl Client {
         })
         .await
     }
+}
+
+/// A failed call to `addr`, with the hint of [`tls::connect_error`] when a plaintext client's
+/// connection broke the way a TLS server breaks it.
+pub(crate) fn status_text(addr: &str, tls: bool, s: &tonic::Status) -> String {
+    use tonic::Code;
+    let broken = matches!(
+        s.code(),
+        Code::Unknown | Code::Cancelled | Code::Unavailable | Code::Internal
+    );
+    let hint = if !tls && broken {
+        tls::PLAINTEXT_HINT
+    } else {
+        ""
+    };
+    format!("{addr}: {}{hint}", s.message())
 }
 
 #[cfg(test)]

@@ -85,6 +85,16 @@ pub struct ConnArgs {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Speak TLS, trusting this CA (PEM) for the nodes' certificates.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cacert: Option<std::path::PathBuf>,
+    /// This client's certificate (PEM), for admin commands on a TLS cluster or a cluster
+    /// that requires client certificates; needs --key and --cacert.
+    #[arg(long = "cert", id = "client_cert", global = true, value_name = "FILE")]
+    pub cert: Option<std::path::PathBuf>,
+    /// The key of --cert (PEM).
+    #[arg(long = "key", id = "client_key", global = true, value_name = "FILE")]
+    pub key: Option<std::path::PathBuf>,
 }
 
 impl ConnArgs {
@@ -99,7 +109,25 @@ impl ConnArgs {
         if serializable {
             opts.consistency = tessera::proto::ReadConsistency::Serializable;
         }
+        opts.tls = self.tls()?;
         Ok(Client::connect(&endpoints, opts).await?)
+    }
+
+    /// The TLS settings the flags give (`None`: plaintext).
+    pub fn tls(&self) -> Result<Option<tessera::client::TlsOptions>> {
+        match &self.cacert {
+            None if self.cert.is_some() || self.key.is_some() => Err(Error::Usage(
+                "--cert and --key need --cacert (the CA of the nodes' certificates)".into(),
+            )),
+            None => Ok(None),
+            Some(ca) => tessera::client::TlsOptions::from_files(
+                ca,
+                self.cert.as_deref(),
+                self.key.as_deref(),
+            )
+            .map(Some)
+            .map_err(Error::Usage),
+        }
     }
 }
 

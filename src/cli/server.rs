@@ -127,14 +127,24 @@ pub async fn run(args: ServerArgs, cfg: Config) -> Result<()> {
             .map_err(|e| Error::Server(format!("cannot serve metrics on {addr}: {e}")))?;
         metrics_port = Some((listener, handle));
     }
+    let tls = cfg
+        .security
+        .load()
+        .map_err(|e| Error::Config(e.to_string()))?
+        .map(|f| f.client_options());
     let node = tessera::server::Node::start(cfg, None)
         .await
         .map_err(|e| Error::Server(e.to_string()))?;
     let status_page = metrics_port.map(|(listener, handle)| {
+        let opts = tessera::client::ClientOptions {
+            tls,
+            ..Default::default()
+        };
         tokio::spawn(tessera::server::status_page::serve(
             listener,
             handle,
             node.local_addr(),
+            opts,
         ))
     });
     eprintln!("tessera: node serving on {}", node.local_addr());

@@ -36,6 +36,7 @@ impl Config {
             return Err(invalid("cluster.cluster_id", "must be a positive integer"));
         }
         self.mvcc.auto_compaction()?;
+        self.security.validate()?;
         if !(1..=10_000).contains(&self.mvcc.watch_resolve_interval_ms) {
             return Err(invalid(
                 "mvcc.watch_resolve_interval_ms",

@@ -50,6 +50,7 @@ impl SystemClient {
                 let opts = ClientOptions {
                     system: true,
                     deadline: Duration::from_secs(5),
+                    tls: self.transport.tls().cloned(),
                     ..Default::default()
                 };
                 Client::connect(&endpoints, opts).await

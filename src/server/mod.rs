@@ -57,12 +57,31 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error("cannot join the cluster: {0}")]
     Join(String),
+    /// The TLS settings could not be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A restore into this data directory did not finish: its partial store is not started.
     #[error(
         "{0} holds an unfinished restore: run `tessera restore` again (it starts over), or \
          delete it to start without the backup"
     )]
     UnfinishedRestore(String),
+}
+
+/// Peer-only calls (raft, snapshots, admin) on a TLS node: only a caller that presented a
+/// certificate of the cluster CA (the TLS layer verified it) may make them.
+pub(crate) fn require_peer<T>(
+    tls: bool,
+    req: &tonic::Request<T>,
+    what: &str,
+) -> Result<(), tonic::Status> {
+    if !tls || req.peer_certs().is_some_and(|c| !c.is_empty()) {
+        return Ok(());
+    }
+    metrics::counter!("tessera_peer_calls_refused_total").increment(1);
+    Err(tonic::Status::permission_denied(format!(
+        "{what} needs a client certificate signed by the cluster CA"
+    )))
 }
 
 pub struct Node {
@@ -228,7 +247,8 @@ async fn join_cluster(
     let addr = cfg.advertise_addr()?.to_string();
     let mut last = String::from("no join address given");
     for seed in &cfg.cluster.join {
-        let channel = match tonic::transport::Endpoint::from_shared(format!("http://{seed}")) {
+        let tls = cfg.security.load()?.map(|f| f.client_options());
+        let channel = match crate::client::tls::endpoint(seed, tls.as_ref()) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(20)),
@@ -240,7 +260,7 @@ async fn join_cluster(
         let mut client = match channel.connect().await {
             Ok(ch) => NodeClient::new(ch),
             Err(e) => {
-                last = format!("{seed}: {e}");
+                last = crate::client::tls::connect_error(seed, tls.is_some(), &e);
                 continue;
             }
         };

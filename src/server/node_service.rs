@@ -137,6 +137,7 @@ impl node_server::Node for NodeService {
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        super::require_peer(self.transport.tls().is_some(), &request, "joining")?;
         let req = request.into_inner();
         if req.cluster_id != self.cluster_id.0 {
             return Err(Status::failed_precondition(format!(
@@ -174,6 +175,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<RemoveNodeResponse>, Status> {
+        super::require_peer(self.transport.tls().is_some(), &request, "removing a node")?;
         let id = request.into_inner().node_id;
         let client = self.system().await?;
         match placement::remove_node(&client, NodeId(id)).await {
@@ -190,6 +192,11 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
+        super::require_peer(
+            self.transport.tls().is_some(),
+            &request,
+            "a leader transfer",
+        )?;
         let req = request.into_inner();
         let region = RegionId(req.header.as_ref().map_or(0, |h| h.region_id));
         let (tx, rx) = oneshot::channel();
@@ -218,6 +225,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<SplitRegionRequest>,
     ) -> Result<Response<SplitRegionResponse>, Status> {
+        super::require_peer(self.transport.tls().is_some(), &request, "a split")?;
         let req = request.into_inner();
         let header = required_header(req.header)?;
         if req.split_key.is_empty() {
@@ -255,6 +263,11 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<ChangePeersRequest>,
     ) -> Result<Response<ChangePeersResponse>, Status> {
+        super::require_peer(
+            self.transport.tls().is_some(),
+            &request,
+            "a membership change",
+        )?;
         let req = request.into_inner();
         let header = required_header(req.header)?;
         if req.changes.is_empty() {
@@ -288,6 +301,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<MoveReplicaRequest>,
     ) -> Result<Response<MoveReplicaResponse>, Status> {
+        super::require_peer(self.transport.tls().is_some(), &request, "a replica move")?;
         let req = request.into_inner();
         let header = required_header(req.header)?;
         let res = super::admin::move_replica(
@@ -315,6 +329,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<SetFailpointRequest>,
     ) -> Result<Response<SetFailpointResponse>, Status> {
+        super::require_peer(self.transport.tls().is_some(), &request, "a fail point")?;
         let req = request.into_inner();
         if req.name.is_empty() {
             return Err(Status::invalid_argument(

@@ -39,6 +39,8 @@ pub struct RaftService {
     stopping: tokio::sync::watch::Receiver<bool>,
     /// The node's control path for messages to regions it does not host.
     store: Option<crate::raftstore::store::StoreCtx>,
+    /// TLS is on: only peers with a certificate of the cluster CA may stream.
+    tls: bool,
 }
 
 fn dropped(reason: &'static str, n: u64) {
@@ -58,7 +60,15 @@ impl RaftService {
             router,
             stopping,
             store: None,
+            tls: false,
         }
+    }
+
+    /// On a TLS node: raft and snapshot streams only from callers with a certificate of the
+    /// cluster CA.
+    pub fn peers_only(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Lets heartbeats and vote requests of regions this node lacks create their peers here.
@@ -200,6 +210,10 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<Streaming<RaftMessageBatch>>,
     ) -> Result<Response<Done>, Status> {
+        if let Err(e) = super::require_peer(self.tls, &request, "raft traffic") {
+            dropped("no_peer_certificate", 1);
+            return Err(e);
+        }
         let mut stream = request.into_inner();
         let mut stopping = self.stopping.clone();
         loop {
@@ -224,6 +238,10 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<Done>, Status> {
+        if let Err(e) = super::require_peer(self.tls, &request, "a snapshot") {
+            dropped("no_peer_certificate", 1);
+            return Err(e);
+        }
         let mut stream = request.into_inner();
         let first = stream
             .message()

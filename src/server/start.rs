@@ -119,6 +119,7 @@ pub(super) fn start_raft(
         cfg.node_id(),
         Arc::new(router.clone()),
         tokio::runtime::Handle::current(),
+        cfg.security.load()?.map(|f| f.client_options()),
     );
     for m in &store.members {
         transport.set_address(m.id, m.addr.to_string());
@@ -247,7 +248,8 @@ pub(super) async fn serve(
             raft.router.clone(),
             stopping_rx.clone(),
         )
-        .with_store(raft.store.clone()),
+        .with_store(raft.store.clone())
+        .peers_only(cfg.security.enabled()),
     )
     .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let placement = raft.placement.clone();
@@ -291,9 +293,14 @@ pub(super) async fn serve(
             conn
         },
     );
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(files) = cfg.security.load()? {
+        builder = builder
+            .tls_config(files.server_config())
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        builder
             .add_service(raft_svc)
             .add_service(kv)
             .add_service(node_svc)
@@ -335,6 +342,7 @@ fn register_metrics() {
         "tessera_snapshots_failed_total",
         "tessera_lease_expiries_total",
         "tessera_lease_revocations_total",
+        "tessera_peer_calls_refused_total",
     ] {
         metrics::counter!(name).increment(0);
     }

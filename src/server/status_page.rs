@@ -133,6 +133,7 @@ async fn answer(
     metrics: &PrometheusHandle,
     client: &OnceCell<Client>,
     kv: SocketAddr,
+    opts: ClientOptions,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 8192];
     let mut len = 0;
@@ -165,9 +166,7 @@ async fn answer(
         ("GET", "/") => response("200 OK", "text/html; charset=utf-8", PAGE.as_bytes()),
         ("GET", "/status.json") => {
             let c = client
-                .get_or_try_init(|| async move {
-                    Client::connect(&[kv.to_string()], ClientOptions::default()).await
-                })
+                .get_or_try_init(|| async move { Client::connect(&[kv.to_string()], opts).await })
                 .await;
             let st = match c {
                 Ok(c) => status(c).await,
@@ -185,8 +184,13 @@ async fn answer(
 }
 
 /// Serves the metrics port on `listener` until the task is aborted; `kv` is this node's KV
-/// address.
-pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, kv: SocketAddr) {
+/// address, reached with `opts` (the node's TLS settings).
+pub async fn serve(
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    kv: SocketAddr,
+    opts: ClientOptions,
+) {
     let client = std::sync::Arc::new(OnceCell::new());
     // Histogram upkeep, ended with this task (the guard aborts it when dropped).
     struct Upkeep(tokio::task::JoinHandle<()>);
@@ -208,9 +212,10 @@ pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, kv: SocketA
         let Ok((conn, _)) = listener.accept().await else {
             continue;
         };
-        let (metrics, client) = (metrics.clone(), client.clone());
+        let (metrics, client, opts) = (metrics.clone(), client.clone(), opts.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(CLIENT_TIMEOUT, answer(conn, &metrics, &client, kv)).await;
+            let served = answer(conn, &metrics, &client, kv, opts);
+            let _ = tokio::time::timeout(CLIENT_TIMEOUT, served).await;
         });
     }
 }

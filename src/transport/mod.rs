@@ -38,7 +38,7 @@ use dashmap::DashMap;
 use protobuf::Message as _;
 use raft::eraftpb::{self, MessageType};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::ids::{ClusterId, NodeId, PeerId, RegionId};
 use crate::proto::raft_transport_client::RaftTransportClient;
@@ -94,6 +94,8 @@ struct Inner {
     rt: tokio::runtime::Handle,
     /// Snapshot bytes delivered to other nodes since start.
     snapshot_bytes: std::sync::atomic::AtomicU64,
+    /// TLS to the other nodes, with this node's certificate (`None`: plaintext).
+    tls: Option<crate::client::TlsOptions>,
 }
 
 fn dropped(reason: &'static str) {
@@ -106,6 +108,7 @@ impl Transport {
         node_id: NodeId,
         reports: Arc<dyn DeliveryReports>,
         rt: tokio::runtime::Handle,
+        tls: Option<crate::client::TlsOptions>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -117,8 +120,15 @@ impl Transport {
                 reports,
                 rt,
                 snapshot_bytes: Default::default(),
+                tls,
             }),
         }
+    }
+
+    /// How this node speaks TLS to others, if it does: for every client of the cluster the
+    /// node makes (placement, the oracle), not only raft traffic.
+    pub fn tls(&self) -> Option<&crate::client::TlsOptions> {
+        self.inner.tls.as_ref()
     }
 
     /// Snapshot bytes this node delivered to others since it started.
@@ -278,7 +288,7 @@ impl Transport {
             messages: Vec::new(),
         };
         let round_trip = async {
-            let ch = Endpoint::from_shared(format!("http://{addr}"))
+            let ch = crate::client::tls::endpoint(&addr, self.inner.tls.as_ref())
                 .ok()?
                 .connect_timeout(PROBE_TIMEOUT)
                 .connect()
@@ -302,8 +312,7 @@ impl Transport {
         let addr = self
             .address(node)
             .ok_or_else(|| format!("no address for node {node}"))?;
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
+        let ch = crate::client::tls::endpoint(&addr, self.inner.tls.as_ref())?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(1))

@@ -22,6 +22,7 @@ mod leases;
 mod monitoring;
 mod replacement;
 mod revisions;
+mod tls;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

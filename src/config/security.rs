@@ -1,0 +1,118 @@
+//! `[security]`: TLS on the node's port, for clients and peers alike, and mutual TLS between
+//! nodes (docs/security.md).
+//!
+//! Invariants:
+//! - TLS is on exactly when `cert_file` is set; then `key_file` and `ca_file` are set too
+//!   (a node must verify its peers);
+//! - a node presents its own certificate as a client too (to peers, and to placement), so
+//!   one certificate per node serves both directions;
+//! - the files are read at start, and a file that cannot be read or parsed fails the start.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tessera_client::TlsOptions;
+
+use super::{invalid, ConfigError};
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// This node's certificate (PEM), offered to clients and peers. Empty: no TLS.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+    /// The cluster CA (PEM): peers' certificates, and clients' when they present one, must
+    /// be signed by it.
+    pub ca_file: PathBuf,
+    /// Refuse clients that present no certificate of the cluster CA. Off: any client may
+    /// use the KV API over TLS; raft, snapshot and admin calls always need one.
+    pub client_cert_required: bool,
+}
+
+/// The PEM files of a TLS node, read.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub ca: Vec<u8>,
+    pub client_cert_required: bool,
+}
+
+impl SecurityConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        if !self.enabled() {
+            if set(&self.key_file) || set(&self.ca_file) || self.client_cert_required {
+                return Err(invalid(
+                    "security.cert_file",
+                    "must be set when key_file, ca_file or client_cert_required is",
+                ));
+            }
+            return Ok(());
+        }
+        if !set(&self.key_file) {
+            return Err(invalid("security.key_file", "must be set with cert_file"));
+        }
+        if !set(&self.ca_file) {
+            return Err(invalid(
+                "security.ca_file",
+                "must be set with cert_file: nodes verify each other's certificates",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The files, read; `None` without TLS.
+    pub fn load(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        if !self.enabled() {
+            return Ok(None);
+        }
+        let read = |field: &'static str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| invalid(field, format!("{}: {e}", p.display())))
+        };
+        let files = TlsFiles {
+            cert: read("security.cert_file", &self.cert_file)?,
+            key: read("security.key_file", &self.key_file)?,
+            ca: read("security.ca_file", &self.ca_file)?,
+            client_cert_required: self.client_cert_required,
+        };
+        for (field, pem, tag) in [
+            ("security.cert_file", &files.cert, "CERTIFICATE"),
+            ("security.key_file", &files.key, "PRIVATE KEY"),
+            ("security.ca_file", &files.ca, "CERTIFICATE"),
+        ] {
+            let text = String::from_utf8_lossy(pem);
+            if !text.contains("-----BEGIN ") || !text.contains(tag) {
+                return Err(invalid(field, format!("is not a PEM file holding a {tag}")));
+            }
+        }
+        Ok(Some(files))
+    }
+}
+
+impl TlsFiles {
+    /// How this node connects to its peers and to placement: the cluster CA, and its own
+    /// certificate as the client's.
+    pub fn client_options(&self) -> TlsOptions {
+        TlsOptions {
+            ca_pem: self.ca.clone(),
+            identity: Some((self.cert.clone(), self.key.clone())),
+            server_name: None,
+        }
+    }
+
+    /// The server side: this node's identity, and the CA client certificates must chain to
+    /// (optional unless `client_cert_required`).
+    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .client_ca_root(Certificate::from_pem(&self.ca))
+            .client_auth_optional(!self.client_cert_required)
+    }
+}
