@@ -122,6 +122,53 @@ async fn tls_and_mutual_tls_refuse_whoever_lacks_the_cluster_ca() {
         b"1"
     );
 
+    // System access (placement's keys) needs a certificate of the cluster CA: a client
+    // without one that asks for it is refused like any user; the operator's is not.
+    let node_key = tessera::placement::node_key(tessera::ids::NodeId(1));
+    let forger = Client::connect(
+        &eps,
+        ClientOptions {
+            tls: Some(anonymous.clone()),
+            system: true,
+            deadline: Duration::from_secs(5),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("TLS client");
+    let why = forger
+        .put(&node_key, b"forged")
+        .await
+        .expect_err("a system write without a certificate");
+    eprintln!("system write without a certificate: {why}");
+    let operator_tls = TlsOptions::from_files(&ca_file, Some(&client_cert), Some(&client_key))
+        .expect("operator TLS");
+    let operator = Client::connect(
+        &eps,
+        ClientOptions {
+            tls: Some(operator_tls),
+            system: true,
+            deadline: Duration::from_secs(5),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("operator client");
+    // Node 1's first heartbeat writes its record; wait for it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let record = loop {
+        let got = operator
+            .get(&node_key)
+            .await
+            .expect("system read with the operator's certificate");
+        if let Some(kv) = got {
+            break kv;
+        }
+        assert!(Instant::now() < deadline, "node 1 never wrote its record");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(record.value, b"forged", "node 1's record was overwritten");
+
     // Plaintext to a TLS port: refused, and the message says what to do.
     let plain = Client::connect(
         &eps,
@@ -194,7 +241,7 @@ async fn tls_and_mutual_tls_refuse_whoever_lacks_the_cluster_ca() {
 
     // An expired certificate, or one of another CA, is refused by the nodes.
     for (label, (cert, key)) in [
-        ("expired", ca.issue(&certs, "expired", true)),
+        ("an expired", ca.issue(&certs, "expired", true)),
         ("another CA's", rogue.issue(&certs, "rogue", false)),
     ] {
         let tls = TlsOptions {
@@ -202,22 +249,30 @@ async fn tls_and_mutual_tls_refuse_whoever_lacks_the_cluster_ca() {
             ..anonymous.clone()
         };
         let ch = tessera::client::tls::endpoint(&eps[1], Some(&tls)).expect("endpoint");
-        let refused = match ch.connect().await {
-            Err(_) => true,
-            Ok(ch) => RaftTransportClient::new(ch)
+        // The handshake fails: not a PermissionDenied from a node that took the certificate.
+        let why = match ch.connect().await {
+            Err(e) => format!("{e:?}"),
+            Ok(ch) => match RaftTransportClient::new(ch)
                 .raft(futures::stream::iter(
                     Vec::<tessera::proto::RaftMessageBatch>::new(),
                 ))
                 .await
-                .is_err(),
+            {
+                Ok(_) => panic!("a raft stream with {label} certificate was accepted"),
+                Err(status) => {
+                    assert_ne!(
+                        status.code(),
+                        tonic::Code::PermissionDenied,
+                        "{label} certificate got past the handshake: {status:?}"
+                    );
+                    format!("{status:?}")
+                }
+            },
         };
-        assert!(
-            refused,
-            "a raft stream with an {label} certificate was accepted"
-        );
+        eprintln!("raft stream with {label} certificate: {why}");
     }
 
-    // A node with another CA's certificate cannot join.
+    // A node with another CA's certificate cannot join, even trusting the cluster's CA.
     let (rcert, rkey) = rogue.issue(&certs, "joiner", false);
     let addr = common::free_addrs(1)[0];
     let mut cfg = common::node_config(dir.path(), 1, &[addr], 4);
@@ -226,7 +281,7 @@ async fn tls_and_mutual_tls_refuse_whoever_lacks_the_cluster_ca() {
     cfg.cluster.join = vec![eps[0].clone()];
     cfg.security.cert_file = rcert;
     cfg.security.key_file = rkey;
-    cfg.security.ca_file = rogue_ca.clone();
+    cfg.security.ca_file = ca_file.clone();
     let path = dir.path().join("joiner.toml");
     std::fs::write(&path, toml::to_string(&cfg).expect("config")).expect("write");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))

@@ -73,6 +73,7 @@ impl KvCore {
 pub(super) async fn serve_commands(
     core: Arc<KvCore>,
     mut inbound: Streaming<proto::KvCommands>,
+    privileged: bool,
     out: mpsc::Sender<Result<proto::KvCommandResults, Status>>,
 ) {
     // With more than one runtime thread each command runs as its own task, so that one
@@ -90,7 +91,10 @@ pub(super) async fn serve_commands(
                 Ok(Some(batch)) => {
                     metrics::histogram!("tessera_kv_stream_batch_commands")
                         .record(batch.commands.len() as f64);
-                    for c in batch.commands {
+                    for mut c in batch.commands {
+                        if !privileged {
+                            drop_system(&mut c);
+                        }
                         let id = c.id;
                         let run = core.clone().execute(c);
                         running.push(if spread {
@@ -168,5 +172,21 @@ impl std::future::Future for Spawned {
                 }
             })
         })
+    }
+}
+
+/// Drops a command's system access (a caller without a certificate of the cluster CA on a
+/// TLS node).
+fn drop_system(c: &mut proto::KvCommand) {
+    use super::grpc::SystemAccess;
+    use proto::kv_command::Request as Q;
+    match c.request.as_mut() {
+        Some(Q::Get(r)) => r.drop_system(),
+        Some(Q::Put(r)) => r.drop_system(),
+        Some(Q::Delete(r)) => r.drop_system(),
+        Some(Q::Cas(r)) => r.drop_system(),
+        Some(Q::Tso(r)) => r.drop_system(),
+        Some(Q::Lease(r)) => r.drop_system(),
+        None => {}
     }
 }

@@ -9,6 +9,54 @@ use super::{lease, watch_stream, KvService};
 use crate::proto;
 use crate::proto::kv_server::Kv;
 
+/// Requests whose header may ask for system access (placement's keys).
+pub(super) trait SystemAccess {
+    fn drop_system(&mut self);
+}
+
+macro_rules! system_access {
+    ($($t:ty),*) => {$(
+        impl SystemAccess for $t {
+            fn drop_system(&mut self) {
+                if let Some(h) = self.header.as_mut() {
+                    h.system = false;
+                }
+            }
+        }
+    )*};
+}
+
+system_access!(
+    proto::GetRequest,
+    proto::PutRequest,
+    proto::DeleteRequest,
+    proto::ScanRequest,
+    proto::CasRequest,
+    proto::BatchGetRequest,
+    proto::BatchWriteRequest,
+    proto::TsoRequest,
+    proto::LeaseRequest
+);
+
+impl KvService {
+    /// Whether the caller may use system access: on a TLS node only a caller with a
+    /// certificate of the cluster CA (a node, or an operator) may.
+    fn privileged<T>(&self, request: &Request<T>) -> bool {
+        crate::server::require_peer(self.core.transport.tls().is_some(), request, "").is_ok()
+    }
+
+    /// The request, its system access dropped unless the caller may have it: a user's
+    /// client then gets the usual refusal for placement's keys.
+    fn checked<T: SystemAccess>(&self, request: Request<T>) -> T {
+        let privileged = self.privileged(&request);
+        let mut r = request.into_inner();
+        if !privileged {
+            r.drop_system();
+        }
+        r
+    }
+}
+
 #[tonic::async_trait]
 impl Kv for KvService {
     type CommandsStream = ReceiverStream<Result<proto::KvCommandResults, Status>>;
@@ -18,7 +66,13 @@ impl Kv for KvService {
         request: Request<Streaming<proto::KvCommands>>,
     ) -> Result<Response<Self::CommandsStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(serve_commands(self.core.clone(), request.into_inner(), tx));
+        let privileged = self.privileged(&request);
+        tokio::spawn(serve_commands(
+            self.core.clone(),
+            request.into_inner(),
+            privileged,
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -48,14 +102,20 @@ impl Kv for KvService {
         &self,
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::GetResponse>, Status> {
-        self.core.get(request.into_inner()).await.map(Response::new)
+        self.core
+            .get(self.checked(request))
+            .await
+            .map(Response::new)
     }
 
     async fn put(
         &self,
         request: Request<proto::PutRequest>,
     ) -> Result<Response<proto::PutResponse>, Status> {
-        self.core.put(request.into_inner()).await.map(Response::new)
+        self.core
+            .put(self.checked(request))
+            .await
+            .map(Response::new)
     }
 
     async fn delete(
@@ -63,7 +123,7 @@ impl Kv for KvService {
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
         self.core
-            .delete(request.into_inner())
+            .delete(self.checked(request))
             .await
             .map(Response::new)
     }
@@ -73,7 +133,7 @@ impl Kv for KvService {
         request: Request<proto::ScanRequest>,
     ) -> Result<Response<proto::ScanResponse>, Status> {
         self.core
-            .scan(request.into_inner())
+            .scan(self.checked(request))
             .await
             .map(Response::new)
     }
@@ -83,7 +143,7 @@ impl Kv for KvService {
         request: Request<proto::CasRequest>,
     ) -> Result<Response<proto::CasResponse>, Status> {
         self.core
-            .compare_and_swap(request.into_inner())
+            .compare_and_swap(self.checked(request))
             .await
             .map(Response::new)
     }
@@ -93,7 +153,7 @@ impl Kv for KvService {
         request: Request<proto::BatchGetRequest>,
     ) -> Result<Response<proto::BatchGetResponse>, Status> {
         self.core
-            .batch_get(request.into_inner())
+            .batch_get(self.checked(request))
             .await
             .map(Response::new)
     }
@@ -103,7 +163,7 @@ impl Kv for KvService {
         request: Request<proto::BatchWriteRequest>,
     ) -> Result<Response<proto::BatchWriteResponse>, Status> {
         self.core
-            .batch_write(request.into_inner())
+            .batch_write(self.checked(request))
             .await
             .map(Response::new)
     }
@@ -112,13 +172,17 @@ impl Kv for KvService {
         &self,
         request: Request<proto::TsoRequest>,
     ) -> Result<Response<proto::TsoResponse>, Status> {
-        self.core.tso(request.into_inner()).await.map(Response::new)
+        self.core
+            .tso(self.checked(request))
+            .await
+            .map(Response::new)
     }
 
     async fn compact(
         &self,
         request: Request<proto::CompactRequest>,
     ) -> Result<Response<proto::CompactResponse>, Status> {
+        crate::server::require_peer(self.core.transport.tls().is_some(), &request, "compaction")?;
         self.core
             .compact(request.into_inner())
             .await
@@ -130,7 +194,7 @@ impl Kv for KvService {
         request: Request<proto::LeaseRequest>,
     ) -> Result<Response<proto::LeaseResponse>, Status> {
         self.core
-            .lease(request.into_inner())
+            .lease(self.checked(request))
             .await
             .map(Response::new)
     }
