@@ -133,6 +133,18 @@ pub struct BenchArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// tessera only: the CA of the nodes' certificates, for a cluster that speaks TLS.
+    #[arg(long, value_name = "FILE")]
+    pub cacert: Option<std::path::PathBuf>,
+}
+
+impl BenchArgs {
+    /// The clients' TLS settings (`None`: plaintext).
+    pub fn tls(&self) -> Result<Option<crate::client::TlsOptions>, String> {
+        let ca = self.cacert.as_deref();
+        ca.map(|ca| crate::client::TlsOptions::from_files(ca, None, None))
+            .transpose()
+    }
 }
 
 pub struct Report {
@@ -473,6 +485,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         args.connections,
         args.serializable,
         args.unary,
+        args.tls()?,
     )
     .await?;
     let value = vec![b'v'; args.value_size];

@@ -80,6 +80,7 @@ impl Target {
         connections: usize,
         serializable: bool,
         unary: bool,
+        tls: Option<crate::client::TlsOptions>,
     ) -> Result<Target, String> {
         let connections = connections.max(1);
         match kind {
@@ -91,6 +92,7 @@ impl Target {
                         ReadConsistency::Linearizable
                     },
                     multiplex: !unary,
+                    tls,
                     ..Default::default()
                 };
                 let mut clients = Vec::with_capacity(connections);

@@ -71,8 +71,16 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     if endpoints.is_empty() {
         return Err("no endpoints given".into());
     }
-    let target =
-        Arc::new(Target::connect(args.target, &endpoints, args.connections, false, false).await?);
+    let target = Target::connect(
+        args.target,
+        &endpoints,
+        args.connections,
+        false,
+        false,
+        args.tls()?,
+    )
+    .await?;
+    let target = Arc::new(target);
     let client = match &*target {
         Target::Tessera(clients) => Some(clients[0].clone()),
         Target::Etcd { .. } => None,

@@ -127,24 +127,25 @@ pub async fn run(args: ServerArgs, cfg: Config) -> Result<()> {
             .map_err(|e| Error::Server(format!("cannot serve metrics on {addr}: {e}")))?;
         metrics_port = Some((listener, handle));
     }
-    let tls = cfg
-        .security
-        .load()
-        .map_err(|e| Error::Config(e.to_string()))?
-        .map(|f| f.client_options());
+    // The status page asks the node itself, at the address its certificate names.
+    let advertise = cfg.advertise_addr().ok();
     let node = tessera::server::Node::start(cfg, None)
         .await
         .map_err(|e| Error::Server(e.to_string()))?;
     let status_page = metrics_port.map(|(listener, handle)| {
         let opts = tessera::client::ClientOptions {
-            tls,
+            tls: node.transport().tls(),
             ..Default::default()
         };
+        let mut kv = node.local_addr();
+        if let Some(a) = advertise.filter(|a| !a.ip().is_unspecified() && a.port() != 0) {
+            kv = a;
+        }
+        if kv.ip().is_unspecified() {
+            kv.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
         tokio::spawn(tessera::server::status_page::serve(
-            listener,
-            handle,
-            node.local_addr(),
-            opts,
+            listener, handle, kv, opts,
         ))
     });
     eprintln!("tessera: node serving on {}", node.local_addr());

@@ -6,7 +6,8 @@
 //!   (a node must verify its peers);
 //! - a node presents its own certificate as a client too (to peers, and to placement), so
 //!   one certificate per node serves both directions;
-//! - the files are read at start, and a file that cannot be read or parsed fails the start.
+//! - the files are read at start, and a file that cannot be read or parsed fails the start;
+//!   a running node reads them again on SIGHUP or a change (`transport::tls`).
 
 use std::path::PathBuf;
 
@@ -28,6 +29,10 @@ pub struct SecurityConfig {
     /// Refuse clients that present no certificate of the cluster CA. Off: any client may
     /// use the KV API over TLS; raft, snapshot and admin calls always need one.
     pub client_cert_required: bool,
+    /// When set, raft, snapshot and admin calls are accepted only from certificates valid
+    /// for one of these names (DNS names or IP addresses, as a client checks a server's).
+    /// Empty: any certificate of the cluster CA.
+    pub allowed_peer_names: Vec<String>,
 }
 
 /// The PEM files of a TLS node, read.
@@ -47,10 +52,15 @@ impl SecurityConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         let set = |p: &PathBuf| !p.as_os_str().is_empty();
         if !self.enabled() {
-            if set(&self.key_file) || set(&self.ca_file) || self.client_cert_required {
+            if set(&self.key_file)
+                || set(&self.ca_file)
+                || self.client_cert_required
+                || !self.allowed_peer_names.is_empty()
+            {
                 return Err(invalid(
                     "security.cert_file",
-                    "must be set when key_file, ca_file or client_cert_required is",
+                    "must be set when key_file, ca_file, client_cert_required or \
+                     allowed_peer_names is",
                 ));
             }
             return Ok(());
@@ -104,15 +114,5 @@ impl TlsFiles {
             identity: Some((self.cert.clone(), self.key.clone())),
             server_name: None,
         }
-    }
-
-    /// The server side: this node's identity, and the CA client certificates must chain to
-    /// (optional unless `client_cert_required`).
-    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .client_ca_root(Certificate::from_pem(&self.ca))
-            .client_auth_optional(!self.client_cert_required)
     }
 }

@@ -3,13 +3,12 @@
 //!
 //! Invariants:
 //! - one client per node, built on first use and shared; a failed connect is not kept, the
-//!   next call tries again;
+//!   next call tries again; after the node's certificates are reloaded the next call builds
+//!   a new one that presents them;
 //! - it always has system-keyspace access and a 5 s deadline (`ClientOptions::deadline`).
 
 use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::sync::OnceCell;
 
 use crate::client::{Client, ClientOptions};
 use crate::transport::Transport;
@@ -21,7 +20,8 @@ pub struct SystemClient {
     transport: Transport,
     /// Addresses to try besides the known nodes (a joining node's `cluster.join`).
     seeds: Vec<String>,
-    cell: Arc<OnceCell<Client>>,
+    /// The client, and the generation of the node's certificates it was made with.
+    cell: Arc<tokio::sync::Mutex<Option<(u64, Client)>>>,
 }
 
 impl SystemClient {
@@ -29,33 +29,37 @@ impl SystemClient {
         Self {
             transport,
             seeds,
-            cell: Arc::new(OnceCell::new()),
+            cell: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 
     pub async fn get(&self) -> Result<Client, crate::client::Error> {
-        self.cell
-            .get_or_try_init(|| async {
-                let mut endpoints: Vec<String> = self
-                    .transport
-                    .addresses()
-                    .into_iter()
-                    .map(|(_, a)| a)
-                    .collect();
-                for s in &self.seeds {
-                    if !endpoints.contains(s) {
-                        endpoints.push(s.clone());
-                    }
-                }
-                let opts = ClientOptions {
-                    system: true,
-                    deadline: Duration::from_secs(5),
-                    tls: self.transport.tls().cloned(),
-                    ..Default::default()
-                };
-                Client::connect(&endpoints, opts).await
-            })
-            .await
-            .cloned()
+        let generation = self.transport.node_tls().map_or(0, |t| t.generation());
+        let mut cell = self.cell.lock().await;
+        if let Some((g, c)) = cell.as_ref() {
+            if *g == generation {
+                return Ok(c.clone());
+            }
+        }
+        let mut endpoints: Vec<String> = self
+            .transport
+            .addresses()
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect();
+        for s in &self.seeds {
+            if !endpoints.contains(s) {
+                endpoints.push(s.clone());
+            }
+        }
+        let opts = ClientOptions {
+            system: true,
+            deadline: Duration::from_secs(5),
+            tls: self.transport.tls(),
+            ..Default::default()
+        };
+        let client = Client::connect(&endpoints, opts).await?;
+        *cell = Some((generation, client.clone()));
+        Ok(client)
     }
 }

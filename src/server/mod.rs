@@ -69,19 +69,22 @@ pub enum StartError {
 }
 
 /// Peer-only calls (raft, snapshots, admin) on a TLS node: only a caller that presented a
-/// certificate of the cluster CA (the TLS layer verified it) may make them.
+/// certificate of the cluster CA (the TLS layer verified it), of an allowed name when the
+/// node lists them, may make them.
 pub(crate) fn require_peer<T>(
-    tls: bool,
+    tls: Option<&Arc<crate::transport::tls::NodeTls>>,
     req: &tonic::Request<T>,
     what: &str,
 ) -> Result<(), tonic::Status> {
-    if !tls || req.peer_certs().is_some_and(|c| !c.is_empty()) {
+    let Some(tls) = tls else {
         return Ok(());
-    }
-    metrics::counter!("tessera_peer_calls_refused_total").increment(1);
-    Err(tonic::Status::permission_denied(format!(
-        "{what} needs a client certificate signed by the cluster CA"
-    )))
+    };
+    let certs = req.peer_certs();
+    tls.check_peer(certs.as_deref().map(|c| c.as_slice()))
+        .map_err(|why| {
+            metrics::counter!("tessera_peer_calls_refused_total").increment(1);
+            tonic::Status::permission_denied(format!("{what} {why}"))
+        })
 }
 
 pub struct Node {
@@ -98,6 +101,7 @@ pub struct Node {
     resolver: tokio::task::JoinHandle<()>,
     lease_keeper: tokio::task::JoinHandle<()>,
     scheduler: tokio::task::JoinHandle<()>,
+    tls_reload: tokio::task::JoinHandle<()>,
     removed: tokio::sync::watch::Receiver<bool>,
     asleep: Vec<Arc<AtomicUsize>>,
     server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -145,6 +149,7 @@ impl Node {
             resolver: tasks.resolver,
             lease_keeper: tasks.lease_keeper,
             scheduler: tasks.scheduler,
+            tls_reload: tasks.tls_reload,
             removed: tasks.removed,
             asleep: raft.asleep,
             server: Some(grpc.server),
@@ -187,6 +192,7 @@ impl Node {
         self.resolver.abort();
         self.lease_keeper.abort();
         self.scheduler.abort();
+        self.tls_reload.abort();
         let _ = self.stopping.send(true);
         if let Some(tx) = self.stop_server.take() {
             let _ = tx.send(());
@@ -225,6 +231,7 @@ impl Node {
 async fn join_cluster(
     cfg: &mut Config,
     engine: &Engine,
+    tls: Option<&Arc<crate::transport::tls::NodeTls>>,
 ) -> Result<Vec<crate::config::Member>, StartError> {
     use crate::proto::node_client::NodeClient;
     if let Some(ident) = bootstrap::store_ident(engine)? {
@@ -247,7 +254,7 @@ async fn join_cluster(
     let addr = cfg.advertise_addr()?.to_string();
     let mut last = String::from("no join address given");
     for seed in &cfg.cluster.join {
-        let tls = cfg.security.load()?.map(|f| f.client_options());
+        let tls = tls.map(|t| t.client());
         let channel = match crate::client::tls::endpoint(seed, tls.as_ref()) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(2))

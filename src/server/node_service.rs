@@ -137,7 +137,7 @@ impl node_server::Node for NodeService {
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        super::require_peer(self.transport.tls().is_some(), &request, "joining")?;
+        super::require_peer(self.transport.node_tls(), &request, "joining")?;
         let req = request.into_inner();
         if req.cluster_id != self.cluster_id.0 {
             return Err(Status::failed_precondition(format!(
@@ -175,7 +175,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<RemoveNodeResponse>, Status> {
-        super::require_peer(self.transport.tls().is_some(), &request, "removing a node")?;
+        super::require_peer(self.transport.node_tls(), &request, "removing a node")?;
         let id = request.into_inner().node_id;
         let client = self.system().await?;
         match placement::remove_node(&client, NodeId(id)).await {
@@ -192,11 +192,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
-        super::require_peer(
-            self.transport.tls().is_some(),
-            &request,
-            "a leader transfer",
-        )?;
+        super::require_peer(self.transport.node_tls(), &request, "a leader transfer")?;
         let req = request.into_inner();
         let region = RegionId(req.header.as_ref().map_or(0, |h| h.region_id));
         let (tx, rx) = oneshot::channel();
@@ -225,7 +221,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<SplitRegionRequest>,
     ) -> Result<Response<SplitRegionResponse>, Status> {
-        super::require_peer(self.transport.tls().is_some(), &request, "a split")?;
+        super::require_peer(self.transport.node_tls(), &request, "a split")?;
         let req = request.into_inner();
         let header = required_header(req.header)?;
         if req.split_key.is_empty() {
@@ -263,11 +259,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<ChangePeersRequest>,
     ) -> Result<Response<ChangePeersResponse>, Status> {
-        super::require_peer(
-            self.transport.tls().is_some(),
-            &request,
-            "a membership change",
-        )?;
+        super::require_peer(self.transport.node_tls(), &request, "a membership change")?;
         let req = request.into_inner();
         let header = required_header(req.header)?;
         if req.changes.is_empty() {
@@ -301,7 +293,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<MoveReplicaRequest>,
     ) -> Result<Response<MoveReplicaResponse>, Status> {
-        super::require_peer(self.transport.tls().is_some(), &request, "a replica move")?;
+        super::require_peer(self.transport.node_tls(), &request, "a replica move")?;
         let req = request.into_inner();
         let header = required_header(req.header)?;
         let res = super::admin::move_replica(
@@ -329,7 +321,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<SetFailpointRequest>,
     ) -> Result<Response<SetFailpointResponse>, Status> {
-        super::require_peer(self.transport.tls().is_some(), &request, "a fail point")?;
+        super::require_peer(self.transport.node_tls(), &request, "a fail point")?;
         let req = request.into_inner();
         if req.name.is_empty() {
             return Err(Status::invalid_argument(

@@ -40,7 +40,7 @@ pub struct RaftService {
     /// The node's control path for messages to regions it does not host.
     store: Option<crate::raftstore::store::StoreCtx>,
     /// TLS is on: only peers with a certificate of the cluster CA may stream.
-    tls: bool,
+    tls: Option<std::sync::Arc<crate::transport::tls::NodeTls>>,
 }
 
 fn dropped(reason: &'static str, n: u64) {
@@ -60,13 +60,16 @@ impl RaftService {
             router,
             stopping,
             store: None,
-            tls: false,
+            tls: None,
         }
     }
 
     /// On a TLS node: raft and snapshot streams only from callers with a certificate of the
     /// cluster CA.
-    pub fn peers_only(mut self, tls: bool) -> Self {
+    pub fn peers_only(
+        mut self,
+        tls: Option<std::sync::Arc<crate::transport::tls::NodeTls>>,
+    ) -> Self {
         self.tls = tls;
         self
     }
@@ -210,7 +213,7 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<Streaming<RaftMessageBatch>>,
     ) -> Result<Response<Done>, Status> {
-        if let Err(e) = super::require_peer(self.tls, &request, "raft traffic") {
+        if let Err(e) = super::require_peer(self.tls.as_ref(), &request, "raft traffic") {
             dropped("no_peer_certificate", 1);
             return Err(e);
         }
@@ -238,7 +241,7 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<Done>, Status> {
-        if let Err(e) = super::require_peer(self.tls, &request, "a snapshot") {
+        if let Err(e) = super::require_peer(self.tls.as_ref(), &request, "a snapshot") {
             dropped("no_peer_certificate", 1);
             return Err(e);
         }

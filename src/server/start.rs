@@ -33,12 +33,15 @@ use crate::raftstore::router::Router;
 use crate::raftstore::store::StoreCtx;
 use crate::raftstore::worker::{Worker, WorkerHooks};
 use crate::storage::{Engine, EngineOptions, PeerStorage};
+use crate::transport::tls::NodeTls;
 use crate::transport::{Transport, MAX_GRPC_MESSAGE_BYTES};
 
 /// The opened store and who the cluster's members are.
 pub(super) struct Store {
     pub(super) engine: Engine,
     pub(super) members: Vec<Member>,
+    /// The node's certificates (`None`: plaintext).
+    pub(super) tls: Option<Arc<NodeTls>>,
     /// The store ran before (it has an identity).
     pub(super) restarted: bool,
 }
@@ -47,6 +50,7 @@ pub(super) struct Store {
 /// joins first and learns its id and the members.
 pub(super) async fn open_store(cfg: &mut Config) -> Result<Store, StartError> {
     let mut members = cfg.members()?;
+    let tls = NodeTls::load(&cfg.security).map_err(StartError::Tls)?;
     cfg.prepare_data_dir()?;
     if let Some(dir) = crate::backup::restore::unfinished(&cfg.node.data_dir) {
         return Err(StartError::UnfinishedRestore(dir.display().to_string()));
@@ -68,11 +72,12 @@ pub(super) async fn open_store(cfg: &mut Config) -> Result<Store, StartError> {
     // they refuse votes for a while (see raftstore/peer/lease.rs).
     let restarted = bootstrap::store_ident(&engine)?.is_some();
     if cfg.joining() {
-        members = join_cluster(cfg, &engine).await?;
+        members = join_cluster(cfg, &engine, tls.as_ref()).await?;
     }
     Ok(Store {
         engine,
         members,
+        tls,
         restarted,
     })
 }
@@ -119,7 +124,7 @@ pub(super) fn start_raft(
         cfg.node_id(),
         Arc::new(router.clone()),
         tokio::runtime::Handle::current(),
-        cfg.security.load()?.map(|f| f.client_options()),
+        store.tls.clone(),
     );
     for m in &store.members {
         transport.set_address(m.id, m.addr.to_string());
@@ -249,7 +254,7 @@ pub(super) async fn serve(
             stopping_rx.clone(),
         )
         .with_store(raft.store.clone())
-        .peers_only(cfg.security.enabled()),
+        .peers_only(raft.transport.node_tls().cloned()),
     )
     .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let placement = raft.placement.clone();
@@ -282,32 +287,35 @@ pub(super) async fn serve(
         Duration::from_millis(cfg.placement.node_down_after_ms),
     ));
     let (stop, stop_rx) = oneshot::channel::<()>();
-    // The builder's tcp_nodelay only covers listeners it binds itself; without it small
-    // responses wait for delayed ACKs (~40 ms).
-    let incoming = tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        |conn| {
-            if let Ok(c) = &conn {
-                let _ = c.set_nodelay(true);
-            }
-            conn
-        },
-    );
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
-    if let Some(files) = cfg.security.load()? {
-        builder = builder
-            .tls_config(files.server_config())
-            .map_err(|e| StartError::Tls(e.to_string()))?;
-    }
-    let server = tokio::spawn(
-        builder
-            .add_service(raft_svc)
-            .add_service(kv)
-            .add_service(node_svc)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(raft_svc)
+        .add_service(kv)
+        .add_service(node_svc);
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
+    let server = match raft.transport.node_tls() {
+        // TLS by the node's own acceptor, so that reloaded certificates serve the next
+        // handshake.
+        Some(tls) => tokio::spawn(
+            router.serve_with_incoming_shutdown(tls.clone().incoming(listener), stopped),
+        ),
+        None => {
+            // The builder's tcp_nodelay only covers listeners it binds itself; without it
+            // small responses wait for delayed ACKs (~40 ms).
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |conn| {
+                    if let Ok(c) = &conn {
+                        let _ = c.set_nodelay(true);
+                    }
+                    conn
+                },
+            );
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    };
     Ok(Grpc {
         addr,
         server,
@@ -325,6 +333,8 @@ pub(super) struct Tasks {
     pub(super) compaction: tokio::task::JoinHandle<()>,
     pub(super) resolver: tokio::task::JoinHandle<()>,
     pub(super) lease_keeper: tokio::task::JoinHandle<()>,
+    /// Reads the certificates again on SIGHUP or a change (TLS nodes).
+    pub(super) tls_reload: tokio::task::JoinHandle<()>,
     /// Turns true once placement has removed this node.
     pub(super) removed: tokio::sync::watch::Receiver<bool>,
 }
@@ -418,6 +428,7 @@ pub(super) fn spawn_tasks(
         changes,
         Duration::from_millis(cfg.placement.region_report_interval_ms),
     ));
+    let tls_reload = tokio::spawn(crate::transport::tls::reload_loop(raft.transport.clone()));
     Ok(Tasks {
         heartbeat,
         scheduler,
@@ -425,6 +436,7 @@ pub(super) fn spawn_tasks(
         compaction,
         resolver,
         lease_keeper,
+        tls_reload,
         removed,
     })
 }

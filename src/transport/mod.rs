@@ -29,6 +29,7 @@
 // Only the chaos tests' builds set link faults; elsewhere the parser is unused.
 #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 pub mod fault;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -94,8 +95,8 @@ struct Inner {
     rt: tokio::runtime::Handle,
     /// Snapshot bytes delivered to other nodes since start.
     snapshot_bytes: std::sync::atomic::AtomicU64,
-    /// TLS to the other nodes, with this node's certificate (`None`: plaintext).
-    tls: Option<crate::client::TlsOptions>,
+    /// This node's certificates (`None`: plaintext).
+    tls: Option<Arc<tls::NodeTls>>,
 }
 
 fn dropped(reason: &'static str) {
@@ -108,7 +109,7 @@ impl Transport {
         node_id: NodeId,
         reports: Arc<dyn DeliveryReports>,
         rt: tokio::runtime::Handle,
-        tls: Option<crate::client::TlsOptions>,
+        tls: Option<Arc<tls::NodeTls>>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -126,9 +127,27 @@ impl Transport {
     }
 
     /// How this node speaks TLS to others, if it does: for every client of the cluster the
-    /// node makes (placement, the oracle), not only raft traffic.
-    pub fn tls(&self) -> Option<&crate::client::TlsOptions> {
+    /// node makes (placement, the oracle), not only raft traffic. Current as of the last
+    /// reload of the certificates.
+    pub fn tls(&self) -> Option<crate::client::TlsOptions> {
+        self.inner.tls.as_ref().map(|t| t.client())
+    }
+
+    /// This node's certificates, if it speaks TLS.
+    pub fn node_tls(&self) -> Option<&Arc<tls::NodeTls>> {
         self.inner.tls.as_ref()
+    }
+
+    /// Reads the certificates again (SIGHUP, or a file changed). When they take effect the
+    /// cached connections to other nodes are dropped, so that the next ones present the new
+    /// certificate; their queues reconnect by themselves.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        let Some(tls) = &self.inner.tls else {
+            return Ok(());
+        };
+        tls.reload()?;
+        self.inner.channels.clear();
+        Ok(())
     }
 
     /// Snapshot bytes this node delivered to others since it started.
@@ -288,7 +307,7 @@ impl Transport {
             messages: Vec::new(),
         };
         let round_trip = async {
-            let ch = crate::client::tls::endpoint(&addr, self.inner.tls.as_ref())
+            let ch = crate::client::tls::endpoint(&addr, self.tls().as_ref())
                 .ok()?
                 .connect_timeout(PROBE_TIMEOUT)
                 .connect()
@@ -312,7 +331,7 @@ impl Transport {
         let addr = self
             .address(node)
             .ok_or_else(|| format!("no address for node {node}"))?;
-        let ch = crate::client::tls::endpoint(&addr, self.inner.tls.as_ref())?
+        let ch = crate::client::tls::endpoint(&addr, self.tls().as_ref())?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(1))

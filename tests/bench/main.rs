@@ -36,6 +36,7 @@ fn args(target: TargetKind, endpoints: String, workload: Workload) -> BenchArgs 
         sessions: 1000,
         ttl: 60,
         json: None,
+        cacert: None,
     }
 }
 
@@ -219,7 +220,7 @@ async fn every_workload_against_etcd() {
     every_session_is_kept(TargetKind::Etcd, ep.clone()).await;
 
     // The bench really wrote into etcd: a preloaded key reads back with its value.
-    let target = bench::target::Target::connect(TargetKind::Etcd, &[ep], 1, false, false)
+    let target = bench::target::Target::connect(TargetKind::Etcd, &[ep], 1, false, false, None)
         .await
         .unwrap();
     let v = target

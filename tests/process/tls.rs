@@ -34,9 +34,20 @@ impl Ca {
 
     /// A certificate and key for 127.0.0.1, written under `dir` as `name.crt`/`name.key`.
     fn issue(&self, dir: &Path, name: &str, expired: bool) -> (PathBuf, PathBuf) {
+        self.issue_for(dir, name, &["127.0.0.1", "localhost"], expired)
+    }
+
+    /// A certificate and key for `names`, written under `dir` as `name.crt`/`name.key`.
+    fn issue_for(
+        &self,
+        dir: &Path,
+        name: &str,
+        names: &[&str],
+        expired: bool,
+    ) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .expect("params");
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let mut p = CertificateParams::new(names).expect("params");
         if expired {
             p.not_before = rcgen::date_time_ymd(2001, 1, 1);
             p.not_after = rcgen::date_time_ymd(2002, 1, 1);
@@ -307,5 +318,134 @@ async fn tls_and_mutual_tls_refuse_whoever_lacks_the_cluster_ca() {
             .value,
         b"2"
     );
+    drop(procs);
+}
+
+/// Waits until the node's log (`nodeN.log` in `dir`) holds a line with every one of `words`.
+async fn wait_log(dir: &Path, node: u64, words: &[&str]) {
+    let path = dir.join(format!("node{node}.log"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        if log.lines().any(|l| words.iter().all(|w| l.contains(w))) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {node} never logged {words:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Puts through a client that trusts `tls` and reaches only `ep`, until it works.
+async fn put_via(ep: &str, tls: &TlsOptions, key: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let why = match tls_client(&[ep.to_string()], tls.clone()).await {
+            Ok(c) => match c.put(key, b"v").await {
+                Ok(_) => return,
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        assert!(Instant::now() < deadline, "{ep}: {why}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_read_again_on_a_change_or_sighup_and_peer_names_are_checked() {
+    let dir = common::test_dir("certificates_are_read_again_on_a_change_or_sighup");
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).expect("mkdir");
+    let ca = Ca::new("cluster");
+    let ca_file = ca.write(&certs, "ca");
+    let node_certs: Vec<_> = (1..=3)
+        .map(|i| ca.issue(&certs, &format!("node{i}"), false))
+        .collect();
+    let mut procs = start_process_cluster(dir.path(), 3, 2, |c| {
+        let (cert, key) = &node_certs[c.node.id as usize - 1];
+        c.security.cert_file = cert.clone();
+        c.security.key_file = key.clone();
+        c.security.ca_file = ca_file.clone();
+        c.security.allowed_peer_names = vec!["localhost".into()];
+    });
+    let eps = endpoints(&procs);
+    let anonymous = TlsOptions::from_files(&ca_file, None, None).expect("CA");
+    wait_led_tls(&eps, &anonymous, 2 + common::SYSTEM_REGIONS as u64).await;
+
+    // With allowed_peer_names, a certificate of the cluster CA for another name may not
+    // make admin calls; one for a listed name may.
+    let ep = eps.join(",");
+    let ca_s = ca_file.to_str().expect("path");
+    for (name, ok) in [("intruder.example", false), ("localhost", true)] {
+        let (cert, key) = ca.issue_for(&certs, name, &[name], false);
+        let (code, out, err) = cli(&[
+            "regions",
+            "-e",
+            &ep,
+            "--cacert",
+            ca_s,
+            "--cert",
+            cert.to_str().expect("path"),
+            "--key",
+            key.to_str().expect("path"),
+            "split",
+            &format!("/names/{name}"),
+        ]);
+        eprintln!("split with a certificate for {name}: {code} {out} {err}");
+        if ok {
+            assert_eq!(code, 0, "a listed name was refused: {err}");
+        } else {
+            assert_eq!(code, 2, "an unlisted name made an admin call: {out}");
+            assert!(err.contains("allowed_peer_names"), "{err}");
+        }
+    }
+
+    // A certificate file that does not parse: the node says so and keeps serving with the
+    // certificate it has.
+    let (cert1, _) = &node_certs[0];
+    let good = std::fs::read(cert1).expect("read");
+    std::fs::write(cert1, b"not a certificate").expect("write");
+    wait_log(dir.path(), 1, &["TLS certificates not reloaded"]).await;
+    put_via(&eps[0], &anonymous, b"/reload/broken").await;
+    std::fs::write(cert1, &good).expect("write");
+    wait_log(dir.path(), 1, &["TLS certificates reloaded"]).await;
+
+    // Rotation to a new CA without a restart: every node trusts both CAs, then presents a
+    // certificate of the new one. A client that trusts only the new CA reaches every node,
+    // and the nodes keep replicating to each other.
+    let ca2 = Ca::new("cluster-2");
+    std::fs::write(&ca_file, format!("{}{}", ca.pem, ca2.pem)).expect("write CA bundle");
+    for (i, (cert, key)) in node_certs.iter().enumerate() {
+        let (c, k) = ca2.issue(&certs, &format!("node{}-2", i + 1), false);
+        std::fs::copy(&k, key).expect("key");
+        std::fs::copy(&c, cert).expect("cert");
+    }
+    let ca2_file = ca2.write(&certs, "ca-2");
+    let only_new = TlsOptions::from_files(&ca2_file, None, None).expect("CA");
+    for (i, ep) in eps.iter().enumerate() {
+        put_via(ep, &only_new, format!("/reload/new/{i}").as_bytes()).await;
+    }
+
+    // SIGHUP reads them again too, and does not stop the node.
+    procs[1].signal("HUP");
+    wait_log(dir.path(), 2, &["TLS certificates reloaded", "SIGHUP"]).await;
+    let alive = procs[1]
+        .child
+        .as_mut()
+        .expect("node 2 runs")
+        .try_wait()
+        .expect("wait");
+    assert!(alive.is_none(), "SIGHUP stopped node 2: {alive:?}");
+    let client = tls_client(&eps, only_new).await.expect("client");
+    for i in 0..20u32 {
+        let k = format!("/reload/after/{i}");
+        client
+            .put(k.as_bytes(), b"x")
+            .await
+            .expect("put after SIGHUP");
+    }
     drop(procs);
 }
