@@ -10,7 +10,8 @@
 # Environment: A_ENV / B_ENV (command prefixes for each side's servers, e.g.
 # `env TOKIO_WORKER_THREADS=1`), A_CONFIG / B_CONFIG (more node TOML for each side, as
 # cluster-load.sh's EXTRA_CONFIG, e.g. "[storage]\ndata_memtable_mb = 64"), SECS (measured seconds per run, default 10), CONC
-# (in-flight requests, default 64), EXTRA_BENCH_ARGS (passed to `tessera bench`).
+# (in-flight requests, default 64), EXTRA_BENCH_ARGS (passed to `tessera bench`), A_TLS /
+# B_TLS (1: that side's cluster speaks TLS, as cluster-load.sh's TLS=1).
 # Each run is `benches/cluster-load.sh`, which starts and cleans up its own cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,26 +36,27 @@ trap 'rm -rf "$OUT"' EXIT
 
 # One run → "ops_per_s us_per_op worker_us tokio_us entries_per_fsync" on stdout.
 run() {
-  local bin=$1 env=$2 cfg=$3 log=$4
-  SERVER_ENV="$env" EXTRA_CONFIG="$cfg" BIN="$bin" benches/cluster-load.sh "$REGIONS" "$CONC" "$SECS" "$WORKLOAD" \
+  local bin=$1 env=$2 cfg=$3 log=$4 tls=$5
+  TLS="$tls" SERVER_ENV="$env" EXTRA_CONFIG="$cfg" BIN="$bin" benches/cluster-load.sh "$REGIONS" "$CONC" "$SECS" "$WORKLOAD" \
     >"$log" 2>&1 || { echo "ab.sh: run failed, see below" >&2; tail -20 "$log" >&2; exit 1; }
   awk '
     / ops in .* = [0-9]+ ops\/s$/ {ops = $(NF - 1)}
     /^server CPU \(3 nodes\)/ {for (i = 1; i <= NF; i++) if ($i == "us") us = $(i - 1)}
     /^server CPU by thread/ {w = $7; sub(",", "", w); k = $9; sub(",", "", k)}
     /entries per fsync/ {epf = $NF}
-    END {printf "%s %s %s %s %s\n", ops, us, w, k, epf}' "$log"
+    /^latency ms: p50/ {p50 = $4}
+    END {printf "%s %s %s %s %s %s\n", ops, us, w, k, epf, p50}' "$log"
 }
 
-echo "A = ${A_ENV:+$A_ENV }$A${A_CONFIG:+ with config $A_CONFIG}"
-echo "B = ${B_ENV:+$B_ENV }$B${B_CONFIG:+ with config $B_CONFIG}"
+echo "A = ${A_ENV:+$A_ENV }$A${A_CONFIG:+ with config $A_CONFIG}${A_TLS:+ (TLS=$A_TLS)}"
+echo "B = ${B_ENV:+$B_ENV }$B${B_CONFIG:+ with config $B_CONFIG}${B_TLS:+ (TLS=$B_TLS)}"
 echo "$ROUNDS rounds of: cluster-load.sh $REGIONS $CONC $SECS $WORKLOAD"
-row() { printf '%-6s %10s %12s %12s %12s %10s\n' "$@"; }
-row run "ops/s" "us/op" "worker us" "tokio us" "ent/fsync"
+row() { printf '%-6s %10s %12s %12s %12s %10s %8s\n' "$@"; }
+row run "ops/s" "us/op" "worker us" "tokio us" "ent/fsync" "p50 ms"
 for r in $(seq 1 "$ROUNDS"); do
   for side in A B; do
-    if [ $side = A ]; then bin=$A env=${A_ENV:-} cfg=${A_CONFIG:-}; else bin=$B env=${B_ENV:-} cfg=${B_CONFIG:-}; fi
-    line=$(run "$bin" "$env" "$cfg" "$OUT/$side$r.log")
+    if [ $side = A ]; then bin=$A env=${A_ENV:-} cfg=${A_CONFIG:-} tls=${A_TLS:-0}; else bin=$B env=${B_ENV:-} cfg=${B_CONFIG:-} tls=${B_TLS:-0}; fi
+    line=$(run "$bin" "$env" "$cfg" "$OUT/$side$r.log" "$tls")
     echo "$line" >>"$OUT/$side"
     # shellcheck disable=SC2086
     row "$side$r" $line
@@ -66,9 +68,9 @@ median() { # column → median of that column of a side's file
     if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2}'
 }
 echo
-row median "ops/s" "us/op" "worker us" "tokio us" "ent/fsync"
+row median "ops/s" "us/op" "worker us" "tokio us" "ent/fsync" "p50 ms"
 for side in A B; do
-  row "$side" $(for c in 1 2 3 4 5; do median "$OUT/$side" $c; done)
+  row "$side" $(for c in 1 2 3 4 5 6; do median "$OUT/$side" $c; done)
 done
 awk 'FNR == 1 {f++} {us[f] += $2; n[f]++} END {
   if (n[1] && n[2]) printf "B / A, mean server CPU per operation: %.3f\n", (us[2] / n[2]) / (us[1] / n[1])}' \

@@ -10,7 +10,9 @@
 # building one — for A/B runs of two builds), EXTRA_CONFIG (more node TOML, e.g.
 # "[storage]\nsync_writes = false"), LEADERS_ON (a node id: move every region's leader there
 # before the run, as one region has all its leaders on one node; turns off the scheduler),
-# PRELOAD=1 (write every key once before a put or cas run too, as reads always do).
+# PRELOAD=1 (write every key once before a put or cas run too, as reads always do), TLS=1
+# (the nodes speak TLS and mutual TLS with certificates made by openssl for the run; the
+# CLI and the bench trust their CA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -39,6 +41,16 @@ base=$(( 21000 + RANDOM % 2000 ))
 extra="[raft]
 workers = ${WORKERS:-1}
 $(printf '%b' "${EXTRA_CONFIG:-}")"
+TESSERA_CLI_ARGS=""
+if [ "${TLS:-0}" = 1 ]; then
+  tls_certs "$DIR/certs"
+  extra+="
+[security]
+cert_file = \"$DIR/certs/node.crt\"
+key_file = \"$DIR/certs/node.key\"
+ca_file = \"$DIR/certs/ca.pem\""
+  TESSERA_CLI_ARGS="--cacert $DIR/certs/ca.pem"
+fi
 if [ -n "${LEADERS_ON:-}" ]; then
   # The leader balancer would move them back.
   extra+="
@@ -51,10 +63,10 @@ tessera_wait_led "$BIN" "$EP" "$REGIONS"
 echo "cluster up: $REGIONS regions with leaders"
 if [ -n "${LEADERS_ON:-}" ]; then
   moved=0
-  for r in $("$BIN" regions --endpoints "$EP" --json |
+  for r in $("$BIN" regions --endpoints "$EP" $TESSERA_CLI_ARGS --json |
     grep -o '"id":[0-9]*,[^}]*"leader_node":[0-9]*' |
     awk -F'[:,]' -v n="$LEADERS_ON" '$NF != n {print $2}'); do
-    "$BIN" regions --endpoints "$EP" transfer-leader "$r" "$LEADERS_ON" >/dev/null && moved=$((moved + 1))
+    "$BIN" regions --endpoints "$EP" $TESSERA_CLI_ARGS transfer-leader "$r" "$LEADERS_ON" >/dev/null && moved=$((moved + 1))
   done
   echo "moved $moved leaders to node $LEADERS_ON"
 fi
@@ -86,7 +98,7 @@ node_cpu_each() { # user + system clock ticks of each server so far, in node ord
 case "${PRELOAD:-0}:$WORKLOAD" in
   1:* | *:get | *:mixed | *:scan)
     echo "preloading 100000 keys"
-    "$BIN" bench put --endpoints "$EP" --concurrency 64 --ops 100000 --warmup 0 \
+    "$BIN" bench put --endpoints "$EP" $TESSERA_CLI_ARGS --concurrency 64 --ops 100000 --warmup 0 \
       --distribution sequential --value-size 256 --keys 100000 >/dev/null
     ;;
 esac
@@ -94,7 +106,7 @@ f0=$(metric_sum tessera_fsyncs_total); e0=$(metric_sum tessera_raft_entries_pers
 m0=$(metric_sum tessera_transport_batch_messages_sum); b0=$(metric_sum tessera_transport_batch_messages_count)
 r0=$(metric_sum tessera_worker_round_seconds_count)
 /usr/bin/time -f "%U %S" -o "$DIR/bench.time" \
-  "$BIN" bench "$WORKLOAD" --endpoints "$EP" --concurrency "$CONC" --duration "$SECS" --warmup 2 \
+  "$BIN" bench "$WORKLOAD" --endpoints "$EP" $TESSERA_CLI_ARGS --concurrency "$CONC" --duration "$SECS" --warmup 2 \
   --value-size 256 --keys 100000 --json "$DIR/bench.json" ${EXTRA_BENCH_ARGS:-} &
 bench=$!
 sleep 2 # the warm-up: CPU is counted over the measured part only

@@ -5,6 +5,10 @@
 # starts the three servers, appends their pids to TESSERA_PIDS and sets TESSERA_EP.
 #   tessera_wait_led BIN EP REGIONS
 # waits (up to a minute) until every region, the placement region included, has a leader.
+#   tls_certs DIR
+# makes DIR/ca.pem and DIR/node.crt + node.key (for 127.0.0.1 and localhost, signed by the
+# CA) with openssl, for TLS runs. TESSERA_CLI_ARGS (e.g. "--cacert DIR/ca.pem") is passed to
+# the CLI calls here.
 #   etcd_cluster DIR BASE TOKEN
 # starts a 3-member etcd cluster (client ports BASE+1..3, peer ports BASE+11..13, fsync on
 # as always in etcd), appends the pids to ETCD_PIDS and sets ETCD_EP.
@@ -41,12 +45,26 @@ TOML
 tessera_wait_led() {
   local bin=$1 ep=$2 regions=$3 n
   for _ in $(seq 1 120); do
-    n=$({ "$bin" regions --endpoints "$ep" --json 2>/dev/null || true; } |
+    # shellcheck disable=SC2086
+    n=$({ "$bin" regions --endpoints "$ep" ${TESSERA_CLI_ARGS:-} --json 2>/dev/null || true; } |
       { grep -o '"leader_node":[0-9]' || true; } | wc -l)
     [ "$n" -ge $((regions + 1)) ] && return 0
     sleep 0.5
   done
   echo "warning: not every region has a leader yet" >&2
+}
+
+tls_certs() {
+  local d=$1
+  mkdir -p "$d"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=tessera-bench-ca -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=node \
+    -keyout "$d/node.key" -out "$d/node.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n' \
+    >"$d/node.ext"
+  openssl x509 -req -in "$d/node.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 2 -extfile "$d/node.ext" -out "$d/node.crt" 2>/dev/null
 }
 
 ETCD_PIDS=()

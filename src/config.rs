@@ -293,6 +293,10 @@ pub struct StorageConfig {
     pub data_memtable_mb: usize,
     /// Records of recently written keys each raft worker keeps for apply. 0 = none.
     pub record_cache_mb: usize,
+    /// The space quota: when the user data and its history on this node take more, the
+    /// node raises the cluster's NOSPACE alarm and every node refuses writes (not reads or
+    /// deletes) until an operator disarms it. 0 = no quota.
+    pub quota_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -379,6 +383,7 @@ impl Default for StorageConfig {
             block_cache_mb: 64,
             data_memtable_mb: 16,
             record_cache_mb: 64,
+            quota_bytes: 8 << 30,
         }
     }
 }

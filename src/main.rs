@@ -78,6 +78,13 @@ enum Command {
         #[command(subcommand)]
         op: Option<NodesOp>,
     },
+    /// The cluster's alarms (NOSPACE: writes refused), or disarm them.
+    Alarm {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        op: Option<cli::alarm::AlarmOp>,
+    },
     /// Load-test a cluster.
     Bench(tessera::bench::BenchArgs),
     /// List the regions (range, epoch, peers, leader, load), or split, move or change one.
@@ -175,6 +182,7 @@ fn main() -> ExitCode {
         Command::Regions { conn, op } => block_on(None, cli::regions::run(conn, op)),
         Command::Bench(args) => block_on(None, cli::bench::run(args)),
         Command::Nodes { conn, op } => block_on(None, cli::nodes::run(conn, op)),
+        Command::Alarm { conn, op } => block_on(None, cli::alarm::run(conn, op)),
         Command::Status { conn } => block_on(None, cli::status::run(conn)),
         Command::Watch { conn, args } => block_on(None, cli::watch::run(conn, args)),
         Command::Backup { conn, args } => block_on(None, cli::backup::backup(conn, args)),

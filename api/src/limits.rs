@@ -21,3 +21,7 @@ pub const MIN_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(2)
 
 /// The longest lease TTL (etcd's limit).
 pub const MAX_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(9_000_000_000);
+
+/// How the message of a write refused for lack of space starts (a `RESOURCE_EXHAUSTED`
+/// status): the client turns it into its `QuotaExceeded` error.
+pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";

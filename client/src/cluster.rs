@@ -187,6 +187,34 @@ impl Client {
         .await
     }
 
+    /// The cluster's alarms (NOSPACE: a node's data passed its space quota).
+    pub async fn alarms(&self) -> Result<Vec<proto::AlarmRecord>> {
+        self.any_node(|mut n| async move {
+            n.alarm(proto::AlarmRequest {
+                action: proto::AlarmAction::AlarmList as i32,
+                node_id: 0,
+            })
+            .await
+            .map(|r| r.into_inner().alarms)
+        })
+        .await
+    }
+
+    /// Disarms the alarm of `node` (`None`: every alarm); returns the alarms still standing.
+    /// A node still over its quota raises its alarm again within a heartbeat.
+    pub async fn disarm_alarms(&self, node: Option<NodeId>) -> Result<Vec<proto::AlarmRecord>> {
+        let node_id = node.map_or(0, |n| n.get());
+        self.any_node(|mut n| async move {
+            n.alarm(proto::AlarmRequest {
+                action: proto::AlarmAction::AlarmDisarm as i32,
+                node_id,
+            })
+            .await
+            .map(|r| r.into_inner().alarms)
+        })
+        .await
+    }
+
     /// Marks a node removed; it stops serving and may never return with its data.
     pub async fn remove_node(&self, node: NodeId) -> Result<()> {
         let node_id = node.get();

@@ -141,6 +141,10 @@ pub enum Error {
     /// A read (or watch) below the revision the cluster's history is compacted at.
     #[error("revision compacted: history starts at revision {compact_revision}")]
     Compacted { compact_revision: u64 },
+    /// A write refused because the cluster's NOSPACE alarm stands (a node's data passed its
+    /// space quota); reads and deletes are still served.
+    #[error("{0}")]
+    QuotaExceeded(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -304,6 +304,12 @@ impl Client {
                 Err(Error::InvalidArgument(s.message().into()))
             }
             Err(s) if s.code() == Code::NotFound => Err(Error::NotFound(s.message().into())),
+            Err(s)
+                if s.code() == Code::ResourceExhausted
+                    && s.message().starts_with(tessera_api::limits::QUOTA_EXCEEDED) =>
+            {
+                Err(Error::QuotaExceeded(s.message().into()))
+            }
             Err(s) if s.code() == Code::ResourceExhausted || s.code() == Code::OutOfRange => {
                 Err(Error::InvalidArgument(s.message().into()))
             }

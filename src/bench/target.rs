@@ -38,6 +38,7 @@ fn tessera_err(e: Error) -> OpError {
         Error::NotFound(_) => "not_found",
         Error::Refused(_) => "refused",
         Error::Compacted { .. } => "compacted",
+        Error::QuotaExceeded(_) => "quota_exceeded",
     };
     OpError(kind.into())
 }

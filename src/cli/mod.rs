@@ -12,6 +12,7 @@
 //! - commands connect with the client library's defaults but a 15 s deadline, and read
 //!   linearizably unless a command asks for a serializable read.
 
+pub mod alarm;
 pub mod backup;
 pub mod bench;
 pub mod elect;

@@ -36,6 +36,7 @@
 //!   term); [`scan_routes`] stops at the first gap rather than report a range as empty;
 //! - a record that does not decode is an error value, never a panic.
 
+pub mod alarms;
 pub mod client;
 pub mod compaction;
 mod ids;

@@ -73,6 +73,7 @@ pub struct KvCore {
     /// Set when the node stops: `Commands` streams end (they would otherwise keep the
     /// node's state alive for as long as their clients stay connected).
     stopping: watch::Receiver<bool>,
+    quota: crate::server::quota::SpaceQuota,
 }
 
 /// The answer of a region: a value, or a routing error for the client.
@@ -86,6 +87,8 @@ pub struct KvSettings {
     pub lease: crate::config::LeaseConfig,
     /// Wakes the node's lease keeper.
     pub keeper: Arc<tokio::sync::Notify>,
+    /// Refuses writes while the cluster's NOSPACE alarm stands.
+    pub quota: crate::server::quota::SpaceQuota,
 }
 
 impl KvService {
@@ -109,6 +112,7 @@ impl KvService {
                 lessor: store.lessor.clone(),
                 lease_cfg: settings.lease,
                 keeper: settings.keeper,
+                quota: settings.quota,
                 stopping,
             }),
         }
@@ -118,6 +122,11 @@ impl KvService {
 impl KvCore {
     fn region_error(&self, e: &RegionError) -> proto::RegionError {
         e.to_proto(|node| self.transport.address(NodeId(node)).unwrap_or_default())
+    }
+
+    /// A write that adds data: refused while the NOSPACE alarm stands.
+    fn check_space(&self, header: Option<&RequestHeader>) -> Result<(), Status> {
+        self.quota.check_write(header.is_some_and(|h| h.system))
     }
 
     fn check_key(&self, key: &[u8], header: Option<&RequestHeader>) -> Result<(), Status> {
@@ -304,6 +313,7 @@ impl KvCore {
     async fn put(&self, r: proto::PutRequest) -> Result<proto::PutResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
         self.check_value(&r.value)?;
+        self.check_space(r.header.as_ref())?;
         if busy_for_testing(&r.key) {
             return Ok(proto::PutResponse {
                 region_error: Some(self.region_error(&RegionError::ServerBusy {
@@ -427,6 +437,7 @@ impl KvCore {
         let action = match r.action {
             Some(proto::cas_request::Action::Put(v)) => {
                 self.check_value(&v)?;
+                self.check_space(r.header.as_ref())?;
                 CasAction::Put(v)
             }
             Some(proto::cas_request::Action::Delete(_)) => CasAction::Delete,
@@ -513,6 +524,7 @@ impl KvCore {
             }
             if let Some(v) = &op.value {
                 self.check_value(v)?;
+                self.check_space(r.header.as_ref())?;
                 total += v.len();
             }
         }

@@ -10,6 +10,7 @@ mod compaction;
 pub mod kv_service;
 mod lease_keeper;
 pub mod node_service;
+pub mod quota;
 pub mod raft_service;
 pub mod reporter;
 mod resolver;
@@ -102,6 +103,7 @@ pub struct Node {
     lease_keeper: tokio::task::JoinHandle<()>,
     scheduler: tokio::task::JoinHandle<()>,
     tls_reload: tokio::task::JoinHandle<()>,
+    quota: tokio::task::JoinHandle<()>,
     removed: tokio::sync::watch::Receiver<bool>,
     asleep: Vec<Arc<AtomicUsize>>,
     server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -150,6 +152,7 @@ impl Node {
             lease_keeper: tasks.lease_keeper,
             scheduler: tasks.scheduler,
             tls_reload: tasks.tls_reload,
+            quota: tasks.quota,
             removed: tasks.removed,
             asleep: raft.asleep,
             server: Some(grpc.server),
@@ -193,6 +196,7 @@ impl Node {
         self.lease_keeper.abort();
         self.scheduler.abort();
         self.tls_reload.abort();
+        self.quota.abort();
         let _ = self.stopping.send(true);
         if let Some(tx) = self.stop_server.take() {
             let _ = tx.send(());

@@ -331,6 +331,30 @@ impl node_server::Node for NodeService {
         set_failpoint(&req.name, &req.actions)?;
         Ok(Response::new(SetFailpointResponse {}))
     }
+
+    async fn alarm(
+        &self,
+        request: Request<crate::proto::AlarmRequest>,
+    ) -> Result<Response<crate::proto::AlarmResponse>, Status> {
+        use crate::proto::AlarmAction;
+        let action = AlarmAction::try_from(request.get_ref().action)
+            .map_err(|_| Status::invalid_argument("unknown alarm action"))?;
+        if action == AlarmAction::AlarmDisarm {
+            super::require_peer(self.transport.node_tls(), &request, "disarming an alarm")?;
+        }
+        let req = request.into_inner();
+        let client = self.system().await?;
+        if action == AlarmAction::AlarmDisarm {
+            let node = (req.node_id != 0).then_some(NodeId(req.node_id));
+            placement::alarms::disarm(&client, node)
+                .await
+                .map_err(placement_failed)?;
+        }
+        let alarms = placement::alarms::list(&client)
+            .await
+            .map_err(placement_failed)?;
+        Ok(Response::new(crate::proto::AlarmResponse { alarms }))
+    }
 }
 
 #[cfg(feature = "failpoints")]

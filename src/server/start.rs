@@ -99,6 +99,8 @@ pub(super) struct Raft {
     pub(super) oracle: crate::placement::tso::SharedTso,
     /// Wakes the lease keeper (a revocation is waiting).
     pub(super) lease_keeper: Arc<tokio::sync::Notify>,
+    /// Whether writes are refused for lack of space (the NOSPACE alarm).
+    pub(super) quota: super::quota::SpaceQuota,
 }
 
 /// Regions whose leadership or descriptor changed, reported by the workers for the reporter.
@@ -210,6 +212,7 @@ pub(super) fn start_raft(
         revisions: tso_client,
         oracle,
         lease_keeper: Default::default(),
+        quota: Default::default(),
     };
     Ok((raft, changes))
 }
@@ -267,6 +270,7 @@ pub(super) async fn serve(
             timeout: REQUEST_TIMEOUT,
             lease: cfg.lease.clone(),
             keeper: raft.lease_keeper.clone(),
+            quota: raft.quota.clone(),
         },
         &raft.store,
         Oracle {
@@ -335,6 +339,8 @@ pub(super) struct Tasks {
     pub(super) lease_keeper: tokio::task::JoinHandle<()>,
     /// Reads the certificates again on SIGHUP or a change (TLS nodes).
     pub(super) tls_reload: tokio::task::JoinHandle<()>,
+    /// Measures the node's data against its space quota; follows the cluster's alarms.
+    pub(super) quota: tokio::task::JoinHandle<()>,
     /// Turns true once placement has removed this node.
     pub(super) removed: tokio::sync::watch::Receiver<bool>,
 }
@@ -358,6 +364,7 @@ fn register_metrics() {
     }
     metrics::gauge!("tessera_watchers").increment(0.0);
     metrics::gauge!("tessera_placement_reachable").set(0.0);
+    metrics::gauge!("tessera_alarm_no_space").set(0.0);
 }
 
 pub(super) fn spawn_tasks(
@@ -418,7 +425,7 @@ pub(super) fn spawn_tasks(
         },
     ));
     let reporter = tokio::spawn(reporter::report_loop(
-        placement,
+        placement.clone(),
         raft.router.clone(),
         engine.clone(),
         admin::SplitLimits {
@@ -429,6 +436,14 @@ pub(super) fn spawn_tasks(
         Duration::from_millis(cfg.placement.region_report_interval_ms),
     ));
     let tls_reload = tokio::spawn(crate::transport::tls::reload_loop(raft.transport.clone()));
+    let quota = tokio::spawn(super::quota::quota_loop(
+        engine.clone(),
+        placement,
+        cfg.node_id(),
+        cfg.storage.quota_bytes,
+        raft.quota.clone(),
+        Duration::from_millis(cfg.placement.heartbeat_interval_ms),
+    ));
     Ok(Tasks {
         heartbeat,
         scheduler,
@@ -437,6 +452,7 @@ pub(super) fn spawn_tasks(
         resolver,
         lease_keeper,
         tls_reload,
+        quota,
         removed,
     })
 }

@@ -267,6 +267,23 @@ impl Engine {
         f(&EngineSnapshot { engine: self, snap })
     }
 
+    /// Bytes the user data and its history take on this node (SST files and memtables): what
+    /// the space quota counts. The raft log is left out: it is truncated as it is applied.
+    pub fn data_bytes(&self) -> u64 {
+        let mut total = 0;
+        for cf in [Cf::Data, Cf::History] {
+            for p in [
+                "rocksdb.total-sst-files-size",
+                "rocksdb.cur-size-all-mem-tables",
+            ] {
+                if let Ok(Some(v)) = self.db.property_int_value_cf(self.cf(cf), p) {
+                    total += v;
+                }
+            }
+        }
+        total
+    }
+
     /// Flushes memtables and syncs the WAL; used at shutdown so the next start replays less.
     pub fn flush(&self) -> Result<(), Error> {
         self.db.flush_wal(true)?;

@@ -20,6 +20,7 @@ mod hibernation;
 mod lease;
 mod leases;
 mod monitoring;
+mod quota;
 mod replacement;
 mod revisions;
 mod tls;

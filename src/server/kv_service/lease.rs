@@ -67,6 +67,7 @@ impl KvCore {
         match op {
             Op::Grant(g) => {
                 check_id(g.id)?;
+                self.check_space(header.as_ref())?;
                 if g.ttl_ms == 0 || g.ttl_ms > MAX_LEASE_TTL.as_millis() as u64 {
                     return Err(Status::invalid_argument(format!(
                         "lease TTL must be above 0 and at most {} s, not {} ms",

@@ -1,0 +1,124 @@
+//! The space quota: a node over `storage.quota_bytes` raises the cluster's NOSPACE alarm;
+//! every node then refuses writes with QuotaExceeded and keeps serving reads and deletes; the
+//! alarm survives kill -9 and restarts, comes back when disarmed while the node is still
+//! over, and once the node is under its quota a disarm lets writes in again.
+
+use tessera::client::Error;
+
+use super::cli::cli;
+use super::*;
+
+/// Rewrites node `i`'s config with `quota` bytes, and restarts it after kill -9.
+fn restart_with_quota(dir: &std::path::Path, procs: &mut [common::Proc], i: usize, quota: u64) {
+    let p = &mut procs[i];
+    let text = std::fs::read_to_string(&p.config_path).expect("read config");
+    let mut cfg: tessera::config::Config = toml::from_str(&text).expect("parse config");
+    cfg.storage.quota_bytes = quota;
+    std::fs::write(&p.config_path, toml::to_string(&cfg).expect("config")).expect("write");
+    p.restart(&dir.join(format!("node{}.log", i + 1)));
+}
+
+/// `tessera alarm` until its output does (or does not) name node 3's NOSPACE alarm.
+async fn wait_alarm(ep: &str, standing: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, out, err) = cli(&["alarm", "-e", ep]);
+        if code == 0 && out.contains("node 3: NOSPACE") == standing {
+            eprintln!("tessera alarm: {}", out.trim());
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alarm standing={standing} never shown: {code} {out} {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Puts until a put gets `QuotaExceeded` (the alarm reached every node in the way).
+async fn wait_refused(client: &Client) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0u32;
+    loop {
+        i += 1;
+        match client.put(format!("/probe/{i}").as_bytes(), b"x").await {
+            Err(Error::QuotaExceeded(why)) => return why,
+            Ok(_) => {}
+            Err(e) => panic!("a put failed otherwise: {e}"),
+        }
+        assert!(Instant::now() < deadline, "puts never refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_over_its_quota_stops_writes_until_the_alarm_is_disarmed() {
+    let dir = common::test_dir("a_node_over_its_quota_stops_writes");
+    let (mut procs, eps, client) = start_led_with_client(dir.path(), 3, 4).await;
+    let ep = eps.join(",");
+    for i in 0..40u32 {
+        let k = common::key_in_region(i % 4, 4, &format!("/q/{i}"));
+        client
+            .put(&k, b"before")
+            .await
+            .expect("put before the alarm");
+    }
+    wait_alarm(&ep, false).await;
+
+    // Node 3 comes back with a quota of one byte: over it at once.
+    restart_with_quota(dir.path(), &mut procs, 2, 1);
+    wait_alarm(&ep, true).await;
+    let why = wait_refused(&client).await;
+    eprintln!("put under the alarm: {why}");
+    for i in 0..8u32 {
+        let k = common::key_in_region(i % 4, 4, &format!("/q/new/{i}"));
+        match client.put(&k, b"x").await {
+            Err(Error::QuotaExceeded(_)) => {}
+            other => panic!("a put under the alarm: {other:?}"),
+        }
+    }
+    // Reads and deletes are served, in every region.
+    for i in 0..4u32 {
+        let k = common::key_in_region(i, 4, &format!("/q/{i}"));
+        let kv = client.get(&k).await.expect("get").expect("key");
+        assert_eq!(kv.value, b"before");
+    }
+    let gone = common::key_in_region(0, 4, "/q/0");
+    client.delete(&gone).await.expect("delete under the alarm");
+    assert!(client.get(&gone).await.expect("get").is_none());
+    // The CLI as a user types it says why.
+    let (code, _, err) = cli(&["kv", "-e", &ep, "put", "/q/cli", "v"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("QuotaExceeded"), "{err}");
+
+    // The alarm is in raft: it outlives kill -9 of a node that did not raise it.
+    procs[0].kill9();
+    procs[0].restart(&dir.path().join("node1.log"));
+    wait_alarm(&ep, true).await;
+
+    // Disarmed while node 3 is still over its quota, it comes back.
+    let (code, out, err) = cli(&["alarm", "-e", &ep, "disarm"]);
+    assert_eq!(code, 0, "{out} {err}");
+    wait_alarm(&ep, true).await;
+    wait_refused(&client).await;
+
+    // Under its quota again (a restart with the default), a disarm lets writes in.
+    restart_with_quota(dir.path(), &mut procs, 2, 8 << 30);
+    let (code, out, err) = cli(&["alarm", "-e", &ep, "disarm", "--node", "3"]);
+    assert_eq!(code, 0, "{out} {err}");
+    wait_alarm(&ep, false).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.put(b"/q/after", b"after").await {
+            Ok(_) => break,
+            Err(Error::QuotaExceeded(_)) => {
+                assert!(Instant::now() < deadline, "writes stayed refused")
+            }
+            Err(e) => panic!("put after the disarm: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kv = client.get(b"/q/after").await.expect("get").expect("key");
+    assert_eq!(kv.value, b"after");
+    drop(procs);
+}
