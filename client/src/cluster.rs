@@ -97,6 +97,13 @@ impl Client {
                     Code::AlreadyExists | Code::FailedPrecondition => {
                         return Err(Error::Refused(s.message().into()))
                     }
+                    // Every node would say the same: not a node that is down.
+                    Code::PermissionDenied | Code::Unauthenticated => {
+                        return Err(Error::Refused(format!(
+                            "permission denied: {}",
+                            s.message()
+                        )))
+                    }
                     _ => {
                         self.forget_channel(&addr);
                         last = crate::status_text(&addr, self.inner.opts.tls.is_some(), &s);

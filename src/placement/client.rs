@@ -7,6 +7,7 @@
 //!   a new one that presents them;
 //! - it always has system-keyspace access and a 5 s deadline (`ClientOptions::deadline`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ pub struct SystemClient {
     seeds: Vec<String>,
     /// The client, and the generation of the node's certificates it was made with.
     cell: Arc<tokio::sync::Mutex<Option<(u64, Client)>>>,
+    /// A caller is connecting a new client after a reload.
+    rebuilding: Arc<AtomicBool>,
 }
 
 impl SystemClient {
@@ -30,17 +33,44 @@ impl SystemClient {
             transport,
             seeds,
             cell: Arc::new(tokio::sync::Mutex::new(None)),
+            rebuilding: Arc::default(),
         }
     }
 
     pub async fn get(&self) -> Result<Client, crate::client::Error> {
         let generation = self.transport.node_tls().map_or(0, |t| t.generation());
         let mut cell = self.cell.lock().await;
-        if let Some((g, c)) = cell.as_ref() {
-            if *g == generation {
-                return Ok(c.clone());
+        let old = match cell.as_ref() {
+            Some((g, c)) if *g == generation => return Ok(c.clone()),
+            Some((_, c)) => Some(c.clone()),
+            None => None,
+        };
+        if let Some(old) = old {
+            // Certificates were reloaded. Callers go on with the old client (its connections
+            // still work) while one of them connects anew, outside the lock.
+            drop(cell);
+            if self.rebuilding.swap(true, Ordering::AcqRel) {
+                return Ok(old);
             }
+            let rebuilt = self.connect().await;
+            self.rebuilding.store(false, Ordering::Release);
+            return match rebuilt {
+                Ok(client) => {
+                    *self.cell.lock().await = Some((generation, client.clone()));
+                    Ok(client)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "placement client not rebuilt yet");
+                    Ok(old)
+                }
+            };
         }
+        let client = self.connect().await?;
+        *cell = Some((generation, client.clone()));
+        Ok(client)
+    }
+
+    async fn connect(&self) -> Result<Client, crate::client::Error> {
         let mut endpoints: Vec<String> = self
             .transport
             .addresses()
@@ -58,8 +88,6 @@ impl SystemClient {
             tls: self.transport.tls(),
             ..Default::default()
         };
-        let client = Client::connect(&endpoints, opts).await?;
-        *cell = Some((generation, client.clone()));
-        Ok(client)
+        Client::connect(&endpoints, opts).await
     }
 }

@@ -77,15 +77,23 @@ pub(crate) fn require_peer<T>(
     req: &tonic::Request<T>,
     what: &str,
 ) -> Result<(), tonic::Status> {
+    is_peer(tls, req).map_err(|why| {
+        metrics::counter!("tessera_peer_calls_refused_total").increment(1);
+        tonic::Status::permission_denied(format!("{what} {why}"))
+    })
+}
+
+/// Whether the caller may make peer-only calls (see [`require_peer`]), without counting a
+/// refusal: for requests that only lose their system access when it may not.
+pub(crate) fn is_peer<T>(
+    tls: Option<&Arc<crate::transport::tls::NodeTls>>,
+    req: &tonic::Request<T>,
+) -> Result<(), String> {
     let Some(tls) = tls else {
         return Ok(());
     };
     let certs = req.peer_certs();
     tls.check_peer(certs.as_deref().map(|c| c.as_slice()))
-        .map_err(|why| {
-            metrics::counter!("tessera_peer_calls_refused_total").increment(1);
-            tonic::Status::permission_denied(format!("{what} {why}"))
-        })
 }
 
 pub struct Node {

@@ -267,13 +267,14 @@ impl Engine {
         f(&EngineSnapshot { engine: self, snap })
     }
 
-    /// Bytes the user data and its history take on this node (SST files and memtables): what
-    /// the space quota counts. The raft log is left out: it is truncated as it is applied.
+    /// Bytes the user data and its history take on this node (live SST files and memtables):
+    /// what the space quota counts. The raft log is left out: it is truncated as it is
+    /// applied. Files that compaction made obsolete do not count.
     pub fn data_bytes(&self) -> u64 {
         let mut total = 0;
         for cf in [Cf::Data, Cf::History] {
             for p in [
-                "rocksdb.total-sst-files-size",
+                "rocksdb.live-sst-files-size",
                 "rocksdb.cur-size-all-mem-tables",
             ] {
                 if let Ok(Some(v)) = self.db.property_int_value_cf(self.cf(cf), p) {

@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
@@ -138,7 +138,12 @@ impl NodeTls {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                let conn = match listener.accept().await {
+                // The server stopped (it dropped the stream): stop listening too.
+                let accepted = tokio::select! {
+                    _ = tx.closed() => return,
+                    a = listener.accept() => a,
+                };
+                let conn = match accepted {
                     Ok((conn, _)) => conn,
                     Err(e) => {
                         // Out of file descriptors and the like: wait, then go on.
@@ -164,9 +169,6 @@ impl NodeTls {
                         }
                     }
                 });
-                if tx.is_closed() {
-                    return;
-                }
             }
         });
         tokio_stream::wrappers::ReceiverStream::new(rx)
@@ -216,6 +218,18 @@ fn read(config: &SecurityConfig) -> Result<Loaded, String> {
     // deprecated for lacking post-quantum key exchange.
     #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // A certificate its peers would refuse (expired, not yet valid, of another CA, or not
+    // for serving) is refused here, before it replaces a working one.
+    let leaf =
+        ParsedCertificate::try_from(&certs[0]).map_err(|e| format!("security.cert_file: {e}"))?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &leaf,
+        &roots,
+        &certs[1..],
+        UnixTime::now(),
+        provider.signature_verification_algorithms.all,
+    )
+    .map_err(|e| format!("security.cert_file is not valid under security.ca_file: {e}"))?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     let verifier = if files.client_cert_required {
         verifier.build()

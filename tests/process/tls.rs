@@ -283,7 +283,8 @@ async fn tls_and_mutual_tls_refuse_whoever_lacks_the_cluster_ca() {
         eprintln!("raft stream with {label} certificate: {why}");
     }
 
-    // A node with another CA's certificate cannot join, even trusting the cluster's CA.
+    // A node with another CA's certificate cannot join, even trusting the cluster's CA (its
+    // CA file holds both, so it starts and dials the cluster).
     let (rcert, rkey) = rogue.issue(&certs, "joiner", false);
     let addr = common::free_addrs(1)[0];
     let mut cfg = common::node_config(dir.path(), 1, &[addr], 4);
@@ -292,7 +293,9 @@ async fn tls_and_mutual_tls_refuse_whoever_lacks_the_cluster_ca() {
     cfg.cluster.join = vec![eps[0].clone()];
     cfg.security.cert_file = rcert;
     cfg.security.key_file = rkey;
-    cfg.security.ca_file = ca_file.clone();
+    let both = certs.join("both-ca.pem");
+    std::fs::write(&both, format!("{}{}", rogue.pem, ca.pem)).expect("write CA bundle");
+    cfg.security.ca_file = both;
     let path = dir.path().join("joiner.toml");
     std::fs::write(&path, toml::to_string(&cfg).expect("config")).expect("write");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))

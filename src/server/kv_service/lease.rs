@@ -100,6 +100,7 @@ impl KvCore {
             Op::Attach(a) => {
                 check_id(a.id)?;
                 self.check_key(&a.key, None)?;
+                self.check_space(header.as_ref())?;
                 let cmd = LeaseCmd::Attach {
                     id: a.id,
                     key: a.key,
