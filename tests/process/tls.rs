@@ -452,3 +452,113 @@ async fn certificates_are_read_again_on_a_change_or_sighup_and_peer_names_are_ch
     }
     drop(procs);
 }
+
+/// Under TLS and mutual TLS, writers with the client's default options (and the cluster CA)
+/// keep writing while nodes are killed with kill -9 and restarted, one at a time: every
+/// acknowledged write is there afterwards, with its value. Restarted nodes reconnect to
+/// their peers through new TLS handshakes both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_write_is_lost_under_tls_while_nodes_are_killed() {
+    const REGIONS: u32 = 4;
+    const WRITERS: u64 = 4;
+    let dir = common::test_dir("no_acknowledged_write_is_lost_under_tls");
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).expect("mkdir");
+    let ca = Ca::new("cluster");
+    let ca_file = ca.write(&certs, "ca");
+    let node_certs: Vec<_> = (1..=3)
+        .map(|i| ca.issue(&certs, &format!("node{i}"), false))
+        .collect();
+    let mut procs = start_process_cluster(dir.path(), 3, REGIONS, |c| {
+        let (cert, key) = &node_certs[c.node.id as usize - 1];
+        c.security.cert_file = cert.clone();
+        c.security.key_file = key.clone();
+        c.security.ca_file = ca_file.clone();
+    });
+    let eps = endpoints(&procs);
+    let tls = TlsOptions::from_files(&ca_file, None, None).expect("CA");
+    wait_led_tls(
+        &eps,
+        &tls,
+        u64::from(REGIONS) + common::SYSTEM_REGIONS as u64,
+    )
+    .await;
+    let client = Client::connect(
+        &eps,
+        ClientOptions {
+            tls: Some(tls.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("client with default options");
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<(Vec<u8>, Vec<u8>)>::new()));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (client, stop, acked) = (client.clone(), stop.clone(), acked.clone());
+            tokio::spawn(async move {
+                let mut failed = 0u64;
+                for i in 0..100_000u64 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let k = common::key_in_region(
+                        (i % u64::from(REGIONS)) as u32,
+                        REGIONS,
+                        &format!("/tls-chaos/{w}/{i}"),
+                    );
+                    let v = format!("{w}-{i}").into_bytes();
+                    match client.put(&k, &v).await {
+                        Ok(_) => acked.lock().expect("lock").push((k, v)),
+                        // Unknown outcomes and deadlines are allowed under kills; only
+                        // acknowledged writes are promised.
+                        Err(_) => failed += 1,
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+
+    // Each node in turn: kill -9 under load, down for a moment, restarted.
+    for (victim, p) in procs.iter_mut().enumerate() {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        p.kill9();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        p.restart(&dir.path().join(format!("node{}.log", victim + 1)));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut failed = 0;
+    for w in writers {
+        failed += w.await.expect("writer");
+    }
+    let acked = std::mem::take(&mut *acked.lock().expect("lock"));
+    eprintln!(
+        "TLS under kill -9: {} writes acknowledged, {failed} failed or unknown",
+        acked.len()
+    );
+    assert!(acked.len() > 100, "too few writes went through");
+
+    // Every acknowledged write reads back, after every node came back over TLS.
+    wait_led_tls(
+        &eps,
+        &tls,
+        u64::from(REGIONS) + common::SYSTEM_REGIONS as u64,
+    )
+    .await;
+    let mut lost = Vec::new();
+    for chunk in acked.chunks(256) {
+        let keys: Vec<Vec<u8>> = chunk.iter().map(|(k, _)| k.clone()).collect();
+        let got = client.batch_get(&keys).await.expect("read back");
+        for ((k, v), kv) in chunk.iter().zip(got) {
+            if kv.as_ref().map(|kv| &kv.value) != Some(v) {
+                lost.push(String::from_utf8_lossy(k).into_owned());
+            }
+        }
+    }
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    drop(procs);
+}
