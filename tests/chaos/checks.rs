@@ -158,13 +158,11 @@ pub(crate) fn lost_and_stale(h: &History, final_from: u64) -> (usize, usize) {
 pub(crate) type LocalView = BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>;
 
 pub(crate) async fn local_scan_all(addr: &str, env: &Env) -> Option<LocalView> {
-    let mut kv = tokio::time::timeout(
-        Duration::from_secs(1),
-        KvClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .ok()?
-    .ok()?;
+    let mut kv = tokio::time::timeout(Duration::from_secs(1), common::channel(addr))
+        .await
+        .ok()?
+        .ok()
+        .map(KvClient::new)?;
     // The node's own regions as they are now (they may have split since the start).
     let mut regions: Vec<Region> = regions_of(addr)
         .await?

@@ -192,7 +192,9 @@ async fn cut_off_follower(r: &mut FaultRun<'_>) {
     r.snapshot_victim = Some(victim);
     // Make it a pure follower first, so the clients keep their full write rate (and
     // the leaders' logs grow past it) instead of waiting on a paused leader.
-    let admin = Client::connect(addrs, harness_client_opts()).await.unwrap();
+    let admin = Client::connect(addrs, common::with_tls(addrs, harness_client_opts()))
+        .await
+        .unwrap();
     for r in rs.iter().flatten() {
         if let (Some(region), Some(l)) = (&r.region, r.leader) {
             if l.node_id == victim as u64 + 1 {
@@ -271,9 +273,12 @@ async fn splits_under_kills(r: &mut FaultRun<'_>) {
     let recoveries = &mut r.recoveries;
     let (keys, split_addrs) = (r.env.keys.clone(), addrs.to_vec());
     let splitter = tokio::spawn(async move {
-        let admin = Client::connect(&split_addrs, harness_client_opts())
-            .await
-            .unwrap();
+        let admin = Client::connect(
+            &split_addrs,
+            common::with_tls(&split_addrs, harness_client_opts()),
+        )
+        .await
+        .unwrap();
         let mut done = 0u32;
         for k in keys {
             // A split cut off by a kill is just not counted; the client retries
@@ -366,9 +371,12 @@ async fn moves_under_kills(r: &mut FaultRun<'_>) {
     let stop_moves = stop.clone();
     let mut mrng = StdRng::seed_from_u64(seed.wrapping_mul(7919));
     let mover = tokio::spawn(async move {
-        let admin = Client::connect(&mover_addrs, harness_client_opts())
-            .await
-            .unwrap();
+        let admin = Client::connect(
+            &mover_addrs,
+            common::with_tls(&mover_addrs, harness_client_opts()),
+        )
+        .await
+        .unwrap();
         let (mut done, t) = (0u32, Instant::now());
         while !stop_moves.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(120) {
             let user: Vec<Region> = admin

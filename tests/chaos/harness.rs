@@ -181,6 +181,18 @@ pub(crate) struct Outcome {
 }
 
 pub(crate) async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) -> Outcome {
+    scenario_with(name, fault, reads, seed, false).await
+}
+
+/// A scenario; with `tls` the nodes speak TLS and mutual TLS between them, and every client
+/// and helper of the run speaks TLS to them.
+pub(crate) async fn scenario_with(
+    name: &str,
+    fault: Fault,
+    reads: Reads,
+    seed: u64,
+    tls: bool,
+) -> Outcome {
     // TESSERA_CHAOS_KEEP=1 (or TESSERA_TEST_KEEP=1) keeps the nodes' data and logs.
     let dir = common::test_dir(name);
     // Moves need a node that does not hold every region.
@@ -200,12 +212,20 @@ pub(crate) async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) 
     // default RPC timeout, 12 s, outlasts the pause) would then wait on it instead of writing
     // the log past it.
     let schedule = !matches!(fault, Fault::CutOffFollower);
+    let certs = tls.then(|| common::tls_certs(&dir.path().join("certs"), n));
+    let tls_certs = certs.as_ref();
     let mut procs = start_process_cluster(dir.path(), n, REGIONS, move |c| {
         c.raft.log_gc_threshold = 50;
         c.node.metrics_addr = m[c.node.id as usize - 1].clone();
         c.placement.schedule = schedule;
+        if let Some(t) = tls_certs {
+            t.configure(c);
+        }
     });
     let addrs: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
+    if let Some(t) = &certs {
+        common::register_tls(&addrs, &t.operator);
+    }
     assert!(
         leadership_recovered(&addrs, &all, Duration::from_secs(60))
             .await
@@ -244,8 +264,9 @@ pub(crate) async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) 
             ops: Mutex::default(),
         },
         stop: AtomicBool::new(false),
-        // What users get: the defaults, deadline and retries of every write included.
-        opts: ClientOptions::default(),
+        // What users get: the defaults, deadline and retries of every write included (and
+        // the cluster's CA when it speaks TLS).
+        opts: common::with_tls(&addrs, ClientOptions::default()),
         think_ms: many.then_some((10, 40)),
     });
     let watches_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -304,7 +325,7 @@ pub(crate) async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) 
     }
     // Final linearizable reads of every key, recorded like any other read.
     let final_from = env.rec.now();
-    let reader = Client::connect(&addrs, harness_client_opts())
+    let reader = Client::connect(&addrs, common::with_tls(&addrs, harness_client_opts()))
         .await
         .unwrap();
     for k in &env.keys {

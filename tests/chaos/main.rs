@@ -76,8 +76,12 @@ async fn regions_of(addr: &str) -> Option<Vec<RegionInfo>> {
 }
 
 async fn run_scenario(name: &str, fault: Fault) {
+    run_scenario_with(name, fault, false).await
+}
+
+async fn run_scenario_with(name: &str, fault: Fault, tls: bool) {
     for seed in seeds() {
-        let o = scenario(name, fault, Reads::Linearizable, seed).await;
+        let o = scenario_with(name, fault, Reads::Linearizable, seed, tls).await;
         if matches!(fault, Fault::CrashAroundLogWrite) {
             eprintln!(
                 "chaos {name} seed {seed}: crashes at a fail point: {}",
@@ -217,6 +221,13 @@ async fn kill9_leader_heavy_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_random_nodes() {
     run_scenario("kill9-random", Fault::KillRandom).await;
+}
+
+/// The same with TLS on every node's port and mutual TLS between the nodes: restarted
+/// nodes rejoin through new handshakes, and the checks hold as in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_random_nodes_with_tls() {
+    run_scenario_with("kill9-random-tls", Fault::KillRandom, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

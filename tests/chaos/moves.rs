@@ -31,9 +31,12 @@ pub(super) async fn leaders_move(
     recoveries: &mut Vec<Option<Duration>>,
 ) -> u32 {
     let n = procs.len();
-    let admin = Client::connect(addrs, ClientOptions::default())
-        .await
-        .expect("admin client");
+    let admin = Client::connect(
+        addrs,
+        super::common::with_tls(addrs, ClientOptions::default()),
+    )
+    .await
+    .expect("admin client");
     let key_regions: BTreeSet<u64> = region_of.values().map(|r| r.id).collect();
     let t = Instant::now();
     let run = Duration::from_secs(secs.saturating_sub(2).max(8));

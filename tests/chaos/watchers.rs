@@ -87,7 +87,7 @@ pub(crate) async fn start_watchers(
     addrs: &[String],
     stop: Arc<std::sync::atomic::AtomicU64>,
 ) -> Vec<Watched> {
-    let client = Client::connect(addrs, ClientOptions::default())
+    let client = Client::connect(addrs, common::with_tls(addrs, ClientOptions::default()))
         .await
         .expect("watch client");
     let half = key_in_region(REGIONS / 2, REGIONS, "");
@@ -121,7 +121,7 @@ pub(crate) async fn check_watchers(
     stop: Arc<std::sync::atomic::AtomicU64>,
     history: &History,
 ) -> Vec<String> {
-    let reader = Client::connect(addrs, ClientOptions::default())
+    let reader = Client::connect(addrs, common::with_tls(addrs, ClientOptions::default()))
         .await
         .expect("client");
     let upto = reader.current_revision().await.expect("current revision");

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -182,9 +183,103 @@ async fn bind_retry(addr: SocketAddr) -> tokio::net::TcpListener {
     }
 }
 
+/// TLS settings of the nodes a test started with TLS, by address (addresses are unique per
+/// test): the helpers here and in the chaos harness speak TLS to those, with an operator's
+/// certificate of the cluster CA so that admin calls and fail points work.
+fn tls_registry() -> &'static std::sync::Mutex<HashMap<String, tessera::client::TlsOptions>> {
+    static TLS: std::sync::OnceLock<
+        std::sync::Mutex<HashMap<String, tessera::client::TlsOptions>>,
+    > = std::sync::OnceLock::new();
+    TLS.get_or_init(Default::default)
+}
+
+/// Registers `tls` for the nodes at `addrs`.
+pub fn register_tls(addrs: &[String], tls: &tessera::client::TlsOptions) {
+    let mut m = tls_registry().lock().unwrap_or_else(|e| e.into_inner());
+    for a in addrs {
+        m.insert(a.clone(), tls.clone());
+    }
+}
+
+/// The TLS settings registered for the node at `addr`, if it speaks TLS.
+pub fn tls_for(addr: &str) -> Option<tessera::client::TlsOptions> {
+    let m = tls_registry().lock().unwrap_or_else(|e| e.into_inner());
+    m.get(addr).cloned()
+}
+
+/// `opts`, speaking TLS when the nodes at `addrs` do.
+pub fn with_tls(addrs: &[String], mut opts: ClientOptions) -> ClientOptions {
+    if let Some(t) = addrs.first().and_then(|a| tls_for(a)) {
+        opts.tls = Some(t);
+    }
+    opts
+}
+
+/// A gRPC channel to the node at `addr`: TLS when it speaks TLS.
+pub async fn channel(addr: &str) -> Result<tonic::transport::Channel, String> {
+    let tls = tls_for(addr);
+    tessera::client::tls::endpoint(addr, tls.as_ref())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Certificates for a TLS cluster of `n` nodes on 127.0.0.1, made under `dir`: the CA
+/// file, each node's certificate and key, and an operator's client settings (a certificate
+/// of the same CA, so admin calls pass).
+pub struct TlsCerts {
+    pub ca_file: PathBuf,
+    pub nodes: Vec<(PathBuf, PathBuf)>,
+    pub operator: tessera::client::TlsOptions,
+}
+
+pub fn tls_certs(dir: &Path, n: usize) -> TlsCerts {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    std::fs::create_dir_all(dir).expect("mkdir certs");
+    let ca_key = KeyPair::generate().expect("key");
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = p.self_signed(&ca_key).expect("CA").pem();
+    let issuer = Issuer::new(p, ca_key);
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem).expect("write CA");
+    let issue = |name: &str| {
+        let key = KeyPair::generate().expect("key");
+        let p = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("params");
+        let cert = p.signed_by(&key, &issuer).expect("certificate");
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).expect("write cert");
+        std::fs::write(&k, key.serialize_pem()).expect("write key");
+        (c, k)
+    };
+    let nodes = (1..=n).map(|i| issue(&format!("node{i}"))).collect();
+    let (oc, ok) = issue("operator");
+    let operator =
+        tessera::client::TlsOptions::from_files(&ca_file, Some(&oc), Some(&ok)).expect("TLS");
+    TlsCerts {
+        ca_file,
+        nodes,
+        operator,
+    }
+}
+
+impl TlsCerts {
+    /// Sets node `c`'s `[security]` to these certificates.
+    pub fn configure(&self, c: &mut Config) {
+        let (cert, key) = &self.nodes[c.node.id as usize - 1];
+        c.security.cert_file = cert.clone();
+        c.security.key_file = key.clone();
+        c.security.ca_file = self.ca_file.clone();
+    }
+}
+
 /// The regions one node hosts, as it sees them.
 pub async fn node_regions(addr: &str) -> Option<Vec<RegionInfo>> {
-    let mut c = NodeClient::connect(format!("http://{addr}")).await.ok()?;
+    let mut c = NodeClient::new(channel(addr).await.ok()?);
     Some(
         c.regions(RegionsRequest {})
             .await
@@ -281,9 +376,7 @@ pub async fn get_at(
         ReadConsistency::Serializable
     };
     let call = async {
-        let mut kv = KvClient::connect(format!("http://{addr}"))
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut kv = KvClient::new(channel(addr).await?);
         let r = kv
             .get(GetRequest {
                 revision: 0,
@@ -543,9 +636,7 @@ pub async fn set_failpoint(addr: &str, name: &str, actions: &str) {
     };
     for attempt in 0..10 {
         let res = async {
-            let mut c = NodeClient::connect(format!("http://{addr}"))
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut c = NodeClient::new(channel(addr).await?);
             c.set_failpoint(req.clone())
                 .await
                 .map_err(|e| e.to_string())
