@@ -133,10 +133,6 @@ pub async fn run(args: ServerArgs, cfg: Config) -> Result<()> {
         .await
         .map_err(|e| Error::Server(e.to_string()))?;
     let status_page = metrics_port.map(|(listener, handle)| {
-        let opts = tessera::client::ClientOptions {
-            tls: node.transport().tls(),
-            ..Default::default()
-        };
         let mut kv = node.local_addr();
         if let Some(a) = advertise.filter(|a| !a.ip().is_unspecified() && a.port() != 0) {
             kv = a;
@@ -145,7 +141,10 @@ pub async fn run(args: ServerArgs, cfg: Config) -> Result<()> {
             kv.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         tokio::spawn(tessera::server::status_page::serve(
-            listener, handle, kv, opts,
+            listener,
+            handle,
+            kv,
+            node.transport().node_tls().cloned(),
         ))
     });
     eprintln!("tessera: node serving on {}", node.local_addr());

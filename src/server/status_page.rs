@@ -184,14 +184,23 @@ async fn answer(
 }
 
 /// Serves the metrics port on `listener` until the task is aborted; `kv` is this node's KV
-/// address, reached with `opts` (the node's TLS settings).
+/// address, reached with the node's TLS settings (`tls`), as of their last reload.
 pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
     kv: SocketAddr,
-    opts: ClientOptions,
+    tls: Option<std::sync::Arc<crate::transport::tls::NodeTls>>,
 ) {
-    let client = std::sync::Arc::new(OnceCell::new());
+    let generation = |t: &Option<std::sync::Arc<crate::transport::tls::NodeTls>>| {
+        t.as_ref().map_or(0, |t| t.generation())
+    };
+    let options = |t: &Option<std::sync::Arc<crate::transport::tls::NodeTls>>| ClientOptions {
+        tls: t.as_ref().map(|t| t.client()),
+        ..Default::default()
+    };
+    let mut built = generation(&tls);
+    let mut opts = options(&tls);
+    let mut client = std::sync::Arc::new(OnceCell::new());
     // Histogram upkeep, ended with this task (the guard aborts it when dropped).
     struct Upkeep(tokio::task::JoinHandle<()>);
     impl Drop for Upkeep {
@@ -212,6 +221,12 @@ pub async fn serve(
         let Ok((conn, _)) = listener.accept().await else {
             continue;
         };
+        if generation(&tls) != built {
+            // Certificates reloaded: the next status read connects with the new ones.
+            built = generation(&tls);
+            opts = options(&tls);
+            client = std::sync::Arc::new(OnceCell::new());
+        }
         let (metrics, client, opts) = (metrics.clone(), client.clone(), opts.clone());
         tokio::spawn(async move {
             let served = answer(conn, &metrics, &client, kv, opts);

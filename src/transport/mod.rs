@@ -331,6 +331,7 @@ impl Transport {
         let addr = self
             .address(node)
             .ok_or_else(|| format!("no address for node {node}"))?;
+        let generation = self.tls_generation();
         let ch = crate::client::tls::endpoint(&addr, self.tls().as_ref())?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
@@ -344,7 +345,16 @@ impl Transport {
             .await
             .map_err(|e| e.to_string())?;
         self.inner.channels.insert(node, ch.clone());
+        // Certificates reloaded while this connected (a reload bumps the generation, then
+        // clears the cache): keep no channel with the old ones.
+        if self.tls_generation() != generation {
+            self.inner.channels.remove(&node);
+        }
         Ok(ch)
+    }
+
+    fn tls_generation(&self) -> u64 {
+        self.inner.tls.as_ref().map_or(0, |t| t.generation())
     }
 
     fn client(ch: Channel) -> RaftTransportClient<Channel> {
