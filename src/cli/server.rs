@@ -106,6 +106,11 @@ pub async fn run(args: ServerArgs, cfg: Config) -> Result<()> {
         return Ok(());
     }
     tessera::logging::init(&cfg.log.level, &cfg.log.file).map_err(Error::Config)?;
+    // From here SIGHUP re-reads the TLS certificates (or is ignored without TLS) instead of
+    // stopping the node: its handler is installed before the start-up, which can take a
+    // while, and stays for the life of the process.
+    #[cfg(unix)]
+    let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     // The metrics port: Prometheus text and the status page (`server::status_page`).
     let mut metrics_port = None;
     if !cfg.node.metrics_addr.is_empty() {
