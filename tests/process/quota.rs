@@ -35,6 +35,29 @@ async fn wait_alarm(ep: &str, standing: bool) {
     }
 }
 
+/// Waits until every node says (`tessera_alarm_no_space` on its metrics port) that it
+/// refuses writes, or that it does not. A node learns of an alarm when it next reads the
+/// alarms from placement, which a loaded machine can delay past a heartbeat.
+async fn wait_nodes_refusing(metrics: &[String], refusing: bool) {
+    let want = if refusing { 1.0 } else { 0.0 };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for m in metrics {
+        loop {
+            let page = common::scrape_metrics(m);
+            if page.contains("tessera_alarm_no_space")
+                && common::metric_sum(&page, "tessera_alarm_no_space", "") == want
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the node with metrics at {m} never had tessera_alarm_no_space {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// Puts into every region until each refuses with `QuotaExceeded`: the node over its quota
 /// refuses at once, the others once a heartbeat brought them the alarm.
 async fn wait_refused(client: &Client) -> String {
@@ -66,7 +89,20 @@ async fn wait_refused(client: &Client) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_over_its_quota_stops_writes_until_the_alarm_is_disarmed() {
     let dir = common::test_dir("a_node_over_its_quota_stops_writes");
-    let (mut procs, eps, client) = start_led_with_client(dir.path(), 3, 4).await;
+    let metrics: Vec<String> = common::free_addrs(3)
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let m = metrics.clone();
+    let mut procs = start_process_cluster(dir.path(), 3, 4, move |c| {
+        c.node.metrics_addr = m[c.node.id as usize - 1].clone();
+    });
+    let eps = endpoints(&procs);
+    wait_serving(&eps).await;
+    wait_for_leaders(&eps, 4 + common::SYSTEM_REGIONS, Duration::from_secs(90)).await;
+    let client = Client::connect(&eps, ClientOptions::default())
+        .await
+        .expect("client connects");
     let ep = eps.join(",");
     for i in 0..40u32 {
         let k = common::key_in_region(i % 4, 4, &format!("/q/{i}"));
@@ -82,6 +118,7 @@ async fn a_node_over_its_quota_stops_writes_until_the_alarm_is_disarmed() {
     wait_alarm(&ep, true).await;
     let why = wait_refused(&client).await;
     eprintln!("put under the alarm: {why}");
+    wait_nodes_refusing(&metrics, true).await;
     for i in 0..8u32 {
         let k = common::key_in_region(i % 4, 4, &format!("/q/new/{i}"));
         match client.put(&k, b"x").await {
