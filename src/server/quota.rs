@@ -6,7 +6,9 @@
 //!
 //! Invariants:
 //! - a node over its quota refuses writes at once, before its alarm reaches the others;
-//! - other nodes learn of an alarm within one heartbeat interval, and of its disarming too;
+//! - other nodes learn of an alarm (and of its disarming) at their next successful read of
+//!   the alarms from placement, once a heartbeat interval: until then their leaders still
+//!   accept writes;
 //! - placement's own writes (system access) are never refused: the cluster must go on
 //!   working, and disarming is itself a write.
 
