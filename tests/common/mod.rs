@@ -234,20 +234,63 @@ pub struct TlsCerts {
 }
 
 pub fn tls_certs(dir: &Path, n: usize) -> TlsCerts {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     std::fs::create_dir_all(dir).expect("mkdir certs");
-    let ca_key = KeyPair::generate().expect("key");
-    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_pem = p.self_signed(&ca_key).expect("CA").pem();
-    let issuer = Issuer::new(p, ca_key);
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, &ca_pem).expect("write CA");
-    let issue = |name: &str| {
-        let key = KeyPair::generate().expect("key");
-        let p = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .expect("params");
-        let cert = p.signed_by(&key, &issuer).expect("certificate");
+    let ca = Ca::new("cluster");
+    let ca_file = ca.write(dir, "ca");
+    let nodes = (1..=n)
+        .map(|i| ca.issue(dir, &format!("node{i}"), false))
+        .collect();
+    let (oc, ok) = ca.issue(dir, "operator", false);
+    let operator =
+        tessera::client::TlsOptions::from_files(&ca_file, Some(&oc), Some(&ok)).expect("TLS");
+    TlsCerts {
+        ca_file,
+        nodes,
+        operator,
+    }
+}
+
+/// A CA made at test time (rcgen) that signs node certificates for 127.0.0.1.
+pub struct Ca {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub pem: String,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} CA"));
+        let pem = p.self_signed(&key).expect("CA").pem();
+        Ca {
+            issuer: rcgen::Issuer::new(p, key),
+            pem,
+        }
+    }
+
+    /// A certificate and key for 127.0.0.1, written under `dir` as `name.crt`/`name.key`.
+    pub fn issue(&self, dir: &Path, name: &str, expired: bool) -> (PathBuf, PathBuf) {
+        self.issue_for(dir, name, &["127.0.0.1", "localhost"], expired)
+    }
+
+    /// A certificate and key for `names`, written under `dir` as `name.crt`/`name.key`.
+    pub fn issue_for(
+        &self,
+        dir: &Path,
+        name: &str,
+        names: &[&str],
+        expired: bool,
+    ) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let mut p = rcgen::CertificateParams::new(names).expect("params");
+        if expired {
+            p.not_before = rcgen::date_time_ymd(2001, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2002, 1, 1);
+        }
+        let cert = p.signed_by(&key, &self.issuer).expect("certificate");
         let (c, k) = (
             dir.join(format!("{name}.crt")),
             dir.join(format!("{name}.key")),
@@ -255,15 +298,12 @@ pub fn tls_certs(dir: &Path, n: usize) -> TlsCerts {
         std::fs::write(&c, cert.pem()).expect("write cert");
         std::fs::write(&k, key.serialize_pem()).expect("write key");
         (c, k)
-    };
-    let nodes = (1..=n).map(|i| issue(&format!("node{i}"))).collect();
-    let (oc, ok) = issue("operator");
-    let operator =
-        tessera::client::TlsOptions::from_files(&ca_file, Some(&oc), Some(&ok)).expect("TLS");
-    TlsCerts {
-        ca_file,
-        nodes,
-        operator,
+    }
+
+    pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(format!("{name}.pem"));
+        std::fs::write(&p, &self.pem).expect("write CA");
+        p
     }
 }
 

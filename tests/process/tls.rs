@@ -3,71 +3,13 @@
 //! snapshot and admin calls need a certificate of the cluster CA; a node with another CA's
 //! certificate cannot join — and the cluster keeps serving throughout.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tessera::client::TlsOptions;
 use tessera::proto::raft_transport_client::RaftTransportClient;
 
 use super::cli::cli;
 use super::*;
-
-/// A CA that signs node certificates for 127.0.0.1.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, format!("{name} CA"));
-        let pem = p.self_signed(&key).expect("CA").pem();
-        Ca {
-            issuer: Issuer::new(p, key),
-            pem,
-        }
-    }
-
-    /// A certificate and key for 127.0.0.1, written under `dir` as `name.crt`/`name.key`.
-    fn issue(&self, dir: &Path, name: &str, expired: bool) -> (PathBuf, PathBuf) {
-        self.issue_for(dir, name, &["127.0.0.1", "localhost"], expired)
-    }
-
-    /// A certificate and key for `names`, written under `dir` as `name.crt`/`name.key`.
-    fn issue_for(
-        &self,
-        dir: &Path,
-        name: &str,
-        names: &[&str],
-        expired: bool,
-    ) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().expect("key");
-        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        let mut p = CertificateParams::new(names).expect("params");
-        if expired {
-            p.not_before = rcgen::date_time_ymd(2001, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2002, 1, 1);
-        }
-        let cert = p.signed_by(&key, &self.issuer).expect("certificate");
-        let (c, k) = (
-            dir.join(format!("{name}.crt")),
-            dir.join(format!("{name}.key")),
-        );
-        std::fs::write(&c, cert.pem()).expect("write cert");
-        std::fs::write(&k, key.serialize_pem()).expect("write key");
-        (c, k)
-    }
-
-    fn write(&self, dir: &Path, name: &str) -> PathBuf {
-        let p = dir.join(format!("{name}.pem"));
-        std::fs::write(&p, &self.pem).expect("write CA");
-        p
-    }
-}
 
 async fn tls_client(eps: &[String], tls: TlsOptions) -> tessera::client::Result<Client> {
     let opts = ClientOptions {
@@ -102,7 +44,7 @@ async fn tls_and_mutual_tls_refuse_whoever_lacks_the_cluster_ca() {
     let dir = common::test_dir("tls_and_mutual_tls_refuse_whoever_lacks_the_cluster_ca");
     let certs = dir.path().join("certs");
     std::fs::create_dir_all(&certs).expect("mkdir");
-    let ca = Ca::new("cluster");
+    let ca = common::Ca::new("cluster");
     let ca_file = ca.write(&certs, "ca");
     let node_certs: Vec<_> = (1..=3)
         .map(|i| ca.issue(&certs, &format!("node{i}"), false))
@@ -201,7 +143,7 @@ async fn tls_and_mutual_tls_refuse_whoever_lacks_the_cluster_ca() {
     assert!(why.contains("--cacert"), "{why}");
 
     // Another CA's view of the nodes: the client refuses their certificates.
-    let rogue = Ca::new("rogue");
+    let rogue = common::Ca::new("rogue");
     let rogue_ca = rogue.write(&certs, "rogue-ca");
     let wrong = TlsOptions::from_files(&rogue_ca, None, None).expect("CA");
     let why = match tls_client(&eps, wrong).await {
@@ -362,7 +304,7 @@ async fn certificates_are_read_again_on_a_change_or_sighup_and_peer_names_are_ch
     let dir = common::test_dir("certificates_are_read_again_on_a_change_or_sighup");
     let certs = dir.path().join("certs");
     std::fs::create_dir_all(&certs).expect("mkdir");
-    let ca = Ca::new("cluster");
+    let ca = common::Ca::new("cluster");
     let ca_file = ca.write(&certs, "ca");
     let node_certs: Vec<_> = (1..=3)
         .map(|i| ca.issue(&certs, &format!("node{i}"), false))
@@ -419,7 +361,7 @@ async fn certificates_are_read_again_on_a_change_or_sighup_and_peer_names_are_ch
     // Rotation to a new CA without a restart: every node trusts both CAs, then presents a
     // certificate of the new one. A client that trusts only the new CA reaches every node,
     // and the nodes keep replicating to each other.
-    let ca2 = Ca::new("cluster-2");
+    let ca2 = common::Ca::new("cluster-2");
     std::fs::write(&ca_file, format!("{}{}", ca.pem, ca2.pem)).expect("write CA bundle");
     for (i, (cert, key)) in node_certs.iter().enumerate() {
         let (c, k) = ca2.issue(&certs, &format!("node{}-2", i + 1), false);
@@ -462,21 +404,10 @@ async fn no_acknowledged_write_is_lost_under_tls_while_nodes_are_killed() {
     const REGIONS: u32 = 4;
     const WRITERS: u64 = 4;
     let dir = common::test_dir("no_acknowledged_write_is_lost_under_tls");
-    let certs = dir.path().join("certs");
-    std::fs::create_dir_all(&certs).expect("mkdir");
-    let ca = Ca::new("cluster");
-    let ca_file = ca.write(&certs, "ca");
-    let node_certs: Vec<_> = (1..=3)
-        .map(|i| ca.issue(&certs, &format!("node{i}"), false))
-        .collect();
-    let mut procs = start_process_cluster(dir.path(), 3, REGIONS, |c| {
-        let (cert, key) = &node_certs[c.node.id as usize - 1];
-        c.security.cert_file = cert.clone();
-        c.security.key_file = key.clone();
-        c.security.ca_file = ca_file.clone();
-    });
+    let certs = common::tls_certs(&dir.path().join("certs"), 3);
+    let mut procs = start_process_cluster(dir.path(), 3, REGIONS, |c| certs.configure(c));
     let eps = endpoints(&procs);
-    let tls = TlsOptions::from_files(&ca_file, None, None).expect("CA");
+    let tls = TlsOptions::from_files(&certs.ca_file, None, None).expect("CA");
     wait_led_tls(
         &eps,
         &tls,

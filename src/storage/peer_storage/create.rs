@@ -30,30 +30,13 @@ impl PeerStorage {
     fn write_state_at(
         batch: &mut WriteBatch<'_>,
         region: &Region,
-        (index, term): (u64, u64),
-        (data_keys, data_bytes): (u64, u64),
+        at: (u64, u64),
+        sizes: (u64, u64),
         max_revision: u64,
     ) {
         let id = RegionId(region.id);
-        let raft_state = RaftLocalState {
-            term,
-            vote: 0,
-            commit: index,
-            last_index: index,
-        };
-        let apply_state = RaftApplyState {
-            applied_index: index,
-            truncated_index: index,
-            truncated_term: term,
-            data_keys,
-            data_bytes,
-            max_revision,
-        };
-        let region_state = RegionLocalState {
-            state: PeerState::Normal as i32,
-            region: Some(region.clone()),
-            conf_state: Some(conf_state_of_region(region)),
-        };
+        let (raft_state, apply_state, region_state) =
+            starting_states(region, at, sizes, max_revision);
         batch.put_msg(Cf::Raft, &keys::raft_state_key(id), &raft_state);
         batch.put_msg(Cf::Raft, &keys::apply_state_key(id), &apply_state);
         batch.put_msg(Cf::Raft, &keys::region_state_key(id), &region_state);
@@ -68,32 +51,18 @@ impl PeerStorage {
         region: &Region,
         index: u64,
         term: u64,
-        (data_keys, data_bytes): (u64, u64),
+        sizes: (u64, u64),
         max_revision: u64,
         batch: &mut WriteBatch<'_>,
     ) -> Self {
+        let (raft_state, apply_state, region_state) =
+            starting_states(region, (index, term), sizes, max_revision);
         let s = Self {
             engine,
             region_id: RegionId(region.id),
-            raft_state: RaftLocalState {
-                term,
-                vote: 0,
-                commit: index,
-                last_index: index,
-            },
-            apply_state: RaftApplyState {
-                applied_index: index,
-                truncated_index: index,
-                truncated_term: term,
-                data_keys,
-                data_bytes,
-                max_revision,
-            },
-            region_state: RegionLocalState {
-                state: PeerState::Normal as i32,
-                region: Some(region.clone()),
-                conf_state: Some(conf_state_of_region(region)),
-            },
+            raft_state,
+            apply_state,
+            region_state,
             last_term: term,
             cache: EntryCache::default(),
             snap_gen: RefCell::new(SnapGen::Idle),
@@ -161,4 +130,36 @@ impl PeerStorage {
         self.region_state.state = PeerState::Tombstone as i32;
         self.put_region_state(batch);
     }
+}
+
+/// The raft, apply and region states of a region whose log starts at `index` (of `term`),
+/// truncated there, holding `data_keys`/`data_bytes` at `max_revision`: what bootstrap, a
+/// restore and a split each write for a new region.
+fn starting_states(
+    region: &Region,
+    (index, term): (u64, u64),
+    (data_keys, data_bytes): (u64, u64),
+    max_revision: u64,
+) -> (RaftLocalState, RaftApplyState, RegionLocalState) {
+    (
+        RaftLocalState {
+            term,
+            vote: 0,
+            commit: index,
+            last_index: index,
+        },
+        RaftApplyState {
+            applied_index: index,
+            truncated_index: index,
+            truncated_term: term,
+            data_keys,
+            data_bytes,
+            max_revision,
+        },
+        RegionLocalState {
+            state: PeerState::Normal as i32,
+            region: Some(region.clone()),
+            conf_state: Some(conf_state_of_region(region)),
+        },
+    )
 }
