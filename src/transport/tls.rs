@@ -189,8 +189,8 @@ fn stamps(config: &SecurityConfig) -> Vec<Option<(SystemTime, u64)>> {
         .collect()
 }
 
-/// Reads and checks the three files: the certificate must match the key, and the CA must
-/// hold at least one certificate.
+/// Reads and checks the three files: the key must match the certificate, the CA file must
+/// hold at least one certificate, and the certificate must chain to it and be valid now.
 fn read(config: &SecurityConfig) -> Result<Loaded, String> {
     let files = config
         .load()
