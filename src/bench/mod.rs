@@ -209,40 +209,35 @@ impl Report {
 
     pub fn json(&self) -> String {
         let a = &self.args;
-        let errors: Vec<String> = self
-            .errors
+        let percentiles: Vec<(f64, f64)> = PERCENTILES
             .iter()
-            .map(|(k, v)| format!("\"{}\":{v}", k.replace('"', "'")))
+            .map(|p| (*p, self.ms(p / 100.0)))
             .collect();
-        let pct: Vec<String> = PERCENTILES
-            .iter()
-            .map(|p| format!("[{p},{:.3}]", self.ms(p / 100.0)))
-            .collect();
-        format!(
-            "{{\"target\":\"{}\",\"workload\":\"{}\",\"concurrency\":{},\"connections\":{},\"keys\":{},\"value_size\":{},\"distribution\":\"{}\",\"rate\":{},\"serializable\":{},\"unary\":{},\"ops\":{},\"seconds\":{:.3},\"ops_per_sec\":{:.1},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"percentiles_ms\":[{}],\"retries\":{},\"cas_conflicts\":{},\"errors\":{{{}}}}}",
-            format!("{:?}", a.target).to_lowercase(),
-            self.name(),
-            a.concurrency,
-            a.connections,
-            a.keys,
-            a.value_size,
-            format!("{:?}", a.distribution).to_lowercase(),
-            a.rate,
-            a.serializable,
-            a.unary,
-            self.ops,
-            self.elapsed.as_secs_f64(),
-            self.throughput(),
-            self.ms(0.5),
-            self.ms(0.9),
-            self.ms(0.99),
-            self.ms(0.999),
-            self.hist.max() as f64 / 1000.0,
-            pct.join(","),
-            self.retries,
-            self.cas_conflicts,
-            errors.join(",")
-        )
+        serde_json::json!({
+            "target": format!("{:?}", a.target).to_lowercase(),
+            "workload": self.name(),
+            "concurrency": a.concurrency,
+            "connections": a.connections,
+            "keys": a.keys,
+            "value_size": a.value_size,
+            "distribution": format!("{:?}", a.distribution).to_lowercase(),
+            "rate": a.rate,
+            "serializable": a.serializable,
+            "unary": a.unary,
+            "ops": self.ops,
+            "seconds": self.elapsed.as_secs_f64(),
+            "ops_per_sec": self.throughput(),
+            "p50_ms": self.ms(0.5),
+            "p90_ms": self.ms(0.9),
+            "p99_ms": self.ms(0.99),
+            "p999_ms": self.ms(0.999),
+            "max_ms": self.hist.max() as f64 / 1000.0,
+            "percentiles_ms": percentiles,
+            "retries": self.retries,
+            "cas_conflicts": self.cas_conflicts,
+            "errors": self.errors,
+        })
+        .to_string()
     }
 }
 
