@@ -311,6 +311,9 @@ pub struct ServerConfig {
     /// Threads of the async runtime (gRPC server, raft transport, placement loops); 0 = the
     /// machine's cores minus `raft.workers`, at least 1. See [`Config::grpc_threads`].
     pub grpc_threads: usize,
+    /// Most requests one client connection may have in progress at once (a stream counts
+    /// as one); more wait. 1 to 1,000,000.
+    pub max_requests_per_connection: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -395,6 +398,7 @@ impl Default for ServerConfig {
             max_value_size: 1 << 20,
             max_scan_limit: 10_000,
             grpc_threads: 0,
+            max_requests_per_connection: 1024,
         }
     }
 }

@@ -16,6 +16,8 @@
 //! - [`placement`]: the cluster's metadata (node registry, id counter, routing table) in its
 //!   own region, and the scheduler;
 //! - [`server`]: a running node — start-up, gRPC services, shutdown;
+//! - [`auth`]: users, roles and key-range permissions, and the checks every request
+//!   passes once authentication is on;
 //! - [`backup`]: backups of the user data at one revision, and restoring one into a new
 //!   cluster;
 //! - [`bench`]: the load generator behind `tessera bench`;
@@ -33,6 +35,7 @@
 //! - a failure a node must not survive (a failed synced write, a non-deterministic apply
 //!   error, a panicked raft worker) ends in [`fatal`]: it logs and exits with status 70.
 
+pub mod auth;
 pub mod backup;
 pub mod bench;
 pub mod check;

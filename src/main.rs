@@ -85,6 +85,27 @@ enum Command {
         #[command(subcommand)]
         op: Option<cli::alarm::AlarmOp>,
     },
+    /// Turn authentication on or off (users, roles and permissions: `user`, `role`).
+    Auth {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        op: cli::auth::AuthOp,
+    },
+    /// Add, delete and list users, change passwords, grant and revoke roles.
+    User {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        op: cli::auth::UserOp,
+    },
+    /// Add, delete and list roles, grant and revoke their key-range permissions.
+    Role {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        op: cli::auth::RoleOp,
+    },
     /// Load-test a cluster.
     Bench(tessera::bench::BenchArgs),
     /// List the regions (range, epoch, peers, leader, load), or split, move or change one.
@@ -183,6 +204,9 @@ fn main() -> ExitCode {
         Command::Bench(args) => block_on(None, cli::bench::run(args)),
         Command::Nodes { conn, op } => block_on(None, cli::nodes::run(conn, op)),
         Command::Alarm { conn, op } => block_on(None, cli::alarm::run(conn, op)),
+        Command::Auth { conn, op } => block_on(None, cli::auth::auth(conn, op)),
+        Command::User { conn, op } => block_on(None, cli::auth::user(conn, op)),
+        Command::Role { conn, op } => block_on(None, cli::auth::role(conn, op)),
         Command::Status { conn } => block_on(None, cli::status::run(conn)),
         Command::Watch { conn, args } => block_on(None, cli::watch::run(conn, args)),
         Command::Backup { conn, args } => block_on(None, cli::backup::backup(conn, args)),

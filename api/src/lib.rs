@@ -7,6 +7,7 @@
 //!
 //! - [`proto`]: tessera's gRPC services and messages (`proto/tessera.proto`);
 //! - [`etcdpb`]: the subset of etcd's v3 KV API the load generator speaks;
+//! - [`hex`]: bytes as hex and back;
 //! - [`ids`]: region, peer, node and cluster ids as distinct types;
 //! - [`keys`]: which user keys exist and which belong to the system keyspace;
 //! - [`kv`]: compare-and-swap comparisons and actions;
@@ -19,6 +20,7 @@
 //! - `proto/` is the one definition of the wire format: nothing here encodes a message by
 //!   hand.
 
+pub mod hex;
 pub mod ids;
 pub mod keys;
 pub mod kv;

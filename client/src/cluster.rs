@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use tonic::transport::Channel;
+use super::auth::Ch;
 use tonic::{Code, Status};
 
 use super::cache::CachedRegion;
@@ -66,7 +66,7 @@ impl Client {
     /// any other failure is the answer.
     pub(super) async fn any_node<T, F, Fut>(&self, op: F) -> Result<T>
     where
-        F: Fn(NodeClient<Channel>) -> Fut,
+        F: Fn(NodeClient<Ch>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
     {
         self.any_channel(|ch| op(NodeClient::new(ch))).await
@@ -75,7 +75,7 @@ impl Client {
     /// Calls an RPC that any node serves on the first node that answers (see `any_node`).
     pub(super) async fn any_channel<T, F, Fut>(&self, op: F) -> Result<T>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Ch) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
     {
         let mut last = String::from("no endpoint answered");
@@ -98,11 +98,11 @@ impl Client {
                         return Err(Error::Refused(s.message().into()))
                     }
                     // Every node would say the same: not a node that is down.
-                    Code::PermissionDenied | Code::Unauthenticated => {
-                        return Err(Error::Refused(format!(
-                            "permission denied: {}",
-                            s.message()
-                        )))
+                    Code::PermissionDenied => {
+                        return Err(Error::PermissionDenied(s.message().into()))
+                    }
+                    Code::Unauthenticated => {
+                        return Err(Error::Unauthenticated(s.message().into()))
                     }
                     _ => {
                         self.forget_channel(&addr);

@@ -67,6 +67,7 @@
 //!   follow without moving past the cursor is an error, never a loop; without
 //!   `ClientOptions::system` an open-ended scan stops where the system keyspace begins.
 
+pub mod auth;
 mod batch;
 pub mod cache;
 mod cluster;
@@ -85,7 +86,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use tonic::transport::Channel;
 
 use crate::proto::kv_client::KvClient;
 use crate::proto::node_client::NodeClient;
@@ -96,6 +96,7 @@ use retry::{Attempt, Mode};
 use tessera_api::keys::is_system_key;
 use write_id::WriteIds;
 
+pub use auth::Credentials;
 pub use cluster::Health;
 pub use keepalive::KeepAlive;
 pub use lease::{LeaseStatus, MAX_LEASE_TTL, MIN_LEASE_TTL};
@@ -145,6 +146,14 @@ pub enum Error {
     /// space quota); reads and deletes are still served.
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The caller is not logged in, or its login failed (wrong user name or password, or
+    /// a token the cluster no longer accepts).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller's user may not do this (outside its roles' permissions, or an
+    /// administrative call without the root role or a certificate of the cluster CA).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -166,6 +175,8 @@ pub struct ClientOptions {
     pub multiplex: bool,
     /// TLS to the nodes (`None`: plaintext).
     pub tls: Option<TlsOptions>,
+    /// Log in as this user (clusters with authentication on).
+    pub credentials: Option<Credentials>,
 }
 
 impl Default for ClientOptions {
@@ -177,6 +188,7 @@ impl Default for ClientOptions {
             system: false,
             multiplex: true,
             tls: None,
+            credentials: None,
         }
     }
 }
@@ -225,6 +237,8 @@ struct Inner {
     watch_muxes: DashMap<String, watch::Mux>,
     /// The leases kept alive through this client.
     keepalives: keepalive::KeepAlives,
+    /// The login token every call carries (when logged in).
+    token: auth::Token,
 }
 
 impl Client {
@@ -245,15 +259,18 @@ impl Client {
                 writes: WriteIds::new(),
                 watch_muxes: DashMap::new(),
                 keepalives: Default::default(),
+                token: Default::default(),
             }),
         };
+        let ttl = c.login().await?;
+        c.keep_logged_in(ttl);
         if c.inner.opts.system || c.load_routes(&[], 0).await.is_err() {
             c.refresh().await?;
         }
         Ok(c)
     }
 
-    fn kv(ch: Channel) -> KvClient<Channel> {
+    fn kv(ch: auth::Ch) -> KvClient<auth::Ch> {
         KvClient::new(ch).max_decoding_message_size(tessera_api::limits::MAX_GRPC_MESSAGE_BYTES)
     }
 
@@ -289,6 +306,7 @@ impl Client {
             .connect()
             .await
             .map_err(|e| tls::connect_error(addr, self.inner.opts.tls.is_some(), &e))?;
+        let ch = tonic::service::interceptor::InterceptedService::new(ch, self.inner.token.clone());
         let conn = Conn::new(ch, self.inner.opts.multiplex, self.inner.opts.rpc_timeout);
         self.inner.channels.insert(addr.to_string(), conn.clone());
         Ok(conn)
@@ -325,6 +343,13 @@ impl Client {
                         self.inner.nodes.insert(n.node_id, n.addr);
                     }
                     infos.extend(resp.regions);
+                }
+                // Every node would say the same.
+                Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                    return Err(Error::Unauthenticated(s.message().into()))
+                }
+                Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                    return Err(Error::PermissionDenied(s.message().into()))
                 }
                 Err(s) => {
                     self.forget_channel(&addr);

@@ -27,9 +27,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use super::auth::Ch;
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::Client;
@@ -74,7 +74,7 @@ macro_rules! command {
 /// A connection to one node: its channel, and its command stream when multiplexing is on.
 #[derive(Clone)]
 pub(super) struct Conn {
-    pub ch: Channel,
+    pub ch: Ch,
     multiplex: bool,
     /// The stream's task, started by the first command (a connection used only for node
     /// calls never opens one).
@@ -86,7 +86,7 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    pub fn new(ch: Channel, multiplex: bool, timeout: Duration) -> Conn {
+    pub fn new(ch: Ch, multiplex: bool, timeout: Duration) -> Conn {
         Conn {
             ch,
             multiplex,
@@ -168,7 +168,7 @@ fn answer(r: proto::KvCommandResult) -> Result<Answer, Status> {
 
 /// Owns one connection's command stream until every `Conn` is dropped or the stream breaks;
 /// then fails whatever is still waiting.
-async fn run(ch: Channel, mut queue: mpsc::Receiver<(Cmd, Reply)>, unary_only: Arc<AtomicBool>) {
+async fn run(ch: Ch, mut queue: mpsc::Receiver<(Cmd, Reply)>, unary_only: Arc<AtomicBool>) {
     let (out, out_rx) = mpsc::channel::<proto::KvCommands>(8);
     let mut kv = Client::kv(ch);
     let call = kv.commands(tokio_stream::wrappers::ReceiverStream::new(out_rx));
@@ -180,8 +180,11 @@ async fn run(ch: Channel, mut queue: mpsc::Receiver<(Cmd, Reply)>, unary_only: A
                 // An older server: the callers' retries go as unary calls.
                 unary_only.store(true, Ordering::Relaxed);
             }
-            // Nothing was sent: the callers may try again elsewhere.
-            refuse_queued(queue).await;
+            // Nothing was sent: the callers may try again elsewhere — or, refused for
+            // want of a login or a permission, learn why.
+            let refusal =
+                matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied).then_some(s);
+            refuse_queued(queue, refusal).await;
             return;
         }
     };
@@ -272,14 +275,16 @@ async fn run(ch: Channel, mut queue: mpsc::Receiver<(Cmd, Reply)>, unary_only: A
             "connection lost with the request in flight: {why}"
         ))));
     }
-    refuse_queued(queue).await;
+    refuse_queued(queue, None).await;
 }
 
 /// Closes the queue and fails what is still in it as never sent.
-async fn refuse_queued(mut queue: mpsc::Receiver<(Cmd, Reply)>) {
+async fn refuse_queued(mut queue: mpsc::Receiver<(Cmd, Reply)>, refusal: Option<Status>) {
     queue.close();
     while let Some((_, reply)) = queue.recv().await {
-        let _ = reply.send(Err(not_sent("connection closed")));
+        let _ = reply.send(Err(refusal
+            .clone()
+            .unwrap_or_else(|| not_sent("connection closed"))));
     }
 }
 
@@ -393,6 +398,7 @@ mod tests {
             .connect()
             .await
             .unwrap();
+        let ch = tonic::service::interceptor::InterceptedService::new(ch, Default::default());
         let conn = Conn::new(ch, true, Duration::from_secs(5));
         let get = || proto::GetRequest {
             revision: 0,

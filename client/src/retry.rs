@@ -304,6 +304,23 @@ impl Client {
                 Err(Error::InvalidArgument(s.message().into()))
             }
             Err(s) if s.code() == Code::NotFound => Err(Error::NotFound(s.message().into())),
+            Err(s) if s.code() == Code::PermissionDenied => {
+                Err(Error::PermissionDenied(s.message().into()))
+            }
+            // Refused before it ran: log in again (a token invalidated by a password
+            // change, or one that expired while the client could not renew it) and retry.
+            Err(s) if s.code() == Code::Unauthenticated => {
+                if self.inner.opts.credentials.is_none() {
+                    return Err(Error::Unauthenticated(s.message().into()));
+                }
+                self.login().await?;
+                // Its command stream was opened with the old token.
+                self.forget_channel(&addr);
+                Ok(Attempt::Retry {
+                    why: format!("{addr}: {}", s.message()),
+                    ambiguous: false,
+                })
+            }
             Err(s)
                 if s.code() == Code::ResourceExhausted
                     && s.message().starts_with(tessera_api::limits::QUOTA_EXCEEDED) =>

@@ -16,6 +16,7 @@ fn client() -> Client {
             writes: WriteIds::new(),
             watch_muxes: DashMap::new(),
             keepalives: Default::default(),
+            token: Default::default(),
         }),
     };
     for n in 1..=3 {

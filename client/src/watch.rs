@@ -523,7 +523,11 @@ impl Merger {
                         Self::schedule(&mut self.pieces[i], &sub);
                     }
                     None => {
-                        let _ = self.user.send(Err(Error::Server(c.reason))).await;
+                        let e = match c.reason.strip_prefix("permission denied: ") {
+                            Some(why) => Error::PermissionDenied(why.into()),
+                            None => Error::Server(c.reason),
+                        };
+                        let _ = self.user.send(Err(e)).await;
                         return Err(Stop);
                     }
                 }

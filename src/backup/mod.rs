@@ -126,19 +126,7 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
+pub use tessera_api::hex::{decode as unhex, encode as hex};
 
 /// Writes records to one file, hashing as it goes.
 pub(crate) struct RecordWriter {

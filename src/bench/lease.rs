@@ -245,7 +245,8 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         errors: Mutex::default(),
     });
     let setup = Instant::now();
-    let target = Target::connect(args.target, &endpoints, conns, false, false, args.tls()?).await?;
+    let target =
+        Target::connect(args.target, &endpoints, conns, false, false, args.access()?).await?;
     let mut tasks = Vec::new();
     match &target {
         Target::Tessera(clients) => {

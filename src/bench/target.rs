@@ -39,6 +39,8 @@ fn tessera_err(e: Error) -> OpError {
         Error::Refused(_) => "refused",
         Error::Compacted { .. } => "compacted",
         Error::QuotaExceeded(_) => "quota_exceeded",
+        Error::Unauthenticated(_) => "unauthenticated",
+        Error::PermissionDenied(_) => "permission_denied",
     };
     OpError(kind.into())
 }
@@ -65,6 +67,13 @@ pub struct Versioned {
     pub version: u64,
 }
 
+/// How a tessera target is reached: TLS, and the user to log in as.
+#[derive(Default)]
+pub struct Access {
+    pub tls: Option<crate::client::TlsOptions>,
+    pub credentials: Option<crate::client::Credentials>,
+}
+
 pub enum Target {
     /// One client per connection; each has its own channels to the nodes.
     Tessera(Vec<Client>),
@@ -81,7 +90,7 @@ impl Target {
         connections: usize,
         serializable: bool,
         unary: bool,
-        tls: Option<crate::client::TlsOptions>,
+        access: Access,
     ) -> Result<Target, String> {
         let connections = connections.max(1);
         match kind {
@@ -93,7 +102,8 @@ impl Target {
                         ReadConsistency::Linearizable
                     },
                     multiplex: !unary,
-                    tls,
+                    tls: access.tls,
+                    credentials: access.credentials,
                     ..Default::default()
                 };
                 let mut clients = Vec::with_capacity(connections);

@@ -90,7 +90,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         args.connections,
         false,
         false,
-        args.tls()?,
+        args.access()?,
     )
     .await?;
     let target = Arc::new(target);

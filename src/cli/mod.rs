@@ -13,6 +13,7 @@
 //!   linearizably unless a command asks for a serializable read.
 
 pub mod alarm;
+pub mod auth;
 pub mod backup;
 pub mod bench;
 pub mod elect;
@@ -96,6 +97,12 @@ pub struct ConnArgs {
     /// The key of --cert (PEM).
     #[arg(long = "key", id = "client_key", global = true, value_name = "FILE")]
     pub key: Option<std::path::PathBuf>,
+    /// Log in as this user (a cluster with authentication on): NAME, or NAME:PASSWORD.
+    #[arg(long, global = true, value_name = "NAME[:PASSWORD]")]
+    pub user: Option<String>,
+    /// The password of --user (else after the colon in --user, or in TESSERA_PASSWORD).
+    #[arg(long, global = true, value_name = "PASSWORD")]
+    pub password: Option<String>,
 }
 
 impl ConnArgs {
@@ -111,7 +118,32 @@ impl ConnArgs {
             opts.consistency = tessera::proto::ReadConsistency::Serializable;
         }
         opts.tls = self.tls()?;
+        opts.credentials = self.credentials()?;
         Ok(Client::connect(&endpoints, opts).await?)
+    }
+
+    /// The user the flags name, with its password from `--password`, `--user
+    /// NAME:PASSWORD` or `TESSERA_PASSWORD`.
+    pub fn credentials(&self) -> Result<Option<tessera::client::Credentials>> {
+        let Some(user) = &self.user else {
+            return Ok(None);
+        };
+        let (user, inline) = match user.split_once(':') {
+            Some((u, p)) => (u.to_string(), Some(p.to_string())),
+            None => (user.clone(), None),
+        };
+        let password = self
+            .password
+            .clone()
+            .or(inline)
+            .or_else(|| std::env::var("TESSERA_PASSWORD").ok())
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "--user {user} needs a password: --password, --user {user}:PASSWORD or \
+                     TESSERA_PASSWORD"
+                ))
+            })?;
+        Ok(Some(tessera::client::Credentials { user, password }))
     }
 
     /// The TLS settings the flags give (`None`: plaintext).

@@ -16,7 +16,7 @@ use tessera_client::TlsOptions;
 
 use super::{invalid, ConfigError};
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecurityConfig {
     /// This node's certificate (PEM), offered to clients and peers. Empty: no TLS.
@@ -33,6 +33,30 @@ pub struct SecurityConfig {
     /// for one of these names (DNS names or IP addresses, as a client checks a server's).
     /// Empty: any certificate of the cluster CA.
     pub allowed_peer_names: Vec<String>,
+    /// How long a user's token is valid (`tessera auth`), in seconds: a client logs in
+    /// again after it. 10 to 86,400.
+    pub token_ttl_secs: u64,
+    /// PBKDF2-HMAC-SHA256 iterations for passwords set through this node; a stored hash
+    /// keeps its own count. 1,000 to 10,000,000.
+    pub password_iterations: u32,
+    /// How often the node reads the cluster's users and roles from placement, in ms (a
+    /// change made through this node applies here at once). 50 to 60,000.
+    pub auth_refresh_ms: u64,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            client_cert_required: false,
+            allowed_peer_names: Vec::new(),
+            token_ttl_secs: 300,
+            password_iterations: 600_000,
+            auth_refresh_ms: 1_000,
+        }
+    }
 }
 
 /// The PEM files of a TLS node, read.
@@ -51,6 +75,18 @@ impl SecurityConfig {
 
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        if !(10..=86_400).contains(&self.token_ttl_secs) {
+            return Err(invalid("security.token_ttl_secs", "must be 10 to 86400"));
+        }
+        if !(1_000..=10_000_000).contains(&self.password_iterations) {
+            return Err(invalid(
+                "security.password_iterations",
+                "must be 1000 to 10000000",
+            ));
+        }
+        if !(50..=60_000).contains(&self.auth_refresh_ms) {
+            return Err(invalid("security.auth_refresh_ms", "must be 50 to 60000"));
+        }
         if !self.enabled() {
             if set(&self.key_file)
                 || set(&self.ca_file)

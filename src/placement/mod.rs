@@ -11,7 +11,8 @@
 //!   above every bootstrap region and peer id;
 //! - `nodes/` ‖ node_id (big-endian) — one `NodeRecord` per node, written by its heartbeats;
 //! - `routes/` ‖ 0x01 ‖ end_key (or `routes/` ‖ 0x02 for the last region) — one
-//!   `RegionRoute` per region: descriptor, leader, load; written by the region's leader.
+//!   `RegionRoute` per region: descriptor, leader, load; written by the region's leader;
+//! - `alarms/` ‖ node_id — the space alarms; `auth` — users, roles and permissions.
 //!
 //! Node liveness: each node rewrites its record every `heartbeat_interval_ms` with its wall
 //! clock; a reader shows a node down when its last heartbeat is older than
@@ -37,6 +38,7 @@
 //! - a record that does not decode is an error value, never a panic.
 
 pub mod alarms;
+pub mod auth;
 pub mod client;
 pub mod compaction;
 mod ids;

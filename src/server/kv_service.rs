@@ -30,6 +30,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tonic::Status;
 
+use crate::auth::{Caller, Gate};
 use crate::config::ServerConfig;
 use crate::ids::{NodeId, RegionId};
 use crate::proto::{self, ReadConsistency, RequestHeader};
@@ -40,6 +41,7 @@ use crate::raftstore::router::{RouteError, Router};
 use crate::storage::keys::is_system_key;
 use crate::transport::Transport;
 
+mod access;
 mod commands;
 mod grpc;
 mod lease;
@@ -74,6 +76,8 @@ pub struct KvCore {
     /// node's state alive for as long as their clients stay connected).
     stopping: watch::Receiver<bool>,
     quota: crate::server::quota::SpaceQuota,
+    /// Who may do what, once authentication is on.
+    gate: Arc<Gate>,
 }
 
 /// The answer of a region: a value, or a routing error for the client.
@@ -89,6 +93,7 @@ pub struct KvSettings {
     pub keeper: Arc<tokio::sync::Notify>,
     /// Refuses writes while the cluster's NOSPACE alarm stands.
     pub quota: crate::server::quota::SpaceQuota,
+    pub gate: Arc<Gate>,
 }
 
 impl KvService {
@@ -113,6 +118,7 @@ impl KvService {
                 lease_cfg: settings.lease,
                 keeper: settings.keeper,
                 quota: settings.quota,
+                gate: settings.gate,
                 stopping,
             }),
         }
@@ -289,7 +295,11 @@ fn unexpected<T>(what: &str) -> Result<T, Status> {
 
 /// The requests themselves, shared by the unary calls and the `Commands` stream.
 impl KvCore {
-    async fn get(&self, r: proto::GetRequest) -> Result<proto::GetResponse, Status> {
+    async fn get(
+        &self,
+        r: proto::GetRequest,
+        _caller: &Caller,
+    ) -> Result<proto::GetResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
         let read = ReadRequest::Get { key: r.key };
         let resp = match self.read(r.header, read, r.revision).await? {
@@ -310,7 +320,11 @@ impl KvCore {
         Ok(resp)
     }
 
-    async fn put(&self, r: proto::PutRequest) -> Result<proto::PutResponse, Status> {
+    async fn put(
+        &self,
+        r: proto::PutRequest,
+        _caller: &Caller,
+    ) -> Result<proto::PutResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
         self.check_value(&r.value)?;
         self.check_space(r.header.as_ref())?;
@@ -354,7 +368,11 @@ impl KvCore {
         Ok(resp)
     }
 
-    async fn delete(&self, r: proto::DeleteRequest) -> Result<proto::DeleteResponse, Status> {
+    async fn delete(
+        &self,
+        r: proto::DeleteRequest,
+        _caller: &Caller,
+    ) -> Result<proto::DeleteResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
         let resp = match self
             .propose(r.header, Command::Delete { key: r.key })
@@ -374,7 +392,11 @@ impl KvCore {
         Ok(resp)
     }
 
-    async fn scan(&self, r: proto::ScanRequest) -> Result<proto::ScanResponse, Status> {
+    async fn scan(
+        &self,
+        r: proto::ScanRequest,
+        _caller: &Caller,
+    ) -> Result<proto::ScanResponse, Status> {
         if r.start_key.len() > self.limits.max_key_size
             || r.end_key.len() > self.limits.max_key_size
         {
@@ -427,7 +449,11 @@ impl KvCore {
         Ok(resp)
     }
 
-    async fn compare_and_swap(&self, r: proto::CasRequest) -> Result<proto::CasResponse, Status> {
+    async fn compare_and_swap(
+        &self,
+        r: proto::CasRequest,
+        _caller: &Caller,
+    ) -> Result<proto::CasResponse, Status> {
         self.check_key(&r.key, r.header.as_ref())?;
         let compare = Compare::from_proto(r.compare.as_ref())
             .ok_or_else(|| Status::invalid_argument("compare-and-swap has no comparison"))?;
@@ -484,6 +510,7 @@ impl KvCore {
     async fn batch_get(
         &self,
         r: proto::BatchGetRequest,
+        _caller: &Caller,
     ) -> Result<proto::BatchGetResponse, Status> {
         self.check_batch_len(r.keys.len())?;
         for k in &r.keys {
@@ -513,6 +540,7 @@ impl KvCore {
     async fn batch_write(
         &self,
         r: proto::BatchWriteRequest,
+        _caller: &Caller,
     ) -> Result<proto::BatchWriteResponse, Status> {
         self.check_batch_len(r.ops.len())?;
         let (mut total, mut keys) = (0usize, std::collections::HashSet::new());

@@ -6,6 +6,7 @@
 //! reverses it: stop accepting, let each worker finish its round, flush and close the DB.
 
 pub mod admin;
+pub mod auth_service;
 mod compaction;
 pub mod kv_service;
 mod lease_keeper;
@@ -96,6 +97,45 @@ pub(crate) fn is_peer<T>(
     tls.check_peer(certs.as_deref().map(|c| c.as_slice()))
 }
 
+/// Who is calling (`crate::auth`): a node or operator by a certificate of the cluster CA, a
+/// user by the token in its `authorization` metadata, or anyone while authentication is off.
+pub(crate) fn caller<T>(
+    gate: &crate::auth::Gate,
+    tls: Option<&Arc<crate::transport::tls::NodeTls>>,
+    req: &tonic::Request<T>,
+) -> Result<crate::auth::Caller, tonic::Status> {
+    let peer = tls.is_some() && is_peer(tls, req).is_ok();
+    let token = req
+        .metadata()
+        .get(crate::auth::TOKEN_METADATA)
+        .and_then(|v| v.to_str().ok());
+    gate.caller(peer, token)
+}
+
+/// Administrative calls: a caller that may make peer-only calls ([`require_peer`]), or a
+/// user holding the root role once authentication is on.
+pub(crate) fn require_admin<T>(
+    gate: &crate::auth::Gate,
+    tls: Option<&Arc<crate::transport::tls::NodeTls>>,
+    req: &tonic::Request<T>,
+    what: &str,
+) -> Result<(), tonic::Status> {
+    if tls.is_none() && gate.enabled() {
+        // Authentication on without TLS: nobody can be told apart (`crate::auth`).
+        return gate.caller(false, None).map(|_| ());
+    }
+    if is_peer(tls, req).is_ok() {
+        return Ok(());
+    }
+    if req.metadata().contains_key(crate::auth::TOKEN_METADATA) && gate.enabled() {
+        let c = caller(gate, tls, req)?;
+        return gate
+            .allow(&c, crate::auth::Need::Admin)
+            .map_err(|s| tonic::Status::permission_denied(format!("{what}: {}", s.message())));
+    }
+    require_peer(tls, req, what)
+}
+
 pub struct Node {
     addr: SocketAddr,
     engine: Engine,
@@ -112,6 +152,7 @@ pub struct Node {
     scheduler: tokio::task::JoinHandle<()>,
     tls_reload: tokio::task::JoinHandle<()>,
     quota: tokio::task::JoinHandle<()>,
+    auth_refresh: tokio::task::JoinHandle<()>,
     removed: tokio::sync::watch::Receiver<bool>,
     asleep: Vec<Arc<AtomicUsize>>,
     server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -161,6 +202,7 @@ impl Node {
             scheduler: tasks.scheduler,
             tls_reload: tasks.tls_reload,
             quota: tasks.quota,
+            auth_refresh: tasks.auth_refresh,
             removed: tasks.removed,
             asleep: raft.asleep,
             server: Some(grpc.server),
@@ -205,6 +247,7 @@ impl Node {
         self.scheduler.abort();
         self.tls_reload.abort();
         self.quota.abort();
+        self.auth_refresh.abort();
         let _ = self.stopping.send(true);
         if let Some(tx) = self.stop_server.take() {
             let _ = tx.send(());

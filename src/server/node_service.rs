@@ -14,12 +14,14 @@
 //! - cluster status sums keys and bytes of user regions only, and counts a region
 //!   unavailable when at most half its peers are on nodes that are up.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use super::admin::describe_regions;
+use crate::auth::{Gate, Need};
 use crate::ids::RegionId;
 use crate::ids::{ClusterId, NodeId};
 use crate::placement;
@@ -44,6 +46,7 @@ pub struct NodeService {
     transport: Transport,
     placement: SystemClient,
     down_after: Duration,
+    gate: Arc<Gate>,
 }
 
 impl NodeService {
@@ -54,6 +57,7 @@ impl NodeService {
         transport: Transport,
         placement: SystemClient,
         down_after: Duration,
+        gate: Arc<Gate>,
     ) -> Self {
         Self {
             cluster_id,
@@ -62,7 +66,14 @@ impl NodeService {
             transport,
             placement,
             down_after,
+            gate,
         }
+    }
+
+    /// Calls any logged-in caller may make (routing, nodes, status).
+    fn any<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let c = super::caller(&self.gate, self.transport.node_tls(), request)?;
+        self.gate.allow(&c, Need::Any)
     }
 }
 
@@ -70,8 +81,9 @@ impl NodeService {
 impl node_server::Node for NodeService {
     async fn regions(
         &self,
-        _request: Request<RegionsRequest>,
+        request: Request<RegionsRequest>,
     ) -> Result<Response<RegionsResponse>, Status> {
+        self.any(&request)?;
         let regions = describe_regions(&self.router).await;
         let nodes = self.node_addresses();
         Ok(Response::new(RegionsResponse {
@@ -84,8 +96,9 @@ impl node_server::Node for NodeService {
 
     async fn list_nodes(
         &self,
-        _request: Request<ListNodesRequest>,
+        request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
+        self.any(&request)?;
         let client = self.system().await?;
         let nodes = placement::list_nodes(&client, self.down_after)
             .await
@@ -97,6 +110,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<LocateKeyRequest>,
     ) -> Result<Response<LocateKeyResponse>, Status> {
+        self.any(&request)?;
         let key = request.into_inner().key;
         let client = self.system().await?;
         let route = placement::locate_key(&client, &key)
@@ -113,6 +127,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<ScanRegionsRequest>,
     ) -> Result<Response<ScanRegionsResponse>, Status> {
+        self.any(&request)?;
         let req = request.into_inner();
         let client = self.system().await?;
         let routes =
@@ -127,8 +142,9 @@ impl node_server::Node for NodeService {
 
     async fn cluster_status(
         &self,
-        _request: Request<ClusterStatusRequest>,
+        request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.any(&request)?;
         let client = self.system().await?;
         let st = placement::status::cluster_status(&client, self.cluster_id, self.down_after)
             .await
@@ -175,7 +191,12 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<RemoveNodeResponse>, Status> {
-        super::require_peer(self.transport.node_tls(), &request, "removing a node")?;
+        super::require_admin(
+            &self.gate,
+            self.transport.node_tls(),
+            &request,
+            "removing a node",
+        )?;
         let id = request.into_inner().node_id;
         let client = self.system().await?;
         match placement::remove_node(&client, NodeId(id)).await {
@@ -192,7 +213,12 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
-        super::require_peer(self.transport.node_tls(), &request, "a leader transfer")?;
+        super::require_admin(
+            &self.gate,
+            self.transport.node_tls(),
+            &request,
+            "a leader transfer",
+        )?;
         let req = request.into_inner();
         let region = RegionId(req.header.as_ref().map_or(0, |h| h.region_id));
         let (tx, rx) = oneshot::channel();
@@ -221,7 +247,7 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<SplitRegionRequest>,
     ) -> Result<Response<SplitRegionResponse>, Status> {
-        super::require_peer(self.transport.node_tls(), &request, "a split")?;
+        super::require_admin(&self.gate, self.transport.node_tls(), &request, "a split")?;
         let req = request.into_inner();
         let header = required_header(req.header)?;
         if req.split_key.is_empty() {
@@ -259,7 +285,12 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<ChangePeersRequest>,
     ) -> Result<Response<ChangePeersResponse>, Status> {
-        super::require_peer(self.transport.node_tls(), &request, "a membership change")?;
+        super::require_admin(
+            &self.gate,
+            self.transport.node_tls(),
+            &request,
+            "a membership change",
+        )?;
         let req = request.into_inner();
         let header = required_header(req.header)?;
         if req.changes.is_empty() {
@@ -293,7 +324,12 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<MoveReplicaRequest>,
     ) -> Result<Response<MoveReplicaResponse>, Status> {
-        super::require_peer(self.transport.node_tls(), &request, "a replica move")?;
+        super::require_admin(
+            &self.gate,
+            self.transport.node_tls(),
+            &request,
+            "a replica move",
+        )?;
         let req = request.into_inner();
         let header = required_header(req.header)?;
         let res = super::admin::move_replica(
@@ -340,7 +376,14 @@ impl node_server::Node for NodeService {
         let action = AlarmAction::try_from(request.get_ref().action)
             .map_err(|_| Status::invalid_argument("unknown alarm action"))?;
         if action == AlarmAction::AlarmDisarm {
-            super::require_peer(self.transport.node_tls(), &request, "disarming an alarm")?;
+            super::require_admin(
+                &self.gate,
+                self.transport.node_tls(),
+                &request,
+                "disarming an alarm",
+            )?;
+        } else {
+            self.any(&request)?;
         }
         let req = request.into_inner();
         let client = self.system().await?;

@@ -101,6 +101,8 @@ pub(super) struct Raft {
     pub(super) lease_keeper: Arc<tokio::sync::Notify>,
     /// Whether writes are refused for lack of space (the NOSPACE alarm).
     pub(super) quota: super::quota::SpaceQuota,
+    /// Who may do what (users and roles), once authentication is on.
+    pub(super) gate: Arc<crate::auth::Gate>,
 }
 
 /// Regions whose leadership or descriptor changed, reported by the workers for the reporter.
@@ -213,6 +215,7 @@ pub(super) fn start_raft(
         oracle,
         lease_keeper: Default::default(),
         quota: Default::default(),
+        gate: crate::auth::Gate::new(cfg.security.enabled(), cfg.security.token_ttl_secs),
     };
     Ok((raft, changes))
 }
@@ -271,6 +274,7 @@ pub(super) async fn serve(
             lease: cfg.lease.clone(),
             keeper: raft.lease_keeper.clone(),
             quota: raft.quota.clone(),
+            gate: raft.gate.clone(),
         },
         &raft.store,
         Oracle {
@@ -289,13 +293,23 @@ pub(super) async fn serve(
         raft.transport.clone(),
         placement.clone(),
         Duration::from_millis(cfg.placement.node_down_after_ms),
+        raft.gate.clone(),
     ));
+    let auth_svc =
+        crate::proto::auth_server::AuthServer::new(super::auth_service::AuthService::new(
+            raft.gate.clone(),
+            placement.clone(),
+            raft.transport.clone(),
+            cfg.security.password_iterations,
+        ));
     let (stop, stop_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .concurrency_limit_per_connection(cfg.server.max_requests_per_connection)
         .add_service(raft_svc)
         .add_service(kv)
-        .add_service(node_svc);
+        .add_service(node_svc)
+        .add_service(auth_svc);
     let stopped = async {
         let _ = stop_rx.await;
     };
@@ -341,6 +355,8 @@ pub(super) struct Tasks {
     pub(super) tls_reload: tokio::task::JoinHandle<()>,
     /// Measures the node's data against its space quota; follows the cluster's alarms.
     pub(super) quota: tokio::task::JoinHandle<()>,
+    /// Keeps the node's copy of users and roles current.
+    pub(super) auth_refresh: tokio::task::JoinHandle<()>,
     /// Turns true once placement has removed this node.
     pub(super) removed: tokio::sync::watch::Receiver<bool>,
 }
@@ -359,12 +375,15 @@ fn register_metrics() {
         "tessera_lease_expiries_total",
         "tessera_lease_revocations_total",
         "tessera_peer_calls_refused_total",
+        "tessera_auth_denied_total",
+        "tessera_auth_failures_total",
     ] {
         metrics::counter!(name).increment(0);
     }
     metrics::gauge!("tessera_watchers").increment(0.0);
     metrics::gauge!("tessera_placement_reachable").set(0.0);
     metrics::gauge!("tessera_alarm_no_space").set(0.0);
+    metrics::gauge!("tessera_auth_enabled").set(0.0);
 }
 
 pub(super) fn spawn_tasks(
@@ -436,6 +455,11 @@ pub(super) fn spawn_tasks(
         Duration::from_millis(cfg.placement.region_report_interval_ms),
     ));
     let tls_reload = tokio::spawn(crate::transport::tls::reload_loop(raft.transport.clone()));
+    let auth_refresh = tokio::spawn(super::auth_service::refresh_loop(
+        raft.gate.clone(),
+        placement.clone(),
+        Duration::from_millis(cfg.security.auth_refresh_ms),
+    ));
     let quota = tokio::spawn(super::quota::quota_loop(
         engine.clone(),
         placement,
@@ -453,6 +477,7 @@ pub(super) fn spawn_tasks(
         lease_keeper,
         tls_reload,
         quota,
+        auth_refresh,
         removed,
     })
 }

@@ -37,6 +37,7 @@ fn args(target: TargetKind, endpoints: String, workload: Workload) -> BenchArgs 
         ttl: 60,
         json: None,
         cacert: None,
+        user: None,
     }
 }
 
@@ -223,9 +224,16 @@ async fn every_workload_against_etcd() {
     every_session_is_kept(TargetKind::Etcd, ep.clone()).await;
 
     // The bench really wrote into etcd: a preloaded key reads back with its value.
-    let target = bench::target::Target::connect(TargetKind::Etcd, &[ep], 1, false, false, None)
-        .await
-        .unwrap();
+    let target = bench::target::Target::connect(
+        TargetKind::Etcd,
+        &[ep],
+        1,
+        false,
+        false,
+        Default::default(),
+    )
+    .await
+    .unwrap();
     let v = target
         .get(0, &bench::key(100, 0))
         .await

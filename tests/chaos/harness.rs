@@ -184,8 +184,76 @@ pub(crate) async fn scenario(name: &str, fault: Fault, reads: Reads, seed: u64) 
     scenario_with(name, fault, reads, seed, false).await
 }
 
-/// A scenario; with `tls` the nodes speak TLS and mutual TLS between them, and every client
-/// and helper of the run speaks TLS to them.
+/// Turns authentication on in a TLS cluster: user root, and user `chaos` allowed to read
+/// and write every key; waits until every node refuses callers without a token, and
+/// returns the options of a client logged in as `chaos` (TLS without a certificate).
+async fn enable_auth(addrs: &[String], certs: &common::TlsCerts) -> ClientOptions {
+    use tessera::proto::auth_change_request::Op;
+    use tessera::proto::{KeyPermission, PermissionKind, RolePermission, UserPassword, UserRole};
+    let admin = Client::connect(addrs, common::with_tls(addrs, harness_client_opts()))
+        .await
+        .expect("operator client");
+    let user = |name: &str| {
+        Op::UserAdd(UserPassword {
+            name: name.into(),
+            password: format!("{name}-pw"),
+        })
+    };
+    let grant = |user: &str, role: &str| {
+        Op::UserGrantRole(UserRole {
+            user: user.into(),
+            role: role.into(),
+        })
+    };
+    let everything = Op::RoleGrantPermission(RolePermission {
+        role: "chaos".into(),
+        permission: Some(KeyPermission {
+            kind: PermissionKind::PermissionReadwrite as i32,
+            key: vec![0],
+            range_end: vec![0],
+        }),
+    });
+    for op in [
+        user("root"),
+        grant("root", "root"),
+        user("chaos"),
+        Op::RoleAdd("chaos".into()),
+        everything,
+        grant("chaos", "chaos"),
+        Op::Enable(true),
+    ] {
+        admin.auth_change(op).await.expect("auth change");
+    }
+    let anonymous =
+        tessera::client::TlsOptions::from_files(&certs.ca_file, None, None).expect("CA");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for a in addrs {
+        loop {
+            let opts = ClientOptions {
+                tls: Some(anonymous.clone()),
+                deadline: Duration::from_secs(2),
+                ..Default::default()
+            };
+            match Client::connect(std::slice::from_ref(a), opts).await {
+                Err(tessera::client::Error::Unauthenticated(_)) => break,
+                _ => assert!(Instant::now() < deadline, "{a} never turned auth on"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    ClientOptions {
+        tls: Some(anonymous),
+        credentials: Some(tessera::client::Credentials {
+            user: "chaos".into(),
+            password: "chaos-pw".into(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A scenario; with `tls` the nodes speak TLS and mutual TLS between them, every helper of
+/// the run speaks TLS to them with the operator's certificate, and authentication is on:
+/// the recorded clients log in as a user.
 pub(crate) async fn scenario_with(
     name: &str,
     fault: Fault,
@@ -255,6 +323,12 @@ pub(crate) async fn scenario_with(
             .expect("key has a region");
         region_of.insert(k.clone(), r);
     }
+    // What users get: the defaults, deadline and retries of every write included (and
+    // the cluster's CA and a user's login when it speaks TLS).
+    let opts = match &certs {
+        Some(t) => enable_auth(&addrs, t).await,
+        None => ClientOptions::default(),
+    };
     let env = Arc::new(Env {
         addrs: addrs.clone(),
         keys,
@@ -264,9 +338,7 @@ pub(crate) async fn scenario_with(
             ops: Mutex::default(),
         },
         stop: AtomicBool::new(false),
-        // What users get: the defaults, deadline and retries of every write included (and
-        // the cluster's CA when it speaks TLS).
-        opts: common::with_tls(&addrs, ClientOptions::default()),
+        opts,
         think_ms: many.then_some((10, 40)),
     });
     let watches_done = Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -223,11 +223,12 @@ async fn kill9_random_nodes() {
     run_scenario("kill9-random", Fault::KillRandom).await;
 }
 
-/// The same with TLS on every node's port and mutual TLS between the nodes: restarted
-/// nodes rejoin through new handshakes, and the checks hold as in plaintext.
+/// The same with TLS on every node's port, mutual TLS between the nodes and
+/// authentication on (the clients log in as a user): restarted nodes rejoin through new
+/// handshakes and load the users again, and the checks hold as in plaintext.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_random_nodes_with_tls() {
-    run_scenario_with("kill9-random-tls", Fault::KillRandom, true).await;
+async fn kill9_random_nodes_with_tls_and_auth() {
+    run_scenario_with("kill9-random-tls-auth", Fault::KillRandom, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

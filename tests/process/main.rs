@@ -11,6 +11,7 @@ mod answers;
 #[cfg(feature = "failpoints")]
 mod late_transfer;
 
+mod auth;
 mod backup;
 mod cli;
 mod crash;

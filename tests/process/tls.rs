@@ -21,7 +21,7 @@ async fn tls_client(eps: &[String], tls: TlsOptions) -> tessera::client::Result<
 }
 
 /// Waits until the TLS cluster's regions are all led, as placement sees it.
-async fn wait_led_tls(eps: &[String], tls: &TlsOptions, regions: u64) {
+pub(super) async fn wait_led_tls(eps: &[String], tls: &TlsOptions, regions: u64) {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if let Ok(c) = tls_client(eps, tls.clone()).await {

@@ -19,8 +19,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use crate::auth::Ch;
 use tokio::sync::{mpsc, Notify};
-use tonic::transport::Channel;
 
 use crate::proto::{self, watch_message::Body, watch_request::Request as Req};
 
@@ -71,7 +71,7 @@ struct Inner {
 
 impl Mux {
     /// Opens a watch stream on `ch`.
-    pub async fn open(ch: Channel) -> Result<Mux, tonic::Status> {
+    pub async fn open(ch: Ch) -> Result<Mux, tonic::Status> {
         let (out, rx) = mpsc::unbounded_channel();
         let mut kv = crate::Client::kv(ch);
         let inbound = kv

@@ -7,6 +7,8 @@
 //! Invariants:
 //! - a command is served exactly as its unary call and answered once, under its own id;
 //!   its error never ends the stream;
+//! - the stream's caller is fixed when it opens; each command is checked against that
+//!   user's permissions as they stand when it runs;
 //! - at most 4,096 commands of one stream run at once; past that the stream is not read;
 //! - an answer message takes no more answers once it reaches `MAX_COMMANDS_MESSAGE_BYTES`,
 //!   so it passes that by at most one answer;
@@ -22,7 +24,9 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+use super::access::{Authorize, Hide};
 use super::KvCore;
+use crate::auth::Caller;
 use crate::proto;
 
 /// Commands of one `Commands` stream being served at once; beyond this the stream is not
@@ -31,7 +35,11 @@ const MAX_STREAM_COMMANDS: usize = 4096;
 
 impl KvCore {
     /// Serves one command of a `Commands` stream as its unary call would.
-    async fn execute(self: Arc<Self>, c: proto::KvCommand) -> proto::KvCommandResult {
+    async fn execute(
+        self: Arc<Self>,
+        c: proto::KvCommand,
+        caller: Arc<Caller>,
+    ) -> proto::KvCommandResult {
         use proto::kv_command::Request as Q;
         use proto::kv_command_result::Response as A;
         let op = match &c.request {
@@ -44,13 +52,26 @@ impl KvCore {
             None => "none",
         };
         let started = std::time::Instant::now();
+        let (gate, caller) = (&*self.gate, &*caller);
+        // Checked as its unary call would be: permissions before, old values after.
+        macro_rules! run {
+            ($r:ident, $op:ident, $answer:path) => {
+                match $r.authorize(gate, caller) {
+                    Ok(()) => self.$op($r, caller).await.map(|mut a| {
+                        a.hide(gate, caller);
+                        $answer(a)
+                    }),
+                    Err(s) => Err(s),
+                }
+            };
+        }
         let answer = match c.request {
-            Some(Q::Get(r)) => self.get(r).await.map(A::Get),
-            Some(Q::Put(r)) => self.put(r).await.map(A::Put),
-            Some(Q::Delete(r)) => self.delete(r).await.map(A::Delete),
-            Some(Q::Cas(r)) => self.compare_and_swap(r).await.map(A::Cas),
-            Some(Q::Tso(r)) => self.tso(r).await.map(A::Tso),
-            Some(Q::Lease(r)) => self.lease(r).await.map(A::Lease),
+            Some(Q::Get(r)) => run!(r, get, A::Get),
+            Some(Q::Put(r)) => run!(r, put, A::Put),
+            Some(Q::Delete(r)) => run!(r, delete, A::Delete),
+            Some(Q::Cas(r)) => run!(r, compare_and_swap, A::Cas),
+            Some(Q::Tso(r)) => run!(r, tso, A::Tso),
+            Some(Q::Lease(r)) => run!(r, lease, A::Lease),
             None => Err(Status::invalid_argument("command carries no request")),
         };
         metrics::histogram!("tessera_request_seconds", "op" => op)
@@ -74,8 +95,10 @@ pub(super) async fn serve_commands(
     core: Arc<KvCore>,
     mut inbound: Streaming<proto::KvCommands>,
     privileged: bool,
+    caller: Caller,
     out: mpsc::Sender<Result<proto::KvCommandResults, Status>>,
 ) {
+    let caller = Arc::new(caller);
     // With more than one runtime thread each command runs as its own task, so that one
     // connection's commands (lease reads above all) spread over the threads as unary calls
     // do; with one thread they run inside this task, which saves a spawn per command.
@@ -96,7 +119,7 @@ pub(super) async fn serve_commands(
                             drop_system(&mut c);
                         }
                         let id = c.id;
-                        let run = core.clone().execute(c);
+                        let run = core.clone().execute(c, caller.clone());
                         running.push(if spread {
                             Either::Left(Spawned { id, task: tokio::spawn(run) })
                         } else {

@@ -4,8 +4,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::access::{Authorize, Hide};
 use super::commands::serve_commands;
 use super::{lease, watch_stream, KvService};
+use crate::auth::Caller;
 use crate::proto;
 use crate::proto::kv_server::Kv;
 
@@ -45,6 +47,12 @@ impl KvService {
         crate::server::is_peer(self.core.transport.node_tls(), request).is_ok()
     }
 
+    /// Who is calling (`crate::auth`): refused here when authentication is on and the
+    /// caller shows neither a certificate of the cluster CA nor a valid token.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        crate::server::caller(&self.core.gate, self.core.transport.node_tls(), request)
+    }
+
     /// The request, its system access dropped unless the caller may have it: a user's
     /// client then gets the usual refusal for placement's keys.
     fn checked<T: SystemAccess>(&self, request: Request<T>) -> T {
@@ -57,6 +65,19 @@ impl KvService {
     }
 }
 
+/// A unary KV call: who calls, system access dropped unless allowed, the caller's
+/// permissions checked, the request served, and old values it may not read left out.
+macro_rules! serve {
+    ($self:ident, $request:ident, $op:ident) => {{
+        let caller = $self.caller(&$request)?;
+        let r = $self.checked($request);
+        r.authorize(&$self.core.gate, &caller)?;
+        let mut resp = $self.core.$op(r, &caller).await?;
+        resp.hide(&$self.core.gate, &caller);
+        Ok(Response::new(resp))
+    }};
+}
+
 #[tonic::async_trait]
 impl Kv for KvService {
     type CommandsStream = ReceiverStream<Result<proto::KvCommandResults, Status>>;
@@ -65,12 +86,14 @@ impl Kv for KvService {
         &self,
         request: Request<Streaming<proto::KvCommands>>,
     ) -> Result<Response<Self::CommandsStream>, Status> {
+        let caller = self.caller(&request)?;
         let (tx, rx) = mpsc::channel(16);
         let privileged = self.privileged(&request);
         tokio::spawn(serve_commands(
             self.core.clone(),
             request.into_inner(),
             privileged,
+            caller,
             tx,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -78,8 +101,10 @@ impl Kv for KvService {
 
     async fn revision(
         &self,
-        _request: Request<proto::RevisionRequest>,
+        request: Request<proto::RevisionRequest>,
     ) -> Result<Response<proto::RevisionResponse>, Status> {
+        let caller = self.caller(&request)?;
+        request.get_ref().authorize(&self.core.gate, &caller)?;
         self.core.current_revision().await.map(Response::new)
     }
 
@@ -89,10 +114,12 @@ impl Kv for KvService {
         &self,
         request: Request<Streaming<proto::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.caller(&request)?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(watch_stream::serve_watch(
             self.core.clone(),
             request.into_inner(),
+            caller,
             tx,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -102,87 +129,68 @@ impl Kv for KvService {
         &self,
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::GetResponse>, Status> {
-        self.core
-            .get(self.checked(request))
-            .await
-            .map(Response::new)
+        serve!(self, request, get)
     }
 
     async fn put(
         &self,
         request: Request<proto::PutRequest>,
     ) -> Result<Response<proto::PutResponse>, Status> {
-        self.core
-            .put(self.checked(request))
-            .await
-            .map(Response::new)
+        serve!(self, request, put)
     }
 
     async fn delete(
         &self,
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
-        self.core
-            .delete(self.checked(request))
-            .await
-            .map(Response::new)
+        serve!(self, request, delete)
     }
 
     async fn scan(
         &self,
         request: Request<proto::ScanRequest>,
     ) -> Result<Response<proto::ScanResponse>, Status> {
-        self.core
-            .scan(self.checked(request))
-            .await
-            .map(Response::new)
+        serve!(self, request, scan)
     }
 
     async fn compare_and_swap(
         &self,
         request: Request<proto::CasRequest>,
     ) -> Result<Response<proto::CasResponse>, Status> {
-        self.core
-            .compare_and_swap(self.checked(request))
-            .await
-            .map(Response::new)
+        serve!(self, request, compare_and_swap)
     }
 
     async fn batch_get(
         &self,
         request: Request<proto::BatchGetRequest>,
     ) -> Result<Response<proto::BatchGetResponse>, Status> {
-        self.core
-            .batch_get(self.checked(request))
-            .await
-            .map(Response::new)
+        serve!(self, request, batch_get)
     }
 
     async fn batch_write(
         &self,
         request: Request<proto::BatchWriteRequest>,
     ) -> Result<Response<proto::BatchWriteResponse>, Status> {
-        self.core
-            .batch_write(self.checked(request))
-            .await
-            .map(Response::new)
+        serve!(self, request, batch_write)
     }
 
     async fn tso(
         &self,
         request: Request<proto::TsoRequest>,
     ) -> Result<Response<proto::TsoResponse>, Status> {
-        self.core
-            .tso(self.checked(request))
-            .await
-            .map(Response::new)
+        serve!(self, request, tso)
     }
 
     async fn compact(
         &self,
         request: Request<proto::CompactRequest>,
     ) -> Result<Response<proto::CompactResponse>, Status> {
-        crate::server::require_peer(self.core.transport.node_tls(), &request, "compaction")?;
+        crate::server::require_admin(
+            &self.core.gate,
+            self.core.transport.node_tls(),
+            &request,
+            "compaction",
+        )?;
         self.core
             .compact(request.into_inner())
             .await
@@ -193,10 +201,7 @@ impl Kv for KvService {
         &self,
         request: Request<proto::LeaseRequest>,
     ) -> Result<Response<proto::LeaseResponse>, Status> {
-        self.core
-            .lease(self.checked(request))
-            .await
-            .map(Response::new)
+        serve!(self, request, lease)
     }
 
     type LeaseKeepAliveStream = ReceiverStream<Result<proto::LeaseKeepAliveResponse, Status>>;
@@ -205,10 +210,13 @@ impl Kv for KvService {
         &self,
         request: Request<Streaming<proto::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let caller = self.caller(&request)?;
+        self.core.gate.allow(&caller, crate::auth::Need::Any)?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(lease::serve_keep_alive(
             self.core.clone(),
             request.into_inner(),
+            caller,
             tx,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -13,7 +13,9 @@
 //! - a revoke is answered once the lease's keys are deleted, or at the request timeout
 //!   (the deletion then completes in the background, see `server::lease_keeper`);
 //! - a keep-alive stream answers every request it read, in order, with the TTL or an
-//!   error; a lease that is gone answers TTL 0.
+//!   error; a lease that is gone answers TTL 0;
+//! - once authentication is on, a user revokes a lease only with write permission on
+//!   every key attached to it, and sees only the attached keys it may read.
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,7 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use super::KvCore;
+use crate::auth::{Caller, Need};
 use crate::ids::RegionId;
 use crate::proto::{self, lease_request::Op, ReadConsistency, RequestHeader};
 use crate::raftstore::cmd::{ApplyResult, Attachment, Command, LeaseCmd};
@@ -60,7 +63,7 @@ impl KvCore {
         ids.iter().try_for_each(|id| check_id(*id))
     }
 
-    pub(super) async fn lease(&self, r: proto::LeaseRequest) -> Answer {
+    pub(super) async fn lease(&self, r: proto::LeaseRequest, caller: &Caller) -> Answer {
         let header = r.header;
         let op =
             r.op.ok_or_else(|| Status::invalid_argument("lease request has no operation"))?;
@@ -86,6 +89,9 @@ impl KvCore {
             }
             Op::Revoke(r) => {
                 self.check_ids(&r.ids)?;
+                if let Err(e) = self.may_revoke(header, &r.ids, caller).await? {
+                    return region_answer(e);
+                }
                 let cmd = LeaseCmd::Revoke {
                     ids: r.ids.clone(),
                     deadlines_ms: Vec::new(),
@@ -110,7 +116,10 @@ impl KvCore {
             }
             Op::TimeToLive(t) => {
                 check_id(t.id)?;
-                self.time_to_live(header, t).await
+                let mut answer = self.time_to_live(header, t).await?;
+                // Only the attached keys the caller may read.
+                answer.keys.retain(|k| self.gate.may_read(caller, k));
+                Ok(answer)
             }
             Op::List(_) => {
                 let region = RegionId(header.map_or(0, |h| h.region_id));
@@ -164,6 +173,37 @@ impl KvCore {
         });
         let read = ReadRequest::BatchGet { keys: Vec::new() };
         Ok(self.read(header, read, 0).await?.map(|_| ()))
+    }
+
+    /// Revoking a lease deletes its keys: a user needs write permission on every one.
+    async fn may_revoke(
+        &self,
+        header: Option<RequestHeader>,
+        ids: &[u64],
+        caller: &Caller,
+    ) -> Result<Result<(), proto::RegionError>, Status> {
+        if !matches!(caller, Caller::User { .. }) || self.gate.allow(caller, Need::Admin).is_ok() {
+            return Ok(Ok(()));
+        }
+        for id in ids {
+            let op = proto::LeaseTimeToLiveOp {
+                id: *id,
+                keys: true,
+            };
+            let answer = self.time_to_live(header, op).await?;
+            if let Some(e) = answer.region_error {
+                return Ok(Err(e));
+            }
+            if answer.keys.len() >= self.limits.max_scan_limit as usize {
+                return Err(Status::permission_denied(format!(
+                    "lease {id} holds too many keys to check them one by one: revoke it as root"
+                )));
+            }
+            for k in &answer.keys {
+                self.gate.allow(caller, Need::WriteKey(k))?;
+            }
+        }
+        Ok(Ok(()))
     }
 
     async fn time_to_live(
@@ -291,10 +331,16 @@ fn not_loaded() -> RegionError {
 pub(super) async fn serve_keep_alive(
     core: std::sync::Arc<KvCore>,
     requests: Streaming<proto::LeaseKeepAliveRequest>,
+    caller: Caller,
     tx: mpsc::Sender<Result<proto::LeaseKeepAliveResponse, Status>>,
 ) {
     let mut batches = requests.ready_chunks(1024);
     while let Some(batch) = batches.next().await {
+        // The caller's user may have been deleted since the stream opened.
+        if let Err(s) = core.gate.allow(&caller, Need::Any) {
+            let _ = tx.send(Err(s)).await;
+            return;
+        }
         let mut ids = Vec::with_capacity(batch.len());
         for r in batch {
             match r {

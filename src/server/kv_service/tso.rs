@@ -16,7 +16,11 @@ use crate::storage::keys::tso_key;
 const TRIES: usize = 4;
 
 impl KvCore {
-    pub(super) async fn tso(&self, r: proto::TsoRequest) -> Result<proto::TsoResponse, Status> {
+    pub(super) async fn tso(
+        &self,
+        r: proto::TsoRequest,
+        _caller: &crate::auth::Caller,
+    ) -> Result<proto::TsoResponse, Status> {
         let Some(header) = r.header.filter(|h| h.system) else {
             return Err(Status::invalid_argument(
                 "revisions are handed out to nodes only (system access)",

@@ -14,7 +14,9 @@
 //!   `next`: memory per watch stays bounded;
 //! - history is read only above the compacted revision; a start at or below it, or a
 //!   compaction that overtakes the reading, cancels the watch with `Compacted`;
-//! - no watch task outlives its stream.
+//! - no watch task outlives its stream;
+//! - a watch sends events only while its caller may read its whole range (`crate::auth`):
+//!   refused at the start, cancelled when a permission is revoked.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use tokio::task::JoinSet;
 use tonic::{Status, Streaming};
 
 use super::KvCore;
+use crate::auth::{Caller, Need};
 use crate::ids::RegionId;
 use crate::proto::{self, watch_message::Body};
 use crate::raftstore::cmd::key_value;
@@ -43,8 +46,10 @@ const MAX_STREAM_WATCHES: usize = 100_000;
 pub(super) async fn serve_watch(
     core: Arc<KvCore>,
     mut inbound: Streaming<proto::WatchRequest>,
+    caller: Caller,
     out: mpsc::Sender<Result<proto::WatchResponse, Status>>,
 ) {
+    let caller = Arc::new(caller);
     let _stream = StreamGauge::new();
     let (tx, mut rx) = mpsc::channel::<proto::WatchMessage>(STREAM_QUEUE);
     let mut running: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
@@ -58,21 +63,21 @@ pub(super) async fn serve_watch(
                     Some(proto::watch_request::Request::Create(c)) => {
                         let id = c.watch_id;
                         let refuse = if running.contains_key(&id) {
-                            Some("the stream already has a watch with this id")
+                            Some("the stream already has a watch with this id".to_string())
                         } else if running.len() >= MAX_STREAM_WATCHES {
-                            Some("too many watches on one stream")
+                            Some("too many watches on one stream".to_string())
                         } else {
-                            None
+                            core.may_watch(&caller, &c.start_key, &c.end_key).err()
                         };
                         if let Some(reason) = refuse {
                             // Straight out: this loop is the only reader of `rx`.
-                            let messages = vec![canceled(id, None, reason)];
+                            let messages = vec![canceled(id, None, &reason)];
                             if out.send(Ok(proto::WatchResponse { messages })).await.is_err() {
                                 return;
                             }
                             continue;
                         }
-                        let task = tasks.spawn(watch_one(core.clone(), c, tx.clone()));
+                        let task = tasks.spawn(watch_one(core.clone(), c, caller.clone(), tx.clone()));
                         running.insert(id, task);
                     }
                     Some(proto::watch_request::Request::Cancel(c)) => {
@@ -154,6 +159,14 @@ impl Drop for Registered {
 }
 
 impl KvCore {
+    /// A watch sees only what its caller may read: the whole of its range, checked when it
+    /// starts and before every message of events.
+    fn may_watch(&self, caller: &Caller, start: &[u8], end: &[u8]) -> Result<(), String> {
+        self.gate
+            .allow(caller, Need::ReadRange(start, Some(end)))
+            .map_err(|s| format!("permission denied: {}", s.message()))
+    }
+
     fn check_watch(&self, c: &proto::WatchCreate) -> Result<(), String> {
         if c.header.is_none() {
             return Err("watch has no header".into());
@@ -181,12 +194,15 @@ impl KvCore {
 async fn watch_one(
     core: Arc<KvCore>,
     c: proto::WatchCreate,
+    caller: Arc<Caller>,
     out: mpsc::Sender<proto::WatchMessage>,
 ) -> u64 {
     let id = c.watch_id;
     let mut w = Watch {
         id,
         out,
+        caller,
+        gate: core.gate.clone(),
         spec: WatchSpec {
             start: c.start_key.clone(),
             end: c.end_key.clone(),
@@ -209,6 +225,8 @@ async fn watch_one(
 struct Watch {
     id: u64,
     out: mpsc::Sender<proto::WatchMessage>,
+    caller: Arc<Caller>,
+    gate: Arc<crate::auth::Gate>,
     spec: WatchSpec,
     /// The first revision not sent yet.
     next: u64,
@@ -239,6 +257,13 @@ impl Watch {
         self.next = revision + 1;
         if events.is_empty() {
             return Ok(());
+        }
+        // Permissions revoked since the watch started end it.
+        let need = Need::ReadRange(&self.spec.start, Some(&self.spec.end));
+        if let Err(s) = self.gate.allow(&self.caller, need) {
+            self.cancel(None, &format!("permission denied: {}", s.message()))
+                .await;
+            return Err(Gone);
         }
         self.reported = revision;
         metrics::counter!("tessera_watch_events_sent_total").increment(events.len() as u64);

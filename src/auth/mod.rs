@@ -1,0 +1,306 @@
+//! Users, roles and key-range permissions (docs/security.md, "Users and roles").
+//!
+//! The state is one record in the placement region ([`model::AuthDoc`]); every node keeps a
+//! compiled copy in its [`Gate`], refreshed from placement, and checks each request against
+//! it: who the caller is ([`Gate::caller`]: a node or operator by its certificate, a user by
+//! its token) and whether it may do what it asks ([`Gate::allow`]).
+//!
+//! Invariants:
+//! - off until enabled; once on, deny by default: a request with neither a certificate of
+//!   the cluster CA nor a valid token gets `Unauthenticated`, one outside the user's
+//!   permissions `PermissionDenied`, and nothing reaches a region;
+//! - a password is hashed when set and checked once per token, never per request;
+//! - a check reads the gate's current state, so a role revoked or a user deleted applies to
+//!   calls and streams already open, once the node has the new state;
+//! - until a node has loaded the state once, callers without a certificate are refused
+//!   (`Unavailable`) on a TLS node — never let in because the state is unknown;
+//! - a node without TLS cannot tell peers from clients: authentication is refused there,
+//!   and a node without TLS that finds it on refuses every call but raft traffic.
+
+pub mod access;
+pub mod model;
+pub mod password;
+pub mod token;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use ring::hmac;
+use tonic::Status;
+
+use access::UserAccess;
+use model::AuthDoc;
+
+/// The metadata a client sends its token in.
+pub const TOKEN_METADATA: &str = "authorization";
+
+/// Who is calling.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    /// A node, or an operator, by a certificate of the cluster CA: not checked.
+    Node,
+    /// Anyone, while authentication is off.
+    Anyone,
+    /// A user, by a token.
+    User { name: Arc<str>, generation: u64 },
+}
+
+/// What a request needs.
+#[derive(Clone, Copy, Debug)]
+pub enum Need<'a> {
+    /// Any authenticated caller (routing, revisions, leases).
+    Any,
+    /// The root role (administration).
+    Admin,
+    ReadKey(&'a [u8]),
+    WriteKey(&'a [u8]),
+    /// `[start, end)`, `end` `None` = unbounded.
+    ReadRange(&'a [u8], Option<&'a [u8]>),
+}
+
+struct State {
+    loaded: bool,
+    enabled: bool,
+    generation: u64,
+    key: Option<hmac::Key>,
+    users: HashMap<String, UserAccess>,
+}
+
+/// A node's copy of the cluster's authentication state, and the checks made with it.
+pub struct Gate {
+    state: RwLock<Arc<State>>,
+    /// The node serves TLS: only then can a certificate tell a peer from a client.
+    tls: bool,
+    token_ttl_secs: u64,
+}
+
+fn denied(why: String) -> Status {
+    metrics::counter!("tessera_auth_denied_total").increment(1);
+    Status::permission_denied(why)
+}
+
+impl Gate {
+    pub fn new(tls: bool, token_ttl_secs: u64) -> Arc<Self> {
+        Arc::new(Self {
+            state: RwLock::new(Arc::new(State {
+                loaded: false,
+                enabled: false,
+                generation: 0,
+                key: None,
+                users: HashMap::new(),
+            })),
+            tls,
+            token_ttl_secs,
+        })
+    }
+
+    fn current(&self) -> Arc<State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    pub fn token_ttl_secs(&self) -> u64 {
+        self.token_ttl_secs
+    }
+
+    /// Installs the stored state (`None`: never written) unless it is older than the one
+    /// held.
+    pub fn install(&self, doc: Option<&AuthDoc>) {
+        let empty = AuthDoc::default();
+        let doc = doc.unwrap_or(&empty);
+        let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if s.loaded && doc.generation < s.generation {
+            return;
+        }
+        if s.loaded && doc.generation == s.generation {
+            return;
+        }
+        if s.enabled != doc.enabled {
+            tracing::info!(enabled = doc.enabled, "authentication switched");
+        }
+        metrics::gauge!("tessera_auth_enabled").set(if doc.enabled { 1.0 } else { 0.0 });
+        *s = Arc::new(State {
+            loaded: true,
+            enabled: doc.enabled,
+            generation: doc.generation,
+            key: (doc.enabled && !doc.token_key.is_empty())
+                .then(|| hmac::Key::new(hmac::HMAC_SHA256, &doc.token_key)),
+            users: access::compile(doc),
+        });
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.current().enabled
+    }
+
+    /// Who the caller is: `peer` says whether it showed a certificate of the cluster CA,
+    /// `token` is what it sent as [`TOKEN_METADATA`].
+    pub fn caller(&self, peer: bool, token: Option<&str>) -> Result<Caller, Status> {
+        if peer && self.tls {
+            return Ok(Caller::Node);
+        }
+        let s = self.current();
+        if !self.tls {
+            // Without TLS a peer cannot be told from a client: with authentication on
+            // (a misconfiguration), nobody is let in.
+            return if s.enabled {
+                Err(Status::failed_precondition(
+                    "authentication is on, but this node serves no TLS: it refuses every \
+                     call (configure [security] on every node)",
+                ))
+            } else {
+                Ok(Caller::Anyone)
+            };
+        }
+        if !s.loaded {
+            return Err(Status::unavailable(
+                "this node has not loaded the cluster's authentication state yet",
+            ));
+        }
+        if !s.enabled {
+            return Ok(Caller::Anyone);
+        }
+        let Some(token) = token else {
+            return Err(Status::unauthenticated(
+                "authentication is on: log in as a user (--user) or present a certificate \
+                 of the cluster CA",
+            ));
+        };
+        let key = s
+            .key
+            .as_ref()
+            .ok_or_else(|| Status::unauthenticated("authentication has no token key"))?;
+        let claims = token::verify(key, token, token::now_secs()).map_err(|e| {
+            Status::unauthenticated(match e {
+                token::Invalid::Expired => "token expired: log in again",
+                token::Invalid::Malformed | token::Invalid::BadSignature => {
+                    "invalid token: log in again"
+                }
+            })
+        })?;
+        let caller = Caller::User {
+            name: claims.name.into(),
+            generation: claims.generation,
+        };
+        Self::user(&s, &caller)?;
+        Ok(caller)
+    }
+
+    /// The user behind `caller`, if it still exists as the token named it.
+    fn user<'s>(s: &'s State, caller: &Caller) -> Result<Option<&'s UserAccess>, Status> {
+        let Caller::User { name, generation } = caller else {
+            return Ok(None);
+        };
+        match s.users.get(&**name) {
+            Some(u) if u.generation == *generation => Ok(Some(u)),
+            _ => Err(Status::unauthenticated(
+                "the token's user was deleted or changed its password: log in again",
+            )),
+        }
+    }
+
+    /// Whether `caller` may do what `need` says, as the state stands now.
+    pub fn allow(&self, caller: &Caller, need: Need<'_>) -> Result<(), Status> {
+        match caller {
+            Caller::Node => return Ok(()),
+            Caller::Anyone => {
+                return match need {
+                    Need::Admin => Err(denied(
+                        "an administrative call needs a certificate of the cluster CA".into(),
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            Caller::User { .. } => {}
+        }
+        let s = self.current();
+        if !s.enabled {
+            // Switched off since the caller logged in.
+            return match need {
+                Need::Admin => Err(denied(
+                    "authentication is off: an administrative call needs a certificate of \
+                     the cluster CA"
+                        .into(),
+                )),
+                _ => Ok(()),
+            };
+        }
+        let Some(u) = Self::user(&s, caller)? else {
+            return Ok(());
+        };
+        if u.root {
+            return Ok(());
+        }
+        let name = match caller {
+            Caller::User { name, .. } => name.clone(),
+            _ => Arc::from(""),
+        };
+        let ok = match need {
+            Need::Any => true,
+            Need::Admin => false,
+            Need::ReadKey(k) => u.read.covers_key(k),
+            Need::WriteKey(k) => u.write.covers_key(k),
+            Need::ReadRange(start, end) => u.read.covers_range(start, end),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(denied(match need {
+                Need::Admin => format!("user {name} lacks the root role"),
+                Need::ReadKey(k) => format!("user {name} may not read {}", show(k)),
+                Need::WriteKey(k) => format!("user {name} may not write {}", show(k)),
+                Need::ReadRange(s, e) => format!(
+                    "user {name} may not read [{}, {})",
+                    show(s),
+                    e.map_or("end".into(), show)
+                ),
+                Need::Any => String::new(),
+            }))
+        }
+    }
+
+    /// Whether `caller` may read `key` (for answers that would show a key's old value).
+    pub fn may_read(&self, caller: &Caller, key: &[u8]) -> bool {
+        self.allow(caller, Need::ReadKey(key)).is_ok()
+    }
+
+    /// A token for `name` if `password` is its password.
+    pub fn authenticate(
+        &self,
+        doc: &AuthDoc,
+        name: &str,
+        password: &str,
+    ) -> Result<(String, u64), Status> {
+        if !doc.enabled {
+            return Err(Status::failed_precondition("authentication is not enabled"));
+        }
+        let failed = || {
+            metrics::counter!("tessera_auth_failures_total").increment(1);
+            Status::unauthenticated("wrong user name or password")
+        };
+        let user = doc.users.get(name).ok_or_else(failed)?;
+        if !user.password.verify(password) {
+            return Err(failed());
+        }
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &doc.token_key);
+        let expires = token::now_secs() + self.token_ttl_secs;
+        Ok((
+            token::sign(&key, name, user.generation, expires),
+            self.token_ttl_secs,
+        ))
+    }
+}
+
+/// A key for a message: text when printable, else hex.
+fn show(k: &[u8]) -> String {
+    match std::str::from_utf8(k) {
+        Ok(s) if s.chars().all(|c| !c.is_control()) => format!("{s:?}"),
+        _ => format!(
+            "0x{}",
+            k.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
+    }
+}
