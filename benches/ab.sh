@@ -11,7 +11,8 @@
 # `env TOKIO_WORKER_THREADS=1`), A_CONFIG / B_CONFIG (more node TOML for each side, as
 # cluster-load.sh's EXTRA_CONFIG, e.g. "[storage]\ndata_memtable_mb = 64"), SECS (measured seconds per run, default 10), CONC
 # (in-flight requests, default 64), EXTRA_BENCH_ARGS (passed to `tessera bench`), A_TLS /
-# B_TLS (1: that side's cluster speaks TLS, as cluster-load.sh's TLS=1).
+# B_TLS (1: that side's cluster speaks TLS, as cluster-load.sh's TLS=1), A_AUTH / B_AUTH (1:
+# authentication on too, the bench logged in as a user, as cluster-load.sh's AUTH=1).
 # Each run is `benches/cluster-load.sh`, which starts and cleans up its own cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +37,8 @@ trap 'rm -rf "$OUT"' EXIT
 
 # One run → "ops_per_s us_per_op worker_us tokio_us entries_per_fsync" on stdout.
 run() {
-  local bin=$1 env=$2 cfg=$3 log=$4 tls=$5
-  TLS="$tls" SERVER_ENV="$env" EXTRA_CONFIG="$cfg" BIN="$bin" benches/cluster-load.sh "$REGIONS" "$CONC" "$SECS" "$WORKLOAD" \
+  local bin=$1 env=$2 cfg=$3 log=$4 tls=$5 auth=$6
+  AUTH="$auth" TLS="$tls" SERVER_ENV="$env" EXTRA_CONFIG="$cfg" BIN="$bin" benches/cluster-load.sh "$REGIONS" "$CONC" "$SECS" "$WORKLOAD" \
     >"$log" 2>&1 || { echo "ab.sh: run failed, see below" >&2; tail -20 "$log" >&2; exit 1; }
   awk '
     / ops in .* = [0-9]+ ops\/s$/ {ops = $(NF - 1)}
@@ -48,15 +49,15 @@ run() {
     END {printf "%s %s %s %s %s %s\n", ops, us, w, k, epf, p50}' "$log"
 }
 
-echo "A = ${A_ENV:+$A_ENV }$A${A_CONFIG:+ with config $A_CONFIG}${A_TLS:+ (TLS=$A_TLS)}"
-echo "B = ${B_ENV:+$B_ENV }$B${B_CONFIG:+ with config $B_CONFIG}${B_TLS:+ (TLS=$B_TLS)}"
+echo "A = ${A_ENV:+$A_ENV }$A${A_CONFIG:+ with config $A_CONFIG}${A_TLS:+ (TLS=$A_TLS)}${A_AUTH:+ (AUTH=$A_AUTH)}"
+echo "B = ${B_ENV:+$B_ENV }$B${B_CONFIG:+ with config $B_CONFIG}${B_TLS:+ (TLS=$B_TLS)}${B_AUTH:+ (AUTH=$B_AUTH)}"
 echo "$ROUNDS rounds of: cluster-load.sh $REGIONS $CONC $SECS $WORKLOAD"
 row() { printf '%-6s %10s %12s %12s %12s %10s %8s\n' "$@"; }
 row run "ops/s" "us/op" "worker us" "tokio us" "ent/fsync" "p50 ms"
 for r in $(seq 1 "$ROUNDS"); do
   for side in A B; do
-    if [ $side = A ]; then bin=$A env=${A_ENV:-} cfg=${A_CONFIG:-} tls=${A_TLS:-0}; else bin=$B env=${B_ENV:-} cfg=${B_CONFIG:-} tls=${B_TLS:-0}; fi
-    line=$(run "$bin" "$env" "$cfg" "$OUT/$side$r.log" "$tls")
+    if [ $side = A ]; then bin=$A env=${A_ENV:-} cfg=${A_CONFIG:-} tls=${A_TLS:-0} auth=${A_AUTH:-0}; else bin=$B env=${B_ENV:-} cfg=${B_CONFIG:-} tls=${B_TLS:-0} auth=${B_AUTH:-0}; fi
+    line=$(run "$bin" "$env" "$cfg" "$OUT/$side$r.log" "$tls" "$auth")
     echo "$line" >>"$OUT/$side"
     # shellcheck disable=SC2086
     row "$side$r" $line

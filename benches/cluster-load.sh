@@ -12,7 +12,8 @@
 # before the run, as one region has all its leaders on one node; turns off the scheduler),
 # PRELOAD=1 (write every key once before a put or cas run too, as reads always do), TLS=1
 # (the nodes speak TLS and mutual TLS with certificates made by openssl for the run; the
-# CLI and the bench trust their CA).
+# CLI and the bench trust their CA), AUTH=1 (with TLS=1: authentication on, the bench logged
+# in as a user whose role may read and write every key).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -69,6 +70,20 @@ if [ -n "${LEADERS_ON:-}" ]; then
     "$BIN" regions --endpoints "$EP" $TESSERA_CLI_ARGS transfer-leader "$r" "$LEADERS_ON" >/dev/null && moved=$((moved + 1))
   done
   echo "moved $moved leaders to node $LEADERS_ON"
+fi
+if [ "${AUTH:-0}" = 1 ]; then
+  [ "${TLS:-0}" = 1 ] || { echo "AUTH=1 needs TLS=1" >&2; exit 2; }
+  admin() { "$BIN" "$@" --endpoints "$EP" $TESSERA_CLI_ARGS --cert "$DIR/certs/node.crt" --key "$DIR/certs/node.key" >/dev/null; }
+  admin user add root:bench-root-pw
+  admin user grant-role root root
+  admin role add bench
+  admin role grant-permission bench readwrite "" --from-key
+  admin user add bench:bench-pw
+  admin user grant-role bench bench
+  admin auth enable
+  sleep 2 # every node reads the switch within its refresh interval (1 s)
+  TESSERA_CLI_ARGS+=" --user bench:bench-pw"
+  echo "authentication on; the bench logs in as user bench"
 fi
 
 metric_sum() { # name → sum over nodes of the metric's value(s)

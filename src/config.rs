@@ -311,8 +311,8 @@ pub struct ServerConfig {
     /// Threads of the async runtime (gRPC server, raft transport, placement loops); 0 = the
     /// machine's cores minus `raft.workers`, at least 1. See [`Config::grpc_threads`].
     pub grpc_threads: usize,
-    /// Most requests one client connection may have in progress at once (a stream counts
-    /// as one); more wait. 1 to 1,000,000.
+    /// Most calls one connection may have in progress at once (unary calls until they
+    /// answer, streams while they open); more wait. 16 to 1,000,000.
     pub max_requests_per_connection: usize,
 }
 

@@ -25,3 +25,8 @@ pub const MAX_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(9_
 /// How the message of a write refused for lack of space starts (a `RESOURCE_EXHAUSTED`
 /// status): the client turns it into its `QuotaExceeded` error.
 pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+
+/// How the message of an `UNAVAILABLE` status starts when the request was refused before
+/// anything ran (the client's own failures to send, and a node refusing a call it cannot
+/// check yet): the client then retries it anywhere, writes included, as never executed.
+pub const NOT_SENT: &str = "not sent:";

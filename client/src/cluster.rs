@@ -3,7 +3,9 @@
 //!
 //! Invariants:
 //! - `any_node` moves on to the next node after any failure except `NotFound`,
-//!   `InvalidArgument`, `AlreadyExists` and `FailedPrecondition`, which are answers;
+//!   `InvalidArgument`, `AlreadyExists`, `FailedPrecondition`, `PermissionDenied` and
+//!   `Unauthenticated`, which are answers, and `Aborted` (a write whose outcome the server
+//!   does not know: `Error::Unknown`, never sent again);
 //! - `change_peers` is at-most-once: after an attempt that may have executed it ends in
 //!   `Error::Unknown`, never sends again; the other region calls are sent as idempotent;
 //! - `transfer_leader` succeeds only once a refresh after the request shows the target
@@ -104,6 +106,9 @@ impl Client {
                     Code::Unauthenticated => {
                         return Err(Error::Unauthenticated(s.message().into()))
                     }
+                    // The server could not tell whether its write took effect: sent again
+                    // elsewhere it could apply twice.
+                    Code::Aborted => return Err(Error::Unknown(s.message().into())),
                     _ => {
                         self.forget_channel(&addr);
                         last = crate::status_text(&addr, self.inner.opts.tls.is_some(), &s);

@@ -42,8 +42,8 @@ pub const MAX_STREAM_COMMAND_BYTES: usize = 256 << 10;
 const MAX_IN_FLIGHT: usize = 2048;
 /// Commands queued for the task before callers wait.
 const QUEUE_LEN: usize = 1024;
-/// Marks the failure of a command that never left this process: safe to retry anywhere.
-pub(super) const NOT_SENT: &str = "not sent:";
+/// Marks the failure of a command that never ran: safe to retry anywhere.
+pub(super) use tessera_api::limits::NOT_SENT;
 
 pub(super) fn not_sent(why: &str) -> Status {
     Status::unavailable(format!("{NOT_SENT} {why}"))

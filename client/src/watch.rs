@@ -523,9 +523,13 @@ impl Merger {
                         Self::schedule(&mut self.pieces[i], &sub);
                     }
                     None => {
-                        let e = match c.reason.strip_prefix("permission denied: ") {
-                            Some(why) => Error::PermissionDenied(why.into()),
-                            None => Error::Server(c.reason),
+                        let r = c.reason;
+                        let e = if let Some(why) = r.strip_prefix("permission denied: ") {
+                            Error::PermissionDenied(why.into())
+                        } else if let Some(why) = r.strip_prefix("unauthenticated: ") {
+                            Error::Unauthenticated(why.into())
+                        } else {
+                            Error::Server(r)
                         };
                         let _ = self.user.send(Err(e)).await;
                         return Err(Stop);

@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use ring::hmac;
+use tessera_api::limits::NOT_SENT;
 use tonic::Status;
 
 use access::UserAccess;
@@ -72,6 +73,14 @@ pub struct Gate {
     /// The node serves TLS: only then can a certificate tell a peer from a client.
     tls: bool,
     token_ttl_secs: u64,
+    /// Wakes the refresh loop: a token from a newer state than this node holds arrived.
+    wake: tokio::sync::Notify,
+    /// Logins hashing at once: a password hash takes a core for a fraction of a second,
+    /// and logins must not starve raft.
+    logins: tokio::sync::Semaphore,
+    /// A hash to check unknown users' passwords against, so a login takes as long whether
+    /// or not its user exists.
+    dummy: std::sync::OnceLock<password::PasswordHash>,
 }
 
 fn denied(why: String) -> Status {
@@ -91,6 +100,11 @@ impl Gate {
             })),
             tls,
             token_ttl_secs,
+            wake: tokio::sync::Notify::new(),
+            logins: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            ),
+            dummy: std::sync::OnceLock::new(),
         })
     }
 
@@ -156,9 +170,7 @@ impl Gate {
             };
         }
         if !s.loaded {
-            return Err(Status::unavailable(
-                "this node has not loaded the cluster's authentication state yet",
-            ));
+            return Err(not_loaded());
         }
         if !s.enabled {
             return Ok(Caller::Anyone);
@@ -181,12 +193,24 @@ impl Gate {
                 }
             })
         })?;
+        if claims.generation > s.generation {
+            // Issued from a newer state than this node has read: it is behind.
+            self.wake.notify_one();
+            return Err(Status::unavailable(format!(
+                "{NOT_SENT} this node's copy of the users is behind the token's; retry"
+            )));
+        }
         let caller = Caller::User {
             name: claims.name.into(),
             generation: claims.generation,
         };
         Self::user(&s, &caller)?;
         Ok(caller)
+    }
+
+    /// Wakes the refresh loop at once (`auth_service::refresh_loop`).
+    pub async fn woken(&self) {
+        self.wake.notified().await
     }
 
     /// The user behind `caller`, if it still exists as the token named it.
@@ -207,12 +231,25 @@ impl Gate {
         match caller {
             Caller::Node => return Ok(()),
             Caller::Anyone => {
+                // Let in while authentication was off: not once it is on (a stream opened
+                // before is refused from then on).
+                let s = self.current();
+                if s.enabled || (self.tls && !s.loaded) {
+                    return Err(if s.loaded {
+                        Status::unauthenticated(
+                            "authentication was turned on: log in as a user (--user) or \
+                             present a certificate of the cluster CA",
+                        )
+                    } else {
+                        not_loaded()
+                    });
+                }
                 return match need {
                     Need::Admin => Err(denied(
                         "an administrative call needs a certificate of the cluster CA".into(),
                     )),
                     _ => Ok(()),
-                }
+                };
             }
             Caller::User { .. } => {}
         }
@@ -267,7 +304,15 @@ impl Gate {
         self.allow(caller, Need::ReadKey(key)).is_ok()
     }
 
-    /// A token for `name` if `password` is its password.
+    /// Waits for a turn to hash a password (a bounded number at once).
+    pub async fn login_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+        self.logins
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("logins are closed"))
+    }
+
+    /// A token for `name` if `password` is its password (run with a [`Self::login_turn`]).
     pub fn authenticate(
         &self,
         doc: &AuthDoc,
@@ -277,11 +322,29 @@ impl Gate {
         if !doc.enabled {
             return Err(Status::failed_precondition("authentication is not enabled"));
         }
+        if !self.tls {
+            return Err(Status::failed_precondition(
+                "this node serves no TLS: it takes no passwords",
+            ));
+        }
         let failed = || {
             metrics::counter!("tessera_auth_failures_total").increment(1);
             Status::unauthenticated("wrong user name or password")
         };
-        let user = doc.users.get(name).ok_or_else(failed)?;
+        let Some(user) = doc.users.get(name) else {
+            // As long as a real check: the answer's time does not tell which users exist.
+            let dummy = self.dummy.get_or_init(|| {
+                password::PasswordHash::new("", 600_000).unwrap_or_else(|_| {
+                    password::PasswordHash {
+                        iterations: 600_000,
+                        salt: vec![0; 16],
+                        hash: vec![0; 32],
+                    }
+                })
+            });
+            dummy.verify(password);
+            return Err(failed());
+        };
         if !user.password.verify(password) {
             return Err(failed());
         }
@@ -292,6 +355,12 @@ impl Gate {
             self.token_ttl_secs,
         ))
     }
+}
+
+fn not_loaded() -> Status {
+    Status::unavailable(format!(
+        "{NOT_SENT} this node has not loaded the cluster's authentication state yet"
+    ))
 }
 
 /// A key for a message: text when printable, else hex.

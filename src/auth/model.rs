@@ -53,7 +53,8 @@ pub enum Kind {
 pub struct Permission {
     pub kind: Kind,
     pub key: Vec<u8>,
-    /// Empty: `key` alone; `[0]`: every key from `key` on; else `[key, range_end)`.
+    /// Empty: `key` alone; `[0]`: every key from `key` on (with an empty `key`: every
+    /// key); else `[key, range_end)`.
     pub range_end: Vec<u8>,
 }
 
@@ -65,8 +66,10 @@ impl Permission {
             Ok(proto::PermissionKind::PermissionReadwrite) => Kind::ReadWrite,
             Err(_) => return Err(format!("unknown permission kind {}", p.kind)),
         };
-        if p.key.is_empty() {
-            return Err("a permission needs a key".into());
+        if p.key.is_empty() && p.range_end != [0] {
+            return Err(
+                "a permission needs a key (or range_end 0x00 with an empty key: every key)".into(),
+            );
         }
         if !p.range_end.is_empty() && p.range_end != [0] && p.range_end <= p.key {
             return Err("a permission's range_end must be above its key".into());

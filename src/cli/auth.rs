@@ -53,7 +53,7 @@ pub enum Kind {
 
 #[derive(clap::Args)]
 pub struct Range {
-    /// The key (with --prefix: every key starting with it).
+    /// The key (with --prefix: every key starting with it; "" with --from-key: every key).
     key: String,
     /// The end of the range [KEY, RANGE_END); without it, KEY alone.
     range_end: Option<String>,

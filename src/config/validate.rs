@@ -176,10 +176,11 @@ impl Config {
         if self.server.max_value_size == 0 || self.server.max_value_size > 64 << 20 {
             return Err(invalid("server.max_value_size", "must be 1..=64 MiB"));
         }
-        if !(1..=1_000_000).contains(&self.server.max_requests_per_connection) {
+        // Raft and snapshot streams share a peer's connection and take slots too.
+        if !(16..=1_000_000).contains(&self.server.max_requests_per_connection) {
             return Err(invalid(
                 "server.max_requests_per_connection",
-                "must be 1 to 1000000",
+                "must be 16 to 1000000",
             ));
         }
         if self.server.max_scan_limit == 0 {

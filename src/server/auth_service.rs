@@ -78,7 +78,8 @@ impl auth_server::Auth for AuthService {
         let (_, doc) = self.load().await?;
         let r = request.into_inner();
         let doc = doc.unwrap_or_default();
-        // The hash is slow on purpose: off the runtime's threads.
+        // The hash is slow on purpose: off the runtime's threads, a bounded number at once.
+        let _turn = self.gate.login_turn().await?;
         let gate = self.gate.clone();
         let (token, ttl_secs) =
             tokio::task::spawn_blocking(move || gate.authenticate(&doc, &r.name, &r.password))
@@ -125,7 +126,13 @@ impl auth_server::Auth for AuthService {
         .map_err(Status::invalid_argument)?;
         let doc = crate::placement::auth::change(&client, &change)
             .await
-            .map_err(|e| Status::unavailable(format!("writing the auth state: {e}")))?
+            .map_err(|e| match e {
+                // It may have been written: the caller must not send it again elsewhere.
+                crate::client::Error::Unknown(_) | crate::client::Error::Deadline { .. } => {
+                    Status::aborted(format!("result unknown: writing the auth state: {e}"))
+                }
+                e => Status::unavailable(format!("writing the auth state: {e}")),
+            })?
             .map_err(Status::failed_precondition)?;
         self.gate.install(Some(&doc));
         Ok(Response::new(proto::AuthChangeResponse {}))
@@ -160,6 +167,9 @@ pub async fn refresh_loop(gate: Arc<Gate>, placement: SystemClient, interval: Du
         } else {
             Duration::from_millis(200)
         };
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = gate.woken() => {}
+        }
     }
 }

@@ -104,6 +104,16 @@ async fn start(
     dir: &Path,
     tweak: impl Fn(&mut tessera::config::Config),
 ) -> (Vec<common::Proc>, Setup) {
+    let (procs, s) = start_off(dir, tweak).await;
+    s.enable().await;
+    (procs, s)
+}
+
+/// The same cluster and users, authentication still off.
+async fn start_off(
+    dir: &Path,
+    tweak: impl Fn(&mut tessera::config::Config),
+) -> (Vec<common::Proc>, Setup) {
     let certs = common::tls_certs(&dir.join("certs"), 3);
     let procs = start_process_cluster(dir, 3, 2, |c| {
         certs.configure(c);
@@ -141,31 +151,91 @@ async fn start(
     );
     let op = s.operator().await;
     op.put(b"/other/x", b"orig").await.expect("seed /other/x");
-    s.admin(&["auth", "enable"]);
-    assert!(s.admin(&["auth", "status"]).contains("authentication on"));
-    // Every node learns of it within its refresh interval.
-    for ep in &s.eps {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let ch = tessera::client::tls::endpoint(ep, Some(&s.anonymous))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
-        loop {
-            let r = tessera::proto::node_client::NodeClient::new(ch.clone())
-                .list_nodes(tessera::proto::ListNodesRequest {})
-                .await;
-            match r {
-                Err(e) if e.code() == tonic::Code::Unauthenticated => break,
-                _ => assert!(
-                    Instant::now() < deadline,
-                    "{ep} never turned authentication on"
-                ),
+    (procs, s)
+}
+
+impl Setup {
+    /// Turns authentication on; returns once every node refuses callers without a token.
+    async fn enable(&self) {
+        let s = self;
+        s.admin(&["auth", "enable"]);
+        assert!(s.admin(&["auth", "status"]).contains("authentication on"));
+        // Every node learns of it within its refresh interval.
+        for ep in &s.eps {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let ch = tessera::client::tls::endpoint(ep, Some(&s.anonymous))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect");
+            loop {
+                let r = tessera::proto::node_client::NodeClient::new(ch.clone())
+                    .list_nodes(tessera::proto::ListNodesRequest {})
+                    .await;
+                match r {
+                    Err(e) if e.code() == tonic::Code::Unauthenticated => break,
+                    _ => assert!(
+                        Instant::now() < deadline,
+                        "{ep} never turned authentication on"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    (procs, s)
+}
+
+/// Streams opened while authentication was off — a command stream and a watch, by a
+/// client without a login — are refused once it is on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_opened_before_authentication_are_refused_once_it_is_on() {
+    let dir = common::test_dir("streams_opened_before_authentication_are_refused");
+    let (_procs, s) = start_off(dir.path(), |_| {}).await;
+    let anonymous = Client::connect(
+        &s.eps,
+        ClientOptions {
+            tls: Some(s.anonymous.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("a client without a login, authentication off");
+    anonymous.put(b"/app/a", b"1").await.expect("put");
+    anonymous.get(b"/app/a").await.expect("get");
+    let mut watch = anonymous
+        .watch_prefix(b"/app/", WatchOptions::default())
+        .await
+        .expect("watch");
+    s.enable().await;
+    let started = Instant::now();
+    loop {
+        match anonymous.get(b"/app/a").await {
+            Err(Error::Unauthenticated(_)) => break,
+            Ok(_) => assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "a command stream opened before authentication still serves"
+            ),
+            Err(e) => panic!("the anonymous get: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let op = s.operator().await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            op.put(b"/app/b", b"x").await.expect("operator put");
+            match tokio::time::timeout(Duration::from_millis(500), watch.next()).await {
+                Ok(Some(Ok(_))) | Err(_) => {}
+                Ok(Some(Err(e))) => return Some(e),
+                Ok(None) => return None,
+            }
+        }
+    })
+    .await
+    .expect("the watch ended within 10 s");
+    assert!(
+        matches!(ended, Some(Error::Unauthenticated(_))),
+        "the watch opened before authentication: {ended:?}"
+    );
 }
 
 /// Every kind of call alice makes outside `/app/`: each must fail with `PermissionDenied`.

@@ -115,6 +115,15 @@ pub(super) async fn serve_watch(
     }
 }
 
+/// A watch's cancel reason for a refusal by `crate::auth`: the client turns the prefix back
+/// into its error.
+fn refusal(s: &Status) -> String {
+    match s.code() {
+        tonic::Code::Unauthenticated => format!("unauthenticated: {}", s.message()),
+        _ => format!("permission denied: {}", s.message()),
+    }
+}
+
 /// Counts open streams for `tessera_watch_streams`.
 struct StreamGauge;
 
@@ -164,7 +173,7 @@ impl KvCore {
     fn may_watch(&self, caller: &Caller, start: &[u8], end: &[u8]) -> Result<(), String> {
         self.gate
             .allow(caller, Need::ReadRange(start, Some(end)))
-            .map_err(|s| format!("permission denied: {}", s.message()))
+            .map_err(|s| refusal(&s))
     }
 
     fn check_watch(&self, c: &proto::WatchCreate) -> Result<(), String> {
@@ -261,8 +270,7 @@ impl Watch {
         // Permissions revoked since the watch started end it.
         let need = Need::ReadRange(&self.spec.start, Some(&self.spec.end));
         if let Err(s) = self.gate.allow(&self.caller, need) {
-            self.cancel(None, &format!("permission denied: {}", s.message()))
-                .await;
+            self.cancel(None, &refusal(&s)).await;
             return Err(Gone);
         }
         self.reported = revision;
