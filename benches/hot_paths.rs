@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the per-request hot paths: key encoding, command encode/decode, the
-//! apply of a batch of commands, and an (unsynced) raft log append.
+//! apply of a batch of commands, an (unsynced) raft log append, and the authentication
+//! checks of a request (a token verified, a key checked against a user's permissions).
 //!
 //! `cargo bench --bench hot_paths`
 
@@ -134,5 +135,72 @@ fn bench_append(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_keys, bench_cmd, bench_apply, bench_append);
+/// A user with readwrite on 16 prefixes, as a node's gate holds it, and a token of it.
+fn gate_with_user() -> (std::sync::Arc<tessera::auth::Gate>, String) {
+    use tessera::auth::model::{AuthDoc, Change, Kind, Permission};
+    use tessera::auth::password::PasswordHash;
+    let mut doc = AuthDoc::default();
+    let hash = || PasswordHash::new("pw", 1_000).expect("hash");
+    let changes = [
+        Change::UserAdd("root".into(), hash()),
+        Change::UserGrantRole("root".into(), "root".into()),
+        Change::UserAdd("app".into(), hash()),
+        Change::RoleAdd("app".into()),
+        Change::UserGrantRole("app".into(), "app".into()),
+    ];
+    for ch in &changes {
+        doc.apply(ch).expect("change");
+    }
+    for i in 0..16 {
+        let p = Permission {
+            kind: Kind::ReadWrite,
+            key: format!("/svc{i:02}/").into_bytes(),
+            range_end: format!("/svc{i:02}0").into_bytes(),
+        };
+        doc.apply(&Change::RoleGrant("app".into(), p))
+            .expect("grant");
+    }
+    doc.apply(&Change::Enable(true, vec![7; 32]))
+        .expect("enable");
+    let gate = tessera::auth::Gate::new(true, 300);
+    gate.install(Some(&doc));
+    let (token, _) = gate.authenticate(&doc, "app", "pw").expect("login");
+    (gate, token)
+}
+
+fn bench_auth(c: &mut Criterion) {
+    use tessera::auth::Need;
+    let mut g = c.benchmark_group("auth");
+    g.throughput(Throughput::Elements(1));
+    let (gate, token) = gate_with_user();
+    let key = b"/svc07/topics/orders/partition/0001";
+    // A unary call: the token verified, then the key checked.
+    g.bench_function("unary_call_token_and_key", |b| {
+        b.iter(|| {
+            let caller = gate
+                .caller(false, Some(std::hint::black_box(&token)))
+                .expect("token");
+            gate.allow(&caller, Need::WriteKey(std::hint::black_box(key)))
+                .expect("allowed")
+        })
+    });
+    // A command of a stream: its caller known, the key checked.
+    let caller = gate.caller(false, Some(&token)).expect("token");
+    g.bench_function("stream_command_key", |b| {
+        b.iter(|| {
+            gate.allow(&caller, Need::WriteKey(std::hint::black_box(key)))
+                .expect("allowed")
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_keys,
+    bench_cmd,
+    bench_apply,
+    bench_append,
+    bench_auth
+);
 criterion_main!(benches);

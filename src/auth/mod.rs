@@ -73,8 +73,13 @@ pub struct Gate {
     /// The node serves TLS: only then can a certificate tell a peer from a client.
     tls: bool,
     token_ttl_secs: u64,
-    /// Wakes the refresh loop: a token from a newer state than this node holds arrived.
+    /// Wakes the refresh loop: a token from a newer state than this node holds arrived, or
+    /// a user was refused (perhaps by a state older than a grant).
     wake: tokio::sync::Notify,
+    /// Refreshes started, and the number of the last one finished: a caller that wants a
+    /// state read after now waits for a finished number above the started count it saw.
+    refreshes_started: std::sync::atomic::AtomicU64,
+    refreshed: tokio::sync::watch::Sender<u64>,
     /// Logins hashing at once: a password hash takes a core for a fraction of a second,
     /// and logins must not starve raft.
     logins: tokio::sync::Semaphore,
@@ -101,6 +106,8 @@ impl Gate {
             tls,
             token_ttl_secs,
             wake: tokio::sync::Notify::new(),
+            refreshes_started: std::sync::atomic::AtomicU64::new(0),
+            refreshed: tokio::sync::watch::Sender::new(0),
             logins: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
             ),
@@ -211,6 +218,52 @@ impl Gate {
     /// Wakes the refresh loop at once (`auth_service::refresh_loop`).
     pub async fn woken(&self) {
         self.wake.notified().await
+    }
+
+    /// The refresh loop starts a read of the state: its number.
+    pub fn refresh_started(&self) -> u64 {
+        self.refreshes_started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1
+    }
+
+    /// The refresh loop finished read number `n` (and installed what it read).
+    pub fn refresh_finished(&self, n: u64) {
+        self.refreshed.send_if_modified(|v| {
+            let newer = n > *v;
+            *v = (*v).max(n);
+            newer
+        });
+    }
+
+    /// As [`Self::allow`]; a user refused is checked once more against a state read after
+    /// the refusal (waiting up to a second for it), so that a permission granted through
+    /// another node an instant ago is not refused for this node's older copy.
+    pub async fn allow_fresh(&self, caller: &Caller, need: Need<'_>) -> Result<(), Status> {
+        match self.allow(caller, need) {
+            Err(s)
+                if s.code() == tonic::Code::PermissionDenied
+                    && matches!(caller, Caller::User { .. }) =>
+            {
+                self.fresh().await;
+                self.allow(caller, need)
+            }
+            r => r,
+        }
+    }
+
+    /// Waits (up to a second) until the state was read again after now.
+    pub async fn fresh(&self) {
+        let mut rx = self.refreshed.subscribe();
+        let started = self
+            .refreshes_started
+            .load(std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            rx.wait_for(|done| *done > started),
+        )
+        .await;
     }
 
     /// The user behind `caller`, if it still exists as the token named it.

@@ -153,6 +153,7 @@ impl auth_server::Auth for AuthService {
 pub async fn refresh_loop(gate: Arc<Gate>, placement: SystemClient, interval: Duration) {
     let mut loaded = false;
     loop {
+        let n = gate.refresh_started();
         if let Ok(client) = placement.get().await {
             match crate::placement::auth::load(&client).await {
                 Ok(doc) => {
@@ -162,6 +163,7 @@ pub async fn refresh_loop(gate: Arc<Gate>, placement: SystemClient, interval: Du
                 Err(e) => tracing::debug!(error = %e, "auth state not read"),
             }
         }
+        gate.refresh_finished(n);
         let wait = if loaded {
             interval
         } else {

@@ -16,6 +16,25 @@ pub(super) trait Authorize {
     fn authorize(&self, gate: &Gate, caller: &Caller) -> Result<(), Status>;
 }
 
+/// [`Authorize::authorize`], and for a refused user once more against a state read after
+/// the refusal (`Gate::fresh`): a grant made through another node an instant ago counts.
+pub(super) async fn authorize_fresh<R: Authorize>(
+    r: &R,
+    gate: &Gate,
+    caller: &Caller,
+) -> Result<(), Status> {
+    match r.authorize(gate, caller) {
+        Err(s)
+            if s.code() == tonic::Code::PermissionDenied
+                && matches!(caller, Caller::User { .. }) =>
+        {
+            gate.fresh().await;
+            r.authorize(gate, caller)
+        }
+        other => other,
+    }
+}
+
 /// An answer that may carry a key's old value: dropped unless the caller may read the key.
 pub(super) trait Hide {
     fn hide(&mut self, _gate: &Gate, _caller: &Caller) {}

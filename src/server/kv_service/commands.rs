@@ -24,7 +24,7 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use super::access::{Authorize, Hide};
+use super::access::{authorize_fresh, Hide};
 use super::KvCore;
 use crate::auth::Caller;
 use crate::proto;
@@ -56,7 +56,7 @@ impl KvCore {
         // Checked as its unary call would be: permissions before, old values after.
         macro_rules! run {
             ($r:ident, $op:ident, $answer:path) => {
-                match $r.authorize(gate, caller) {
+                match authorize_fresh(&$r, gate, caller).await {
                     Ok(()) => self.$op($r, caller).await.map(|mut a| {
                         a.hide(gate, caller);
                         $answer(a)

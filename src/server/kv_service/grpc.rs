@@ -4,7 +4,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::access::{Authorize, Hide};
+use super::access::{authorize_fresh, Authorize, Hide};
 use super::commands::serve_commands;
 use super::{lease, watch_stream, KvService};
 use crate::auth::Caller;
@@ -71,7 +71,7 @@ macro_rules! serve {
     ($self:ident, $request:ident, $op:ident) => {{
         let caller = $self.caller(&$request)?;
         let r = $self.checked($request);
-        r.authorize(&$self.core.gate, &caller)?;
+        authorize_fresh(&r, &$self.core.gate, &caller).await?;
         let mut resp = $self.core.$op(r, &caller).await?;
         resp.hide(&$self.core.gate, &caller);
         Ok(Response::new(resp))

@@ -67,7 +67,7 @@ pub(super) async fn serve_watch(
                         } else if running.len() >= MAX_STREAM_WATCHES {
                             Some("too many watches on one stream".to_string())
                         } else {
-                            core.may_watch(&caller, &c.start_key, &c.end_key).err()
+                            core.may_watch(&caller, &c.start_key, &c.end_key).await.err()
                         };
                         if let Some(reason) = refuse {
                             // Straight out: this loop is the only reader of `rx`.
@@ -170,9 +170,10 @@ impl Drop for Registered {
 impl KvCore {
     /// A watch sees only what its caller may read: the whole of its range, checked when it
     /// starts and before every message of events.
-    fn may_watch(&self, caller: &Caller, start: &[u8], end: &[u8]) -> Result<(), String> {
+    async fn may_watch(&self, caller: &Caller, start: &[u8], end: &[u8]) -> Result<(), String> {
         self.gate
-            .allow(caller, Need::ReadRange(start, Some(end)))
+            .allow_fresh(caller, Need::ReadRange(start, Some(end)))
+            .await
             .map_err(|s| refusal(&s))
     }
 
