@@ -463,6 +463,20 @@ async fn every_call_outside_a_users_permissions_is_refused_and_changes_nothing()
         bob.get(b"/wo/k").await,
         Err(Error::PermissionDenied(_))
     ));
+    // A permission taken back applies to bob's open stream within the refresh interval.
+    s.root(&["role", "revoke-permission", "writer", "/wo/", "--prefix"]);
+    let started = Instant::now();
+    while bob.put(b"/wo/k", b"newer").await.is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "bob still writes after the revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(
+        bob.put(b"/wo/k", b"newest").await,
+        Err(Error::PermissionDenied(_))
+    ));
 
     // The CLI as a user types it: inside works, outside is refused with exit status 2.
     let (code, out, err) = s.as_user("alice:alice-pw", &["kv", "get", "/app/a"]);
@@ -551,9 +565,9 @@ async fn revoked_permissions_end_open_streams_and_tokens_expire() {
         .await
         .expect("a fresh token works");
 
-    // Revoke alice's permission: her open command stream and her watch lose it.
+    // Take alice's role: her open command stream and her watch lose it.
     let started = Instant::now();
-    s.root(&["role", "revoke-permission", "app", "/app/", "--prefix"]);
+    s.root(&["user", "revoke-role", "alice", "app"]);
     loop {
         match alice.get(b"/app/a").await {
             Err(Error::PermissionDenied(_)) => break,
