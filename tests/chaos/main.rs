@@ -236,6 +236,13 @@ async fn splits_while_nodes_are_killed() {
     run_scenario("splits-under-kill9", Fault::SplitsUnderKills).await;
 }
 
+/// Splits (admin calls with the operator's certificate) while nodes are killed, with TLS and
+/// authentication on: the logged-in clients follow the new regions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splits_while_nodes_are_killed_with_tls_and_auth() {
+    run_scenario_with("splits-under-kill9-tls-auth", Fault::SplitsUnderKills, true).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_moves_while_nodes_are_killed() {
     run_scenario("moves-under-kill9", Fault::MovesUnderKills).await;
@@ -271,6 +278,14 @@ async fn slow_disk_on_the_leader_heavy_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_one_node_from_the_others() {
     run_scenario("partition-isolate", Fault::IsolateNode).await;
+}
+
+/// The same with TLS and authentication on: the isolated node cannot read the users from
+/// placement, keeps the copy it has, and serves the logged-in clients once healed.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_one_node_from_the_others_with_tls_and_auth() {
+    run_scenario_with("partition-isolate-tls-auth", Fault::IsolateNode, true).await;
 }
 
 #[cfg(feature = "failpoints")]
