@@ -7,7 +7,8 @@
 //! logs in once more and retries.
 //!
 //! Invariants:
-//! - the password stays in the client's options only; it is sent to a node only in a login;
+//! - the password stays in the client's options only; it is sent to a node only in a login,
+//!   and only over TLS;
 //! - a login refused for a wrong password ends the call (or `connect`) with
 //!   [`Error::Unauthenticated`]; it is never retried with the same password;
 //! - with credentials given to a cluster whose authentication is off, the client works
@@ -79,6 +80,11 @@ impl Client {
         let Some(creds) = self.inner.opts.credentials.clone() else {
             return Ok(None);
         };
+        if self.inner.opts.tls.is_none() {
+            // A cluster without TLS cannot have authentication on, and the password would
+            // cross the network in clear text: it is never sent.
+            return Ok(None);
+        }
         let request = AuthenticateRequest {
             name: creds.user.clone(),
             password: creds.password.clone(),
@@ -109,7 +115,7 @@ impl Client {
 
     /// Logs in again at two thirds of each token's lifetime, while the client lives.
     pub(super) fn keep_logged_in(&self, first: Option<Duration>) {
-        if self.inner.opts.credentials.is_none() {
+        if self.inner.opts.credentials.is_none() || self.inner.opts.tls.is_none() {
             return;
         }
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
