@@ -123,20 +123,13 @@ impl Gate {
         self.tls
     }
 
-    pub fn token_ttl_secs(&self) -> u64 {
-        self.token_ttl_secs
-    }
-
     /// Installs the stored state (`None`: never written) unless it is older than the one
     /// held.
     pub fn install(&self, doc: Option<&AuthDoc>) {
         let empty = AuthDoc::default();
         let doc = doc.unwrap_or(&empty);
         let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
-        if s.loaded && doc.generation < s.generation {
-            return;
-        }
-        if s.loaded && doc.generation == s.generation {
+        if s.loaded && doc.generation <= s.generation {
             return;
         }
         if s.enabled != doc.enabled {
@@ -207,12 +200,11 @@ impl Gate {
                 "{NOT_SENT} this node's copy of the users is behind the token's; retry"
             )));
         }
-        let caller = Caller::User {
+        Self::user(&s, claims.name, claims.generation)?;
+        Ok(Caller::User {
             name: claims.name.into(),
             generation: claims.generation,
-        };
-        Self::user(&s, &caller)?;
-        Ok(caller)
+        })
     }
 
     /// Wakes the refresh loop at once (`auth_service::refresh_loop`).
@@ -236,24 +228,34 @@ impl Gate {
         });
     }
 
-    /// As [`Self::allow`]; a user refused is checked once more against a state read after
-    /// the refusal (waiting up to a second for it), so that a permission granted through
-    /// another node an instant ago is not refused for this node's older copy.
-    pub async fn allow_fresh(&self, caller: &Caller, need: Need<'_>) -> Result<(), Status> {
-        match self.allow(caller, need) {
+    /// Runs `check` (permission checks of `caller`); a user it refuses is checked once more
+    /// against a state read after the refusal (waiting up to a second for it), so that a
+    /// permission granted through another node an instant ago is not refused for this
+    /// node's older copy.
+    pub async fn recheck(
+        &self,
+        caller: &Caller,
+        check: impl Fn() -> Result<(), Status>,
+    ) -> Result<(), Status> {
+        match check() {
             Err(s)
                 if s.code() == tonic::Code::PermissionDenied
                     && matches!(caller, Caller::User { .. }) =>
             {
                 self.fresh().await;
-                self.allow(caller, need)
+                check()
             }
             r => r,
         }
     }
 
+    /// [`Self::allow`], through [`Self::recheck`].
+    pub async fn allow_fresh(&self, caller: &Caller, need: Need<'_>) -> Result<(), Status> {
+        self.recheck(caller, || self.allow(caller, need)).await
+    }
+
     /// Waits (up to a second) until the state was read again after now.
-    pub async fn fresh(&self) {
+    async fn fresh(&self) {
         let mut rx = self.refreshed.subscribe();
         let started = self
             .refreshes_started
@@ -267,12 +269,9 @@ impl Gate {
     }
 
     /// The user behind `caller`, if it still exists as the token named it.
-    fn user<'s>(s: &'s State, caller: &Caller) -> Result<Option<&'s UserAccess>, Status> {
-        let Caller::User { name, generation } = caller else {
-            return Ok(None);
-        };
-        match s.users.get(&**name) {
-            Some(u) if u.generation == *generation => Ok(Some(u)),
+    fn user<'s>(s: &'s State, name: &str, generation: u64) -> Result<&'s UserAccess, Status> {
+        match s.users.get(name) {
+            Some(u) if u.generation == generation => Ok(u),
             _ => Err(Status::unauthenticated(
                 "the token's user was deleted or changed its password: log in again",
             )),
@@ -281,7 +280,7 @@ impl Gate {
 
     /// Whether `caller` may do what `need` says, as the state stands now.
     pub fn allow(&self, caller: &Caller, need: Need<'_>) -> Result<(), Status> {
-        match caller {
+        let (name, generation) = match caller {
             Caller::Node => return Ok(()),
             Caller::Anyone => {
                 // Let in while authentication was off: not once it is on (a stream opened
@@ -304,8 +303,8 @@ impl Gate {
                     _ => Ok(()),
                 };
             }
-            Caller::User { .. } => {}
-        }
+            Caller::User { name, generation } => (name, *generation),
+        };
         let s = self.current();
         if !s.enabled {
             // Switched off since the caller logged in.
@@ -318,16 +317,10 @@ impl Gate {
                 _ => Ok(()),
             };
         }
-        let Some(u) = Self::user(&s, caller)? else {
-            return Ok(());
-        };
+        let u = Self::user(&s, name, generation)?;
         if u.root {
             return Ok(());
         }
-        let name = match caller {
-            Caller::User { name, .. } => name.clone(),
-            _ => Arc::from(""),
-        };
         let ok = match need {
             Need::Any => true,
             Need::Admin => false,
@@ -387,9 +380,9 @@ impl Gate {
         let Some(user) = doc.users.get(name) else {
             // As long as a real check: the answer's time does not tell which users exist.
             let dummy = self.dummy.get_or_init(|| {
-                password::PasswordHash::new("", 600_000).unwrap_or_else(|_| {
+                password::PasswordHash::new("", password::DEFAULT_ITERATIONS).unwrap_or_else(|_| {
                     password::PasswordHash {
-                        iterations: 600_000,
+                        iterations: password::DEFAULT_ITERATIONS,
                         salt: vec![0; 16],
                         hash: vec![0; 32],
                     }

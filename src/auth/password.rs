@@ -7,6 +7,10 @@ use std::num::NonZeroU32;
 use ring::rand::SecureRandom;
 use serde::{Deserialize, Serialize};
 
+/// Iterations unless `security.password_iterations` says otherwise: OWASP's figure for
+/// PBKDF2-HMAC-SHA256.
+pub const DEFAULT_ITERATIONS: u32 = 600_000;
+
 const SALT_BYTES: usize = 16;
 const HASH_BYTES: usize = 32;
 

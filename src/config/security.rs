@@ -53,7 +53,7 @@ impl Default for SecurityConfig {
             client_cert_required: false,
             allowed_peer_names: Vec::new(),
             token_ttl_secs: 300,
-            password_iterations: 600_000,
+            password_iterations: crate::auth::password::DEFAULT_ITERATIONS,
             auth_refresh_ms: 1_000,
         }
     }

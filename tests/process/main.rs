@@ -42,6 +42,35 @@ fn endpoints(procs: &[common::Proc]) -> Vec<String> {
     procs.iter().map(|p| p.addr.clone()).collect()
 }
 
+/// Starts `n` processes with `regions` user regions, each with a metrics port and `tweak`
+/// applied to its config, and waits until every region is led; returns the processes, their
+/// addresses and their metrics addresses.
+async fn start_led_with_metrics(
+    dir: &std::path::Path,
+    n: usize,
+    regions: u32,
+    tweak: impl Fn(&mut tessera::config::Config),
+) -> (Vec<common::Proc>, Vec<String>, Vec<String>) {
+    let metrics: Vec<String> = common::free_addrs(n)
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let m = metrics.clone();
+    let procs = start_process_cluster(dir, n, regions, move |c| {
+        c.node.metrics_addr = m[c.node.id as usize - 1].clone();
+        tweak(c);
+    });
+    let addrs = endpoints(&procs);
+    wait_serving(&addrs).await;
+    wait_for_leaders(
+        &addrs,
+        regions as usize + common::SYSTEM_REGIONS,
+        Duration::from_secs(90),
+    )
+    .await;
+    (procs, addrs, metrics)
+}
+
 /// Starts `n` processes with `regions` user regions (default settings), waits until every
 /// region is led, and connects a client with its default options.
 async fn start_led_with_client(

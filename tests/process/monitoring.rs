@@ -27,17 +27,7 @@ fn named(path: &str) -> std::collections::BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_and_alerts_name_only_exported_metrics() {
     let dir = common::test_dir("the_dashboard_and_alerts_name_only_exported_metrics");
-    let metrics: Vec<String> = common::free_addrs(3)
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-    let m = metrics.clone();
-    let procs = start_process_cluster(dir.path(), 3, 2, move |c| {
-        c.node.metrics_addr = m[c.node.id as usize - 1].clone();
-    });
-    let addrs = endpoints(&procs);
-    wait_serving(&addrs).await;
-    wait_for_leaders(&addrs, 2 + common::SYSTEM_REGIONS, Duration::from_secs(90)).await;
+    let (procs, addrs, metrics) = start_led_with_metrics(dir.path(), 3, 2, |_| {}).await;
     let client = Client::connect(&addrs, ClientOptions::default())
         .await
         .expect("client connects");
@@ -144,19 +134,11 @@ fn browse(url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_the_nodes_and_a_node_going_down() {
     let dir = common::test_dir("the_status_page_shows_the_nodes_and_a_node_going_down");
-    let metrics: Vec<String> = common::free_addrs(3)
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-    let m = metrics.clone();
-    let mut procs = start_process_cluster(dir.path(), 3, 2, move |c| {
-        c.node.metrics_addr = m[c.node.id as usize - 1].clone();
+    let (mut procs, _addrs, metrics) = start_led_with_metrics(dir.path(), 3, 2, |c| {
         c.placement.heartbeat_interval_ms = 200;
         c.placement.node_down_after_ms = 2000;
-    });
-    let addrs = endpoints(&procs);
-    wait_serving(&addrs).await;
-    wait_for_leaders(&addrs, 2 + common::SYSTEM_REGIONS, Duration::from_secs(90)).await;
+    })
+    .await;
     let url = format!("http://{}/", metrics[0]);
     let state_of = |page: &str, node: u64| -> Option<String> {
         // "<td>node N</td><td>ADDR</td><td class="STATE">STATE</td>"

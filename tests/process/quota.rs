@@ -89,17 +89,7 @@ async fn wait_refused(client: &Client) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_over_its_quota_stops_writes_until_the_alarm_is_disarmed() {
     let dir = common::test_dir("a_node_over_its_quota_stops_writes");
-    let metrics: Vec<String> = common::free_addrs(3)
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-    let m = metrics.clone();
-    let mut procs = start_process_cluster(dir.path(), 3, 4, move |c| {
-        c.node.metrics_addr = m[c.node.id as usize - 1].clone();
-    });
-    let eps = endpoints(&procs);
-    wait_serving(&eps).await;
-    wait_for_leaders(&eps, 4 + common::SYSTEM_REGIONS, Duration::from_secs(90)).await;
+    let (mut procs, eps, metrics) = start_led_with_metrics(dir.path(), 3, 4, |_| {}).await;
     let client = Client::connect(&eps, ClientOptions::default())
         .await
         .expect("client connects");

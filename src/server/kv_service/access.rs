@@ -23,16 +23,7 @@ pub(super) async fn authorize_fresh<R: Authorize>(
     gate: &Gate,
     caller: &Caller,
 ) -> Result<(), Status> {
-    match r.authorize(gate, caller) {
-        Err(s)
-            if s.code() == tonic::Code::PermissionDenied
-                && matches!(caller, Caller::User { .. }) =>
-        {
-            gate.fresh().await;
-            r.authorize(gate, caller)
-        }
-        other => other,
-    }
+    gate.recheck(caller, || r.authorize(gate, caller)).await
 }
 
 /// An answer that may carry a key's old value: dropped unless the caller may read the key.

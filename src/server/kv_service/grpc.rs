@@ -42,9 +42,9 @@ system_access!(
 
 impl KvService {
     /// Whether the caller may use system access: on a TLS node only a caller with a
-    /// certificate of the cluster CA (a node, or an operator) may.
-    fn privileged<T>(&self, request: &Request<T>) -> bool {
-        crate::server::is_peer(self.core.transport.node_tls(), request).is_ok()
+    /// certificate of the cluster CA (a node, or an operator: `Caller::Node`) may.
+    fn privileged(&self, caller: &Caller) -> bool {
+        self.core.transport.node_tls().is_none() || matches!(caller, Caller::Node)
     }
 
     /// Who is calling (`crate::auth`): refused here when authentication is on and the
@@ -55,10 +55,9 @@ impl KvService {
 
     /// The request, its system access dropped unless the caller may have it: a user's
     /// client then gets the usual refusal for placement's keys.
-    fn checked<T: SystemAccess>(&self, request: Request<T>) -> T {
-        let privileged = self.privileged(&request);
+    fn checked<T: SystemAccess>(&self, request: Request<T>, caller: &Caller) -> T {
         let mut r = request.into_inner();
-        if !privileged {
+        if !self.privileged(caller) {
             r.drop_system();
         }
         r
@@ -70,7 +69,7 @@ impl KvService {
 macro_rules! serve {
     ($self:ident, $request:ident, $op:ident) => {{
         let caller = $self.caller(&$request)?;
-        let r = $self.checked($request);
+        let r = $self.checked($request, &caller);
         authorize_fresh(&r, &$self.core.gate, &caller).await?;
         let mut resp = $self.core.$op(r, &caller).await?;
         resp.hide(&$self.core.gate, &caller);
@@ -88,7 +87,7 @@ impl Kv for KvService {
     ) -> Result<Response<Self::CommandsStream>, Status> {
         let caller = self.caller(&request)?;
         let (tx, rx) = mpsc::channel(16);
-        let privileged = self.privileged(&request);
+        let privileged = self.privileged(&caller);
         tokio::spawn(serve_commands(
             self.core.clone(),
             request.into_inner(),
