@@ -78,15 +78,7 @@ async fn start_led_with_client(
     n: usize,
     regions: u32,
 ) -> (Vec<common::Proc>, Vec<String>, Client) {
-    let procs = start_process_cluster(dir, n, regions, |_| {});
-    let addrs = endpoints(&procs);
-    wait_serving(&addrs).await;
-    wait_for_leaders(
-        &addrs,
-        regions as usize + common::SYSTEM_REGIONS,
-        Duration::from_secs(90),
-    )
-    .await;
+    let (procs, addrs, _) = start_led_with_metrics(dir, n, regions, |_| {}).await;
     let client = Client::connect(&addrs, ClientOptions::default())
         .await
         .expect("client connects");
