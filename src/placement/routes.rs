@@ -93,16 +93,15 @@ pub async fn report_region(client: &Client, route: &RegionRoute) -> Result<bool,
         Some(false) => return Ok(true),
         Some(true) => {}
     }
-    // Rows ending inside (start, end) describe ranges this region now covers.
+    // Rows ending inside (start, end) describe ranges this region now covers: of regions
+    // it split from or merged, or its own from before a merge (a row per region and end key).
     let from = route_seek(&region.start_key);
     if from >= key {
         return Ok(true);
     }
     for kv in client.scan(&from, &key, 0).await? {
         let old = decode_route(&kv.value)?;
-        if old.region.as_ref().map(|r| r.id) != Some(region.id)
-            && route_rank(&old).0 <= route_rank(route).0
-        {
+        if route_rank(&old).0 <= route_rank(route).0 {
             client
                 .cas(
                     &kv.key,

@@ -135,6 +135,12 @@ pub struct ApplyCtx {
     /// What the round's lease commands changed, for the node's lessor once the batch is
     /// written.
     pub lease_changes: Vec<(crate::ids::RegionId, lease::LeaseChange)>,
+    /// The round's write must be synced whatever raft says (a merge step applied: the
+    /// merge relies on it surviving a crash).
+    pub must_sync: bool,
+    /// Sources merged into a local target this round (source, target): their local peers
+    /// end once the batch is written.
+    pub merged: Vec<(crate::ids::RegionId, crate::ids::RegionId)>,
 }
 
 impl ApplyCtx {
@@ -353,7 +359,9 @@ pub fn exec(
             ApplyResult::Batch { revision }
         }
         // Admin commands change the region, not its data: the peer applies them.
-        Command::Split { .. } => crate::fatal("invariant: a split reached the data apply path"),
+        Command::Split { .. } | Command::Merge(_) => {
+            crate::fatal("invariant: an admin command reached the data apply path")
+        }
         Command::Lease(_) => crate::fatal("invariant: a lease command reached the data path"),
     }
 }

@@ -206,6 +206,46 @@ pub fn load_region_ids(engine: &Engine) -> Result<Vec<RegionId>, crate::storage:
     Ok(out)
 }
 
+/// Ends the stored sources of merges whose local target already took their range (the node
+/// stopped between the target's commit and the source's end): their raft state goes, a
+/// tombstone stays, their data is the target's. Returns the storages of the other regions.
+pub fn end_merged_sources(
+    engine: &Engine,
+    storages: Vec<PeerStorage>,
+) -> Result<Vec<PeerStorage>, crate::storage::Error> {
+    let covered = |s: &PeerStorage| {
+        let Some(target) = s.merge_state().map(|m| m.target_id).filter(|t| *t != 0) else {
+            return false;
+        };
+        let r = s.region();
+        storages.iter().any(|t| {
+            t.region_id().0 == target
+                && t.is_initialized()
+                && crate::raftstore::store::overlaps(
+                    &t.region().start_key,
+                    &t.region().end_key,
+                    &r.start_key,
+                    &r.end_key,
+                )
+        })
+    };
+    let ended: Vec<bool> = storages.iter().map(covered).collect();
+    let mut wb = engine.batch();
+    let mut out = Vec::with_capacity(storages.len());
+    for (mut s, end) in storages.into_iter().zip(ended) {
+        if end {
+            tracing::info!(region = %s.region_id(), "merged region ended at start-up");
+            s.destroy(&mut wb, false);
+        } else {
+            out.push(s);
+        }
+    }
+    if !wb.is_empty() {
+        engine.write(wb, true)?;
+    }
+    Ok(out)
+}
+
 /// Writes placement's initial id counter (the highest id bootstrap used) into the placement
 /// region's data: every replica of it starts with the same counter.
 pub(crate) fn seed_id_counter(wb: &mut crate::storage::WriteBatch<'_>, max_bootstrap_id: u64) {

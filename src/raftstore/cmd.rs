@@ -20,7 +20,7 @@ use crate::storage::keys;
 pub use tessera_api::kv::{CasAction, Compare};
 
 /// A write to a region's state machine.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Command {
     Put {
         key: Vec<u8>,
@@ -52,6 +52,9 @@ pub enum Command {
     },
     /// A write to the lease keyspace (`lease`).
     Lease(LeaseCmd),
+    /// A step of a region merge (applied by the peer, `peer::merge`). Boxed: every worker
+    /// message is as large as the largest command.
+    Merge(Box<proto::merge_cmd::Op>),
 }
 
 /// A put's lease: attached in the lease's region until `deadline_ms`, by when the put must
@@ -125,7 +128,7 @@ impl Command {
             | Command::CompareAndSwap { key, .. } => vec![key],
             Command::Batch(ops) => ops.iter().map(|(k, _)| k.as_slice()).collect(),
             Command::Split { split_key, .. } => vec![split_key],
-            Command::Lease(_) => Vec::new(),
+            Command::Lease(_) | Command::Merge(_) => Vec::new(),
         }
     }
 
@@ -134,7 +137,7 @@ impl Command {
     /// the oracle's mark among them) and admin commands keep their raft index.
     pub fn needs_revision(&self) -> bool {
         match self {
-            Command::Split { .. } | Command::Lease(_) => false,
+            Command::Split { .. } | Command::Lease(_) | Command::Merge(_) => false,
             other => other.written().iter().any(|k| !keys::is_system_key(k)),
         }
     }
@@ -172,6 +175,10 @@ pub enum ApplyResult {
     },
     /// The region after a membership change applied.
     ChangePeers {
+        region: proto::Region,
+    },
+    /// The region after a merge step applied.
+    Merge {
         region: proto::Region,
     },
 }
@@ -254,6 +261,9 @@ pub fn encode(cmd: &Command, env: &Envelope) -> Vec<u8> {
             new_peer_ids: new_peer_ids.clone(),
         }),
         Command::Lease(l) => Cmd::Lease(encode_lease(l)),
+        Command::Merge(op) => Cmd::Merge(proto::MergeCmd {
+            op: Some((**op).clone()),
+        }),
     };
     prost::Message::encode_to_vec(&proto::RaftCommand {
         region_epoch: Some(env.epoch),
@@ -304,6 +314,7 @@ pub fn decode(data: &[u8]) -> Result<(Command, Envelope), DecodeError> {
             new_peer_ids: s.new_peer_ids,
         },
         Cmd::Lease(l) => Command::Lease(decode_lease(l)?),
+        Cmd::Merge(m) => Command::Merge(Box::new(m.op.ok_or(DecodeError::Missing("merge step"))?)),
     };
     let env = Envelope {
         epoch,
@@ -443,6 +454,15 @@ mod tests {
                     new_region_id,
                     new_peer_ids,
                 }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(source_id, conf_ver, version)| {
+                    Command::Merge(Box::new(proto::merge_cmd::Op::Lock(proto::MergeLockOp {
+                        source_id,
+                        source_epoch: Some(proto::RegionEpoch { conf_ver, version }),
+                    })))
+                }
+            ),
+            any::<u64>().prop_map(|id| Command::Merge(Box::new(proto::merge_cmd::Op::Unlock(id)))),
         ]
     }
 

@@ -284,6 +284,9 @@ pub enum PeerMsg {
     /// An admin request found this peer not leading: start ticking again, so that a
     /// sleeping follower of a leader that is gone notices and elects one.
     Wake,
+    /// This node's replica of the merge's target took this region's range: the peer ends,
+    /// leaving its data to the target.
+    Merged { into: RegionId },
 }
 
 /// Replication progress as a region's leader sees it.
@@ -308,6 +311,8 @@ pub struct RegionInfo {
     pub bytes: u64,
     /// Write commands applied by this replica since it started.
     pub writes: u64,
+    /// The merge the region takes part in, if any.
+    pub merge: Option<proto::MergeState>,
 }
 
 /// Why a sleeping (hibernating) peer woke: the label of `tessera_region_wakeups_total`, and

@@ -31,6 +31,8 @@ mod hibernate;
 mod lease;
 mod life;
 mod log_gc;
+mod merge;
+pub use merge::mergeable;
 mod propose;
 mod read;
 mod ready;
@@ -239,6 +241,11 @@ impl Peer {
         if !self.raw.store().is_initialized() {
             return Err(RegionError::RegionNotFound(self.region_id));
         }
+        if let Some(target) = self.merging_into() {
+            return Err(RegionError::ServerBusy {
+                reason: format!("region {} is merging into region {target}", self.region_id),
+            });
+        }
         let region = self.region();
         if epoch.version != self.epoch().version {
             return Err(RegionError::EpochNotMatch {
@@ -299,6 +306,7 @@ impl Peer {
                 self.raw.report_snapshot(to.0, status);
             }
             PeerMsg::Wake => {}
+            PeerMsg::Merged { into } => self.merged_into(into),
             PeerMsg::Describe(tx) => {
                 let (keys, bytes) = self.raw.store().data_stats();
                 let _ = tx.send(RegionInfo {
@@ -310,6 +318,7 @@ impl Peer {
                     keys,
                     bytes,
                     writes: self.writes_applied,
+                    merge: self.raw.store().merge_state().cloned(),
                 });
             }
             PeerMsg::TransferLeader { to_node, reply } => {

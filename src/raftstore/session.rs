@@ -153,6 +153,26 @@ impl Sessions {
         }
     }
 
+    /// Adds another region's records to these (a merge: a retry of a write the source
+    /// applied may now reach the target). A client in both keeps every answer and the
+    /// higher `first_incomplete`; the earlier next sweep wins.
+    pub fn absorb(&mut self, other: Sessions) {
+        for (id, c) in other.clients {
+            let mine = self.clients.entry(id).or_default();
+            mine.first_incomplete = mine.first_incomplete.max(c.first_incomplete);
+            mine.last_active_ms = mine.last_active_ms.max(c.last_active_ms);
+            for (seq, res) in c.results {
+                mine.results.entry(seq).or_insert(res);
+            }
+        }
+        if other.next_sweep_ms > 0 {
+            self.next_sweep_ms = match self.next_sweep_ms {
+                0 => other.next_sweep_ms,
+                mine => mine.min(other.next_sweep_ms),
+            };
+        }
+    }
+
     /// Clients with records (for metrics and tests).
     pub fn clients(&self) -> usize {
         self.clients.len()
@@ -274,7 +294,7 @@ fn to_outcome(res: &ApplyResult) -> proto::WriteOutcome {
         ApplyResult::Batch { revision } => (Kind::Batch, None, *revision, true),
         ApplyResult::Lease { .. } => unreachable!("answered above"),
         // Admin commands carry no write id; `Peer::apply_command` never records them.
-        ApplyResult::Split { .. } | ApplyResult::ChangePeers { .. } => {
+        ApplyResult::Split { .. } | ApplyResult::ChangePeers { .. } | ApplyResult::Merge { .. } => {
             crate::fatal("invariant: an admin command's answer reached the write records")
         }
     };

@@ -223,6 +223,14 @@ impl StoreCtx {
         ranges.insert(child, (right.0.to_vec(), right.1.to_vec()));
     }
 
+    /// A merge applied: `target` takes `range`, which includes the source's, and the
+    /// source's entry goes — under one lock, so no reader sees the range owned by neither.
+    pub fn merge_range(&self, target: RegionId, range: (&[u8], &[u8]), source: RegionId) {
+        let mut ranges = self.ranges();
+        ranges.remove(&source);
+        ranges.insert(target, (range.0.to_vec(), range.1.to_vec()));
+    }
+
     /// Restores `region`'s entry to what it was before a tentative [`Self::claim_range`].
     pub fn restore_range(&self, region: RegionId, before: Option<(Vec<u8>, Vec<u8>)>) {
         let mut ranges = self.ranges();

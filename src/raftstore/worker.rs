@@ -383,7 +383,7 @@ impl Worker {
             }
         }
         if !wb.is_empty() {
-            let sync = must_sync && self.sync_writes;
+            let sync = (must_sync || actx.must_sync) && self.sync_writes;
             // Chaos tests: crash (exit 75) or stall just before or after the log write.
             fail::fail_point!("raft_before_write", |_| std::process::exit(75));
             let started = std::time::Instant::now();
@@ -401,6 +401,7 @@ impl Worker {
             }
         }
         metrics::counter!("tessera_entries_applied_total").increment(actx.applied_entries);
+        self.end_merged_sources(&mut actx);
         let mut born = self.start_new_peers(&mut actx);
         self.publish_leases(&mut actx);
         actx.send_replies();
@@ -415,7 +416,7 @@ impl Worker {
             }
         }
         if !wb.is_empty() {
-            if let Err(e) = engine.write(wb, false) {
+            if let Err(e) = engine.write(wb, actx.must_sync && self.sync_writes) {
                 crate::fatal(&format!(
                     "raft worker {} apply write failed: {e}",
                     self.index
@@ -423,6 +424,7 @@ impl Worker {
             }
         }
         metrics::counter!("tessera_entries_applied_total").increment(actx.applied_entries);
+        self.end_merged_sources(&mut actx);
         born.extend(self.start_new_peers(&mut actx));
         self.publish_leases(&mut actx);
         actx.send_replies();
@@ -510,6 +512,21 @@ impl Worker {
         match Peer::new(new, &self.store) {
             Ok(p) => p,
             Err(e) => crate::fatal(&format!("cannot build the peer of region {region}: {e}")),
+        }
+    }
+
+    /// Tells the local peers of sources merged this round that their target took their
+    /// range. Call after the batch holding the merge is written: a source destroyed before
+    /// it would leave a restart with neither the source nor the merged target.
+    fn end_merged_sources(&mut self, actx: &mut ApplyCtx) {
+        for (source, target) in std::mem::take(&mut actx.merged) {
+            if self
+                .router
+                .send(source, PeerMsg::Merged { into: target })
+                .is_err()
+            {
+                tracing::warn!(region = %source, %target, "merged source has no local peer to end");
+            }
         }
     }
 

@@ -143,11 +143,24 @@ pub(super) fn start_raft(
     // Each worker says whether it could build each peer: a region whose stored state cannot
     // make one fails the start with an error naming it (not a stopped process later).
     let (built_tx, built) = std::sync::mpsc::channel();
+    let mut storages = Vec::with_capacity(region_ids.len());
     for id in region_ids {
-        let storage = PeerStorage::open(engine.clone(), *id).map_err(|e| StartError::Region {
-            region: *id,
-            reason: e.to_string(),
+        storages.push(
+            PeerStorage::open(engine.clone(), *id).map_err(|e| StartError::Region {
+                region: *id,
+                reason: e.to_string(),
+            })?,
+        );
+    }
+    let storages =
+        crate::raftstore::bootstrap::end_merged_sources(engine, storages).map_err(|e| {
+            StartError::Store {
+                path: cfg.node.data_dir.display().to_string(),
+                source: e,
+            }
         })?;
+    for storage in storages {
+        let id = &storage.region_id();
         if storage.is_initialized() {
             let r = storage.region();
             ctx.set_range(*id, &r.start_key, &r.end_key);
@@ -419,6 +432,10 @@ pub(super) fn spawn_tasks(
             down_after: Duration::from_millis(cfg.placement.node_down_after_ms),
             replace_after: Duration::from_millis(cfg.placement.replace_down_after_ms),
             max_moves: cfg.placement.max_concurrent_moves,
+            merges: crate::placement::scheduler::MergeLimits {
+                below_keys: cfg.region.merge_below_keys,
+                below_bytes: cfg.region.merge_below_bytes,
+            },
         },
     ));
     let compaction = tokio::spawn(compaction::compaction_loop(

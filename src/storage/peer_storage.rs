@@ -35,8 +35,8 @@ use super::snapshot::generate_snapshot;
 use super::{Cf, Engine, Error, WriteBatch};
 use crate::ids::RegionId;
 use crate::proto::{
-    ConfStateRecord, PeerState, RaftApplyState, RaftLocalState, Region, RegionLocalState,
-    RegionSnapshotData, SnapshotKv,
+    ConfStateRecord, MergeState, PeerState, RaftApplyState, RaftLocalState, Region,
+    RegionLocalState, RegionSnapshotData, SnapshotKv,
 };
 
 /// A freshly bootstrapped region's log starts here rather than at 0, so that a peer created
@@ -280,6 +280,23 @@ impl PeerStorage {
         self.put_region_state(batch);
     }
 
+    /// The merge this region takes part in, as of the applied index.
+    pub fn merge_state(&self) -> Option<&MergeState> {
+        self.region_state.merge.as_ref()
+    }
+
+    /// Replaces the region's descriptor and merge state (a merge step applied).
+    pub fn set_merge(
+        &mut self,
+        region: Region,
+        merge: Option<MergeState>,
+        batch: &mut WriteBatch<'_>,
+    ) {
+        self.region_state.region = Some(region);
+        self.region_state.merge = merge;
+        self.put_region_state(batch);
+    }
+
     /// Live user keys and their bytes in this region, as of the applied index.
     pub fn data_stats(&self) -> (u64, u64) {
         (self.apply_state.data_keys, self.apply_state.data_bytes)
@@ -428,6 +445,7 @@ impl PeerStorage {
             state: PeerState::Normal as i32,
             region: Some(region),
             conf_state: Some(conf_state_record(meta.get_conf_state())),
+            merge: data.merge,
         };
         self.put_raft_state(batch);
         batch.put_msg(

@@ -93,6 +93,7 @@ fn generate_snapshot_from(
         max_revision: apply.max_revision,
         history,
         compacted_revision,
+        merge: state.merge,
     };
     let mut snap = Snapshot::default();
     snap.set_data(prost::Message::encode_to_vec(&data).into());

@@ -220,6 +220,7 @@ fn garbage_snapshots_are_refused_and_change_nothing() {
                 max_revision: 0,
                 history: vec![],
                 compacted_revision: 0,
+                merge: None,
                 kvs: kvs
                     .into_iter()
                     .map(|(k, v)| SnapshotKv {

@@ -323,6 +323,7 @@ fn apply_snapshot_replaces_range_log_and_state() {
             max_revision: 0,
             history: vec![],
             compacted_revision: 0,
+            merge: None,
             kvs: vec![],
         })
         .into(),
@@ -341,6 +342,7 @@ fn apply_snapshot_replaces_range_log_and_state() {
             max_revision: 0,
             history: vec![],
             compacted_revision: 0,
+            merge: None,
             kvs: vec![SnapshotKv {
                 key: b"zzz".to_vec(),
                 value: vec![],

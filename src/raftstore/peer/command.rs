@@ -74,6 +74,10 @@ impl Peer {
             self.withdraw_lease();
             return self.apply_split(split_key, new_region_id, new_peer_ids, e, wb, actx);
         }
+        if let Command::Merge(op) = cmd {
+            self.raw.raft.skip_bcast_commit(true);
+            return self.apply_merge(*op, &env, e, wb, actx);
+        }
         // Time and TTL both from the entry: the same decision on every replica.
         if env.proposed_at_ms > 0 && env.session_ttl_ms > 0 {
             let forgotten = self.sessions.maybe_sweep(

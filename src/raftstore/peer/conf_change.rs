@@ -116,6 +116,14 @@ impl Peer {
         if !cc.changes.is_empty() {
             let ctx = <proto::ChangePeersContext as prost::Message>::decode(&cc.context[..])
                 .unwrap_or_else(|err| self.undecodable(e, &err));
+            if self.in_merge() {
+                return Err(RegionError::Refused {
+                    reason: format!(
+                        "membership change of region {} refused: it is taking part in a merge",
+                        region.id
+                    ),
+                });
+            }
             if ctx.region_epoch.unwrap_or_default().conf_ver != epoch.conf_ver {
                 return Err(RegionError::EpochNotMatch {
                     current: vec![region],

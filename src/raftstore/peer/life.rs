@@ -55,6 +55,16 @@ impl Peer {
         tracing::info!(region = %self.region_id, peer = %self.peer_id, "peer destroyed");
     }
 
+    /// The target's replica on this node took this region's range (`peer::merge`): the peer
+    /// ends after this round, like a removed one, and its data stays with the target.
+    pub(super) fn merged_into(&mut self, target: crate::ids::RegionId) {
+        if self.merging_into() != Some(target.0) {
+            tracing::error!(region = %self.region_id, %target, "merge notice for a region not merging into it; ignored");
+            return;
+        }
+        self.life.pending_destroy = true;
+    }
+
     /// Tells peers this leader removed that they are gone (best effort: a peer that misses
     /// it learns it from the log if it catches up, or stays harmless behind prevote).
     pub(super) fn send_tombstones(&mut self, transport: &Transport) {

@@ -210,7 +210,7 @@ impl Peer {
         revision: u64,
         reply: Reply<ApplyResult>,
     ) {
-        let is_split = matches!(cmd, Command::Split { .. });
+        let is_split = matches!(cmd, Command::Split { .. } | Command::Merge(_));
         let env = Envelope {
             epoch,
             write_id: write_id.map(|w| *w),

@@ -45,6 +45,9 @@ impl Peer {
             // A lease's record and its attached rows stay in one region.
             return refuse("a lease region splits only at a lease's record");
         }
+        if self.in_merge() {
+            return refuse("the region is taking part in a merge");
+        }
         if new_region_id == 0 || new_peer_ids.contains(&0) {
             return refuse("malformed split command");
         }

@@ -101,6 +101,7 @@ impl PeerStorage {
                     ..Default::default()
                 }),
                 conf_state: Some(ConfStateRecord::default()),
+                merge: None,
             },
             last_term: 0,
             cache: EntryCache::default(),
@@ -160,6 +161,7 @@ fn starting_states(
             state: PeerState::Normal as i32,
             region: Some(region.clone()),
             conf_state: Some(conf_state_of_region(region)),
+            merge: None,
         },
     )
 }
