@@ -304,6 +304,65 @@ impl Client {
         Ok(regions)
     }
 
+    /// Merges region `source` into `target`, its neighbour with replicas on the same nodes:
+    /// the target keeps its id and takes the source's range. Returns the target afterwards.
+    /// The merge runs in steps on the source's leader node, asked until done or `timeout`;
+    /// asking again after a failure finishes a merge left half done.
+    pub async fn merge_regions(
+        &self,
+        source: RegionId,
+        target: RegionId,
+        timeout: Duration,
+    ) -> Result<proto::Region> {
+        let (source_id, target_id) = (source.get(), target.get());
+        if source_id == target_id {
+            return Err(Error::InvalidArgument(
+                "a region cannot merge with itself".into(),
+            ));
+        }
+        // The source's first key stays the source's until the merge, then the target's.
+        let key = self.cached_region(source_id).await?.region.start_key;
+        let start = Instant::now();
+        loop {
+            let (region, done, step) = self
+                .execute(&key, Mode::Idempotent, |conn, header| async move {
+                    if header.region_id == target_id {
+                        return Ok((None, (None, true, String::new())));
+                    }
+                    if header.region_id != source_id {
+                        return Err(Status::failed_precondition(format!(
+                            "region {source_id}'s first key is now in region {}",
+                            header.region_id
+                        )));
+                    }
+                    let r = NodeClient::new(conn.ch)
+                        .merge_regions(proto::MergeRegionsRequest {
+                            header: Some(header),
+                            target_id,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.region_error, (r.region, r.done, r.step)))
+                })
+                .await?;
+            if done {
+                if region.is_some() {
+                    return self.region_changed(region);
+                }
+                self.refresh().await?;
+                return Ok(self.cached_region(target_id).await?.region);
+            }
+            if start.elapsed() >= timeout {
+                return Err(Error::Deadline {
+                    attempts: 0,
+                    elapsed: start.elapsed(),
+                    last: format!("merge of region {source_id} into {target_id}: {step}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Changes the membership of a region by node ids: `(kind, node)` pairs; several go
     /// through joint consensus. Returns the region afterwards.
     pub async fn change_peers(

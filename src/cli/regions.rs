@@ -1,4 +1,4 @@
-//! `tessera regions`: list the regions, or split, move or change one.
+//! `tessera regions`: list the regions, or split, merge, move or change one.
 //!
 //! Invariants:
 //! - region boundaries are printed in hex (`-` for the keyspace's edge), never as raw bytes;
@@ -27,6 +27,11 @@ pub enum RegionsOp {
         #[arg(long)]
         hex: bool,
     },
+    /// Merge two adjacent regions with replicas on the same nodes: LEFT takes RIGHT's range
+    /// and keeps its id, RIGHT ends (waits up to 2 minutes; run again to finish a merge that
+    /// was interrupted). Small idle regions also merge by themselves below the [region]
+    /// merge limits.
+    Merge { left: RegionId, right: RegionId },
     /// Move REGION's replica on node FROM to node TO: a learner is added on TO and caught up
     /// (by snapshot), then promoted while FROM's replica is removed, in one joint change.
     Move {
@@ -113,6 +118,11 @@ pub async fn run(conn: ConnArgs, op: Option<RegionsOp>) -> Result<()> {
                 key.into_bytes()
             };
             return print_split(&conn, client.split(&key).await?);
+        }
+        Some(RegionsOp::Merge { left, right }) => {
+            let timeout = std::time::Duration::from_secs(120);
+            let merged = client.merge_regions(right, left, timeout).await?;
+            return print_split(&conn, vec![merged]);
         }
         Some(RegionsOp::Move {
             region_id,

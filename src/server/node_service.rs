@@ -30,10 +30,11 @@ use crate::proto::node_server;
 use crate::proto::{
     ChangePeersRequest, ChangePeersResponse, ClusterStatusRequest, ClusterStatusResponse,
     JoinRequest, JoinResponse, ListNodesRequest, ListNodesResponse, LocateKeyRequest,
-    LocateKeyResponse, MoveReplicaRequest, MoveReplicaResponse, NodeAddress, RegionsRequest,
-    RegionsResponse, RemoveNodeRequest, RemoveNodeResponse, ScanRegionsRequest,
-    ScanRegionsResponse, SetFailpointRequest, SetFailpointResponse, SplitRegionRequest,
-    SplitRegionResponse, TransferLeaderRequest, TransferLeaderResponse,
+    LocateKeyResponse, MergeRegionsRequest, MergeRegionsResponse, MoveReplicaRequest,
+    MoveReplicaResponse, NodeAddress, RegionsRequest, RegionsResponse, RemoveNodeRequest,
+    RemoveNodeResponse, ScanRegionsRequest, ScanRegionsResponse, SetFailpointRequest,
+    SetFailpointResponse, SplitRegionRequest, SplitRegionResponse, TransferLeaderRequest,
+    TransferLeaderResponse,
 };
 use crate::raftstore::msg::{self, PeerMsg};
 use crate::raftstore::router::Router;
@@ -271,6 +272,51 @@ impl node_server::Node for NodeService {
             Err(super::admin::AdminError::Region(e)) => Ok(Response::new(SplitRegionResponse {
                 region_error: Some(e.to_proto(addr)),
                 regions: Vec::new(),
+            })),
+            Err(e @ super::admin::AdminError::Placement(_)) => {
+                Err(Status::unavailable(e.to_string()))
+            }
+            Err(e @ super::admin::AdminError::Unknown(_)) => {
+                Err(Status::deadline_exceeded(e.to_string()))
+            }
+        }
+    }
+
+    async fn merge_regions(
+        &self,
+        request: Request<MergeRegionsRequest>,
+    ) -> Result<Response<MergeRegionsResponse>, Status> {
+        super::require_admin(&self.gate, self.transport.node_tls(), &request, "a merge")?;
+        let req = request.into_inner();
+        let header = required_header(req.header)?;
+        if req.target_id == 0 {
+            return Err(Status::invalid_argument(
+                "target region id 0 names no region",
+            ));
+        }
+        let res = super::admin::merge_step(
+            &self.router,
+            &self.transport,
+            RegionId(header.region_id),
+            RegionId(req.target_id),
+        )
+        .await;
+        let transport = self.transport.clone();
+        let addr = |n| transport.address(crate::ids::NodeId(n)).unwrap_or_default();
+        let answer = |region, done, step| {
+            Ok(Response::new(MergeRegionsResponse {
+                region_error: None,
+                region,
+                done,
+                step,
+            }))
+        };
+        match res {
+            Ok(super::admin::MergeStep::Done(r)) => answer(Some(r), true, String::new()),
+            Ok(super::admin::MergeStep::InProgress(step)) => answer(None, false, step),
+            Err(super::admin::AdminError::Region(e)) => Ok(Response::new(MergeRegionsResponse {
+                region_error: Some(e.to_proto(addr)),
+                ..Default::default()
             })),
             Err(e @ super::admin::AdminError::Placement(_)) => {
                 Err(Status::unavailable(e.to_string()))

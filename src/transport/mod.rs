@@ -324,7 +324,8 @@ impl Transport {
         )
     }
 
-    async fn channel(&self, node: NodeId) -> Result<Channel, String> {
+    /// The cached channel to `node` (made on first use), for raft traffic and admin calls.
+    pub async fn channel(&self, node: NodeId) -> Result<Channel, String> {
         if let Some(c) = self.inner.channels.get(&node) {
             return Ok(c.clone());
         }

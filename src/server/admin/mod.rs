@@ -15,16 +15,19 @@
 //!   0), and are in start-key order.
 
 pub mod membership;
+pub mod merge;
 pub mod split;
 
 use tokio::sync::oneshot;
 
 use crate::ids::RegionId;
 use crate::proto;
+use crate::raftstore::cmd::{ApplyResult, Command};
 use crate::raftstore::msg::{PeerMsg, Progress, RegionError, RegionInfo};
-use crate::raftstore::router::Router;
+use crate::raftstore::router::{RouteError, Router};
 
 pub use membership::{change_peers, move_replica, MoveStep};
+pub use merge::{merge_step, MergeStep};
 pub use split::{split_oversized, split_region, SplitLimits};
 
 /// Why an admin request failed.
@@ -56,6 +59,37 @@ pub(super) async fn ask<T>(
         // Sent, and the answer dropped (the peer was destroyed, or the node is stopping):
         // what was asked may have been done.
         .map_err(|_| AdminError::Unknown("the region's answer was dropped".into()))
+}
+
+/// Proposes an admin command through `region`'s log under `epoch` and waits for it to apply.
+pub(super) async fn propose(
+    router: &Router,
+    region: RegionId,
+    epoch: proto::RegionEpoch,
+    cmd: Command,
+) -> Result<ApplyResult, AdminError> {
+    let (tx, rx) = oneshot::channel();
+    let msg = PeerMsg::Propose {
+        cmd,
+        epoch,
+        write_id: None,
+        reply: tx,
+    };
+    match router.send_client(region, msg) {
+        Ok(()) => {}
+        Err(RouteError::RegionNotFound(_)) => {
+            return Err(AdminError::Region(RegionError::RegionNotFound(region)))
+        }
+        Err(_) => return Err(AdminError::Unknown("raft worker busy or stopping".into())),
+    }
+    match tokio::time::timeout(crate::server::REQUEST_TIMEOUT, rx).await {
+        Ok(Ok(Ok(res))) => Ok(res),
+        Ok(Ok(Err(e))) => Err(AdminError::Region(e)),
+        Ok(Err(_)) => Err(AdminError::Unknown(
+            "the region dropped the proposal".into(),
+        )),
+        Err(_) => Err(AdminError::Unknown("timed out".into())),
+    }
 }
 
 pub(super) async fn describe(router: &Router, region: RegionId) -> Result<RegionInfo, AdminError> {

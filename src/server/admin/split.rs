@@ -16,15 +16,13 @@
 //! - the size check scans data off the raft threads; oversized regions split one at a
 //!   time, and a failed split waits for the next check.
 
-use tokio::sync::oneshot;
-
-use super::{led_region, AdminError};
+use super::{led_region, propose, AdminError};
 use crate::ids::RegionId;
 use crate::placement::client::SystemClient;
 use crate::proto::{self, Region, RegionEpoch};
 use crate::raftstore::cmd::{ApplyResult, Command};
-use crate::raftstore::msg::{PeerMsg, RegionError, RegionInfo};
-use crate::raftstore::router::{RouteError, Router};
+use crate::raftstore::msg::RegionInfo;
+use crate::raftstore::router::Router;
 use crate::storage::{keys, Cf, Engine};
 
 /// Splits `region` at `split_key`. `epoch` is the one the caller routed with (`None` = the
@@ -60,28 +58,9 @@ pub async fn split_region(
         new_region_id,
         new_peer_ids: ids.collect(),
     };
-    let (tx, rx) = oneshot::channel();
-    let msg = PeerMsg::Propose {
-        cmd,
-        epoch,
-        write_id: None,
-        reply: tx,
-    };
-    match router.send_client(region, msg) {
-        Ok(()) => {}
-        Err(RouteError::RegionNotFound(_)) => {
-            return Err(AdminError::Region(RegionError::RegionNotFound(region)))
-        }
-        Err(_) => return Err(AdminError::Unknown("raft worker busy or stopping".into())),
-    }
-    match tokio::time::timeout(crate::server::REQUEST_TIMEOUT, rx).await {
-        Ok(Ok(Ok(ApplyResult::Split { regions }))) => Ok(regions),
-        Ok(Ok(Ok(other))) => Err(AdminError::Unknown(format!("unexpected result {other:?}"))),
-        Ok(Ok(Err(e))) => Err(AdminError::Region(e)),
-        Ok(Err(_)) => Err(AdminError::Unknown(
-            "the region dropped the proposal".into(),
-        )),
-        Err(_) => Err(AdminError::Unknown("timed out".into())),
+    match propose(router, region, epoch, cmd).await? {
+        ApplyResult::Split { regions } => Ok(regions),
+        other => Err(AdminError::Unknown(format!("unexpected result {other:?}"))),
     }
 }
 
