@@ -172,6 +172,10 @@ pub struct RegionConfig {
     /// A region whose leader counts more bytes (keys plus stored records) than this is split
     /// in two (0 = never).
     pub max_bytes: u64,
+    /// Adjacent idle regions with fewer live keys than this (and fewer bytes than
+    /// `merge_below_bytes`) are merged by the scheduler (0 = only when asked).
+    pub merge_below_keys: u64,
+    pub merge_below_bytes: u64,
 }
 
 impl Default for RegionConfig {
@@ -179,6 +183,8 @@ impl Default for RegionConfig {
         Self {
             max_keys: 960_000,
             max_bytes: 96 << 20,
+            merge_below_keys: 0,
+            merge_below_bytes: 0,
         }
     }
 }

@@ -28,6 +28,9 @@ use crate::ids::{NodeId, RegionId};
 use crate::placement::client::SystemClient;
 use crate::proto::{NodeRecord, PeerRole, RegionRoute};
 
+mod merges;
+pub use merges::MergeLimits;
+
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
     pub enabled: bool,
@@ -38,6 +41,8 @@ pub struct SchedulerConfig {
     /// A node down for this long (or removed) has its replicas replaced.
     pub replace_after: Duration,
     pub max_moves: usize,
+    /// When adjacent idle regions merge.
+    pub merges: MergeLimits,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,12 +57,18 @@ pub enum Op {
         region: RegionId,
         to: NodeId,
     },
+    /// Merge `source` into `target`, its left neighbour.
+    Merge {
+        source: RegionId,
+        target: RegionId,
+    },
 }
 
 impl Op {
-    fn region(&self) -> u64 {
+    fn regions(&self) -> Vec<u64> {
         match self {
-            Op::Move { region, .. } | Op::TransferLeader { region, .. } => region.get(),
+            Op::Move { region, .. } | Op::TransferLeader { region, .. } => vec![region.get()],
+            Op::Merge { source, target } => vec![source.get(), target.get()],
         }
     }
 }
@@ -235,7 +246,7 @@ pub fn plan(
             r.leader.is_some_and(|l| l.node_id == hi)
                 && r.region.as_ref().is_some_and(|region| {
                     !skip.contains(&region.id)
-                        && !ops.iter().any(|o: &Op| o.region() == region.id)
+                        && !ops.iter().any(|o: &Op| o.regions().contains(&region.id))
                         && region
                             .peers
                             .iter()
@@ -341,7 +352,10 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
             (b.keys().copied().collect::<HashSet<u64>>(), in_flight)
         };
         let budget = cfg.max_moves.saturating_sub(in_flight);
-        let ops = plan(&routes, &nodes, cfg.replicas, &skip, budget);
+        let mut ops = plan(&routes, &nodes, cfg.replicas, &skip, budget);
+        if ops.is_empty() && in_flight == 0 {
+            ops.extend(merges::plan_merge(&routes, &nodes, cfg.merges, &skip));
+        }
         tracing::debug!(
             live = ?nodes.live, dead = ?nodes.dead, regions = routes.len(), busy = skip.len(),
             ops = ops.len(), "scheduler round"
@@ -353,9 +367,12 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
             quiet_rounds = 0;
         }
         for op in ops {
-            busy.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(op.region(), None);
+            {
+                let mut b = busy.lock().unwrap_or_else(|e| e.into_inner());
+                for region in op.regions() {
+                    b.insert(region, None);
+                }
+            }
             let (client, busy) = (client.clone(), busy.clone());
             tokio::spawn(async move {
                 let res = match &op {
@@ -377,6 +394,10 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
                             "the leader did not take the transfer within 1 s".into(),
                         ))
                     }),
+                    Op::Merge { source, target } => client
+                        .merge_regions(*source, *target, Duration::from_secs(60))
+                        .await
+                        .map(|_| ()),
                 };
                 match res {
                     Ok(()) => {
@@ -385,9 +406,10 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
                     }
                     Err(e) => tracing::warn!(?op, error = %e, "scheduled operation failed"),
                 }
-                busy.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(op.region(), Some(Instant::now()));
+                let mut b = busy.lock().unwrap_or_else(|e| e.into_inner());
+                for region in op.regions() {
+                    b.insert(region, Some(Instant::now()));
+                }
             });
         }
     }
@@ -467,6 +489,7 @@ mod tests {
             replace_after: Duration::from_secs(2),
             replicas: 3,
             max_moves: 2,
+            merges: MergeLimits::default(),
         };
         let rec = |id, hb| NodeRecord {
             node_id: id,
@@ -539,6 +562,7 @@ mod tests {
             down_after: Duration::from_secs(10),
             replace_after: Duration::from_secs(60),
             max_moves: 2,
+            merges: MergeLimits::default(),
         };
         let rec = |id, hb, removed| NodeRecord {
             node_id: id,
