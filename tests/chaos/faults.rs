@@ -24,6 +24,9 @@ pub(crate) enum Fault {
     /// The regions holding the test's keys are split (at each key) one after another while
     /// random nodes are killed and restarted.
     SplitsUnderKills,
+    /// The regions holding the test's keys are split and merged back again and again, while
+    /// the node leading the merging regions is killed -9 and restarted.
+    MergesUnderKills,
     /// Network partition: the leader-heavy node is cut off from both others (clients still
     /// reach it), healed, then a random node is; each for a third of the run.
     IsolateNode,
@@ -75,6 +78,8 @@ pub(crate) struct FaultRun<'a> {
     pub(crate) splits: u32,
     /// Replica moves that completed (MovesUnderKills).
     pub(crate) moves: u32,
+    /// Merges that completed (MergesUnderKills).
+    pub(crate) merges: u32,
 }
 
 /// Runs `fault` for the run's time.
@@ -99,6 +104,7 @@ pub(crate) async fn inject(fault: Fault, r: &mut FaultRun<'_>) {
         Fault::CrashAroundLogWrite => crash_around_log_write(r).await,
         Fault::SlowDisk => slow_disk(r).await,
         Fault::SplitsUnderKills => splits_under_kills(r).await,
+        Fault::MergesUnderKills => super::merges::merges_under_kills(r).await,
         Fault::IsolateNode => isolate_node(r).await,
         Fault::MajorityRing => majority_ring(r).await,
         Fault::OneWay => one_way(r).await,

@@ -156,6 +156,8 @@ pub(crate) struct Outcome {
     pub(crate) splits: u32,
     /// Replica moves that completed (MovesUnderKills).
     pub(crate) moves: u32,
+    /// Merges that completed (MergesUnderKills).
+    pub(crate) merges: u32,
     /// Raft messages lost to injected link faults, all nodes.
     pub(crate) injected_drops: u64,
     /// Linearizable reads served under a leader lease / after a ReadIndex round, all nodes
@@ -364,6 +366,7 @@ pub(crate) async fn scenario_with(
         crashes: 0,
         splits: 0,
         moves: 0,
+        merges: 0,
     };
     inject(fault, &mut run).await;
     let FaultRun {
@@ -371,6 +374,7 @@ pub(crate) async fn scenario_with(
         crashes,
         splits,
         moves,
+        merges,
         recoveries,
         ..
     } = run;
@@ -527,6 +531,7 @@ pub(crate) async fn scenario_with(
         crashes,
         splits,
         moves,
+        merges,
         verdict,
         misreported: misreported.len(),
         ok,

@@ -23,6 +23,7 @@ mod elections;
 mod faults;
 mod harness;
 mod links;
+mod merges;
 mod moves;
 mod watchers;
 
@@ -110,6 +111,14 @@ async fn run_scenario_with(name: &str, fault: Fault, tls: bool) {
                 o.injected_drops
             );
             assert!(o.injected_drops > 0, "{name}: the link faults never fired");
+        }
+        if matches!(fault, Fault::MergesUnderKills) {
+            eprintln!("chaos {name} seed {seed}: merges completed: {}", o.merges);
+            assert!(
+                o.merges >= 3,
+                "{name}: too few merges happened ({})",
+                o.merges
+            );
         }
         if matches!(fault, Fault::MovesUnderKills) {
             eprintln!(
@@ -241,6 +250,13 @@ async fn splits_while_nodes_are_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn splits_while_nodes_are_killed_with_tls_and_auth() {
     run_scenario_with("splits-under-kill9-tls-auth", Fault::SplitsUnderKills, true).await;
+}
+
+/// Splits and merges back while the node leading the merging regions is killed -9: a merge
+/// cut off at any step is finished by asking again, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merges_while_their_leaders_are_killed() {
+    run_scenario("merges-under-kill9", Fault::MergesUnderKills).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

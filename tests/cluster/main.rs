@@ -11,6 +11,7 @@ mod history;
 mod kv;
 mod leases;
 mod lifecycle;
+mod merge;
 mod placement;
 mod routing;
 mod snapshot;
