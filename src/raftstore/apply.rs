@@ -345,6 +345,12 @@ pub fn exec(
             }
         }
         Command::Batch(ops) => {
+            let mut hashes: Vec<u64> = ops
+                .iter()
+                .map(|(k, _)| super::session::key_hash(k))
+                .collect();
+            hashes.sort_unstable();
+            hashes.dedup();
             for (key, value) in ops {
                 let dkey = keys::data_key(&key);
                 let cur = ctx.current(engine, &dkey);
@@ -356,7 +362,10 @@ pub fn exec(
                     None => ctx.delete(wb, dkey, cur.as_ref(), revision),
                 }
             }
-            ApplyResult::Batch { revision }
+            ApplyResult::Batch {
+                revision,
+                keys: hashes,
+            }
         }
         // Admin commands change the region, not its data: the peer applies them.
         Command::Split { .. } | Command::Merge(_) => {

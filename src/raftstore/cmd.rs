@@ -161,6 +161,9 @@ pub enum ApplyResult {
     },
     Batch {
         revision: u64,
+        /// The written keys' hashes, sorted (`session::key_hash`): a write id shared by the
+        /// parts of a batch split over regions is told apart by its keys.
+        keys: Vec<u64>,
     },
     /// A lease command: per lease id of the command, its TTL if it is live afterwards (and
     /// for a grant: was granted by it; for a revoke: was live before), else 0; and for an
@@ -170,17 +173,11 @@ pub enum ApplyResult {
         attach_deadline_ms: u64,
     },
     /// The regions covering the split region's old range, in key order.
-    Split {
-        regions: Vec<proto::Region>,
-    },
+    Split { regions: Vec<proto::Region> },
     /// The region after a membership change applied.
-    ChangePeers {
-        region: proto::Region,
-    },
+    ChangePeers { region: proto::Region },
     /// The region after a merge step applied.
-    Merge {
-        region: proto::Region,
-    },
+    Merge { region: proto::Region },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

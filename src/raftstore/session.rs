@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use prost::Message as _;
 
-use super::cmd::ApplyResult;
+use super::cmd::{ApplyResult, Command};
 use crate::ids::RegionId;
 use crate::proto::{self, write_outcome::Kind, ClientSessionRecord, SessionSweepRecord, WriteId};
 use crate::storage::{self, keys, Cf, Engine, WriteBatch};
@@ -38,6 +38,24 @@ pub enum Seen {
     Applied(ApplyResult),
     /// Below the client's `first_incomplete`: a stale copy, not to be applied.
     Stale,
+    /// A batch some of whose keys were written under this id here and some not (parts of
+    /// one batch sent as one after a merge): neither answer is true, not applied.
+    Partly,
+}
+
+/// A key's hash in the write records of batches (FNV-1a, 64 bits: the same everywhere).
+pub fn key_hash(key: &[u8]) -> u64 {
+    key.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The sorted union of two sorted hash lists.
+fn union(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out: Vec<u64> = a.iter().chain(b).copied().collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -162,7 +180,18 @@ impl Sessions {
             mine.first_incomplete = mine.first_incomplete.max(c.first_incomplete);
             mine.last_active_ms = mine.last_active_ms.max(c.last_active_ms);
             for (seq, res) in c.results {
-                mine.results.entry(seq).or_insert(res);
+                let merged = match (mine.results.remove(&seq), res) {
+                    (
+                        Some(ApplyResult::Batch { revision, keys: a }),
+                        ApplyResult::Batch { keys: b, .. },
+                    ) => ApplyResult::Batch {
+                        revision,
+                        keys: union(&a, &b),
+                    },
+                    (Some(mine), _) => mine,
+                    (None, theirs) => theirs,
+                };
+                mine.results.insert(seq, merged);
             }
         }
         if other.next_sweep_ms > 0 {
@@ -178,17 +207,34 @@ impl Sessions {
         self.clients.len()
     }
 
-    /// What this region knows of write `w`.
-    pub fn seen(&self, w: &WriteId) -> Seen {
+    /// What this region knows of write `w` (`cmd`: the write as sent now). A batch's parts
+    /// in different regions share one id; once those regions merge, a part is recognised by
+    /// its keys: applied if all of them were written under the id here, new if none was.
+    pub fn seen(&self, w: &WriteId, cmd: &Command) -> Seen {
         let Some(c) = self.clients.get(&w.client_id) else {
             return Seen::New;
         };
         if w.seq < c.first_incomplete {
             return Seen::Stale;
         }
-        match c.results.get(&w.seq) {
-            Some(r) => Seen::Applied(r.clone()),
-            None => Seen::New,
+        match (c.results.get(&w.seq), cmd) {
+            (Some(ApplyResult::Batch { keys: done, .. }), Command::Batch(ops))
+                if !done.is_empty() =>
+            {
+                let written = ops
+                    .iter()
+                    .filter(|(k, _)| done.binary_search(&key_hash(k)).is_ok())
+                    .count();
+                if written == ops.len() {
+                    Seen::Applied(c.results[&w.seq].clone())
+                } else if written == 0 {
+                    Seen::New
+                } else {
+                    Seen::Partly
+                }
+            }
+            (Some(r), _) => Seen::Applied(r.clone()),
+            (None, _) => Seen::New,
         }
     }
 
@@ -212,11 +258,22 @@ impl Sessions {
             c.first_incomplete = first;
         }
         c.last_active_ms = c.last_active_ms.max(now_ms);
+        let res = match (c.results.remove(&w.seq), res) {
+            // Another part of the same batch applied here before: both parts' keys.
+            (
+                Some(ApplyResult::Batch { keys: before, .. }),
+                ApplyResult::Batch { revision, keys },
+            ) => ApplyResult::Batch {
+                revision: *revision,
+                keys: union(&before, keys),
+            },
+            _ => res.clone(),
+        };
         c.results.insert(w.seq, res.clone());
         wb.put(
             Cf::Raft,
             &keys::session_key(region, w.client_id, w.seq),
-            &to_outcome(res).encode_to_vec(),
+            &to_outcome(&res).encode_to_vec(),
         );
         wb.put_msg(
             Cf::Raft,
@@ -291,7 +348,15 @@ fn to_outcome(res: &ApplyResult) -> proto::WriteOutcome {
             prev,
             revision,
         } => (Kind::Cas, prev.clone(), *revision, *succeeded),
-        ApplyResult::Batch { revision } => (Kind::Batch, None, *revision, true),
+        ApplyResult::Batch { revision, keys } => {
+            return proto::WriteOutcome {
+                kind: Kind::Batch as i32,
+                revision: *revision,
+                succeeded: true,
+                key_hashes: keys.clone(),
+                ..Default::default()
+            }
+        }
         ApplyResult::Lease { .. } => unreachable!("answered above"),
         // Admin commands carry no write id; `Peer::apply_command` never records them.
         ApplyResult::Split { .. } | ApplyResult::ChangePeers { .. } | ApplyResult::Merge { .. } => {
@@ -323,7 +388,10 @@ fn from_outcome(o: proto::WriteOutcome) -> Option<ApplyResult> {
             prev: o.prev,
             revision,
         },
-        Kind::Batch => ApplyResult::Batch { revision },
+        Kind::Batch => ApplyResult::Batch {
+            revision,
+            keys: o.key_hashes,
+        },
         Kind::Lease => ApplyResult::Lease {
             ttls_ms: o.lease_ttls_ms,
             attach_deadline_ms: o.attach_deadline_ms,
@@ -343,6 +411,59 @@ mod tests {
         }
     }
 
+    fn one() -> Command {
+        Command::Delete { key: b"k".to_vec() }
+    }
+
+    fn batch(keys: &[&str]) -> Command {
+        Command::Batch(keys.iter().map(|k| (k.as_bytes().to_vec(), None)).collect())
+    }
+
+    fn batch_result(revision: u64, keys: &[&str]) -> ApplyResult {
+        let mut keys: Vec<u64> = keys.iter().map(|k| key_hash(k.as_bytes())).collect();
+        keys.sort_unstable();
+        ApplyResult::Batch { revision, keys }
+    }
+
+    /// A batch split over two regions keeps one write id in both parts; once the regions
+    /// merge, each part is still told apart by its keys, wherever it applied.
+    #[test]
+    fn the_parts_of_a_batch_stay_apart_across_a_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), &Default::default()).unwrap();
+        let mut wb = engine.batch();
+        let w = id(1, 7, 7);
+        // The left part applied in the target; the right part never applied in the source.
+        let mut target = Sessions::default();
+        target.record(RegionId(1), &w, 1_000, &batch_result(20, &["a"]), &mut wb);
+        target.absorb(Sessions::default());
+        assert_eq!(
+            target.seen(&w, &batch(&["a"])),
+            Seen::Applied(batch_result(20, &["a"]))
+        );
+        assert_eq!(target.seen(&w, &batch(&["b"])), Seen::New, "the right part");
+        assert_eq!(target.seen(&w, &batch(&["a", "b"])), Seen::Partly);
+        // Both parts applied, one in each region: after the merge both are recognised.
+        let mut source = Sessions::default();
+        source.record(RegionId(2), &w, 1_000, &batch_result(21, &["b"]), &mut wb);
+        target.absorb(source);
+        assert!(matches!(
+            target.seen(&w, &batch(&["a", "b"])),
+            Seen::Applied(_)
+        ));
+        assert!(matches!(target.seen(&w, &batch(&["b"])), Seen::Applied(_)));
+        // A part applied after the other was recorded adds its keys.
+        let mut t2 = Sessions::default();
+        t2.record(RegionId(1), &w, 1_000, &batch_result(20, &["a"]), &mut wb);
+        t2.record(RegionId(1), &w, 1_000, &batch_result(22, &["b"]), &mut wb);
+        assert!(matches!(t2.seen(&w, &batch(&["a", "b"])), Seen::Applied(_)));
+        // And the keys survive the stored rows.
+        let rows = t2.rows();
+        let back =
+            Sessions::from_rows(rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))).unwrap();
+        assert_eq!(back, t2);
+    }
+
     fn put(revision: u64) -> ApplyResult {
         ApplyResult::Put {
             prev: None,
@@ -358,17 +479,17 @@ mod tests {
         let mut s = Sessions::default();
         let mut wb = engine.batch();
         // Two writes in flight at once, the first answered later than the second.
-        assert_eq!(s.seen(&id(1, 1, 1)), Seen::New);
+        assert_eq!(s.seen(&id(1, 1, 1), &one()), Seen::New);
         s.record(region, &id(1, 2, 1), 1_000, &put(11), &mut wb);
         s.record(region, &id(1, 1, 1), 1_000, &put(12), &mut wb);
-        assert_eq!(s.seen(&id(1, 1, 1)), Seen::Applied(put(12)));
-        assert_eq!(s.seen(&id(1, 2, 1)), Seen::Applied(put(11)));
-        assert_eq!(s.seen(&id(2, 1, 1)), Seen::New, "another client");
+        assert_eq!(s.seen(&id(1, 1, 1), &one()), Seen::Applied(put(12)));
+        assert_eq!(s.seen(&id(1, 2, 1), &one()), Seen::Applied(put(11)));
+        assert_eq!(s.seen(&id(2, 1, 1), &one()), Seen::New, "another client");
         // The client has had both answers: they go, and copies of them are stale.
         s.record(region, &id(1, 3, 3), 2_000, &put(13), &mut wb);
-        assert_eq!(s.seen(&id(1, 1, 3)), Seen::Stale);
-        assert_eq!(s.seen(&id(1, 2, 3)), Seen::Stale);
-        assert_eq!(s.seen(&id(1, 3, 3)), Seen::Applied(put(13)));
+        assert_eq!(s.seen(&id(1, 1, 3), &one()), Seen::Stale);
+        assert_eq!(s.seen(&id(1, 2, 3), &one()), Seen::Stale);
+        assert_eq!(s.seen(&id(1, 3, 3), &one()), Seen::Applied(put(13)));
         engine.write(wb, false).unwrap();
 
         // What is on disk is what is in memory, and a snapshot's rows rebuild the same.
@@ -397,8 +518,8 @@ mod tests {
         assert_eq!(s.clients(), 2);
         // Client 1 idle for more than the TTL, client 2 not.
         assert_eq!(s.maybe_sweep(region, 70_000, ttl, &mut wb), 1);
-        assert_eq!(s.seen(&id(1, 1, 1)), Seen::New);
-        assert_eq!(s.seen(&id(2, 1, 1)), Seen::Applied(put(6)));
+        assert_eq!(s.seen(&id(1, 1, 1), &one()), Seen::New);
+        assert_eq!(s.seen(&id(2, 1, 1), &one()), Seen::Applied(put(6)));
         engine.write(wb, false).unwrap();
         assert_eq!(Sessions::load(&engine, region).unwrap(), s);
     }

@@ -564,7 +564,7 @@ impl KvCore {
         }
         let cmd = Command::Batch(r.ops.into_iter().map(|o| (o.key, o.value)).collect());
         let resp = match self.propose(r.header, cmd).await? {
-            Ok(ApplyResult::Batch { revision }) => proto::BatchWriteResponse {
+            Ok(ApplyResult::Batch { revision, .. }) => proto::BatchWriteResponse {
                 region_error: None,
                 revision,
             },

@@ -92,14 +92,14 @@ impl Peer {
             }
         }
         if let Some(w) = &env.write_id {
-            match self.sessions.seen(w) {
+            match self.sessions.seen(w, &cmd) {
                 Seen::New => {}
                 Seen::Applied(res) => {
                     // A retry of a write that already applied: its first answer, no effect.
                     metrics::counter!("tessera_writes_deduplicated_total").increment(1);
                     return Ok(res);
                 }
-                Seen::Stale => {
+                Seen::Stale | Seen::Partly => {
                     metrics::counter!("tessera_writes_stale_total").increment(1);
                     return Err(RegionError::StaleWrite {
                         client_id: w.client_id,
