@@ -486,11 +486,15 @@ impl Peer {
                         .iter()
                         .all(|kv| keys::in_range(&kv.key, &r.start_key, &r.end_key))
                     // Another local region still owns part of the range (it has not applied
-                    // a split yet): refused until it has shrunk.
-                    && self
-                        .ctx
-                        .claim_range(self.region_id, &r.start_key, &r.end_key)
-                        .is_ok()
+                    // a split yet, or is a merge source this snapshot's merge took):
+                    // refused until it has shrunk or ended.
+                    && match self.ctx.claim_range(self.region_id, &r.start_key, &r.end_key) {
+                        Ok(()) => true,
+                        Err(other) => {
+                            self.end_if_merged_here(other);
+                            false
+                        }
+                    }
             }),
             Err(_) => false,
         }

@@ -46,6 +46,8 @@ pub struct StoreCtx {
     pub hub: super::hub::WatchHub,
     /// The leases of the lease regions led here, fed by apply.
     pub lessor: super::lessor::Lessor,
+    /// Merge sources to end, and their targets (see [`Self::end_merged`]).
+    merged: Arc<Mutex<Vec<(RegionId, RegionId)>>>,
 }
 
 /// What keeps a peer from being created from a message: the region itself is already
@@ -72,6 +74,20 @@ pub fn overlaps(s1: &[u8], e1: &[u8], s2: &[u8], e2: &[u8]) -> bool {
 }
 
 impl StoreCtx {
+    /// Asks the worker to end local sources of merges whose target's snapshot covers them
+    /// (see [`Self::take_merged`]).
+    pub fn end_merged(&self, source: RegionId, target: RegionId) {
+        self.merged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((source, target));
+    }
+
+    /// The sources [`Self::end_merged`] named since the last call.
+    pub fn take_merged(&self) -> Vec<(RegionId, RegionId)> {
+        std::mem::take(&mut *self.merged.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     pub fn new(node: NodeId, cfg: RaftConfig, logger: slog::Logger, engine: Engine) -> Self {
         Self {
             node,
@@ -84,6 +100,7 @@ impl StoreCtx {
             ranges: Arc::default(),
             creating: Arc::default(),
             known_peers: Arc::default(),
+            merged: Arc::default(),
         }
     }
 

@@ -519,7 +519,9 @@ impl Worker {
     /// range. Call after the batch holding the merge is written: a source destroyed before
     /// it would leave a restart with neither the source nor the merged target.
     fn end_merged_sources(&mut self, actx: &mut ApplyCtx) {
-        for (source, target) in std::mem::take(&mut actx.merged) {
+        let mut ended = std::mem::take(&mut actx.merged);
+        ended.extend(self.store.take_merged());
+        for (source, target) in ended {
             if self
                 .router
                 .send(source, PeerMsg::Merged { into: target })

@@ -10,7 +10,9 @@
 //! - at most 16 reports are in flight; a failed report is tried again on the next pass
 //!   (about half a second later), not dropped;
 //! - a led region's row is rewritten about every 10 minutes even when nothing changed;
-//! - size splits run only on full passes, and only for led regions over the limits.
+//! - size splits run only on full passes, and only for led regions over the limits;
+//! - a merge found unfinished on a led region (target locked, or source frozen) for more
+//!   than `RESUME_MERGE_AFTER` is driven on (`resume_merges`), one driver per pair.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -31,12 +33,87 @@ use crate::storage::Engine;
 const REFRESH_AFTER: Duration = Duration::from_secs(600);
 /// Reports in flight at once.
 const CONCURRENCY: usize = 16;
+/// A merge left unfinished this long (its driver stopped: a crash, a command interrupted)
+/// is driven on by the node leading its regions.
+const RESUME_MERGE_AFTER: Duration = Duration::from_secs(5);
+
+/// Unfinished merges seen on led regions: (source, target) → first seen, and whether a
+/// driver runs for it.
+#[derive(Default)]
+struct Unfinished {
+    seen: HashMap<(u64, u64), Instant>,
+    running: std::sync::Arc<std::sync::Mutex<HashSet<(u64, u64)>>>,
+}
+
+impl Unfinished {
+    /// Drives on the merges that led regions in `infos` (a full pass) are taking part in
+    /// and that stayed unfinished for `RESUME_MERGE_AFTER`: each step is idempotent, so a
+    /// second driver next to a live one is harmless.
+    fn resume_merges(&mut self, placement: &SystemClient, infos: &[RegionInfo]) {
+        let now = Instant::now();
+        let pairs: HashSet<(u64, u64)> = infos
+            .iter()
+            .filter(|i| i.is_leader)
+            .filter_map(|i| {
+                let m = i.merge?;
+                if m.target_id != 0 {
+                    Some((i.region.id, m.target_id))
+                } else {
+                    Some((m.source_id, i.region.id))
+                }
+            })
+            .collect();
+        self.seen.retain(|p, _| pairs.contains(p));
+        for pair in pairs {
+            let since = *self.seen.entry(pair).or_insert(now);
+            if now.duration_since(since) < RESUME_MERGE_AFTER {
+                continue;
+            }
+            if !self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(pair)
+            {
+                continue;
+            }
+            let (placement, running) = (placement.clone(), self.running.clone());
+            tokio::spawn(async move {
+                let res = match placement.get().await {
+                    Ok(client) => client
+                        .merge_regions(RegionId(pair.0), RegionId(pair.1), Duration::from_secs(30))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match res {
+                    Ok(()) => tracing::info!(
+                        source = pair.0,
+                        target = pair.1,
+                        "unfinished merge finished"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(source = pair.0, target = pair.1, error = %e, "unfinished merge not finished yet")
+                    }
+                }
+                running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&pair);
+            });
+        }
+    }
+}
 
 struct Reported {
     at: Instant,
     writes: u64,
     applied_index: u64,
     rank: (u64, u64, u64),
+    /// The report showed writes: once they stop, one more report says so (idle regions
+    /// may merge).
+    busy: bool,
 }
 
 fn rank(i: &RegionInfo) -> (u64, u64, u64) {
@@ -58,6 +135,7 @@ pub async fn report_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Regions whose report failed: tried again on the next pass.
     let mut retry: HashSet<RegionId> = HashSet::new();
+    let mut unfinished = Unfinished::default();
     loop {
         let retrying = !retry.is_empty();
         let mut urgent: HashSet<RegionId> = std::mem::take(&mut retry);
@@ -84,6 +162,7 @@ pub async fn report_loop(
         };
         let infos = describe_some(&router, &ids).await;
         if full {
+            unfinished.resume_merges(&placement, &infos);
             let oversized: Vec<RegionInfo> = infos
                 .iter()
                 .filter(|i| i.is_leader && limits.exceeded_by(i))
@@ -106,7 +185,7 @@ pub async fn report_loop(
                 Some(prev) => {
                     urgent.contains(&id)
                         || prev.rank != rank(&info)
-                        || (prev.applied_index != info.applied_index
+                        || ((prev.applied_index != info.applied_index || prev.busy)
                             && now.duration_since(prev.at) >= interval)
                         || now.duration_since(prev.at) >= REFRESH_AFTER
                 }
@@ -166,6 +245,7 @@ pub async fn report_loop(
             let id = RegionId(info.region.id);
             if ok {
                 metrics::counter!("tessera_region_reports_total").increment(1);
+                let busy = last.get(&id).is_some_and(|p| info.writes > p.writes);
                 last.insert(
                     id,
                     Reported {
@@ -173,6 +253,7 @@ pub async fn report_loop(
                         writes: info.writes,
                         applied_index: info.applied_index,
                         rank: rank(&info),
+                        busy,
                     },
                 );
             } else {

@@ -20,6 +20,8 @@ mod hibernation;
 #[cfg(feature = "failpoints")]
 mod lease;
 mod leases;
+#[cfg(feature = "failpoints")]
+mod merge;
 mod monitoring;
 mod quota;
 mod replacement;

@@ -117,9 +117,9 @@ impl Peer {
             let ctx = <proto::ChangePeersContext as prost::Message>::decode(&cc.context[..])
                 .unwrap_or_else(|err| self.undecodable(e, &err));
             if self.in_merge() {
-                return Err(RegionError::Refused {
+                return Err(RegionError::ServerBusy {
                     reason: format!(
-                        "membership change of region {} refused: it is taking part in a merge",
+                        "membership change of region {} waits: it is taking part in a merge",
                         region.id
                     ),
                 });

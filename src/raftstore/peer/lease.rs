@@ -242,7 +242,8 @@ impl Peer {
 
     /// Whether a linearizable read may be served from the applied state right now.
     pub(super) fn lease_read_ok(&mut self, now: BootInstant) -> bool {
-        if !self.lease.enabled() || !self.is_leader() {
+        // A frozen merge source serves nothing: its range is about to be its target's.
+        if !self.lease.enabled() || !self.is_leader() || self.merging_into().is_some() {
             return false;
         }
         self.check_transfer();

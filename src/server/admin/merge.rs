@@ -7,8 +7,11 @@
 //! Invariants:
 //! - both regions must be led from this node: otherwise the source's leadership is handed
 //!   to the target leader's node and the caller is told `NotLeader`;
-//! - the target is locked before the source is frozen, and only while every source
-//!   replica has the source's whole log; a lock whose prepare was refused is lifted;
+//! - the source merges into its left neighbour; the target is locked before the source is
+//!   frozen, and the source is frozen only while every replica of it is close behind the
+//!   leader on a node that answers;
+//! - a lock is lifted only when no prepare of the source into the target can ever apply
+//!   (the source's epoch moved, its log refused a prepare, or it froze into another region);
 //! - the commit is proposed only once every source replica reported the prepare applied
 //!   (its write synced), so every target replica finds the frozen source on its node;
 //! - a result not known (a timeout after proposing) is `Unknown`; asking again finds out.
@@ -59,14 +62,24 @@ pub async fn merge_step(
     let t_merge = t.merge.unwrap_or_default();
     let t_epoch = t.region.epoch.unwrap_or_default();
     let locked_for_source = t_merge.target_id == 0 && t_merge.source_id == source.0;
+    let unlock = || async {
+        let cmd = Command::Merge(Box::new(Op::Unlock(source.0)));
+        propose(router, target, t_epoch, cmd).await?;
+        tracing::info!(%source, %target, "merge abandoned; target unlocked");
+        Ok::<(), AdminError>(())
+    };
     if s_merge.target_id != 0 && s_merge.target_id != target.0 {
+        // Frozen into another region for good: no prepare into this target can apply.
+        if locked_for_source {
+            unlock().await?;
+        }
         return Err(refused(format!(
             "region {source} is merging into region {}",
             s_merge.target_id
         )));
     }
     if s.merge.is_some() && s_merge.target_id == 0 {
-        return Err(refused(format!(
+        return Ok(MergeStep::InProgress(format!(
             "region {source} is locked as the target of region {}'s merge",
             s_merge.source_id
         )));
@@ -94,14 +107,14 @@ pub async fn merge_step(
         };
     }
     // The source is not frozen yet.
-    if t.merge.is_some() && !locked_for_source {
-        return Err(refused(format!(
-            "region {target} is taking part in another merge ({t_merge:?})"
-        )));
-    }
-    mergeable(&s.region, &t.region).map_err(refused)?;
     let s_epoch = s.region.epoch.unwrap_or_default();
     if !locked_for_source {
+        if t.merge.is_some() {
+            return Err(refused(format!(
+                "region {target} is taking part in another merge ({t_merge:?})"
+            )));
+        }
+        mergeable(&s.region, &t.region).map_err(refused)?;
         if let Some(lagging) = lagging_replica(router, transport, &s).await? {
             return Ok(MergeStep::InProgress(lagging));
         }
@@ -112,28 +125,27 @@ pub async fn merge_step(
         propose(router, target, t_epoch, cmd).await?;
         return Ok(MergeStep::InProgress("target locked".into()));
     }
+    // The target is locked for the source. The lock is lifted only when no prepare of the
+    // source into it can ever apply: the source's epoch moved past the one the lock names
+    // (epochs only grow), or the source's log refused a prepare at apply — every earlier
+    // prepare attempt is before it in that log, or was never committed.
     let expected = t_merge.source_epoch.unwrap_or_default();
-    let cmd = Command::Merge(Box::new(Op::Prepare(t.region.clone())));
-    let prepared = if expected != s_epoch {
-        Err(AdminError::Region(RegionError::EpochNotMatch {
+    if expected != s_epoch {
+        unlock().await?;
+        return Err(AdminError::Region(RegionError::EpochNotMatch {
             current: vec![s.region.clone()],
-        }))
-    } else if let Some(lagging) = lagging_replica(router, transport, &s).await? {
-        // Unlock: nothing is frozen yet, and a replica that stays behind would hold the
-        // source frozen for as long.
-        Err(refused(lagging))
-    } else {
-        propose(router, source, expected, cmd).await
-    };
-    match prepared {
+        }));
+    }
+    if let Some(lagging) = lagging_replica(router, transport, &s).await? {
+        // Not now; the lock stays (a prepare asked for before may still apply).
+        return Ok(MergeStep::InProgress(lagging));
+    }
+    let cmd = Command::Merge(Box::new(Op::Prepare(t.region.clone())));
+    match propose(router, source, expected, cmd).await {
         Ok(_) => Ok(MergeStep::InProgress("source frozen".into())),
-        // A definite refusal: the prepare never applies (its epoch is gone, or the region
-        // refused it), so the lock may go.
         Err(e @ AdminError::Region(RegionError::EpochNotMatch { .. }))
         | Err(e @ AdminError::Region(RegionError::Refused { .. })) => {
-            let unlock = Command::Merge(Box::new(Op::Unlock(source.0)));
-            propose(router, target, t_epoch, unlock).await?;
-            tracing::info!(%source, %target, error = %e, "merge abandoned; target unlocked");
+            unlock().await?;
             Err(e)
         }
         Err(e) => Err(e),
