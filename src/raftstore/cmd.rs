@@ -459,7 +459,12 @@ mod tests {
                     })))
                 }
             ),
-            any::<u64>().prop_map(|id| Command::Merge(Box::new(proto::merge_cmd::Op::Unlock(id)))),
+            any::<u64>().prop_map(|id| {
+                Command::Merge(Box::new(proto::merge_cmd::Op::Unlock(proto::MergeLockOp {
+                    source_id: id,
+                    source_epoch: None,
+                })))
+            }),
         ]
     }
 

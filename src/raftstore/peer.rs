@@ -491,7 +491,7 @@ impl Peer {
                     && match self.ctx.claim_range(self.region_id, &r.start_key, &r.end_key) {
                         Ok(()) => true,
                         Err(other) => {
-                            self.end_if_merged_here(other);
+                            self.end_if_merged_here(other, r);
                             false
                         }
                     }

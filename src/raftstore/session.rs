@@ -50,8 +50,12 @@ pub fn key_hash(key: &[u8]) -> u64 {
     })
 }
 
-/// The sorted union of two sorted hash lists.
+/// The sorted union of two sorted hash lists. A list that is empty (a record from before
+/// records kept keys) stays unknown: empty.
 fn union(a: &[u64], b: &[u64]) -> Vec<u64> {
+    if a.is_empty() || b.is_empty() {
+        return Vec::new();
+    }
     let mut out: Vec<u64> = a.iter().chain(b).copied().collect();
     out.sort_unstable();
     out.dedup();

@@ -12,7 +12,8 @@
 //! 3. **commit** (target's log): once every source replica applied the prepare, each target
 //!    replica takes the range, reading the frozen source from this node's own engine, and
 //!    the local source peer ends (its raft state goes, its data stays: it is the target's).
-//! 4. **unlock** (target's log): lifts a lock whose prepare was refused.
+//! 4. **unlock** (target's log): lifts the lock it names (source and source epoch) once no
+//!    prepare of the source into this target can apply any more.
 //!
 //! Invariants:
 //! - every check is on replicated state (this region's descriptor and merge state; for a
@@ -158,14 +159,17 @@ impl Peer {
                 tracing::info!(region = %self.region_id, source = lock.source_id, index = e.index, "locked for a merge");
                 done(region)
             }
-            Op::Unlock(source) => {
-                if merge
-                    .as_ref()
-                    .is_some_and(|m| m.target_id == 0 && m.source_id == source)
-                {
+            Op::Unlock(lock) => {
+                // Only the lock named: a late unlock of an older lock for the same source
+                // must not lift a newer one.
+                if merge.as_ref().is_some_and(|m| {
+                    m.target_id == 0
+                        && m.source_id == lock.source_id
+                        && m.source_epoch == lock.source_epoch
+                }) {
                     self.raw.mut_store().set_merge(region.clone(), None, wb);
                     self.changed = true;
-                    tracing::info!(region = %self.region_id, source, "merge lock lifted");
+                    tracing::info!(region = %self.region_id, source = lock.source_id, "merge lock lifted");
                 }
                 done(region)
             }
@@ -264,11 +268,14 @@ impl Peer {
         }
     }
 
-    /// A snapshot of this region covers part of local region `other`'s range. If `other` is
-    /// frozen to merge into this region, the merge committed (before it, this region's
-    /// range never overlapped the source's): the source's peer ends, and the snapshot is
-    /// taken when the leader sends it again.
-    pub(super) fn end_if_merged_here(&self, other: RegionId) {
+    /// A snapshot of this region, as `snap` describes it, covers part of local region
+    /// `other`'s range. If `other` is frozen to merge into this region and the snapshot's
+    /// version is above the source's, the merge committed: the commit raises the target's
+    /// version above the source's, while any state of this region from before the split
+    /// that made the source is below it, and the target's range never overlapped the
+    /// source's in between. The source's peer then ends, and the snapshot is taken when the
+    /// leader sends it again.
+    pub(super) fn end_if_merged_here(&self, other: RegionId, snap: &proto::Region) {
         let state: Option<RegionLocalState> = self
             .raw
             .store()
@@ -276,10 +283,13 @@ impl Peer {
             .get_msg(Cf::Raft, &keys::region_state_key(other))
             .ok()
             .flatten();
-        let into_me = state
-            .and_then(|s| s.merge)
-            .is_some_and(|m| m.target_id == self.region_id.0);
-        if into_me && std::env::var_os("NEGATIVE").is_none() {
+        let version =
+            |r: Option<&proto::Region>| r.and_then(|r| r.epoch).unwrap_or_default().version;
+        let into_me = state.is_some_and(|s| {
+            s.merge.is_some_and(|m| m.target_id == self.region_id.0)
+                && version(Some(snap)) > version(s.region.as_ref())
+        });
+        if into_me {
             tracing::info!(region = %self.region_id, source = %other, "snapshot covers a merged source; ending it");
             self.ctx.end_merged(other, self.region_id);
         }

@@ -62,8 +62,13 @@ pub async fn merge_step(
     let t_merge = t.merge.unwrap_or_default();
     let t_epoch = t.region.epoch.unwrap_or_default();
     let locked_for_source = t_merge.target_id == 0 && t_merge.source_id == source.0;
+    // Lifts the lock as it stands now (the unlock names its source epoch, so a late one
+    // never lifts a newer lock).
     let unlock = || async {
-        let cmd = Command::Merge(Box::new(Op::Unlock(source.0)));
+        let cmd = Command::Merge(Box::new(Op::Unlock(proto::MergeLockOp {
+            source_id: source.0,
+            source_epoch: t_merge.source_epoch,
+        })));
         propose(router, target, t_epoch, cmd).await?;
         tracing::info!(%source, %target, "merge abandoned; target unlocked");
         Ok::<(), AdminError>(())
@@ -98,12 +103,18 @@ pub async fn merge_step(
             source: Some(s.region.clone()),
             prepare_index: s_merge.prepare_index,
         })));
-        return match propose(router, target, t_epoch, cmd).await? {
-            ApplyResult::Merge { region } => {
+        return match propose(router, target, t_epoch, cmd).await {
+            Ok(ApplyResult::Merge { region }) => {
                 tracing::info!(%source, %target, "merge committed");
                 Ok(MergeStep::Done(region))
             }
-            other => Err(AdminError::Unknown(format!("unexpected result {other:?}"))),
+            Ok(other) => Err(AdminError::Unknown(format!("unexpected result {other:?}"))),
+            // Another driver's commit applied first: the source's peers are ending.
+            Err(AdminError::Region(RegionError::Refused { .. }))
+            | Err(AdminError::Region(RegionError::EpochNotMatch { .. })) => Ok(
+                MergeStep::InProgress("committed by another call; the source is ending".into()),
+            ),
+            Err(e) => Err(e),
         };
     }
     // The source is not frozen yet.
@@ -131,6 +142,13 @@ pub async fn merge_step(
     // prepare attempt is before it in that log, or was never committed.
     let expected = t_merge.source_epoch.unwrap_or_default();
     if expected != s_epoch {
+        let newer = s_epoch.version >= expected.version && s_epoch.conf_ver >= expected.conf_ver;
+        if !newer {
+            // This leader has not applied what the lock saw yet.
+            return Ok(MergeStep::InProgress(
+                "the source's leader is catching up".into(),
+            ));
+        }
         unlock().await?;
         return Err(AdminError::Region(RegionError::EpochNotMatch {
             current: vec![s.region.clone()],
