@@ -1,11 +1,14 @@
-//! Which regions the scheduler merges: two adjacent user regions on the same nodes, both
-//! below `[region] merge_below_keys` and `merge_below_bytes` and idle (no write since their
-//! last report), one merge per round. A pure function, like the rest of the plan.
+//! Which regions the scheduler merges: two adjacent user regions, both below `[region]
+//! merge_below_keys` and `merge_below_bytes` and idle (no write since their last report),
+//! one operation per round. Replicas are aligned first: while the two are on different
+//! nodes, one replica of the right region moves to a node of the left one; once they are on
+//! the same nodes, the right merges into the left. A pure function, like the rest of the
+//! plan.
 
 use std::collections::HashSet;
 
 use super::{Nodes, Op};
-use crate::ids::RegionId;
+use crate::ids::{NodeId, RegionId};
 use crate::proto::{PeerRole, Region, RegionRoute};
 use crate::storage::keys;
 
@@ -37,9 +40,11 @@ fn voter_nodes(r: &Region) -> Option<Vec<u64>> {
     Some(n)
 }
 
-/// The merge to start this round, if any: the leftmost pair that qualifies, the right
-/// region merging into the left. Regions with an operation in flight or cooling down
-/// (`skip`), without a leader, or with a replica on a node not live are left alone.
+/// The operation to start this round, if any, for the leftmost pair that qualifies: the
+/// right region merging into the left, or, while their nodes differ (same replica count),
+/// a replica of the right region moving to a node of the left. Regions with an operation in
+/// flight or cooling down (`skip`), without a leader, or with a replica on a node not live
+/// are left alone.
 pub fn plan_merge(
     routes: &[RegionRoute],
     nodes: &Nodes,
@@ -62,10 +67,25 @@ pub fn plan_merge(
     routes.windows(2).find_map(|w| {
         let (l, r) = (w[0].region.as_ref()?, w[1].region.as_ref()?);
         let adjacent = !l.end_key.is_empty() && l.end_key == r.start_key;
-        let same_nodes = voter_nodes(l).is_some() && voter_nodes(l) == voter_nodes(r);
-        (adjacent && same_nodes && ok(&w[0]) && ok(&w[1])).then_some(Op::Merge {
-            source: RegionId(r.id),
-            target: RegionId(l.id),
+        if !(adjacent && ok(&w[0]) && ok(&w[1])) {
+            return None;
+        }
+        let (ln, rn) = (voter_nodes(l)?, voter_nodes(r)?);
+        if ln == rn {
+            return Some(Op::Merge {
+                source: RegionId(r.id),
+                target: RegionId(l.id),
+            });
+        }
+        if ln.len() != rn.len() {
+            return None;
+        }
+        let from = rn.iter().find(|n| !ln.contains(n))?;
+        let to = ln.iter().find(|n| !rn.contains(n))?;
+        Some(Op::Move {
+            region: RegionId(r.id),
+            from: Some(NodeId(*from)),
+            to: NodeId(*to),
         })
     })
 }
@@ -127,20 +147,29 @@ mod tests {
             route(5, b"e", &[0xFF], &[2, 3, 4], 10),
             route(6, &[0xFF], &[0xFF, 0xFF], &[2, 3, 4], 0),
         ];
-        // 1 is too big, 2 and 3 are on different nodes: 3 takes 4, the leftmost pair.
+        // 1 is too big; 2 and 3 are on different nodes: 3's replica on node 4 moves to
+        // node 1 first.
+        let want = Op::Move {
+            region: RegionId(3),
+            from: Some(NodeId(4)),
+            to: NodeId(1),
+        };
+        assert_eq!(plan_merge(&routes, &live(), limits, &none), Some(want));
+        // With 2 busy, 3 takes 4, the leftmost pair on the same nodes.
+        let skip2: HashSet<u64> = [2].into();
         let want = Op::Merge {
             source: RegionId(4),
             target: RegionId(3),
         };
-        assert_eq!(plan_merge(&routes, &live(), limits, &none), Some(want));
+        assert_eq!(plan_merge(&routes, &live(), limits, &skip2), Some(want));
         // Busy regions are skipped; the placement region never merges.
-        let skip: HashSet<u64> = [3].into();
+        let skip: HashSet<u64> = [2, 3].into();
         let want = Op::Merge {
             source: RegionId(5),
             target: RegionId(4),
         };
         assert_eq!(plan_merge(&routes, &live(), limits, &skip), Some(want));
-        let skip: HashSet<u64> = [3, 4].into();
+        let skip: HashSet<u64> = [2, 3, 4].into();
         assert_eq!(plan_merge(&routes, &live(), limits, &skip), None);
         // A write since the last report, or merging off, and nothing merges.
         let mut busy = routes.clone();
