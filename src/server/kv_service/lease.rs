@@ -275,15 +275,16 @@ impl KvCore {
     }
 
     /// Waits until the revoked leases are removed (their keys deleted) by the keeper, for at
-    /// most the request timeout, and only while this node leads the region (a new leader
-    /// finishes the deletion; the answer then comes before it).
+    /// most the request timeout. If this node stops leading the region meanwhile, a new
+    /// leader finishes the deletion out of sight: the answer then comes at the timeout, never
+    /// before the keys may be gone.
     async fn await_removal(&self, region: RegionId, ids: &[u64]) {
         self.keeper.notify_one();
         let until = Instant::now() + self.timeout;
         while Instant::now() < until {
             let held = ids
                 .iter()
-                .any(|id| self.lessor.holds(region, *id).unwrap_or(false));
+                .any(|id| self.lessor.holds(region, *id).unwrap_or(true));
             if !held {
                 return;
             }
