@@ -291,3 +291,45 @@ async fn the_scheduler_merges_small_idle_regions() {
     }
     cluster.shutdown().await;
 }
+
+/// On four nodes two small idle neighbours start on different nodes: the scheduler moves a
+/// replica of the right one onto the left one's nodes, then merges them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_aligns_replicas_before_merging() {
+    let cluster = TestCluster::start(4, 2, |c| {
+        fast(c);
+        c.placement.schedule_interval_ms = 300;
+        c.region.merge_below_keys = 100;
+    })
+    .await;
+    let client = patient_client(&cluster.endpoints()).await;
+    let nodes = |r: &Region| {
+        let mut n: Vec<u64> = r.peers.iter().map(|p| p.node_id).collect();
+        n.sort_unstable();
+        n
+    };
+    let before = settled_routes(&client, 2, Duration::from_secs(60)).await;
+    let (l, r) = (
+        before[0].region.clone().unwrap(),
+        before[1].region.clone().unwrap(),
+    );
+    assert_ne!(
+        nodes(&l),
+        nodes(&r),
+        "the two regions start on different nodes"
+    );
+    let keys: Vec<Vec<u8>> = (0..2)
+        .map(|i| super::common::key_in_region(i, 2, "align"))
+        .collect();
+    for k in &keys {
+        client.put(k, b"v").await.unwrap();
+    }
+    let t = Instant::now();
+    let after = settled_routes(&client, 1, Duration::from_secs(90)).await;
+    eprintln!("aligned and merged in {} ms", t.elapsed().as_millis());
+    assert_eq!(after[0].region.as_ref().unwrap().id, l.id);
+    for k in &keys {
+        assert_eq!(client.get(k).await.unwrap().unwrap().value, b"v");
+    }
+    cluster.shutdown().await;
+}

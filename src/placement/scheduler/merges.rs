@@ -90,6 +90,13 @@ pub fn plan_merge(
     })
 }
 
+/// The region just left of `region` in the table, if any.
+pub fn left_neighbour(routes: &[RegionRoute], region: u64) -> Option<u64> {
+    routes.windows(2).find_map(|w| {
+        (w[1].region.as_ref()?.id == region).then(|| w[0].region.as_ref().map(|r| r.id))?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
