@@ -352,21 +352,9 @@ pub async fn schedule_loop(placement: SystemClient, me: NodeId, cfg: SchedulerCo
             (b.keys().copied().collect::<HashSet<u64>>(), in_flight)
         };
         let budget = cfg.max_moves.saturating_sub(in_flight);
-        // Two regions about to merge are not balanced meanwhile: balancing would move their
-        // replicas apart again while the merge aligns them.
-        // (The pair is picked ignoring cool-downs: an alignment move cools its region down.)
         let merge = merges::plan_merge(&routes, &nodes, cfg.merges, &skip);
         let mut balance_skip = skip.clone();
-        match merges::plan_merge(&routes, &nodes, cfg.merges, &HashSet::new()) {
-            Some(Op::Merge { source, target }) => {
-                balance_skip.extend([source.get(), target.get()]);
-            }
-            Some(Op::Move { region, .. }) => {
-                balance_skip.insert(region.get());
-                balance_skip.extend(merges::left_neighbour(&routes, region.get()));
-            }
-            _ => {}
-        }
+        balance_skip.extend(merges::merging_pair(&routes, &nodes, cfg.merges));
         let mut ops = plan(&routes, &nodes, cfg.replicas, &balance_skip, budget);
         if ops.is_empty() && in_flight == 0 {
             ops.extend(merge);

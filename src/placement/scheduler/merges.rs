@@ -90,11 +90,21 @@ pub fn plan_merge(
     })
 }
 
-/// The region just left of `region` in the table, if any.
-pub fn left_neighbour(routes: &[RegionRoute], region: u64) -> Option<u64> {
-    routes.windows(2).find_map(|w| {
-        (w[1].region.as_ref()?.id == region).then(|| w[0].region.as_ref().map(|r| r.id))?
-    })
+/// The two regions the next merge is for, picked ignoring cool-downs (an alignment move
+/// cools its region down): the scheduler leaves them out of balancing, which would move
+/// their replicas apart again while the merge aligns them.
+pub fn merging_pair(routes: &[RegionRoute], nodes: &Nodes, limits: MergeLimits) -> Vec<u64> {
+    match plan_merge(routes, nodes, limits, &HashSet::new()) {
+        Some(Op::Merge { source, target }) => vec![source.get(), target.get()],
+        Some(Op::Move { region, .. }) => {
+            let left = routes.windows(2).find_map(|w| {
+                let (l, r) = (w[0].region.as_ref()?, w[1].region.as_ref()?);
+                (r.id == region.get()).then_some(l.id)
+            });
+            std::iter::once(region.get()).chain(left).collect()
+        }
+        _ => Vec::new(),
+    }
 }
 
 #[cfg(test)]
